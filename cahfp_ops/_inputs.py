@@ -1,0 +1,181 @@
+"""Input checking and canonical forms shared by the public ops.
+
+Every public op turns its flexible arguments (sequences, padded tensors, None)
+into one canonical form before calling its registered operator:
+
+* keep sets: a ``(K, m)`` int64 tensor on the data's device, each row strictly
+  ascending and padded with ``-1`` at its end (``None`` becomes ``arange``);
+* coefficients: a ``(K,)`` float64 tensor on the data's device, normalised to sum 1;
+* client tensors: a list of K tensors (views of a stacked tensor stay views).
+
+Validation raises :class:`ValueError` for bad values and :class:`TypeError` for
+wrong types. A wrong dtype (non-floating data, non-integer keep set) raises
+:class:`DTypeError`, which is both. Messages start with the op name and name the
+argument and, where it applies, the client index.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from ._validation import validation_enabled
+
+KeepSet = Union[Tensor, None]
+KeepSets = Union[Tensor, Sequence[KeepSet], None]
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class DTypeError(TypeError, ValueError):
+    """A tensor has the wrong dtype (a ``TypeError`` and a ``ValueError``)."""
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 storage, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_floating(op: str, name: str, x: object) -> Tensor:
+    """``x`` must be a floating tensor (float16, bfloat16, float32 or float64)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"{op}: {name} must be floating (float16/bfloat16/float32/float64), got {x.dtype}")
+    return x
+
+
+def check_same_device(op: str, name: str, x: Tensor, ref: Tensor, ref_name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_per_client(keep: object) -> bool:
+    """True for per-client keep sets: a Python sequence or a 2-D tensor."""
+    if isinstance(keep, Tensor):
+        return keep.dim() == 2
+    return isinstance(keep, (list, tuple))
+
+
+def _check_index_tensor(op: str, name: str, x: object, ndim: int) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be an integer tensor or None, got {type(x).__name__}")
+    if x.dtype not in INDEX_DTYPES:
+        raise DTypeError(f"{op}: {name} must be an int64 or int32 tensor, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_padded(op: str, name: str, padded: Tensor, size: int, names: Sequence[str]) -> None:
+    """Check a (K, m) int64 padded keep-set tensor; ``names[k]`` names client k's row."""
+    if padded.numel() == 0:
+        return
+    valid = padded >= 0
+    bad_pad = (~valid) & (padded != -1)
+    gap = torch.zeros_like(valid)
+    gap[:, 1:] = valid[:, 1:] & ~valid[:, :-1]
+    desc = torch.zeros_like(valid)
+    desc[:, 1:] = valid[:, 1:] & (padded[:, 1:] <= padded[:, :-1])
+    high = valid & (padded >= size)
+    for problem, what in (
+        (bad_pad, "holds a negative index (only -1 padding at the end of a padded row is allowed)"),
+        (gap, "has an index after -1 padding (padding must come last)"),
+        (high, f"holds an index outside [0, {size})"),
+        (desc, "is not strictly ascending"),
+    ):
+        rows = problem.any(dim=1).nonzero()
+        if rows.numel():
+            k = int(rows[0, 0])
+            raise ValueError(f"{op}: {names[k]} {what}")
+
+
+def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device: torch.device) -> Tensor:
+    """Per-client keep sets -> (K, m) int64 tensor on ``device``, -1 padded.
+
+    ``keep`` is None (all channels for every client), one 1-D keep set shared by
+    every client, a sequence of K keep sets (each a 1-D integer tensor or None),
+    or a padded (K, m) integer tensor.
+    """
+    validate = validation_enabled()
+    if keep is None:
+        return torch.arange(size, device=device).expand(K, size).contiguous()
+    if isinstance(keep, Tensor):
+        _check_index_tensor(op, name, keep, keep.dim() if keep.dim() in (1, 2) else 2)
+        if keep.dim() == 1:
+            row = keep.to(device=device, dtype=torch.int64)
+            if validate:
+                if bool((row < 0).any()):
+                    raise ValueError(f"{op}: {name} holds a negative index")
+                _check_padded(op, name, row.unsqueeze(0), size, [name])
+            return row.expand(K, row.numel()).contiguous()
+        if keep.shape[0] != K:
+            raise ValueError(f"{op}: {name} has {keep.shape[0]} rows but there are {K} clients")
+        padded = keep.to(device=device, dtype=torch.int64).contiguous()
+        if validate:
+            _check_padded(op, name, padded, size, [f"{name}[{k}]" for k in range(K)])
+        return padded
+    if not isinstance(keep, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be None, an integer tensor or a sequence of them, got {type(keep).__name__}")
+    if len(keep) != K:
+        raise ValueError(f"{op}: {name} has {len(keep)} keep sets but there are {K} clients")
+    items = []
+    for k, item in enumerate(keep):
+        if item is None:
+            items.append(torch.arange(size, device=device))
+            continue
+        item = _check_index_tensor(op, f"{name}[{k}]", item, 1)
+        items.append(item.to(device=device, dtype=torch.int64))
+    width = max((t.numel() for t in items), default=0)
+    padded = torch.full((K, width), -1, dtype=torch.int64, device=device)
+    for k, t in enumerate(items):
+        padded[k, : t.numel()] = t
+    if validate:
+        for k, t in enumerate(items):
+            if t.numel() and bool((t < 0).any()):
+                raise ValueError(f"{op}: {name}[{k}] holds a negative index")
+        _check_padded(op, name, padded, size, [f"{name}[{k}]" for k in range(K)])
+    return padded
+
+
+def keep_counts(keep: KeepSets, padded: Tensor) -> list[int]:
+    """Kept counts per client, from the shapes of a sequence or by counting a padded tensor."""
+    if isinstance(keep, (list, tuple)):
+        return [padded.shape[1] if t is None else int(t.numel()) for t in keep]
+    if keep is None or (isinstance(keep, Tensor) and keep.dim() == 1):
+        return [padded.shape[1]] * padded.shape[0]
+    return (padded >= 0).sum(dim=1).tolist()
+
+
+def canonical_coef(op: str, coef: object, K: int, device: torch.device) -> Tensor:
+    """Client weights -> (K,) float64 on ``device``, normalised to sum 1 (default: equal)."""
+    if coef is None:
+        return torch.full((K,), 1.0 / K, dtype=torch.float64, device=device)
+    if isinstance(coef, Tensor):
+        if validation_enabled() and (coef.dtype == torch.bool or coef.is_complex()):
+            raise DTypeError(f"{op}: coef must be real numbers, got {coef.dtype}")
+        c = coef.to(device=device, dtype=torch.float64)
+    elif isinstance(coef, (list, tuple)):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in coef):
+            raise TypeError(f"{op}: coef must hold real numbers")
+        c = torch.tensor(list(coef), dtype=torch.float64, device=device)
+    else:
+        raise TypeError(f"{op}: coef must be a sequence or a 1-D tensor, got {type(coef).__name__}")
+    if c.dim() != 1 or c.numel() != K:
+        raise ValueError(f"{op}: coef must hold {K} values (one per client), got shape {tuple(c.shape)}")
+    if validation_enabled():
+        bad = (~torch.isfinite(c)) | (c < 0)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{op}: coef[{k}] = {float(c[k])} is negative or not finite")
+        if not bool(c.sum() > 0):
+            raise ValueError(f"{op}: coef sums to zero; at least one client needs a positive weight")
+    return c / c.sum()

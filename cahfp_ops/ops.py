@@ -1,0 +1,306 @@
+"""The public ops: argument checking, canonical forms, then one registered operator call.
+
+Shapes follow SPEC.md: a parameter tensor ``W`` has output channels on dim 0 and
+input channels on dim 1 (when it has 2+ dims). Keep sets are 1-D int64/int32
+tensors, strictly ascending, or ``None`` for all channels. Per-client keep sets
+are a sequence (one keep set or None per client), a padded ``(K, m)`` integer
+tensor (rows ascending, -1 padding at the end), or one 1-D keep set shared by all
+clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from . import _library
+from ._inputs import (
+    DTypeError,
+    KeepSets,
+    acc_dtype,
+    canonical_coef,
+    canonical_keep,
+    check_floating,
+    check_same_device,
+    is_int,
+    is_per_client,
+    keep_counts,
+)
+from ._validation import validation_enabled
+
+Clients = Union[Tensor, Sequence[Tensor]]
+MODES = ("reconstruct", "overlap")
+
+
+def curvature_scores(
+    weight: Tensor,
+    grad: Tensor | None = None,
+    hess: Tensor | None = None,
+    *,
+    dim: int = 0,
+    batched: bool | None = None,
+) -> Tensor:
+    """Curvature-aware channel importance ``sum |g*w| + 0.5*max(h,0)*w**2`` over all dims but ``dim``.
+
+    Args:
+        weight, grad, hess: floating tensors of shape ``S``, or ``(K, *S)`` with a
+            leading client dim; those without it broadcast. A missing term counts
+            as zero (``grad`` and ``hess`` cannot both be None).
+        dim: the channel dim of ``S`` (negative counts from the end).
+        batched: whether the inputs of highest rank carry a client dim. ``None``
+            infers it: a client dim exists when the ranks differ. Pass ``True``
+            when every input carries one.
+
+    Returns:
+        ``(S[dim],)`` or ``(K, S[dim])``, float32 (float64 when any input is float64).
+    """
+    op = "curvature_scores"
+    weight = check_floating(op, "weight", weight)
+    given = {"weight": weight}
+    for name, t in (("grad", grad), ("hess", hess)):
+        if t is not None:
+            given[name] = check_floating(op, name, t)
+            check_same_device(op, name, t, weight, "weight")
+    if grad is None and hess is None:
+        raise ValueError(f"{op}: grad and hess are both None; at least one term is needed")
+    if batched is not None and not isinstance(batched, bool):
+        raise TypeError(f"{op}: batched must be a bool or None, got {type(batched).__name__}")
+    if not is_int(dim):
+        raise TypeError(f"{op}: dim must be an int, got {type(dim).__name__}")
+    ranks = {name: t.dim() for name, t in given.items()}
+    top = max(ranks.values())
+    has_k = batched if batched is not None else top != min(ranks.values())
+    s_rank = top - 1 if has_k else top
+    if s_rank < 1:
+        raise ValueError(f"{op}: inputs need at least 1 dim per client, got ranks {ranks}")
+    shape_s = None
+    K = 1
+    for name, t in given.items():
+        if t.dim() == s_rank + 1 and has_k:
+            K_t, s = t.shape[0], tuple(t.shape[1:])
+            if K != 1 and K_t != K:
+                raise ValueError(f"{op}: {name} has {K_t} clients but another input has {K}")
+            K = max(K, K_t)
+        elif t.dim() == s_rank:
+            s = tuple(t.shape)
+        else:
+            raise ValueError(f"{op}: {name} has rank {t.dim()}; expected {s_rank} or {s_rank + 1} (ranks {ranks})")
+        if shape_s is None:
+            shape_s = s
+        elif s != shape_s:
+            raise ValueError(f"{op}: {name} has per-client shape {s} but weight has {shape_s}")
+    if not -s_rank <= dim < s_rank:
+        raise ValueError(f"{op}: dim={dim} is out of range for per-client shape {shape_s}")
+    dim = dim % s_rank
+    dtypes = {t.dtype for t in given.values()}
+    common = dtypes.pop() if len(dtypes) == 1 else acc_dtype(torch.float64 if torch.float64 in dtypes else torch.float32)
+
+    def canon(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        t = t.to(common)
+        return (t if t.dim() == s_rank + 1 else t.unsqueeze(0)).contiguous()
+
+    out = _library.curvature_scores_op(canon(weight), canon(grad), canon(hess), dim)
+    return out if has_k else out.squeeze(0)
+
+
+def topk_channel_masks(scores: Tensor, keep: int | Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
+    """Keep the ``keep`` highest-scoring channels of every row.
+
+    Args:
+        scores: ``(C,)`` or ``(K, C)`` floating. NaN ranks below every number; ties
+            go to the lower index.
+        keep: an int, or one int per row (sequence or 1-D integer tensor), each in ``[1, C]``.
+
+    Returns:
+        ``mask``: bool, shaped like ``scores``, exactly ``keep_k`` True per row.
+        ``indices``: int64 kept channels, ascending: ``(keep,)`` for 1-D scores,
+        ``(K, max(keep))`` padded with -1 for 2-D scores.
+    """
+    op = "topk_channel_masks"
+    scores = check_floating(op, "scores", scores)
+    if scores.dim() not in (1, 2):
+        raise ValueError(f"{op}: scores must be (C,) or (K, C), got shape {tuple(scores.shape)}")
+    rows = 1 if scores.dim() == 1 else scores.shape[0]
+    C = scores.shape[-1]
+    if is_int(keep):
+        counts = [int(keep)] * rows
+    elif isinstance(keep, Tensor):
+        if keep.dtype.is_floating_point or keep.dtype in (torch.bool,) or keep.is_complex():
+            raise DTypeError(f"{op}: keep must be an integer tensor, got {keep.dtype}")
+        if keep.dim() != 1:
+            raise ValueError(f"{op}: keep must be an int or a 1-D tensor, got shape {tuple(keep.shape)}")
+        counts = keep.tolist()
+    elif isinstance(keep, (list, tuple)):
+        if not all(is_int(k) for k in keep):
+            raise TypeError(f"{op}: keep must hold ints")
+        counts = [int(k) for k in keep]
+    else:
+        raise TypeError(f"{op}: keep must be an int, a sequence of ints or a 1-D tensor, got {type(keep).__name__}")
+    if len(counts) != rows:
+        raise ValueError(f"{op}: keep has {len(counts)} values but scores has {rows} rows")
+    for k, n in enumerate(counts):
+        if not 1 <= n <= C:
+            raise ValueError(f"{op}: keep[{k}] = {n} is outside [1, {C}]")
+    keep_t = torch.tensor(counts, dtype=torch.int64, device=scores.device)
+    s2 = scores.reshape(rows, C).contiguous()
+    mask, indices = _library.topk_channel_masks_op(s2, keep_t, max(counts) if counts else 0)
+    if scores.dim() == 1:
+        return mask[0], indices[0]
+    return mask, indices
+
+
+def _weight_keep(op: str, weight: Tensor, rows: KeepSets, cols: KeepSets, K: int) -> tuple[Tensor, Tensor]:
+    """Canonical (K, m) row and column keep sets for ``weight``."""
+    if weight.dim() == 0:
+        raise ValueError(f"{op}: weight must have at least 1 dim")
+    if weight.dim() == 1 and cols is not None:
+        raise ValueError(f"{op}: cols must be None for a 1-D weight (it has no input channels)")
+    padded_rows = canonical_keep(op, "rows", rows, weight.shape[0], K, weight.device)
+    if weight.dim() == 1:
+        padded_cols = torch.zeros(K, 1, dtype=torch.int64, device=weight.device)
+    else:
+        padded_cols = canonical_keep(op, "cols", cols, weight.shape[1], K, weight.device)
+    return padded_rows, padded_cols
+
+
+def _num_clients(op: str, **keep_sets: KeepSets) -> int | None:
+    """K from the per-client keep-set arguments (None when all are single keep sets)."""
+    K = None
+    for name, keep in keep_sets.items():
+        if is_per_client(keep):
+            n = len(keep) if isinstance(keep, (list, tuple)) else keep.shape[0]
+            if K is not None and n != K:
+                raise ValueError(f"{op}: {name} has {n} keep sets but another argument has {K}")
+            K = n
+    return K
+
+
+def slice_channels(weight: Tensor, rows: KeepSets = None, cols: KeepSets = None) -> Tensor | list[Tensor]:
+    """Physically slice kept channels out of ``weight``.
+
+    With single keep sets (1-D tensors or None): ``weight[rows][:, cols]`` as a new
+    contiguous tensor. With per-client keep sets (a sequence or a padded ``(K, m)``
+    tensor, for rows, cols or both; a single keep set then applies to every
+    client): a list of K compact contiguous tensors, client k shaped
+    ``(len(rows_k), len(cols_k), *weight.shape[2:])``, all views into one packed
+    buffer written in one pass over ``weight``.
+    """
+    op = "slice_channels"
+    weight = check_floating(op, "weight", weight)
+    K = _num_clients(op, rows=rows, cols=cols)
+    per_client = K is not None
+    if per_client and K == 0:
+        raise ValueError(f"{op}: the per-client keep sets are empty (no clients)")
+    Kc = K if per_client else 1
+    padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, Kc)
+    row_counts = keep_counts(rows, padded_rows)
+    col_counts = [1] * Kc if weight.dim() == 1 else keep_counts(cols, padded_cols)
+    inner = weight[0, 0].numel() if weight.dim() >= 2 else 1
+    sizes = [r * c * inner for r, c in zip(row_counts, col_counts)]
+    packed = _library.slice_channels_op(weight, padded_rows, padded_cols, sum(sizes))
+    tail = tuple(weight.shape[2:])
+    shapes = [(r,) if weight.dim() == 1 else (r, c, *tail) for r, c in zip(row_counts, col_counts)]
+    parts = [part.view(shape) for part, shape in zip(torch.split(packed, sizes), shapes)]
+    return parts if per_client else parts[0]
+
+
+def reconstruct_aggregate(
+    weight: Tensor,
+    clients: Clients,
+    rows: KeepSets = None,
+    cols: KeepSets = None,
+    coef: Sequence[float] | Tensor | None = None,
+    *,
+    mode: str = "reconstruct",
+) -> Tensor:
+    """Aggregate K compact client tensors into a new full-size tensor shaped like ``weight``.
+
+    Args:
+        weight: the global tensor ``(R, Cin, *tail)`` or ``(R,)``.
+        clients: a sequence of K compact tensors (client k
+            ``(len(rows_k), len(cols_k), *tail)``), or one stacked tensor
+            ``(K, m_rows, m_cols, *tail)`` whose padding region is ignored. Any
+            floating dtype (e.g. float16 uploads into a float32 global); clients of
+            mixed dtypes are cast to ``weight``'s dtype first.
+        rows, cols: per-client keep sets (None: all channels).
+        coef: K non-negative weights with a positive sum (default equal),
+            normalised by their sum. Clients with weight 0 are ignored.
+        mode: ``"reconstruct"`` (CA-HFP: ``weight + sum_k p_k E_k(c_k - weight_k)``)
+            or ``"overlap"`` (HeteroFL: weighted mean over the clients that keep
+            each element).
+
+    Returns:
+        A new tensor with ``weight``'s shape and dtype. Elements no client keeps
+        are bit-identical to ``weight``. Accumulation is float32 (float64 for float64).
+    """
+    op = "reconstruct_aggregate"
+    weight = check_floating(op, "weight", weight)
+    if not isinstance(mode, str):
+        raise TypeError(f"{op}: mode must be a str, got {type(mode).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+    if weight.dim() == 0:
+        raise ValueError(f"{op}: weight must have at least 1 dim")
+    tail = tuple(weight.shape[2:])
+    if isinstance(clients, Tensor):
+        check_floating(op, "clients", clients)
+        check_same_device(op, "clients", clients, weight, "weight")
+        want = 2 if weight.dim() == 1 else weight.dim() + 1
+        if clients.dim() != want or tuple(clients.shape[3:]) != tail:
+            expect = "(K, m_rows)" if weight.dim() == 1 else f"(K, m_rows, m_cols, *{tail})"
+            raise ValueError(f"{op}: stacked clients must be {expect}, got shape {tuple(clients.shape)}")
+        client_list = list(clients.unbind(0))
+        stacked = True
+    elif isinstance(clients, (list, tuple)):
+        client_list = list(clients)
+        stacked = False
+        for k, c in enumerate(client_list):
+            check_floating(op, f"clients[{k}]", c)
+            check_same_device(op, f"clients[{k}]", c, weight, "weight")
+    else:
+        raise TypeError(f"{op}: clients must be a sequence of tensors or one stacked tensor, got {type(clients).__name__}")
+    K = len(client_list)
+    if K == 0:
+        raise ValueError(f"{op}: clients is empty; at least one client is needed")
+    n = _num_clients(op, rows=rows, cols=cols)
+    if n is not None and n != K:
+        raise ValueError(f"{op}: rows/cols describe {n} clients but clients has {K}")
+    padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, K)
+    coef_t = canonical_coef(op, coef, K, weight.device)
+    if validation_enabled() or not stacked:
+        _check_client_shapes(op, weight, client_list, rows, cols, padded_rows, padded_cols, stacked)
+    if len({c.dtype for c in client_list}) > 1:
+        client_list = [c.to(weight.dtype) for c in client_list]
+    if weight.dim() == 1:
+        client_list = [c.unsqueeze(1) for c in client_list]
+    return _library.reconstruct_aggregate_op(weight, client_list, padded_rows, padded_cols, coef_t, mode)
+
+
+def _check_client_shapes(
+    op: str,
+    weight: Tensor,
+    clients: list[Tensor],
+    rows: KeepSets,
+    cols: KeepSets,
+    padded_rows: Tensor,
+    padded_cols: Tensor,
+    stacked: bool,
+) -> None:
+    """Client k must be (rows_k, cols_k, *tail) (stacked: at least that large)."""
+    row_counts = keep_counts(rows, padded_rows)
+    col_counts = [1] * len(clients) if weight.dim() == 1 else keep_counts(cols, padded_cols)
+    tail = tuple(weight.shape[2:])
+    for k, (c, r, cc) in enumerate(zip(clients, row_counts, col_counts)):
+        want = (r,) if weight.dim() == 1 else (r, cc, *tail)
+        shape = tuple(c.shape)
+        if stacked:
+            ok = len(shape) == len(want) and all(s >= w for s, w in zip(shape, want)) and shape[2:] == want[2:]
+            if not ok:
+                raise ValueError(f"{op}: stacked clients[{k}] has shape {shape}, too small for its keep sets {want}")
+        elif shape != want:
+            raise ValueError(f"{op}: clients[{k}] has shape {shape} but its keep sets give {want}")

@@ -1,0 +1,126 @@
+"""Random ragged inputs and dense float64 oracles for the op tests.
+
+The oracles here are written independently of ``cahfp_ops.reference`` (dense
+masks, float64), so the reference itself is checked too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Per storage dtype: (rtol, atol) for results compared in float64. Outputs are
+# rounded to the storage dtype, so the bound is about one unit in the last place
+# plus float32 accumulation error.
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+DTYPES = list(TOL)
+
+
+def backends_under_test() -> list[str]:
+    """Backends the op tests run on (``CAHFP_TEST_BACKENDS``, default ``cpp,torch``)."""
+    return [b for b in os.environ.get("CAHFP_TEST_BACKENDS", "cpp,torch").split(",") if b]
+
+
+def random_keep(g: torch.Generator, size: int, *, min_keep: int = 0, p: float | None = None) -> torch.Tensor:
+    """A random strictly ascending keep set over ``size`` channels (int64)."""
+    if p is None:
+        p = float(torch.rand(1, generator=g))
+    kept = (torch.rand(size, generator=g) < p).nonzero().flatten()
+    if kept.numel() < min_keep:
+        kept = torch.randperm(size, generator=g)[:min_keep].sort().values
+    return kept
+
+
+def disjoint_keeps(g: torch.Generator, size: int, K: int) -> list[torch.Tensor]:
+    """K pairwise disjoint keep sets (some may be empty)."""
+    owner = torch.randint(0, K, (size,), generator=g)
+    return [(owner == k).nonzero().flatten() for k in range(K)]
+
+
+def make_keeps(g: torch.Generator, size: int, K: int, kind: str) -> list:
+    """Per-client keep sets of a given kind: random, disjoint, full (all channels), none (None)."""
+    if kind == "random":
+        return [random_keep(g, size) for _ in range(K)]
+    if kind == "disjoint":
+        return disjoint_keeps(g, size, K)
+    if kind == "full":
+        return [torch.arange(size) for _ in range(K)]
+    if kind == "none":
+        return [None] * K
+    if kind == "mixed":
+        return [None if k % 3 == 2 else random_keep(g, size) for k in range(K)]
+    raise ValueError(kind)
+
+
+def to_padded(keeps: list, size: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    full = [torch.arange(size) if k is None else k for k in keeps]
+    width = max((k.numel() for k in full), default=0)
+    out = torch.full((len(full), width), -1, dtype=dtype)
+    for i, k in enumerate(full):
+        out[i, : k.numel()] = k.to(dtype)
+    return out
+
+
+def index_or_all(keep, size: int) -> torch.Tensor:
+    return torch.arange(size) if keep is None else keep.to(torch.int64)
+
+
+def dense_mask(shape, rows, cols) -> torch.Tensor:
+    """Boolean mask of ``shape`` with True at ``rows x cols`` (all trailing dims)."""
+    m = torch.zeros(shape[:2] if len(shape) > 1 else shape, dtype=torch.bool)
+    r = index_or_all(rows, shape[0])
+    if len(shape) == 1:
+        m[r] = True
+        return m
+    c = index_or_all(cols, shape[1])
+    m[r.unsqueeze(1), c.unsqueeze(0)] = True
+    return m.reshape(*m.shape, *([1] * (len(shape) - 2))).expand(shape)
+
+
+def expand(compact: torch.Tensor, shape, rows, cols) -> torch.Tensor:
+    """Place a compact tensor at its kept positions of a float64 zero tensor of ``shape``."""
+    full = torch.zeros(shape, dtype=torch.float64)
+    r = index_or_all(rows, shape[0])
+    if len(shape) == 1:
+        full[r] = compact.double()
+    else:
+        c = index_or_all(cols, shape[1])
+        full[r.unsqueeze(1), c.unsqueeze(0)] = compact.double()
+    return full
+
+
+def oracle_aggregate(weight, clients, rows, cols, coef, mode) -> torch.Tensor:
+    """Dense float64 oracle of reconstruct_aggregate (list form)."""
+    K = len(clients)
+    coef = torch.ones(K, dtype=torch.float64) if coef is None else torch.as_tensor(coef, dtype=torch.float64)
+    p = coef / coef.sum()
+    rows = [None] * K if rows is None else rows
+    cols = [None] * K if cols is None else cols
+    w = weight.double()
+    shape = tuple(weight.shape)
+    num = torch.zeros(shape, dtype=torch.float64)
+    den = torch.zeros(shape, dtype=torch.float64)
+    for k in range(K):
+        if p[k] == 0:
+            continue
+        m = dense_mask(shape, rows[k], cols[k]).double()
+        full = expand(clients[k], shape, rows[k], cols[k])
+        if mode == "reconstruct":
+            num += p[k] * m * (full - w)
+        else:
+            num += p[k] * m * full
+        den += p[k] * m
+    if mode == "reconstruct":
+        return torch.where(den > 0, w + num, w)
+    return torch.where(den > 0, num / den.clamp(min=1e-300), w)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
