@@ -134,7 +134,7 @@ def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device
             continue
         item = _check_index_tensor(op, f"{name}[{k}]", item, 1)
         items.append(item.to(device=device, dtype=torch.int64))
-    width = max((t.numel() for t in items), default=0)
+    width = max([t.numel() for t in items] + [0])
     padded = torch.full((K, width), -1, dtype=torch.int64, device=device)
     for k, t in enumerate(items):
         padded[k, : t.numel()] = t

@@ -267,9 +267,6 @@ def reconstruct_aggregate(
     K = len(client_list)
     if K == 0:
         raise ValueError(f"{op}: clients is empty; at least one client is needed")
-    n = _num_clients(op, rows=rows, cols=cols)
-    if n is not None and n != K:
-        raise ValueError(f"{op}: rows/cols describe {n} clients but clients has {K}")
     padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, K)
     coef_t = canonical_coef(op, coef, K, weight.device)
     if validation_enabled() or not stacked:

@@ -1,0 +1,94 @@
+"""Backend selection: environment variable, context manager, resolution, C++ fallback."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cahfp_ops
+from cahfp_ops import _extension
+
+
+def test_default_is_auto_and_resolves_to_cpp(monkeypatch):
+    monkeypatch.delenv("CAHFP_OPS_BACKEND", raising=False)
+    assert cahfp_ops.get_backend() == "auto"
+    assert cahfp_ops.resolve_backend(torch.device("cpu")) == "cpp"
+
+
+def test_env_and_context_manager(monkeypatch):
+    monkeypatch.setenv("CAHFP_OPS_BACKEND", "torch")
+    assert cahfp_ops.get_backend() == "torch"
+    with cahfp_ops.use_backend("cpp"):
+        assert cahfp_ops.get_backend() == "cpp"
+        with cahfp_ops.use_backend("Torch"):
+            assert cahfp_ops.resolve_backend(torch.device("cpu")) == "torch"
+        assert cahfp_ops.get_backend() == "cpp"
+    assert cahfp_ops.get_backend() == "torch"
+
+
+def test_bad_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="backend"):
+        with cahfp_ops.use_backend("cuda"):
+            pass
+    with pytest.raises(TypeError):
+        with cahfp_ops.use_backend(3):
+            pass
+    monkeypatch.setenv("CAHFP_OPS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="CAHFP|backend"):
+        cahfp_ops.get_backend()
+
+
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with cahfp_ops.use_backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        cahfp_ops.reconstruct_aggregate(torch.randn(3, 2), [torch.randn(1, 2)], [torch.tensor([1])])
+
+
+def test_cpp_backend_rejects_non_cpu():
+    with cahfp_ops.use_backend("cpp"), pytest.raises(ValueError, match="CPU"):
+        cahfp_ops.resolve_backend(torch.device("meta"))
+
+
+def test_backends_agree(gen):
+    weight = torch.randn(9, 4, 3, generator=gen)
+    rows = [torch.tensor([0, 4, 8]), torch.tensor([2, 3])]
+    clients = [torch.randn(3, 4, 3, generator=gen), torch.randn(2, 4, 3, generator=gen)]
+    with cahfp_ops.use_backend("cpp"):
+        a = cahfp_ops.reconstruct_aggregate(weight, clients, rows)
+    with cahfp_ops.use_backend("torch"):
+        b = cahfp_ops.reconstruct_aggregate(weight, clients, rows)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_warns_once_when_build_fails(tmp_path):
+    """No usable compiler: 'auto' falls back to the reference with exactly one warning."""
+    code = f"""
+import warnings, torch
+from torch.utils import cpp_extension
+def broken(*a, **k):
+    raise RuntimeError("compiler not found")
+cpp_extension.load = broken
+import cahfp_ops
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    w = torch.randn(4, 3)
+    a = cahfp_ops.reconstruct_aggregate(w, [w[:2] + 1], [torch.tensor([0, 1])])
+    b = cahfp_ops.reconstruct_aggregate(w, [w[:2] + 1], [torch.tensor([0, 1])])
+msgs = [str(c.message) for c in caught if "C++ CPU kernels" in str(c.message)]
+assert len(msgs) == 1, msgs
+assert "compiler not found" in msgs[0]
+assert torch.equal(a[:2], w[:2] + 1) and torch.equal(a[2:], w[2:])
+print("fallback ok")
+"""
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = {**os.environ, **env}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "fallback ok" in res.stdout
+
+
+def test_load_state_reports_success():
+    assert _extension.load_cpp() and _extension.load_error() is None

@@ -1,0 +1,93 @@
+"""The operators are registered properly: torch.library.opcheck on every op (public
+torch.ops.cahfp.* under each backend, and the compiled torch.ops.cahfp_cpp.*), and a
+torch.compile(fullgraph=True) smoke test."""
+
+import pytest
+import torch
+
+import cahfp_ops
+from helpers import make_keeps, to_padded
+
+
+def _agg_args(gen, dtype=torch.float32, client_dtype=None):
+    weight = torch.randn(7, 5, 3, generator=gen).to(dtype)
+    rows = to_padded(make_keeps(gen, 7, 3, "random"), 7)
+    cols = to_padded(make_keeps(gen, 5, 3, "mixed"), 5)
+    clients = [
+        torch.randn(int((rows[k] >= 0).sum()), int((cols[k] >= 0).sum()), 3, generator=gen).to(client_dtype or dtype)
+        for k in range(3)
+    ]
+    coef = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    return weight, clients, rows, cols, coef
+
+
+def _cases(gen):
+    weight, clients, rows, cols, coef = _agg_args(gen)
+    w4 = torch.randn(6, 4, 3, 3, generator=gen)
+    total = int(sum(((rows[k] >= 0).sum() * (cols[k] >= 0).sum()).item() * 3 for k in range(3)))
+    return {
+        "reconstruct_aggregate": [
+            (weight, clients, rows, cols, coef, "reconstruct"),
+            (weight, clients, rows, cols, coef, "overlap"),
+            _agg_args(gen, torch.float32, torch.float16) + ("reconstruct",),
+            _agg_args(gen, torch.float64) + ("overlap",),
+        ],
+        "slice_channels": [(weight, rows, cols, total)],
+        "topk_channel_masks": [(torch.randn(3, 9, generator=gen), torch.tensor([1, 4, 9]), 9)],
+        "curvature_scores": [
+            (w4.unsqueeze(0), torch.randn(2, *w4.shape, generator=gen), None, 0),
+            (w4.unsqueeze(0), None, w4.unsqueeze(0).abs(), 1),
+            (w4.unsqueeze(0), w4.unsqueeze(0), w4.unsqueeze(0), 2),
+        ],
+    }
+
+
+@pytest.mark.parametrize("op_name", ["reconstruct_aggregate", "slice_channels", "topk_channel_masks",
+                                     "curvature_scores"])
+def test_opcheck_public(backend, gen, op_name):
+    op = getattr(torch.ops.cahfp, op_name)
+    for args in _cases(gen)[op_name]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("op_name", ["reconstruct_aggregate", "slice_channels", "topk_channel_masks",
+                                     "curvature_scores"])
+def test_opcheck_cpp(gen, op_name):
+    assert cahfp_ops.load_cpp()
+    op = getattr(torch.ops.cahfp_cpp, op_name)
+    for args in _cases(gen)[op_name]:
+        if op_name in ("reconstruct_aggregate", "slice_channels"):
+            args = (args[0].reshape(args[0].shape[0], args[0].shape[1], -1),) + tuple(args[1:])
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_smoke(backend, gen):
+    weight = torch.randn(8, 6, 3, 3, generator=gen)
+    rows = [torch.tensor([0, 3, 5, 7]), torch.tensor([1, 2, 3])]
+    cols = [torch.tensor([0, 1, 5]), torch.tensor([2, 4])]
+    grad = torch.randn_like(weight)
+
+    def round_fn(weight, grad):
+        scores = cahfp_ops.curvature_scores(weight, grad, grad.abs())
+        mask, _ = cahfp_ops.topk_channel_masks(scores, 4)
+        parts = cahfp_ops.slice_channels(weight, rows, cols)
+        updated = [p * 0.5 + 1.0 for p in parts]
+        out = cahfp_ops.reconstruct_aggregate(weight, updated, rows, cols, [1.0, 3.0])
+        return out, mask
+
+    with cahfp_ops.validation(False):
+        eager = round_fn(weight, grad)
+        compiled = torch.compile(round_fn, fullgraph=True, backend="aot_eager")(weight, grad)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+def test_compile_inductor_aggregate(gen):
+    """The aggregation op inside an inductor-compiled function (C++ backend on CPU)."""
+    weight, clients, rows, cols, coef = _agg_args(gen)
+
+    def f(weight, clients):
+        return torch.ops.cahfp.reconstruct_aggregate(weight, clients, rows, cols, coef, "reconstruct") * 2.0
+
+    expected = f(weight, clients)
+    got = torch.compile(f, fullgraph=True)(weight, clients)
+    torch.testing.assert_close(got, expected)
