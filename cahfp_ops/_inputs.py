@@ -75,27 +75,39 @@ def _check_index_tensor(op: str, name: str, x: object, ndim: int) -> Tensor:
     return x
 
 
-def _check_padded(op: str, name: str, padded: Tensor, size: int, names: Sequence[str]) -> None:
-    """Check a (K, m) int64 padded keep-set tensor; ``names[k]`` names client k's row."""
+def _check_padded(
+    op: str, name: str, padded: Tensor, size: int, names: Sequence[str], valid: Tensor | None = None
+) -> None:
+    """Check a (K, m) int64 keep-set tensor; ``names[k]`` names client k's row.
+
+    ``valid`` marks the real entries (known lengths, e.g. from a sequence of keep
+    sets); without it, entries >= 0 are real and the rest must be -1 padding at the end.
+    """
     if padded.numel() == 0:
         return
-    valid = padded >= 0
-    bad_pad = (~valid) & (padded != -1)
-    gap = torch.zeros_like(valid)
-    gap[:, 1:] = valid[:, 1:] & ~valid[:, :-1]
+    problems = []
+    if valid is None:
+        valid = padded >= 0
+        gap = torch.zeros_like(valid)
+        gap[:, 1:] = valid[:, 1:] & ~valid[:, :-1]
+        problems += [
+            (
+                (~valid) & (padded != -1),
+                "holds a negative index (only -1 padding at the end of a padded row is allowed)",
+            ),
+            (gap, "has an index after -1 padding (padding must come last)"),
+        ]
+    else:
+        problems.append((valid & (padded < 0), "holds a negative index"))
     desc = torch.zeros_like(valid)
-    desc[:, 1:] = valid[:, 1:] & (padded[:, 1:] <= padded[:, :-1])
-    high = valid & (padded >= size)
-    for problem, what in (
-        (bad_pad, "holds a negative index (only -1 padding at the end of a padded row is allowed)"),
-        (gap, "has an index after -1 padding (padding must come last)"),
-        (high, f"holds an index outside [0, {size})"),
-        (desc, "is not strictly ascending"),
-    ):
-        rows = problem.any(dim=1).nonzero()
-        if rows.numel():
-            k = int(rows[0, 0])
-            raise ValueError(f"{op}: {names[k]} {what}")
+    desc[:, 1:] = valid[:, 1:] & valid[:, :-1] & (padded[:, 1:] <= padded[:, :-1])
+    problems += [(valid & (padded >= size), f"holds an index outside [0, {size})"), (desc, "is not strictly ascending")]
+    bad = torch.stack([p.any(dim=1) for p, _ in problems])  # (checks, K)
+    if bool(bad.any()):
+        for (_, what), row in zip(problems, bad):
+            ks = row.nonzero()
+            if ks.numel():
+                raise ValueError(f"{op}: {names[int(ks[0, 0])]} {what}")
 
 
 def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device: torch.device) -> Tensor:
@@ -111,12 +123,10 @@ def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device
     if isinstance(keep, Tensor):
         _check_index_tensor(op, name, keep, keep.dim() if keep.dim() in (1, 2) else 2)
         if keep.dim() == 1:
-            row = keep.to(device=device, dtype=torch.int64)
+            row = keep.to(device=device, dtype=torch.int64).unsqueeze(0)
             if validate:
-                if bool((row < 0).any()):
-                    raise ValueError(f"{op}: {name} holds a negative index")
-                _check_padded(op, name, row.unsqueeze(0), size, [name])
-            return row.expand(K, row.numel()).contiguous()
+                _check_padded(op, name, row, size, [name], valid=torch.ones_like(row, dtype=torch.bool))
+            return row.expand(K, row.shape[1]).contiguous()
         if keep.shape[0] != K:
             raise ValueError(f"{op}: {name} has {keep.shape[0]} rows but there are {K} clients")
         padded = keep.to(device=device, dtype=torch.int64).contiguous()
@@ -124,7 +134,9 @@ def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device
             _check_padded(op, name, padded, size, [f"{name}[{k}]" for k in range(K)])
         return padded
     if not isinstance(keep, (list, tuple)):
-        raise TypeError(f"{op}: {name} must be None, an integer tensor or a sequence of them, got {type(keep).__name__}")
+        raise TypeError(
+            f"{op}: {name} must be None, an integer tensor or a sequence of them, got {type(keep).__name__}"
+        )
     if len(keep) != K:
         raise ValueError(f"{op}: {name} has {len(keep)} keep sets but there are {K} clients")
     items = []
@@ -134,15 +146,13 @@ def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device
             continue
         item = _check_index_tensor(op, f"{name}[{k}]", item, 1)
         items.append(item.to(device=device, dtype=torch.int64))
-    width = max([t.numel() for t in items] + [0])
-    padded = torch.full((K, width), -1, dtype=torch.int64, device=device)
-    for k, t in enumerate(items):
-        padded[k, : t.numel()] = t
+    if not items:
+        return torch.empty(0, 0, dtype=torch.int64, device=device)
+    padded = torch.nn.utils.rnn.pad_sequence(items, batch_first=True, padding_value=-1)
     if validate:
-        for k, t in enumerate(items):
-            if t.numel() and bool((t < 0).any()):
-                raise ValueError(f"{op}: {name}[{k}] holds a negative index")
-        _check_padded(op, name, padded, size, [f"{name}[{k}]" for k in range(K)])
+        lengths = torch.tensor([t.numel() for t in items], device=device)
+        valid = torch.arange(padded.shape[1], device=device) < lengths.unsqueeze(1)
+        _check_padded(op, name, padded, size, [f"{name}[{k}]" for k in range(K)], valid=valid)
     return padded
 
 

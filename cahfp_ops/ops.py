@@ -96,7 +96,9 @@ def curvature_scores(
         raise ValueError(f"{op}: dim={dim} is out of range for per-client shape {shape_s}")
     dim = dim % s_rank
     dtypes = {t.dtype for t in given.values()}
-    common = dtypes.pop() if len(dtypes) == 1 else acc_dtype(torch.float64 if torch.float64 in dtypes else torch.float32)
+    common = (
+        dtypes.pop() if len(dtypes) == 1 else acc_dtype(torch.float64 if torch.float64 in dtypes else torch.float32)
+    )
 
     def canon(t: Tensor | None) -> Tensor | None:
         if t is None:
@@ -263,13 +265,15 @@ def reconstruct_aggregate(
             check_floating(op, f"clients[{k}]", c)
             check_same_device(op, f"clients[{k}]", c, weight, "weight")
     else:
-        raise TypeError(f"{op}: clients must be a sequence of tensors or one stacked tensor, got {type(clients).__name__}")
+        raise TypeError(
+            f"{op}: clients must be a sequence of tensors or one stacked tensor, got {type(clients).__name__}"
+        )
     K = len(client_list)
     if K == 0:
         raise ValueError(f"{op}: clients is empty; at least one client is needed")
     padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, K)
     coef_t = canonical_coef(op, coef, K, weight.device)
-    if validation_enabled() or not stacked:
+    if validation_enabled():
         _check_client_shapes(op, weight, client_list, rows, cols, padded_rows, padded_cols, stacked)
     if len({c.dtype for c in client_list}) > 1:
         client_list = [c.to(weight.dtype) for c in client_list]

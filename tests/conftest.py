@@ -5,7 +5,6 @@ import torch
 
 import cahfp_ops
 from cahfp_ops._debug import poison_outputs
-
 from helpers import backends_under_test
 
 

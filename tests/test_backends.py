@@ -63,7 +63,7 @@ def test_backends_agree(gen):
 
 def test_fallback_warns_once_when_build_fails(tmp_path):
     """No usable compiler: 'auto' falls back to the reference with exactly one warning."""
-    code = f"""
+    code = """
 import warnings, torch
 from torch.utils import cpp_extension
 def broken(*a, **k):

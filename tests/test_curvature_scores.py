@@ -27,8 +27,19 @@ def check(out, exp, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,dim", [((7,), 0), ((5, 3), 0), ((5, 3), 1), ((9, 6, 3, 3), 0), ((9, 6, 3, 3), 1),
-                                       ((4, 5, 6), 2), ((4, 5, 6), -1), ((3, 2000), 0)])
+@pytest.mark.parametrize(
+    "shape,dim",
+    [
+        ((7,), 0),
+        ((5, 3), 0),
+        ((5, 3), 1),
+        ((9, 6, 3, 3), 0),
+        ((9, 6, 3, 3), 1),
+        ((4, 5, 6), 2),
+        ((4, 5, 6), -1),
+        ((3, 2000), 0),
+    ],
+)
 @pytest.mark.parametrize("terms", ["both", "grad", "hess"])
 def test_unbatched(backend, gen, dtype, shape, dim, terms):
     w = torch.randn(shape, generator=gen).to(dtype)
@@ -47,9 +58,11 @@ def test_unbatched(backend, gen, dtype, shape, dim, terms):
 @pytest.mark.parametrize("who", ["grad", "hess", "weight", "all"])
 def test_client_dim_broadcasts(backend, gen, dtype, who):
     K, shape, dim = 3, (6, 5, 3), 0
+
     def make(name):
         batched = who in (name, "all")
         return torch.randn(((K,) if batched else ()) + shape, generator=gen).to(dtype)
+
     w, g, h = make("weight"), make("grad"), make("hess")
     out = cahfp_ops.curvature_scores(w, g, h, dim=dim, batched=True if who == "all" else None)
     assert out.shape == (K, shape[dim])

@@ -42,16 +42,18 @@ def _cases(gen):
     }
 
 
-@pytest.mark.parametrize("op_name", ["reconstruct_aggregate", "slice_channels", "topk_channel_masks",
-                                     "curvature_scores"])
+@pytest.mark.parametrize(
+    "op_name", ["reconstruct_aggregate", "slice_channels", "topk_channel_masks", "curvature_scores"]
+)
 def test_opcheck_public(backend, gen, op_name):
     op = getattr(torch.ops.cahfp, op_name)
     for args in _cases(gen)[op_name]:
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("op_name", ["reconstruct_aggregate", "slice_channels", "topk_channel_masks",
-                                     "curvature_scores"])
+@pytest.mark.parametrize(
+    "op_name", ["reconstruct_aggregate", "slice_channels", "topk_channel_masks", "curvature_scores"]
+)
 def test_opcheck_cpp(gen, op_name):
     assert cahfp_ops.load_cpp()
     op = getattr(torch.ops.cahfp_cpp, op_name)
