@@ -2,7 +2,8 @@
 
 Public ops (each backed by a registered ``torch.ops.cahfp.*`` operator):
 :func:`curvature_scores`, :func:`topk_channel_masks`, :func:`slice_channels`,
-:func:`reconstruct_aggregate`. Backends: :func:`use_backend` /
+:func:`reconstruct_aggregate`, and the whole-model forms :func:`slice_channels_many`,
+:func:`reconstruct_aggregate_many`. Backends: :func:`use_backend` /
 ``CAHFP_OPS_BACKEND``. Validation: :func:`validation` / :func:`set_validation` /
 ``CAHFP_OPS_VALIDATE``.
 """
@@ -14,7 +15,14 @@ from ._backend import BACKENDS, get_backend, resolve_backend, use_backend
 from ._extension import load_cpp
 from ._inputs import DTypeError
 from ._validation import set_validation, validation, validation_enabled
-from .ops import curvature_scores, reconstruct_aggregate, slice_channels, topk_channel_masks
+from .ops import (
+    curvature_scores,
+    reconstruct_aggregate,
+    reconstruct_aggregate_many,
+    slice_channels,
+    slice_channels_many,
+    topk_channel_masks,
+)
 
 __version__ = "0.1.0"
 
@@ -25,10 +33,12 @@ __all__ = [
     "get_backend",
     "load_cpp",
     "reconstruct_aggregate",
+    "reconstruct_aggregate_many",
     "reference",
     "resolve_backend",
     "set_validation",
     "slice_channels",
+    "slice_channels_many",
     "topk_channel_masks",
     "use_backend",
     "validation",

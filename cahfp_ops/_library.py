@@ -31,9 +31,13 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _triton():
-    from . import triton_backend
-
-    return triton_backend
+    try:
+        from . import triton as triton_kernels
+    except ImportError as exc:  # the triton package is missing
+        raise RuntimeError(
+            f"backend 'triton' needs the triton package ({exc}); pip install 'cahfp-ops[triton]'"
+        ) from exc
+    return triton_kernels
 
 
 # --------------------------------------------------------------------------- curvature_scores
@@ -113,6 +117,70 @@ def reconstruct_aggregate_op(
 @reconstruct_aggregate_op.register_fake
 def _(weight: Tensor, clients: list[Tensor], rows: Tensor, cols: Tensor, coef: Tensor, mode: str) -> Tensor:
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------- whole-model ops
+@torch.library.custom_op("cahfp::reconstruct_aggregate_many", mutates_args=())
+def reconstruct_aggregate_many_op(
+    weights: list[Tensor], clients: list[Tensor], rows: list[Tensor], cols: list[Tensor], coef: Tensor, mode: str
+) -> Tensor:
+    """N weights (one dtype), ``clients[n * K + k]`` = client k's compact tensor n, per-tensor
+    canonical keep sets, one coef -> one packed buffer of the N results in order."""
+    N = len(weights)
+    K = len(clients) // max(N, 1)
+    w3 = [_as_3d(w.contiguous()) for w in weights]
+    c3 = [[_as_3d(clients[n * K + k]) for k in range(K)] for n in range(N)]
+    backend = resolve_backend(weights[0].device)
+    if backend == "triton":
+        return _triton().reconstruct_aggregate_many(w3, c3, rows, cols, coef, mode)
+    parts = [
+        reconstruct_aggregate_op(weights[n], [clients[n * K + k] for k in range(K)], rows[n], cols[n], coef, mode)
+        for n in range(N)
+    ]
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+@reconstruct_aggregate_many_op.register_fake
+def _(
+    weights: list[Tensor], clients: list[Tensor], rows: list[Tensor], cols: list[Tensor], coef: Tensor, mode: str
+) -> Tensor:
+    return weights[0].new_empty((sum(w.numel() for w in weights),))
+
+
+@torch.library.custom_op("cahfp::slice_channels_many", mutates_args=())
+def slice_channels_many_op(
+    weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
+) -> Tensor:
+    """N weights (one dtype), per-tensor canonical keep sets, kept counts ``[n * K + k]`` ->
+    one packed buffer, client-major: client 0's N compact tensors, then client 1's, ..."""
+    N = len(weights)
+    K = rows[0].shape[0]
+    rc = [row_counts[n * K : (n + 1) * K] for n in range(N)]
+    cc = [col_counts[n * K : (n + 1) * K] for n in range(N)]
+    w3 = [_as_3d(w.contiguous()) for w in weights]
+    backend = resolve_backend(weights[0].device)
+    if backend == "triton":
+        return _triton().slice_channels_many(w3, rows, cols, rc, cc)
+    segments: list[list[Tensor]] = [[] for _ in range(K)]
+    for n in range(N):
+        T = w3[n].shape[2]
+        sizes = [rc[n][k] * cc[n][k] * T for k in range(K)]
+        packed = slice_channels_op(weights[n], rows[n], cols[n], sum(sizes))
+        for k, part in enumerate(torch.split(packed, sizes)):
+            segments[k].append(part)
+    return torch.cat([p for per_client in segments for p in per_client])
+
+
+@slice_channels_many_op.register_fake
+def _(
+    weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
+) -> Tensor:
+    K = rows[0].shape[0]
+    total = 0
+    for n, w in enumerate(weights):
+        T = math.prod(w.shape[2:])
+        total += sum(row_counts[n * K + k] * col_counts[n * K + k] * T for k in range(K))
+    return weights[0].new_empty((total,))
 
 
 def register_cpp_fakes() -> None:

@@ -10,7 +10,8 @@ clients.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Union
 
 import torch
@@ -241,29 +242,46 @@ def reconstruct_aggregate(
         are bit-identical to ``weight``. Accumulation is float32 (float64 for float64).
     """
     op = "reconstruct_aggregate"
-    weight = check_floating(op, "weight", weight)
+    _check_mode(op, mode)
+    weight, client_list, padded_rows, padded_cols = _prepare_aggregate(op, "", weight, clients, rows, cols)
+    coef_t = canonical_coef(op, coef, len(client_list), weight.device)
+    return _library.reconstruct_aggregate_op(weight, client_list, padded_rows, padded_cols, coef_t, mode)
+
+
+def _check_mode(op: str, mode: object) -> None:
     if not isinstance(mode, str):
         raise TypeError(f"{op}: mode must be a str, got {type(mode).__name__}")
     if mode not in MODES:
         raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+
+
+def _prepare_aggregate(
+    op: str, where: str, weight: Tensor, clients: Clients, rows: KeepSets, cols: KeepSets
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """Check one tensor's aggregation inputs; return (weight, clients, padded rows, padded cols).
+
+    ``where`` names the tensor in messages of the whole-model op (e.g. ``" for 'conv1.weight'"``).
+    Clients come back as a list with one dtype, 1-D clients as ``(rows, 1)``.
+    """
+    weight = check_floating(op, f"weight{where}", weight)
     if weight.dim() == 0:
-        raise ValueError(f"{op}: weight must have at least 1 dim")
+        raise ValueError(f"{op}: weight{where} must have at least 1 dim")
     tail = tuple(weight.shape[2:])
     if isinstance(clients, Tensor):
-        check_floating(op, "clients", clients)
-        check_same_device(op, "clients", clients, weight, "weight")
+        check_floating(op, f"clients{where}", clients)
+        check_same_device(op, f"clients{where}", clients, weight, "weight")
         want = 2 if weight.dim() == 1 else weight.dim() + 1
         if clients.dim() != want or tuple(clients.shape[3:]) != tail:
             expect = "(K, m_rows)" if weight.dim() == 1 else f"(K, m_rows, m_cols, *{tail})"
-            raise ValueError(f"{op}: stacked clients must be {expect}, got shape {tuple(clients.shape)}")
+            raise ValueError(f"{op}: stacked clients{where} must be {expect}, got shape {tuple(clients.shape)}")
         client_list = list(clients.unbind(0))
         stacked = True
     elif isinstance(clients, (list, tuple)):
         client_list = list(clients)
         stacked = False
         for k, c in enumerate(client_list):
-            check_floating(op, f"clients[{k}]", c)
-            check_same_device(op, f"clients[{k}]", c, weight, "weight")
+            check_floating(op, f"clients[{k}]{where}", c)
+            check_same_device(op, f"clients[{k}]{where}", c, weight, "weight")
     else:
         raise TypeError(
             f"{op}: clients must be a sequence of tensors or one stacked tensor, got {type(clients).__name__}"
@@ -272,18 +290,180 @@ def reconstruct_aggregate(
     if K == 0:
         raise ValueError(f"{op}: clients is empty; at least one client is needed")
     padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, K)
-    coef_t = canonical_coef(op, coef, K, weight.device)
     if validation_enabled():
-        _check_client_shapes(op, weight, client_list, rows, cols, padded_rows, padded_cols, stacked)
+        _check_client_shapes(op, where, weight, client_list, rows, cols, padded_rows, padded_cols, stacked)
     if len({c.dtype for c in client_list}) > 1:
         client_list = [c.to(weight.dtype) for c in client_list]
     if weight.dim() == 1:
         client_list = [c.unsqueeze(1) for c in client_list]
-    return _library.reconstruct_aggregate_op(weight, client_list, padded_rows, padded_cols, coef_t, mode)
+    return weight, client_list, padded_rows, padded_cols
+
+
+def _named(container: object, what: str, op: str) -> tuple[list, bool]:
+    """(keys, is_mapping) of a list of tensors or a name -> tensor mapping."""
+    if isinstance(container, Mapping):
+        return list(container.keys()), True
+    if isinstance(container, (list, tuple)):
+        return list(range(len(container))), False
+    raise TypeError(f"{op}: {what} must be a sequence of tensors or a mapping (a state_dict)")
+
+
+def _per_tensor(arg: object, key: object, is_mapping: bool, op: str, name: str) -> object:
+    """The per-tensor entry of a rows / cols argument of a whole-model op (None when absent)."""
+    if arg is None:
+        return None
+    if isinstance(arg, Mapping):
+        return arg.get(key)
+    if isinstance(arg, (list, tuple)):
+        if is_mapping:
+            raise TypeError(f"{op}: {name} must be a mapping by tensor name when weights is a mapping")
+        return arg[key]
+    raise TypeError(f"{op}: {name} must be None, a sequence (one entry per tensor) or a mapping by name")
+
+
+def reconstruct_aggregate_many(
+    weights: Sequence[Tensor] | Mapping[str, Tensor],
+    clients: Sequence[Sequence[Tensor] | Mapping[str, Tensor]],
+    rows: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
+    cols: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
+    coef: Sequence[float] | Tensor | None = None,
+    *,
+    mode: str = "reconstruct",
+) -> list[Tensor] | dict[str, Tensor]:
+    """Whole-model :func:`reconstruct_aggregate`: many tensors (a state_dict) in a constant number of launches.
+
+    Args:
+        weights: N global tensors, a list or a name -> tensor mapping (state_dict).
+        clients: K client models; client k is a list aligned with ``weights`` or a
+            mapping with the same names, holding its compact tensors.
+        rows, cols: per tensor (a list aligned with ``weights`` or a mapping by name;
+            a missing entry means all channels), the per-client keep sets exactly as
+            :func:`reconstruct_aggregate` takes them.
+        coef, mode: as in :func:`reconstruct_aggregate`, shared by all tensors.
+
+    Returns:
+        New tensors in the container type of ``weights``; entry n equals
+        ``reconstruct_aggregate(weights[n], [c[n] for c in clients], rows[n], cols[n], coef, mode=mode)``.
+        They are views into one packed buffer per (device, dtype) group.
+    """
+    op = "reconstruct_aggregate_many"
+    _check_mode(op, mode)
+    keys, is_mapping = _named(weights, "weights", op)
+    if not isinstance(clients, (list, tuple)) or not clients:
+        raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
+    K = len(clients)
+    prepared = []
+    for key in keys:
+        where = f" for {key!r}" if is_mapping else f"[{key}]"
+        per_client = []
+        for k, model in enumerate(clients):
+            try:
+                per_client.append(model[key])
+            except (KeyError, IndexError, TypeError):
+                raise ValueError(f"{op}: clients[{k}] has no tensor {key!r}") from None
+        prepared.append(
+            _prepare_aggregate(
+                op,
+                where,
+                weights[key],
+                per_client,
+                _per_tensor(rows, key, is_mapping, op, "rows"),
+                _per_tensor(cols, key, is_mapping, op, "cols"),
+            )
+        )
+    results: dict[int, Tensor] = {}
+    groups: dict[tuple, list[int]] = {}
+    for n, (w, cl, _, _) in enumerate(prepared):
+        groups.setdefault((w.device, w.dtype, cl[0].dtype), []).append(n)
+    for (device, _, _), members in groups.items():
+        coef_t = canonical_coef(op, coef, K, device)
+        packed = _library.reconstruct_aggregate_many_op(
+            [prepared[n][0] for n in members],
+            [c for n in members for c in prepared[n][1]],
+            [prepared[n][2] for n in members],
+            [prepared[n][3] for n in members],
+            coef_t,
+            mode,
+        )
+        sizes = [prepared[n][0].numel() for n in members]
+        for n, part in zip(members, torch.split(packed, sizes)):
+            results[n] = part.view(prepared[n][0].shape)
+    out = [results[n] for n in range(len(keys))]
+    return dict(zip(keys, out)) if is_mapping else out
+
+
+def slice_channels_many(
+    weights: Sequence[Tensor] | Mapping[str, Tensor],
+    rows: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
+    cols: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
+    *,
+    num_clients: int | None = None,
+) -> list[list[Tensor]] | list[dict[str, Tensor]]:
+    """Whole-model :func:`slice_channels`: every client's compact model in a constant number of launches.
+
+    Args:
+        weights: N global tensors, a list or a name -> tensor mapping (state_dict).
+        rows, cols: per tensor (list aligned with ``weights`` or mapping by name; a
+            missing entry means all channels), per-client keep sets as
+            :func:`slice_channels` takes them.
+        num_clients: K, needed only when no entry is per-client.
+
+    Returns:
+        K client models (client-major), each a list aligned with ``weights`` or a dict
+        with its names; client k's tensors are contiguous views into one packed
+        buffer, client after client.
+    """
+    op = "slice_channels_many"
+    keys, is_mapping = _named(weights, "weights", op)
+    K = num_clients
+    entries = []
+    for key in keys:
+        r = _per_tensor(rows, key, is_mapping, op, "rows")
+        c = _per_tensor(cols, key, is_mapping, op, "cols")
+        n = _num_clients(op, rows=r, cols=c)
+        if n is not None:
+            if K is not None and n != K:
+                raise ValueError(f"{op}: the keep sets of {key!r} describe {n} clients, others {K}")
+            K = n
+        entries.append((key, r, c))
+    if K is None or K < 1:
+        raise ValueError(f"{op}: the number of clients is unknown or zero; pass per-client keep sets or num_clients")
+    canon = []
+    for key, r, c in entries:
+        w = check_floating(op, f"weights[{key!r}]", weights[key])
+        pr, pc = _weight_keep(op, w, r, c, K)
+        rc = keep_counts(r, pr) if is_per_client(r) else [pr.shape[1]] * K
+        cc = [1] * K if w.dim() == 1 else (keep_counts(c, pc) if is_per_client(c) else [pc.shape[1]] * K)
+        canon.append((w, pr, pc, rc, cc))
+    models: list[dict] = [{} for _ in range(K)]
+    groups: dict[tuple, list[int]] = {}
+    for n, (w, *_rest) in enumerate(canon):
+        groups.setdefault((w.device, w.dtype), []).append(n)
+    for members in groups.values():
+        packed = _library.slice_channels_many_op(
+            [canon[n][0] for n in members],
+            [canon[n][1] for n in members],
+            [canon[n][2] for n in members],
+            [x for n in members for x in canon[n][3]],
+            [x for n in members for x in canon[n][4]],
+        )
+        shapes, sizes = [], []
+        for k in range(K):
+            for n in members:
+                w, _, _, rc, cc = canon[n]
+                shape = (rc[k],) if w.dim() == 1 else (rc[k], cc[k], *w.shape[2:])
+                shapes.append((k, n, shape))
+                sizes.append(math.prod(shape))
+        for (k, n, shape), part in zip(shapes, torch.split(packed, sizes)):
+            models[k][n] = part.view(shape)
+    if is_mapping:
+        return [{key: m[n] for n, key in enumerate(keys)} for m in models]
+    return [[m[n] for n in range(len(keys))] for m in models]
 
 
 def _check_client_shapes(
     op: str,
+    where: str,
     weight: Tensor,
     clients: list[Tensor],
     rows: KeepSets,
@@ -302,6 +482,8 @@ def _check_client_shapes(
         if stacked:
             ok = len(shape) == len(want) and all(s >= w for s, w in zip(shape, want)) and shape[2:] == want[2:]
             if not ok:
-                raise ValueError(f"{op}: stacked clients[{k}] has shape {shape}, too small for its keep sets {want}")
+                raise ValueError(
+                    f"{op}: stacked clients[{k}]{where} has shape {shape}, too small for its keep sets {want}"
+                )
         elif shape != want:
-            raise ValueError(f"{op}: clients[{k}] has shape {shape} but its keep sets give {want}")
+            raise ValueError(f"{op}: clients[{k}]{where} has shape {shape} but its keep sets give {want}")

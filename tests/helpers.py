@@ -6,6 +6,7 @@ masks, float64), so the reference itself is checked too.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -23,8 +24,13 @@ DTYPES = list(TOL)
 
 
 def backends_under_test() -> list[str]:
-    """Backends the op tests run on (``CAHFP_TEST_BACKENDS``, default ``cpp,torch``)."""
-    return [b for b in os.environ.get("CAHFP_TEST_BACKENDS", "cpp,torch").split(",") if b]
+    """Backends the op tests run on: ``CAHFP_TEST_BACKENDS`` (comma-separated), by default
+    ``cpp`` and ``torch``, plus ``triton`` when its kernels can run on CPU tensors
+    (the triton package is installed and ``TRITON_INTERPRET=1``)."""
+    default = "cpp,torch"
+    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        default += ",triton"
+    return [b for b in os.environ.get("CAHFP_TEST_BACKENDS", default).split(",") if b]
 
 
 def random_keep(g: torch.Generator, size: int, *, min_keep: int = 0, p: float | None = None) -> torch.Tensor:

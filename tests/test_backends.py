@@ -42,7 +42,10 @@ def test_bad_backend_names(monkeypatch):
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with cahfp_ops.use_backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        cahfp_ops.reconstruct_aggregate(torch.randn(3, 2), [torch.randn(1, 2)], [torch.tensor([1])])
+        cahfp_ops.resolve_backend(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with cahfp_ops.use_backend("triton"):
+        assert cahfp_ops.resolve_backend(torch.device("cpu")) == "triton"
 
 
 def test_cpp_backend_rejects_non_cpu():

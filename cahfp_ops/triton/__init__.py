@@ -1,0 +1,19 @@
+"""Triton kernels for CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``).
+
+One file per op; each takes the canonical inputs of the matching ``torch.ops.cahfp``
+operator, which wraps it (``torch.library.custom_op`` + ``register_fake``).
+"""
+
+from .curvature_scores import curvature_scores
+from .reconstruct_aggregate import reconstruct_aggregate, reconstruct_aggregate_many
+from .slice_channels import slice_channels, slice_channels_many
+from .topk_channel_masks import topk_channel_masks
+
+__all__ = [
+    "curvature_scores",
+    "reconstruct_aggregate",
+    "reconstruct_aggregate_many",
+    "slice_channels",
+    "slice_channels_many",
+    "topk_channel_masks",
+]

@@ -1,0 +1,172 @@
+"""Whole-model ops: reconstruct_aggregate_many / slice_channels_many equal the per-tensor ops."""
+
+import pytest
+import torch
+
+import cahfp_ops
+from helpers import make_keeps, random_keep, to_padded
+
+
+def random_model(gen, dtype=torch.float32):
+    """A small 'state_dict' with conv, bias, norm, linear and odd shapes; keep sets coupled."""
+    shapes = {
+        "conv1.weight": (9, 3, 3, 3),
+        "conv1.bias": (9,),
+        "bn1.weight": (9,),
+        "bn1.running_var": (9,),
+        "conv2.weight": (6, 9, 3, 3),
+        "fc.weight": (5, 6),
+        "fc.bias": (5,),
+        "odd.weight": (1, 1),
+        "wide.weight": (2, 40, 1, 5),
+    }
+    return {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+
+
+def random_plan(gen, K):
+    r1 = make_keeps(gen, 9, K, "random")
+    r2 = make_keeps(gen, 6, K, "mixed")
+    rows = {
+        "conv1.weight": r1,
+        "conv1.bias": r1,
+        "bn1.weight": r1,
+        "bn1.running_var": r1,
+        "conv2.weight": r2,
+        "wide.weight": [random_keep(gen, 2, min_keep=1) for _ in range(K)],
+    }
+    cols = {"conv2.weight": r1, "fc.weight": r2, "wide.weight": to_padded(make_keeps(gen, 40, K, "random"), 40)}
+    return rows, cols
+
+
+def compact_models(gen, model, rows, cols, K, dtype=None):
+    out = []
+    for k in range(K):
+        m = {}
+        for name, w in model.items():
+            r = rows.get(name)
+            c = cols.get(name)
+            nr = w.shape[0] if r is None or r[k] is None else int((r[k] >= 0).sum())
+            if w.dim() == 1:
+                shape = (nr,)
+            else:
+                ck = None if c is None else c[k]
+                nc = w.shape[1] if ck is None else int((ck >= 0).sum())
+                shape = (nr, nc, *w.shape[2:])
+            m[name] = torch.randn(shape, generator=gen).to(dtype or w.dtype)
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+@pytest.mark.parametrize("K", [1, 4])
+def test_aggregate_many_equals_per_tensor(backend, gen, mode, K):
+    model = random_model(gen)
+    model["bn1.running_var"] = model["bn1.running_var"].double()  # a second dtype group
+    rows, cols = random_plan(gen, K)
+    clients = compact_models(gen, model, rows, cols, K)
+    coef = (torch.rand(K, generator=gen) + 0.2).tolist()
+    out = cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, coef, mode=mode)
+    assert list(out) == list(model)
+    for name, w in model.items():
+        single = cahfp_ops.reconstruct_aggregate(
+            w, [c[name] for c in clients], rows.get(name), cols.get(name), coef, mode=mode
+        )
+        assert out[name].dtype == w.dtype and out[name].shape == w.shape
+        assert torch.equal(out[name], single), name
+
+
+def test_aggregate_many_list_form(backend, gen):
+    model = random_model(gen)
+    names = list(model)
+    rows, cols = random_plan(gen, 3)
+    clients = compact_models(gen, model, rows, cols, 3)
+    out = cahfp_ops.reconstruct_aggregate_many(
+        [model[n] for n in names],
+        [[c[n] for n in names] for c in clients],
+        [rows.get(n) for n in names],
+        [cols.get(n) for n in names],
+    )
+    expected = cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols)
+    for n, t in zip(names, out):
+        assert torch.equal(t, expected[n])
+
+
+def test_slice_then_aggregate_many_returns_model(backend, gen):
+    model = random_model(gen)
+    rows, cols = random_plan(gen, 5)
+    compact = cahfp_ops.slice_channels_many(model, rows, cols)
+    assert len(compact) == 5 and list(compact[0]) == list(model)
+    out = cahfp_ops.reconstruct_aggregate_many(model, compact, rows, cols, [1, 2, 3, 4, 5])
+    for name, w in model.items():
+        assert torch.equal(out[name], w), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_slice_many_equals_per_tensor(backend, gen, dtype):
+    model = random_model(gen, dtype)
+    K = 4
+    rows, cols = random_plan(gen, K)
+    compact = cahfp_ops.slice_channels_many(model, rows, cols)
+    for name, w in model.items():
+        single = cahfp_ops.slice_channels(w, rows.get(name, [None] * K), cols.get(name) if w.dim() > 1 else None)
+        for k in range(K):
+            assert torch.equal(compact[k][name], single[k]), (name, k)
+    # client k's tensors are one contiguous run of the packed buffer, in order
+    for k in range(K):
+        filled = [t for t in compact[k].values() if t.numel()]
+        ptrs = [t.data_ptr() for t in filled]
+        sizes = [t.numel() * t.element_size() for t in filled]
+        for a, b, s in zip(ptrs, ptrs[1:], sizes):
+            assert b == a + s
+
+
+def test_slice_many_needs_clients(backend, gen):
+    with pytest.raises(ValueError, match="number of clients"):
+        cahfp_ops.slice_channels_many([torch.randn(3, 2)])
+    parts = cahfp_ops.slice_channels_many([torch.randn(3, 2)], num_clients=2)
+    assert len(parts) == 2 and parts[0][0].shape == (3, 2)
+
+
+def test_many_bad_input(backend, gen):
+    model = random_model(gen)
+    rows, cols = random_plan(gen, 2)
+    clients = compact_models(gen, model, rows, cols, 2)
+    del clients[1]["fc.bias"]
+    with pytest.raises(ValueError, match=r"clients\[1\] has no tensor 'fc.bias'"):
+        cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols)
+    clients = compact_models(gen, model, rows, cols, 2)
+    clients[0]["conv2.weight"] = clients[0]["conv2.weight"][:, :-1]
+    with pytest.raises(ValueError, match=r"clients\[0\] for 'conv2.weight'"):
+        cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols)
+    with pytest.raises(TypeError, match="mapping"):
+        cahfp_ops.reconstruct_aggregate_many(model, clients, [None] * len(model))
+    with pytest.raises(ValueError, match="non-empty"):
+        cahfp_ops.reconstruct_aggregate_many(model, [])
+
+
+def test_many_ops_opcheck_and_compile(backend, gen):
+    model = random_model(gen)
+    rows, cols = random_plan(gen, 3)
+    clients = compact_models(gen, model, rows, cols, 3)
+    with cahfp_ops.validation(False):
+        eager = cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, [1.0, 2.0, 3.0])
+        compiled = torch.compile(
+            lambda m, c: cahfp_ops.reconstruct_aggregate_many(m, c, rows, cols, [1.0, 2.0, 3.0]),
+            fullgraph=True,
+            backend="aot_eager",
+        )(model, clients)
+    for name in model:
+        assert torch.equal(eager[name], compiled[name])
+    w = [torch.randn(5, 4, 3, generator=gen), torch.randn(7, generator=gen)]
+    r = [to_padded(make_keeps(gen, 5, 2, "random"), 5), to_padded(make_keeps(gen, 7, 2, "random"), 7)]
+    c = [to_padded(make_keeps(gen, 4, 2, "random"), 4), torch.zeros(2, 1, dtype=torch.int64)]
+    cl = []
+    for n in range(2):
+        for k in range(2):
+            nr, nc = int((r[n][k] >= 0).sum()), int((c[n][k] >= 0).sum())
+            cl.append(torch.randn((nr, nc, 3) if n == 0 else (nr, 1), generator=gen))
+    coef = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.cahfp.reconstruct_aggregate_many, (w, cl, r, c, coef, "reconstruct"))
+    rc = [int((x >= 0).sum()) for n in range(2) for x in r[n]]
+    cc = [int((x >= 0).sum()) for n in range(2) for x in c[n]]
+    torch.library.opcheck(torch.ops.cahfp.slice_channels_many, (w, r, c, rc, cc))
