@@ -1,4 +1,9 @@
-"""Shared benchmark helpers: model shapes, client generation, timing, copy roofline."""
+"""Shared benchmark helpers: model shapes, client generation, timing, copy roofline, reporting.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median); on CPU the median wall time of
+repeated runs. The copy roofline is the time of ``dst.copy_(src)`` moving the same
+bytes (read + write) between preallocated buffers on the same device.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-# CIFAR VGG-16: 13 3x3 conv layers (the classifier is left out: ~14.7 M conv parameters).
+# CIFAR VGG-16: 13 3x3 conv layers (~14.7 M conv parameters).
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 
 
@@ -26,25 +31,44 @@ def keep_count(ratio: float, channels: int) -> int:
     return max(1, math.ceil((1.0 - ratio) * channels - 1e-6))
 
 
+def random_keep(channels: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(channels, generator=gen)[: keep_count(ratio, channels)].sort().values
+
+
+def half_and_half(K: int, low: float = 0.5, high: float = 0.75) -> list[float]:
+    """Half the clients pruned ``low``, half ``high``."""
+    return [low if k < K // 2 else high for k in range(K)]
+
+
 def make_clients(shapes, K: int, ratios: list[float], gen: torch.Generator, dtype=torch.float32, device="cpu"):
     """Per layer: (rows, cols, compact clients). A layer's input keep set is the previous
     layer's output keep set (channel coupling); the first layer keeps all inputs."""
     layers = []
     prev = [None] * K
     for shape in shapes:
-        rows, clients = [], []
-        for k in range(K):
-            n = keep_count(ratios[k], shape[0])
-            r = torch.randperm(shape[0], generator=gen)[:n].sort().values
-            rows.append(r.to(device))
-        cols = [p if p is not None else None for p in prev]
+        rows = [random_keep(shape[0], ratios[k], gen).to(device) for k in range(K)]
+        cols = list(prev)
+        clients = []
         for k in range(K):
             nc = shape[1] if cols[k] is None else cols[k].numel()
-            c = torch.randn((rows[k].numel(), nc, *shape[2:]), generator=gen, dtype=torch.float32)
+            c = torch.randn((rows[k].numel(), nc, *shape[2:]), generator=gen)
             clients.append(c.to(device=device, dtype=dtype))
         layers.append((rows, cols, clients))
         prev = rows
     return layers
+
+
+def sync_fn(device) -> Callable[[], None] | None:
+    return torch.cuda.synchronize if str(device).startswith("cuda") else None
+
+
+def bench_ms(fn: Callable[[], object], device, repeat: int = 7) -> float:
+    """Median time of ``fn`` in ms: do_bench on CUDA, wall clock on CPU."""
+    if str(device).startswith("cuda"):
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, return_mode="median"))
+    return time_fn(fn, repeat=repeat)
 
 
 def time_fn(fn: Callable[[], object], repeat: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
@@ -63,10 +87,44 @@ def time_fn(fn: Callable[[], object], repeat: int, warmup: int = 1, sync: Callab
     return statistics.median(times)
 
 
-def copy_roofline_ms(total_bytes: int, repeat: int, device="cpu") -> float:
+def copy_roofline_ms(total_bytes: int, repeat: int = 14, device="cpu") -> float:
     """Time of ``dst.copy_(src)`` moving ``total_bytes`` (read + write) between preallocated buffers."""
     n = max(1, total_bytes // 2 // 4)
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
-    return time_fn(lambda: dst.copy_(src), repeat=repeat, warmup=2, sync=sync)
+    return bench_ms(lambda: dst.copy_(src), device, repeat=repeat)
+
+
+def device_name(device) -> str:
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` (dicts) with ``columns`` = (key, header, format)."""
+    print(title)
+    widths = [max(len(h), 9) for _, h, _ in columns]
+    print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
+    for r in rows:
+        cells = []
+        for (key, _, fmt), w in zip(columns, widths):
+            v = r.get(key, "")
+            cells.append((format(v, fmt) if v != "" else "").rjust(w))
+        print("  ".join(cells), flush=True)
+    print()
+
+
+def check_close(got, expected, rtol=1e-5, atol=1e-5) -> None:
+    """Correctness first: every benchmark compares against its peers before timing."""
+    if isinstance(got, (list, tuple)):
+        for g, e in zip(got, expected):
+            check_close(g, e, rtol, atol)
+        return
+    if isinstance(got, dict):
+        for k in got:
+            check_close(got[k], expected[k], rtol, atol)
+        return
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)

@@ -81,10 +81,10 @@ def _(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("cahfp::slice_channels", mutates_args=())
 def slice_channels_op(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Tensor:
     """weight N-D; rows / cols ``(K, m)`` int64 -1 padded -> packed 1-D buffer of ``total`` elements."""
-    w3 = _as_3d(weight.contiguous())
     backend = resolve_backend(weight.device)
     if backend == "cpp":
-        return torch.ops.cahfp_cpp.slice_channels(w3, rows, cols, total)
+        return torch.ops.cahfp_cpp.slice_channels(weight, rows, cols, total)
+    w3 = _as_3d(weight.contiguous())
     if backend == "triton":
         return _triton().slice_channels(w3, rows, cols, total)
     return reference.slice_channels(w3, rows, cols, total)
@@ -102,12 +102,12 @@ def reconstruct_aggregate_op(
 ) -> Tensor:
     """weight N-D; clients[k] ``(>=rows_k, >=cols_k, *S[2:])``; rows / cols ``(K, m)`` int64
     -1 padded; coef ``(K,)`` float64 summing to 1 -> tensor shaped and typed like weight."""
-    w3 = _as_3d(weight.contiguous())
-    c3 = [_as_3d(c) for c in clients]
     backend = resolve_backend(weight.device)
     if backend == "cpp":
-        out = torch.ops.cahfp_cpp.reconstruct_aggregate(w3, c3, rows, cols, coef, mode)
-    elif backend == "triton":
+        return torch.ops.cahfp_cpp.reconstruct_aggregate(weight, clients, rows, cols, coef, mode)
+    w3 = _as_3d(weight.contiguous())
+    c3 = [_as_3d(c) for c in clients]
+    if backend == "triton":
         out = _triton().reconstruct_aggregate(w3, c3, rows, cols, coef, mode)
     else:
         out = reference.reconstruct_aggregate(w3, c3, rows, cols, coef, mode)
@@ -128,10 +128,12 @@ def reconstruct_aggregate_many_op(
     canonical keep sets, one coef -> one packed buffer of the N results in order."""
     N = len(weights)
     K = len(clients) // max(N, 1)
-    w3 = [_as_3d(w.contiguous()) for w in weights]
-    c3 = [[_as_3d(clients[n * K + k]) for k in range(K)] for n in range(N)]
     backend = resolve_backend(weights[0].device)
+    if backend == "cpp":
+        return torch.ops.cahfp_cpp.reconstruct_aggregate_many(weights, clients, rows, cols, coef, mode)
     if backend == "triton":
+        w3 = [_as_3d(w.contiguous()) for w in weights]
+        c3 = [[_as_3d(clients[n * K + k]) for k in range(K)] for n in range(N)]
         return _triton().reconstruct_aggregate_many(w3, c3, rows, cols, coef, mode)
     parts = [
         reconstruct_aggregate_op(weights[n], [clients[n * K + k] for k in range(K)], rows[n], cols[n], coef, mode)
@@ -157,13 +159,16 @@ def slice_channels_many_op(
     K = rows[0].shape[0]
     rc = [row_counts[n * K : (n + 1) * K] for n in range(N)]
     cc = [col_counts[n * K : (n + 1) * K] for n in range(N)]
-    w3 = [_as_3d(w.contiguous()) for w in weights]
     backend = resolve_backend(weights[0].device)
+    if backend == "cpp":
+        total = sum(math.prod(weights[n].shape[2:]) * sum(map(int.__mul__, rc[n], cc[n])) for n in range(N))
+        return torch.ops.cahfp_cpp.slice_channels_many(weights, rows, cols, total)
     if backend == "triton":
+        w3 = [_as_3d(w.contiguous()) for w in weights]
         return _triton().slice_channels_many(w3, rows, cols, rc, cc)
     segments: list[list[Tensor]] = [[] for _ in range(K)]
     for n in range(N):
-        T = w3[n].shape[2]
+        T = math.prod(weights[n].shape[2:])
         sizes = [rc[n][k] * cc[n][k] * T for k in range(K)]
         packed = slice_channels_op(weights[n], rows[n], cols[n], sum(sizes))
         for k, part in enumerate(torch.split(packed, sizes)):
@@ -206,4 +211,10 @@ def register_cpp_fakes() -> None:
     )
     torch.library.register_fake("cahfp_cpp::reconstruct_aggregate")(
         lambda weight, clients, rows, cols, coef, mode: torch.empty_like(weight)
+    )
+    torch.library.register_fake("cahfp_cpp::reconstruct_aggregate_many")(
+        lambda weights, clients, rows, cols, coef, mode: weights[0].new_empty((sum(w.numel() for w in weights),))
+    )
+    torch.library.register_fake("cahfp_cpp::slice_channels_many")(
+        lambda weights, rows, cols, total: weights[0].new_empty((total,))
     )

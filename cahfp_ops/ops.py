@@ -157,17 +157,49 @@ def topk_channel_masks(scores: Tensor, keep: int | Sequence[int] | Tensor) -> tu
     return mask, indices
 
 
-def _weight_keep(op: str, weight: Tensor, rows: KeepSets, cols: KeepSets, K: int) -> tuple[Tensor, Tensor]:
-    """Canonical (K, m) row and column keep sets for ``weight``."""
+def _packed_views(packed: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
+    """Contiguous views of ``shapes``, laid end to end in ``packed`` (as_strided: one tensor
+    object per view, which matters when a model has thousands of client tensors)."""
+    views, offset, strides = [], 0, {}
+    for shape in shapes:
+        st = strides.get(shape)
+        if st is None:
+            acc, st = 1, []
+            for d in reversed(shape):
+                st.append(acc)
+                acc *= d
+            st = strides[shape] = tuple(reversed(st))
+        views.append(packed.as_strided(shape, st, offset))  # packed: a fresh operator output
+        offset += math.prod(shape)
+    return views
+
+
+def _weight_keep(
+    op: str, weight: Tensor, rows: KeepSets, cols: KeepSets, K: int, memo: dict | None = None
+) -> tuple[Tensor, Tensor]:
+    """Canonical (K, m) row and column keep sets for ``weight``.
+
+    ``memo`` (whole-model ops) canonicalises a keep-set object shared by several tensors
+    (a conv, its bias and norm, the next layer's inputs) once per call.
+    """
     if weight.dim() == 0:
         raise ValueError(f"{op}: weight must have at least 1 dim")
     if weight.dim() == 1 and cols is not None:
         raise ValueError(f"{op}: cols must be None for a 1-D weight (it has no input channels)")
-    padded_rows = canonical_keep(op, "rows", rows, weight.shape[0], K, weight.device)
+
+    def canon(name: str, keep: KeepSets, size: int) -> Tensor:
+        if memo is None:
+            return canonical_keep(op, name, keep, size, K, weight.device)
+        key = (id(keep), size, weight.device)
+        if key not in memo:
+            memo[key] = (keep, canonical_keep(op, name, keep, size, K, weight.device))  # keep: pins the id
+        return memo[key][1]
+
+    padded_rows = canon("rows", rows, weight.shape[0])
     if weight.dim() == 1:
         padded_cols = torch.zeros(K, 1, dtype=torch.int64, device=weight.device)
     else:
-        padded_cols = canonical_keep(op, "cols", cols, weight.shape[1], K, weight.device)
+        padded_cols = canon("cols", cols, weight.shape[1])
     return padded_rows, padded_cols
 
 
@@ -208,7 +240,7 @@ def slice_channels(weight: Tensor, rows: KeepSets = None, cols: KeepSets = None)
     packed = _library.slice_channels_op(weight, padded_rows, padded_cols, sum(sizes))
     tail = tuple(weight.shape[2:])
     shapes = [(r,) if weight.dim() == 1 else (r, c, *tail) for r, c in zip(row_counts, col_counts)]
-    parts = [part.view(shape) for part, shape in zip(torch.split(packed, sizes), shapes)]
+    parts = _packed_views(packed, shapes)
     return parts if per_client else parts[0]
 
 
@@ -256,12 +288,12 @@ def _check_mode(op: str, mode: object) -> None:
 
 
 def _prepare_aggregate(
-    op: str, where: str, weight: Tensor, clients: Clients, rows: KeepSets, cols: KeepSets
+    op: str, where: str, weight: Tensor, clients: Clients, rows: KeepSets, cols: KeepSets, memo: dict | None = None
 ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """Check one tensor's aggregation inputs; return (weight, clients, padded rows, padded cols).
 
     ``where`` names the tensor in messages of the whole-model op (e.g. ``" for 'conv1.weight'"``).
-    Clients come back as a list with one dtype, 1-D clients as ``(rows, 1)``.
+    Clients come back as a list with one dtype.
     """
     weight = check_floating(op, f"weight{where}", weight)
     if weight.dim() == 0:
@@ -289,13 +321,11 @@ def _prepare_aggregate(
     K = len(client_list)
     if K == 0:
         raise ValueError(f"{op}: clients is empty; at least one client is needed")
-    padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, K)
+    padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, K, memo)
     if validation_enabled():
         _check_client_shapes(op, where, weight, client_list, rows, cols, padded_rows, padded_cols, stacked)
     if len({c.dtype for c in client_list}) > 1:
         client_list = [c.to(weight.dtype) for c in client_list]
-    if weight.dim() == 1:
-        client_list = [c.unsqueeze(1) for c in client_list]
     return weight, client_list, padded_rows, padded_cols
 
 
@@ -353,6 +383,7 @@ def reconstruct_aggregate_many(
         raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
     K = len(clients)
     prepared = []
+    memo: dict = {}
     for key in keys:
         where = f" for {key!r}" if is_mapping else f"[{key}]"
         per_client = []
@@ -369,6 +400,7 @@ def reconstruct_aggregate_many(
                 per_client,
                 _per_tensor(rows, key, is_mapping, op, "rows"),
                 _per_tensor(cols, key, is_mapping, op, "cols"),
+                memo,
             )
         )
     results: dict[int, Tensor] = {}
@@ -385,9 +417,8 @@ def reconstruct_aggregate_many(
             coef_t,
             mode,
         )
-        sizes = [prepared[n][0].numel() for n in members]
-        for n, part in zip(members, torch.split(packed, sizes)):
-            results[n] = part.view(prepared[n][0].shape)
+        for n, part in zip(members, _packed_views(packed, [tuple(prepared[n][0].shape) for n in members])):
+            results[n] = part
     out = [results[n] for n in range(len(keys))]
     return dict(zip(keys, out)) if is_mapping else out
 
@@ -429,9 +460,10 @@ def slice_channels_many(
     if K is None or K < 1:
         raise ValueError(f"{op}: the number of clients is unknown or zero; pass per-client keep sets or num_clients")
     canon = []
+    memo: dict = {}
     for key, r, c in entries:
         w = check_floating(op, f"weights[{key!r}]", weights[key])
-        pr, pc = _weight_keep(op, w, r, c, K)
+        pr, pc = _weight_keep(op, w, r, c, K, memo)
         rc = keep_counts(r, pr) if is_per_client(r) else [pr.shape[1]] * K
         cc = [1] * K if w.dim() == 1 else (keep_counts(c, pc) if is_per_client(c) else [pc.shape[1]] * K)
         canon.append((w, pr, pc, rc, cc))
@@ -447,15 +479,14 @@ def slice_channels_many(
             [x for n in members for x in canon[n][3]],
             [x for n in members for x in canon[n][4]],
         )
-        shapes, sizes = [], []
+        where, shapes = [], []
         for k in range(K):
             for n in members:
                 w, _, _, rc, cc = canon[n]
-                shape = (rc[k],) if w.dim() == 1 else (rc[k], cc[k], *w.shape[2:])
-                shapes.append((k, n, shape))
-                sizes.append(math.prod(shape))
-        for (k, n, shape), part in zip(shapes, torch.split(packed, sizes)):
-            models[k][n] = part.view(shape)
+                where.append((k, n))
+                shapes.append((rc[k],) if w.dim() == 1 else (rc[k], cc[k], *w.shape[2:]))
+        for (k, n), part in zip(where, _packed_views(packed, shapes)):
+            models[k][n] = part
     if is_mapping:
         return [{key: m[n] for n, key in enumerate(keys)} for m in models]
     return [[m[n] for n in range(len(keys))] for m in models]

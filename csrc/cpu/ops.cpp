@@ -2,7 +2,8 @@
 //
 // These are the compiled CPU kernels behind the public torch.ops.cahfp.*
 // operators; they take the canonical forms produced by the Python layer
-// (3-D weights, -1 padded int64 keep sets, normalised float64 coefficients).
+// (-1 padded int64 keep sets, normalised float64 coefficients) and view N-D
+// tensors as (rows, cols, trailing elements) themselves.
 #include "common.h"
 
 #include <torch/library.h>
@@ -14,8 +15,11 @@ namespace cahfp {
 
 at::Tensor reconstruct_aggregate_cpu(const at::Tensor& weight, at::TensorList clients, const at::Tensor& rows,
                                      const at::Tensor& cols, const at::Tensor& coef, c10::string_view mode);
+at::Tensor reconstruct_aggregate_many_cpu(at::TensorList weights, at::TensorList clients, at::TensorList rows,
+                                          at::TensorList cols, const at::Tensor& coef, c10::string_view mode);
 at::Tensor slice_channels_cpu(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols,
                               int64_t total);
+at::Tensor slice_channels_many_cpu(at::TensorList weights, at::TensorList rows, at::TensorList cols, int64_t total);
 std::tuple<at::Tensor, at::Tensor> topk_channel_masks_cpu(const at::Tensor& scores, const at::Tensor& keep,
                                                           int64_t max_keep);
 at::Tensor curvature_scores_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& grad,
@@ -32,6 +36,10 @@ TORCH_LIBRARY(cahfp_cpp, m) {
   m.def(
       "reconstruct_aggregate(Tensor weight, Tensor[] clients, Tensor rows, Tensor cols, Tensor coef, str mode) "
       "-> Tensor");
+  m.def(
+      "reconstruct_aggregate_many(Tensor[] weights, Tensor[] clients, Tensor[] rows, Tensor[] cols, Tensor coef, "
+      "str mode) -> Tensor");
+  m.def("slice_channels_many(Tensor[] weights, Tensor[] rows, Tensor[] cols, int total) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cahfp_cpp, CPU, m) {
@@ -39,6 +47,8 @@ TORCH_LIBRARY_IMPL(cahfp_cpp, CPU, m) {
   m.impl("topk_channel_masks", &topk_channel_masks_cpu);
   m.impl("slice_channels", &slice_channels_cpu);
   m.impl("reconstruct_aggregate", &reconstruct_aggregate_cpu);
+  m.impl("reconstruct_aggregate_many", &reconstruct_aggregate_many_cpu);
+  m.impl("slice_channels_many", &slice_channels_many_cpu);
 }
 
 }  // namespace cahfp

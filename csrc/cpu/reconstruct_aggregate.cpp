@@ -1,16 +1,17 @@
-// reconstruct_aggregate on the CPU.
+// reconstruct_aggregate on the CPU, for one tensor or a whole model in one call.
 //
-// The output is tiled by rows (output channels). A thread owns whole tiles; for
-// each tile it keeps a float32 (float64) accumulator in cache, adds every client
-// that covers the tile, in client order, reading each client element exactly
-// once, then writes the tile. Per-client inverse row maps turn "does client k
-// keep row r, and where" into one lookup, so there is a single pass over the
-// output and no per-client full-size temporary. The per-element summation order
-// is fixed (client 0, 1, ...), so results are bit-identical whatever the thread
-// count. Elements no client keeps are copied from the weight.
+// Each tensor is viewed as (R, Cin, T): output channels, input channels, and the
+// dense trailing elements (1-D tensors: (1, R, 1), one row whose columns are the
+// channels, so a bias is one work item, not R tiny ones). The output is split into
+// tiles of consecutive rows (~64 KB of float32 accumulator, in cache); tiles of
+// all tensors form one parallel loop. For a tile, the loop is client-major: keep
+// sets are ascending, so the tile's rows kept by client k are consecutive rows of
+// k's compact tensor. Every client element is read once; every output element is
+// written once by one thread, receiving its clients in the fixed order 0..K-1, so
+// results are bit-identical whatever the thread count. Per-client inverse row maps
+// answer "does client k keep row r, and where" in one lookup; there is no
+// per-client full-size temporary. Elements no client keeps are copied bit for bit.
 #include "common.h"
-
-#include <ATen/ops/empty.h>
 
 #include <cstring>
 #include <string>
@@ -18,6 +19,10 @@
 
 namespace cahfp {
 namespace {
+
+// Accumulator elements per tile (64 KB of float32): measured neutral between one row
+// and 256 KB on VGG-16; results never depend on it.
+constexpr int64_t kTileElems = 16384;
 
 template <typename ct>
 struct ClientView {
@@ -28,8 +33,21 @@ struct ClientView {
   int64_t cols;     // kept columns
 };
 
-// Eight float32 lanes (GCC/Clang vector extension: AVX when the build enables
-// it, two SSE registers otherwise). Unaligned loads and stores go through memcpy.
+// One tensor's aggregation, viewed as (R, Cin, T).
+template <typename wt, typename ct>
+struct Job {
+  const wt* W;
+  wt* out;
+  int64_t R, Cin, T;
+  std::vector<ClientView<ct>> clients;
+  std::vector<int32_t> inv_rows;  // (K, R)
+  const int64_t* cols;            // (K, mc) kept columns, -1 padded
+  int64_t mc;
+  int64_t tile;                   // rows per tile
+};
+
+// Eight float32 lanes (GCC/Clang vector extension: AVX when the build enables it,
+// two SSE registers otherwise). Unaligned loads and stores go through memcpy.
 typedef float f32x8 __attribute__((vector_size(32)));
 inline f32x8 load8(const float* p) {
   f32x8 v;
@@ -38,8 +56,8 @@ inline f32x8 load8(const float* p) {
 }
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// s[t] += pk * (src[t] - w[t]) for t < T. Which lanes handle which t depends only on
-// T, never on threads, so the float32 path stays deterministic.
+// s[t] += pk * (src[t] - w[t]) for t < T. Which lanes handle which t depends only
+// on T, never on threads, so the float32 path stays deterministic.
 template <typename acc, typename ct, typename wt, int kTaps>
 inline void add_scaled_delta(acc* __restrict__ s, const ct* __restrict__ src, const wt* __restrict__ w, acc pk,
                              int64_t T_runtime) {
@@ -62,160 +80,239 @@ inline void add_scaled(acc* __restrict__ s, const ct* __restrict__ src, acc pk, 
   for (; t < T; ++t) s[t] += pk * static_cast<acc>(src[t]);
 }
 
-// kTaps: the trailing element count T when known at compile time (1 for linear
-// layers and biases, 9 for 3x3 convolutions), 0 for a runtime T.
-//
-// The output is processed in tiles of consecutive rows (~128 KB of float32
-// accumulator, so a tile stays in L2). Within a tile the loop is client-major:
-// keep sets are ascending, so the tile's rows kept by client k are consecutive
-// rows of client k's compact tensor, i.e. one sequential run of its memory.
-// Every element still receives its clients in order 0, 1, ..., K-1.
-// Accumulator elements per tile (64 KB of float32): measured neutral between one
-// row and 256 KB on VGG-16; results never depend on it.
-constexpr int64_t kTileElems = 16384;
+// Thread-local scratch for one tile.
+template <typename acc>
+struct Scratch {
+  std::vector<acc> sum, den;
+  std::vector<uint8_t> covered;
+};
 
+// Rows [r0, r1) of one job. kTaps: T when known at compile time (1 or 9), else 0.
 template <typename wt, typename ct, bool kOverlap, int kTaps>
-void aggregate_rows(const wt* W, wt* out, int64_t R, int64_t Cin, int64_t T_runtime,
-                    const std::vector<ClientView<ct>>& clients, const std::vector<int32_t>& inv_rows,
-                    const int64_t* cols, int64_t mc, const std::vector<acc_t<wt>>& p) {
+void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::vector<acc_t<wt>>& p,
+                    Scratch<acc_t<wt>>& scratch) {
   using acc = acc_t<wt>;
-  const int64_t T = kTaps > 0 ? kTaps : T_runtime;
-  const int64_t K = static_cast<int64_t>(clients.size());
-  const int64_t row_elems = Cin * T;
-  // Tile size does not change any result (each element's client order is fixed);
-  // it only balances cache use against having enough tiles for every thread.
-  const int64_t balanced = (R + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(balanced, kTileElems / std::max<int64_t>(1, row_elems)));
-  const int64_t n_tiles = (R + tile - 1) / tile;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc> sum(static_cast<size_t>(tile * row_elems));
-    std::vector<acc> den(kOverlap ? static_cast<size_t>(tile * Cin) : 0);
-    std::vector<uint8_t> covered(static_cast<size_t>(tile * Cin));
-    for (int64_t ti = t0; ti < t1; ++ti) {
-      const int64_t r0 = ti * tile, r1 = std::min(R, r0 + tile), nr = r1 - r0;
-      std::fill(sum.begin(), sum.begin() + nr * row_elems, acc(0));
-      std::fill(covered.begin(), covered.begin() + nr * Cin, uint8_t(0));
-      if constexpr (kOverlap) std::fill(den.begin(), den.begin() + nr * Cin, acc(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const acc pk = p[k];
-        if (pk == acc(0)) continue;
-        const ClientView<ct>& cv = clients[k];
-        const int32_t* pos = inv_rows.data() + k * R;
-        const int64_t* ck = cols + k * mc;
-        const int64_t stride1 = cv.stride1;
-        for (int64_t r = r0; r < r1; ++r) {
-          const int32_t i = pos[r];
-          if (i < 0) continue;
-          const ct* crow = cv.data + i * cv.stride0;
-          const wt* wrow = W + r * row_elems;
-          acc* const sp = sum.data() + (r - r0) * row_elems;
-          for (int64_t j = 0; j < cv.cols; ++j) {
-            const int64_t c = ck[j];
-            if constexpr (kOverlap)
-              add_scaled<acc, ct, kTaps>(sp + c * T, crow + j * stride1, pk, T);
-            else
-              add_scaled_delta<acc, ct, wt, kTaps>(sp + c * T, crow + j * stride1, wrow + c * T, pk, T);
-          }
-          // Coverage (and overlap weights) in a separate pass: a byte store inside the
-          // loop above would alias every pointer and block vectorisation.
-          uint8_t* cov = covered.data() + (r - r0) * Cin;
-          for (int64_t j = 0; j < cv.cols; ++j) cov[ck[j]] = 1;
-          if constexpr (kOverlap) {
-            acc* d = den.data() + (r - r0) * Cin;
-            for (int64_t j = 0; j < cv.cols; ++j) d[ck[j]] += pk;
-          }
-        }
+  const int64_t T = kTaps > 0 ? kTaps : job.T;
+  const int64_t Cin = job.Cin, R = job.R, row_elems = Cin * T, nr = r1 - r0;
+  const int64_t K = static_cast<int64_t>(job.clients.size());
+  auto& sum = scratch.sum;
+  auto& den = scratch.den;
+  auto& covered = scratch.covered;
+  if (static_cast<int64_t>(sum.size()) < nr * row_elems) sum.resize(nr * row_elems);
+  if (static_cast<int64_t>(covered.size()) < nr * Cin) covered.resize(nr * Cin);
+  if (kOverlap && static_cast<int64_t>(den.size()) < nr * Cin) den.resize(nr * Cin);
+  std::fill(sum.begin(), sum.begin() + nr * row_elems, acc(0));
+  std::fill(covered.begin(), covered.begin() + nr * Cin, uint8_t(0));
+  if constexpr (kOverlap) std::fill(den.begin(), den.begin() + nr * Cin, acc(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const acc pk = p[k];
+    if (pk == acc(0)) continue;
+    const ClientView<ct>& cv = job.clients[k];
+    const int32_t* pos = job.inv_rows.data() + k * R;
+    const int64_t* ck = job.cols + k * job.mc;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t i = pos[r];
+      if (i < 0) continue;
+      const ct* crow = cv.data + i * cv.stride0;
+      const wt* wrow = job.W + r * row_elems;
+      acc* const sp = sum.data() + (r - r0) * row_elems;
+      for (int64_t j = 0; j < cv.cols; ++j) {
+        const int64_t c = ck[j];
+        if constexpr (kOverlap)
+          add_scaled<acc, ct, kTaps>(sp + c * T, crow + j * cv.stride1, pk, T);
+        else
+          add_scaled_delta<acc, ct, wt, kTaps>(sp + c * T, crow + j * cv.stride1, wrow + c * T, pk, T);
       }
-      for (int64_t r = r0; r < r1; ++r) {
-        const wt* wrow = W + r * row_elems;
-        wt* orow = out + r * row_elems;
-        const acc* srow = sum.data() + (r - r0) * row_elems;
-        const uint8_t* cov = covered.data() + (r - r0) * Cin;
-        for (int64_t c = 0; c < Cin; ++c) {
-          const wt* w = wrow + c * T;
-          wt* o = orow + c * T;
-          const acc* s = srow + c * T;
-          if (!cov[c]) {
-            std::memcpy(o, w, sizeof(wt) * T);
-          } else if constexpr (kOverlap) {
-            const acc d = den[(r - r0) * Cin + c];
-            for (int64_t t = 0; t < T; ++t) o[t] = static_cast<wt>(s[t] / d);
-          } else {
-            for (int64_t t = 0; t < T; ++t) o[t] = static_cast<wt>(static_cast<acc>(w[t]) + s[t]);
-          }
-        }
+      // Coverage (and overlap weights) in a separate pass: a byte store inside the
+      // loop above would alias every pointer and block vectorisation.
+      uint8_t* cov = covered.data() + (r - r0) * Cin;
+      for (int64_t j = 0; j < cv.cols; ++j) cov[ck[j]] = 1;
+      if constexpr (kOverlap) {
+        acc* d = den.data() + (r - r0) * Cin;
+        for (int64_t j = 0; j < cv.cols; ++j) d[ck[j]] += pk;
       }
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const wt* wrow = job.W + r * row_elems;
+    wt* orow = job.out + r * row_elems;
+    const acc* srow = sum.data() + (r - r0) * row_elems;
+    const uint8_t* cov = covered.data() + (r - r0) * Cin;
+    for (int64_t c = 0; c < Cin; ++c) {
+      const wt* w = wrow + c * T;
+      wt* o = orow + c * T;
+      const acc* s = srow + c * T;
+      if (!cov[c]) {
+        std::memcpy(o, w, sizeof(wt) * T);
+      } else if constexpr (kOverlap) {
+        const acc d = den[(r - r0) * Cin + c];
+        for (int64_t t = 0; t < T; ++t) o[t] = static_cast<wt>(s[t] / d);
+      } else {
+        for (int64_t t = 0; t < T; ++t) o[t] = static_cast<wt>(static_cast<acc>(w[t]) + s[t]);
+      }
+    }
+  }
+}
+
+template <typename wt, typename ct, bool kOverlap>
+void run_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::vector<acc_t<wt>>& p,
+              Scratch<acc_t<wt>>& scratch) {
+  if constexpr (std::is_same_v<wt, ct>) {  // the common case gets unrolled tap loops
+    if (job.T == 9) return aggregate_tile<wt, ct, kOverlap, 9>(job, r0, r1, p, scratch);
+    if (job.T == 1) return aggregate_tile<wt, ct, kOverlap, 1>(job, r0, r1, p, scratch);
+  }
+  aggregate_tile<wt, ct, kOverlap, 0>(job, r0, r1, p, scratch);
+}
+
+// (R, Cin, T) view sizes of an N-D tensor; 1-D tensors become (1, R, 1).
+struct View3 {
+  int64_t R, Cin, T;
+  bool row_vector;
+};
+
+View3 view3(const at::Tensor& w) {
+  if (w.dim() == 1) return {1, w.size(0), 1, true};
+  const int64_t R = w.size(0), Cin = w.size(1);
+  int64_t T = 1;
+  for (int64_t d = 2; d < w.dim(); ++d) T *= w.size(d);
+  return {R, Cin, T, false};
+}
+
+// Trailing dims (from dim 2 on) packed densely, so a (row, col) block is contiguous.
+bool trailing_dense(const at::Tensor& c) {
+  int64_t expected = 1;
+  for (int64_t d = c.dim() - 1; d >= 2; --d) {
+    if (c.size(d) != 1 && c.stride(d) != expected) return false;
+    expected *= c.size(d);
+  }
+  return true;
+}
+
+template <typename wt, typename ct>
+void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, bool overlap) {
+  // Work items: (job, first row) for every tile of every tensor.
+  std::vector<std::pair<int32_t, int64_t>> items;
+  for (size_t n = 0; n < jobs.size(); ++n)
+    for (int64_t r = 0; r < jobs[n].R; r += jobs[n].tile) items.emplace_back(static_cast<int32_t>(n), r);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    Scratch<acc_t<wt>> scratch;
+    for (int64_t it = i0; it < i1; ++it) {
+      const auto& job = jobs[items[it].first];
+      const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
+      if (overlap)
+        run_tile<wt, ct, true>(job, r0, r1, p, scratch);
+      else
+        run_tile<wt, ct, false>(job, r0, r1, p, scratch);
     }
   });
 }
 
-template <typename wt, typename ct, bool kOverlap>
-void aggregate_dispatch_taps(const wt* W, wt* out, int64_t R, int64_t Cin, int64_t T,
-                             const std::vector<ClientView<ct>>& clients, const std::vector<int32_t>& inv_rows,
-                             const int64_t* cols, int64_t mc, const std::vector<acc_t<wt>>& p) {
-  if constexpr (std::is_same_v<wt, ct>) {  // the common case gets unrolled tap loops
-    if (T == 9) return aggregate_rows<wt, ct, kOverlap, 9>(W, out, R, Cin, T, clients, inv_rows, cols, mc, p);
-    if (T == 1) return aggregate_rows<wt, ct, kOverlap, 1>(W, out, R, Cin, T, clients, inv_rows, cols, mc, p);
-  }
-  aggregate_rows<wt, ct, kOverlap, 0>(W, out, R, Cin, T, clients, inv_rows, cols, mc, p);
-}
-
 }  // namespace
 
-// weight: (R, Cin, T) contiguous. clients[k]: (>= kept rows, >= kept cols, T),
-// last dim contiguous. rows / cols: (K, m) int64, -1 padded. coef: (K,) float64,
-// already normalised. mode: "reconstruct" or "overlap".
-at::Tensor reconstruct_aggregate_cpu(const at::Tensor& weight, at::TensorList clients,
-                                     const at::Tensor& rows, const at::Tensor& cols,
-                                     const at::Tensor& coef, c10::string_view mode) {
-  TORCH_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor");
-  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous(), "weight must be a contiguous (R, Cin, T) tensor");
-  const int64_t K = static_cast<int64_t>(clients.size());
-  TORCH_CHECK(K > 0, "clients must not be empty");
-  check_keep_tensor(rows, K, "rows");
-  check_keep_tensor(cols, K, "cols");
+// weights[n]: N-D, one floating dtype. clients[n * K + k]: client k's compact tensor n
+// (>= kept rows, >= kept cols, *weights[n].shape[2:]; 1-D: >= kept rows), one floating
+// dtype. rows[n] / cols[n]: (K, m) int64, -1 padded (cols of a 1-D weight: (K, 1) zeros).
+// coef: (K,) float64, normalised. mode: "reconstruct" or "overlap".
+// Returns one packed buffer holding the N results in order.
+at::Tensor reconstruct_aggregate_many_cpu(at::TensorList weights, at::TensorList clients, at::TensorList rows,
+                                          at::TensorList cols, const at::Tensor& coef, c10::string_view mode) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(N > 0, "weights must not be empty");
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == N && static_cast<int64_t>(cols.size()) == N,
+              "rows and cols need one entry per weight");
+  TORCH_CHECK(!clients.empty() && static_cast<int64_t>(clients.size()) % N == 0,
+              "clients must hold K tensors per weight");
+  const int64_t K = static_cast<int64_t>(clients.size()) / N;
   TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == at::kDouble && coef.device().is_cpu(),
               "coef must be a (K,) float64 CPU tensor");
   const bool overlap = mode == "overlap";
   TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
-  const int64_t R = weight.size(0), Cin = weight.size(1), T = weight.size(2);
+  const auto wdtype = weights[0].scalar_type();
   const auto cdtype = clients[0].scalar_type();
-  const std::vector<int64_t> rcount = keep_counts(rows), ccount = keep_counts(cols);
-  for (int64_t k = 0; k < K; ++k) {
-    const at::Tensor& c = clients[k];
-    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] must be a CPU tensor of dtype ",
-                cdtype);
-    TORCH_CHECK(c.dim() == 3 && c.size(0) >= rcount[k] && c.size(1) >= ccount[k] && c.size(2) == T,
-                "clients[", k, "] has shape ", c.sizes(), ", too small for ", rcount[k], " rows x ", ccount[k],
-                " cols x ", T);
-    TORCH_CHECK(c.stride(2) == 1 || T == 1, "clients[", k, "] must be contiguous in its last dim");
+  int64_t total = 0;
+  std::vector<at::Tensor> ws(N), cs(clients.size());
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(weights[n].device().is_cpu() && weights[n].scalar_type() == wdtype && weights[n].dim() >= 1,
+                "weights[", n, "] must be a CPU tensor of dtype ", wdtype);
+    ws[n] = weights[n].contiguous();
+    total += ws[n].numel();
   }
-  const std::vector<int32_t> inv_rows = inverse_maps(rows, R, "rows");
-  (void)inverse_maps(cols, Cin, "cols");  // bounds check of the column indices
-  at::Tensor out = new_output({R, Cin, T}, weight.options());
+  at::Tensor out = new_output({total}, weights[0].options());
   const double* cp = coef.const_data_ptr<double>();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "reconstruct_aggregate", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wdtype, "reconstruct_aggregate", [&] {
     using wt = scalar_t;
     std::vector<acc_t<wt>> p(K);
     for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc_t<wt>>(cp[k]);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cdtype, "reconstruct_aggregate_client", [&] {
       using ct = scalar_t;
-      std::vector<ClientView<ct>> views(K);
-      for (int64_t k = 0; k < K; ++k) {
-        const at::Tensor& c = clients[k];
-        views[k] = {c.const_data_ptr<ct>(), c.stride(0), c.stride(1), rcount[k], ccount[k]};
+      std::vector<Job<wt, ct>> jobs(N);
+      int64_t offset = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const View3 v = view3(ws[n]);
+        const int64_t R0 = ws[n].size(0), C0 = ws[n].dim() >= 2 ? ws[n].size(1) : 1;
+        check_keep_tensor(rows[n], K, "rows");
+        check_keep_tensor(cols[n], K, "cols");
+        const std::vector<int64_t> rc = keep_counts(rows[n]), cc = keep_counts(cols[n]);
+        std::vector<int32_t> inv_r = inverse_maps(rows[n], R0, "rows");
+        (void)inverse_maps(cols[n], C0, "cols");  // bounds check of the column indices
+        Job<wt, ct>& job = jobs[n];
+        job.W = ws[n].const_data_ptr<wt>();
+        job.out = out.mutable_data_ptr<wt>() + offset;
+        job.R = v.R;
+        job.Cin = v.Cin;
+        job.T = v.T;
+        job.clients.resize(K);
+        for (int64_t k = 0; k < K; ++k) {
+          at::Tensor c = clients[n * K + k];
+          TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] of weight ", n,
+                      " must be a CPU tensor of dtype ", cdtype);
+          const bool ok = ws[n].dim() == 1
+                              ? (c.dim() >= 1 && c.size(0) >= rc[k])
+                              : (c.dim() >= 2 && c.size(0) >= rc[k] && c.size(1) >= cc[k] &&
+                                 c.numel() / std::max<int64_t>(1, c.size(0) * c.size(1)) == v.T);
+          TORCH_CHECK(ok || (c.numel() == 0 && (rc[k] == 0 || cc[k] == 0)), "clients[", k, "] of weight ", n,
+                      " has shape ", c.sizes(),
+                      ", too small for ", rc[k], " rows x ", cc[k], " cols");
+          if (!trailing_dense(c)) c = c.contiguous();
+          cs[n * K + k] = c;
+          const int64_t s0 = c.dim() >= 1 ? c.stride(0) : 1, s1 = c.dim() >= 2 ? c.stride(1) : 1;
+          // 1-D: one row (always kept when the client keeps anything) whose columns are the channels.
+          job.clients[k] = v.row_vector ? ClientView<ct>{c.const_data_ptr<ct>(), 0, s0, rc[k] > 0 ? 1 : 0, rc[k]}
+                                        : ClientView<ct>{c.const_data_ptr<ct>(), s0, s1, rc[k], cc[k]};
+        }
+        if (v.row_vector) {
+          job.inv_rows.assign(K, -1);
+          for (int64_t k = 0; k < K; ++k)
+            if (rc[k] > 0) job.inv_rows[k] = 0;
+          job.cols = rows[n].const_data_ptr<int64_t>();
+          job.mc = rows[n].size(1);
+        } else {
+          job.inv_rows = std::move(inv_r);
+          job.cols = cols[n].const_data_ptr<int64_t>();
+          job.mc = cols[n].size(1);
+        }
+        job.tile = std::max<int64_t>(1, std::min<int64_t>(job.R, kTileElems / std::max<int64_t>(1, job.Cin * job.T)));
+        offset += ws[n].numel();
       }
-      const wt* W = weight.const_data_ptr<wt>();
-      wt* O = out.mutable_data_ptr<wt>();
-      const int64_t* C = cols.const_data_ptr<int64_t>();
-      if (overlap)
-        aggregate_dispatch_taps<wt, ct, true>(W, O, R, Cin, T, views, inv_rows, C, cols.size(1), p);
-      else
-        aggregate_dispatch_taps<wt, ct, false>(W, O, R, Cin, T, views, inv_rows, C, cols.size(1), p);
+      // Enough tiles for every thread: split further where a model has few, large tensors.
+      int64_t n_items = 0;
+      for (const auto& job : jobs) n_items += (job.R + job.tile - 1) / job.tile;
+      const int64_t want = 4 * at::get_num_threads();
+      if (n_items < want)
+        for (auto& job : jobs) job.tile = std::max<int64_t>(1, job.tile * n_items / want);
+      run_jobs<wt, ct>(jobs, p, overlap);
     });
   });
   return out;
+}
+
+// Single tensor: the N = 1 case. weight N-D; clients[k] as above; returns weight's shape.
+at::Tensor reconstruct_aggregate_cpu(const at::Tensor& weight, at::TensorList clients, const at::Tensor& rows,
+                                     const at::Tensor& cols, const at::Tensor& coef, c10::string_view mode) {
+  TORCH_CHECK(!clients.empty(), "clients must not be empty");
+  std::vector<at::Tensor> w{weight}, r{rows}, c{cols};
+  return reconstruct_aggregate_many_cpu(w, clients, r, c, coef, mode).view(weight.sizes());
 }
 
 }  // namespace cahfp

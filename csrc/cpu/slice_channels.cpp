@@ -1,55 +1,93 @@
-// slice_channels on the CPU: every client's compact tensor in one pass over the
-// weight. A thread owns a range of weight rows; each row is read once and
+// slice_channels on the CPU, for one tensor or a whole model in one call: every
+// client's compact tensors in one pass over each weight. Work items are chunks of
+// weight rows (of all tensors, one parallel loop); each row is read once and
 // copied into every client that keeps it, using per-client inverse row maps.
 #include "common.h"
 
-#include <ATen/ops/empty.h>
-
 namespace cahfp {
 
-// weight: (R, Cin, T) contiguous. rows / cols: (K, m) int64, -1 padded.
-// Returns a packed 1-D buffer: client k's (kept rows, kept cols, T) block, in
-// client order. `total` is its element count (checked).
-at::Tensor slice_channels_cpu(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols,
-                              int64_t total) {
-  TORCH_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor");
-  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous(), "weight must be a contiguous (R, Cin, T) tensor");
-  const int64_t K = rows.size(0);
-  check_keep_tensor(rows, K, "rows");
-  check_keep_tensor(cols, K, "cols");
-  const int64_t R = weight.size(0), Cin = weight.size(1), T = weight.size(2);
-  const std::vector<int64_t> rcount = keep_counts(rows), ccount = keep_counts(cols);
-  std::vector<int64_t> offset(K + 1, 0);
-  for (int64_t k = 0; k < K; ++k) offset[k + 1] = offset[k] + rcount[k] * ccount[k] * T;
-  TORCH_CHECK(offset[K] == total, "total must be ", offset[K], ", got ", total);
-  const std::vector<int32_t> inv_rows = inverse_maps(rows, R, "rows");
-  (void)inverse_maps(cols, Cin, "cols");
-  at::Tensor out = new_output({total}, weight.options());
+// weights[n]: N-D, one dtype. rows[n] / cols[n]: (K, m) int64, -1 padded (cols of a
+// 1-D weight: (K, 1) zeros). Returns one packed buffer, client-major: client 0's
+// compact tensors 0..N-1, then client 1's, ...; `total` is its element count (checked).
+at::Tensor slice_channels_many_cpu(at::TensorList weights, at::TensorList rows, at::TensorList cols, int64_t total) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(N > 0, "weights must not be empty");
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == N && static_cast<int64_t>(cols.size()) == N,
+              "rows and cols need one entry per weight");
+  const int64_t K = rows[0].size(0);
+  const auto dtype = weights[0].scalar_type();
+  struct Part {
+    at::Tensor w;
+    int64_t R, Cin, T;
+    std::vector<int64_t> rc, cc;
+    std::vector<int32_t> inv_rows;
+    const int64_t* cols;
+    int64_t mc;
+    int64_t chunk;
+  };
+  std::vector<Part> parts(N);
+  std::vector<int64_t> seg_size(K * N);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(weights[n].device().is_cpu() && weights[n].scalar_type() == dtype && weights[n].dim() >= 1,
+                "weights[", n, "] must be a CPU tensor of dtype ", dtype);
+    check_keep_tensor(rows[n], K, "rows");
+    check_keep_tensor(cols[n], K, "cols");
+    Part& part = parts[n];
+    part.w = weights[n].contiguous();
+    part.R = part.w.size(0);
+    part.Cin = part.w.dim() >= 2 ? part.w.size(1) : 1;
+    part.T = part.w.numel() / std::max<int64_t>(1, part.R * part.Cin);
+    part.rc = keep_counts(rows[n]);
+    part.cc = keep_counts(cols[n]);
+    part.inv_rows = inverse_maps(rows[n], part.R, "rows");
+    (void)inverse_maps(cols[n], part.Cin, "cols");
+    part.cols = cols[n].const_data_ptr<int64_t>();
+    part.mc = cols[n].size(1);
+    part.chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, part.Cin * part.T * K));
+    for (int64_t k = 0; k < K; ++k) seg_size[k * N + n] = part.rc[k] * part.cc[k] * part.T;
+  }
+  std::vector<int64_t> seg_off(K * N + 1, 0);
+  for (int64_t s = 0; s < K * N; ++s) seg_off[s + 1] = seg_off[s] + seg_size[s];
+  TORCH_CHECK(seg_off[K * N] == total, "total must be ", seg_off[K * N], ", got ", total);
+  at::Tensor out = new_output({total}, weights[0].options());
   if (total == 0) return out;
-  const int64_t* C = cols.const_data_ptr<int64_t>();
-  const int64_t mc = cols.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "slice_channels", [&] {
-    const scalar_t* W = weight.const_data_ptr<scalar_t>();
+  std::vector<std::pair<int32_t, int64_t>> items;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t r = 0; r < parts[n].R; r += parts[n].chunk) items.emplace_back(static_cast<int32_t>(n), r);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "slice_channels", [&] {
     scalar_t* O = out.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Cin * T * K));
-    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* wrow = W + r * Cin * T;
-        for (int64_t k = 0; k < K; ++k) {
-          const int32_t i = inv_rows[k * R + r];
-          if (i < 0) continue;
-          const int64_t cc = ccount[k];
-          scalar_t* dst = O + offset[k] + i * cc * T;
-          const int64_t* ck = C + k * mc;
-          for (int64_t j = 0; j < cc; ++j) {
-            const scalar_t* src = wrow + ck[j] * T;
-            for (int64_t t = 0; t < T; ++t) dst[j * T + t] = src[t];
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t n = items[it].first;
+        const Part& part = parts[n];
+        const scalar_t* W = part.w.const_data_ptr<scalar_t>();
+        const int64_t T = part.T, Cin = part.Cin;
+        const int64_t r1 = std::min(part.R, items[it].second + part.chunk);
+        for (int64_t r = items[it].second; r < r1; ++r) {
+          const scalar_t* wrow = W + r * Cin * T;
+          for (int64_t k = 0; k < K; ++k) {
+            const int32_t i = part.inv_rows[k * part.R + r];
+            if (i < 0) continue;
+            const int64_t cc = part.cc[k];
+            scalar_t* dst = O + seg_off[k * N + n] + i * cc * T;
+            const int64_t* ck = part.cols + k * part.mc;
+            for (int64_t j = 0; j < cc; ++j) {
+              const scalar_t* src = wrow + ck[j] * T;
+              for (int64_t t = 0; t < T; ++t) dst[j * T + t] = src[t];
+            }
           }
         }
       }
     });
   });
   return out;
+}
+
+// Single tensor: the N = 1 case (packed in client order).
+at::Tensor slice_channels_cpu(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols,
+                              int64_t total) {
+  std::vector<at::Tensor> w{weight}, r{rows}, c{cols};
+  return slice_channels_many_cpu(w, r, c, total);
 }
 
 }  // namespace cahfp

@@ -1,0 +1,156 @@
+"""Whole-model (state_dict) slicing and aggregation: reconstruct_aggregate_many and
+slice_channels_many on CIFAR VGG-16 (with BatchNorm) and ResNet-56.
+
+K clients, half pruned 50 % and half 75 %. Correctness is checked first against the
+per-tensor plain-PyTorch peers; then median times for: cahfp whole-model aggregation
+(validation on / off), the naive loop and the index_add variant over every tensor, and
+whole-model slicing against per-client, per-tensor indexing. GB/s counts the bytes
+that must move; "of copy" is the copy roofline fraction.
+
+    python bench/bench_model.py --model vgg16 resnet56 --clients 10 100
+    python bench/bench_model.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import channel_plan, make_client_models, make_model  # noqa: E402
+
+import cahfp_ops  # noqa: E402
+from cahfp_ops import reference  # noqa: E402
+from common import (  # noqa: E402
+    bench_ms,
+    check_close,
+    copy_roofline_ms,
+    device_name,
+    half_and_half,
+    print_table,
+)
+
+
+def run(name: str, K: int, args) -> dict:
+    dev = args.device
+    gen = torch.Generator().manual_seed(K)
+    shapes, rows, cols = channel_plan(name, K, half_and_half(K), gen, device=dev)
+    model = make_model(shapes, gen, device=dev)
+    clients = make_client_models(shapes, rows, cols, K, gen, device=dev)
+    coef = (torch.rand(K, generator=gen) + 0.5).tolist()
+    keys = list(model)
+
+    def per_tensor(peer):
+        return {k: peer(model[k], [c[k] for c in clients], rows.get(k, [None] * K), cols.get(k), coef) for k in keys}
+
+    def ours():
+        return cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, coef)
+
+    def ours_fast():
+        with cahfp_ops.validation(False):
+            return ours()
+
+    def naive():
+        return per_tensor(reference.naive_reconstruct_aggregate)
+
+    def indexadd():
+        return per_tensor(reference.indexadd_reconstruct_aggregate)
+
+    def slice_ours():
+        return cahfp_ops.slice_channels_many(model, rows, cols)
+
+    def slice_plain():
+        out = []
+        for k in range(K):
+            m = {}
+            for key, w in model.items():
+                t = w if key not in rows else w.index_select(0, rows[key][k])
+                if key in cols:
+                    t = t.index_select(1, cols[key][k])
+                m[key] = t.clone() if t is w else t  # every client gets its own copy
+            out.append(m)
+        return out
+
+    check_close(ours(), indexadd())
+    check_close(ours(), naive())
+    check_close(slice_ours(), slice_plain(), rtol=0, atol=0)
+
+    params = sum(w.numel() for w in model.values())
+    client_elems = sum(t.numel() for c in clients for t in c.values())
+    agg_bytes = 4 * (2 * params + client_elems)
+    slice_bytes = 4 * 2 * client_elems
+    t_copy_agg = copy_roofline_ms(agg_bytes, device=dev)
+    t_copy_slice = copy_roofline_ms(slice_bytes, device=dev)
+    t = {
+        "agg": bench_ms(ours, dev, args.repeat),
+        "agg_novalidate": bench_ms(ours_fast, dev, args.repeat),
+        "naive": bench_ms(naive, dev, args.repeat_peers),
+        "indexadd": bench_ms(indexadd, dev, args.repeat_peers),
+        "slice": bench_ms(slice_ours, dev, args.repeat),
+        "slice_plain": bench_ms(slice_plain, dev, args.repeat_peers),
+    }
+    return {
+        "model": name,
+        "K": K,
+        "tensors": len(model),
+        "params_M": params / 1e6,
+        **{f"{k}_ms": v for k, v in t.items()},
+        "agg_GBps": agg_bytes / t["agg_novalidate"] / 1e6,
+        "agg_roofline": t_copy_agg / t["agg_novalidate"],
+        "agg_vs_naive": t["naive"] / t["agg"],
+        "agg_vs_indexadd": t["indexadd"] / t["agg"],
+        "slice_GBps": slice_bytes / t["slice"] / 1e6,
+        "slice_roofline": t_copy_slice / t["slice"],
+        "slice_vs_plain": t["slice_plain"] / t["slice"],
+    }
+
+
+COLUMNS = [
+    ("model", "model", "s"),
+    ("K", "K", "d"),
+    ("tensors", "tensors", "d"),
+    ("agg_ms", "agg ms", ".3f"),
+    ("agg_novalidate_ms", "(no valid.)", ".3f"),
+    ("agg_GBps", "GB/s", ".1f"),
+    ("agg_roofline", "of copy", ".1%"),
+    ("naive_ms", "naive ms", ".2f"),
+    ("indexadd_ms", "index_add ms", ".2f"),
+    ("agg_vs_naive", "vs naive", ".1f"),
+    ("agg_vs_indexadd", "vs index_add", ".1f"),
+    ("slice_ms", "slice ms", ".3f"),
+    ("slice_roofline", "slice of copy", ".1%"),
+    ("slice_plain_ms", "plain slice ms", ".2f"),
+    ("slice_vs_plain", "vs plain", ".1f"),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", nargs="+", default=["vgg16", "resnet56"])
+    p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--repeat-peers", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    print(f"torch {torch.__version__}, {device_name(dev)}, backend {cahfp_ops.resolve_backend(dev)}")
+    rows = [run(m, K, args) for m in args.model for K in args.clients]
+    print_table(
+        "whole state_dict: aggregation (reconstruct) and slicing, float32, clients pruned 50 % / 75 %", rows, COLUMNS
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"device": device_name(dev), "torch": torch.__version__, "results": rows}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
