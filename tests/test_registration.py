@@ -93,3 +93,30 @@ def test_compile_inductor_aggregate(gen):
     expected = f(weight, clients)
     got = torch.compile(f, fullgraph=True)(weight, clients)
     torch.testing.assert_close(got, expected)
+
+
+def test_opcheck_cpp_many(gen):
+    """The compiled whole-model operators, with N-D and 1-D tensors in one call."""
+    assert cahfp_ops.load_cpp()
+    w = [torch.randn(5, 4, 3, generator=gen), torch.randn(7, generator=gen), torch.randn(3, 6, generator=gen)]
+    K = 2
+    r = [to_padded(make_keeps(gen, t.shape[0], K, "random"), t.shape[0]) for t in w]
+    c = [
+        to_padded(make_keeps(gen, 4, K, "random"), 4),
+        torch.zeros(K, 1, dtype=torch.int64),
+        to_padded(make_keeps(gen, 6, K, "mixed"), 6),
+    ]
+    clients = []
+    for n, t in enumerate(w):
+        for k in range(K):
+            nr, nc = int((r[n][k] >= 0).sum()), int((c[n][k] >= 0).sum())
+            clients.append(torch.randn((nr,) if t.dim() == 1 else (nr, nc, *t.shape[2:]), generator=gen))
+    coef = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    for mode in ("reconstruct", "overlap"):
+        torch.library.opcheck(torch.ops.cahfp_cpp.reconstruct_aggregate_many, (w, clients, r, c, coef, mode))
+    total = sum(
+        int((r[n][k] >= 0).sum()) * int((c[n][k] >= 0).sum()) * (w[n][0, 0].numel() if w[n].dim() > 1 else 1)
+        for n in range(3)
+        for k in range(K)
+    )
+    torch.library.opcheck(torch.ops.cahfp_cpp.slice_channels_many, (w, r, c, total))
