@@ -1,0 +1,219 @@
+"""Streaming vs batch aggregation, curvature proxies and scores, mask assignment, the server
+round object, faults and atomic save / restore."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cahfp_ops import curvature_scores, models
+from cahfp_ops.aggregate import StreamingAggregator, aggregate_state
+from cahfp_ops.compact import extract
+from cahfp_ops.curvature import CurvatureTracker, group_scores, magnitude_scores
+from cahfp_ops.masks import assign_keep_sets, keep_count
+from cahfp_ops.plan import trace_plan
+from cahfp_ops.server import Server
+
+
+def _setup(gen, K=4):
+    model = models.small_cnn(8)
+    x = torch.randn(2, 1, 8, 8, generator=gen)
+    plan = trace_plan(model, x)
+    keeps = [
+        {g.name: torch.randperm(g.size, generator=gen)[: keep_count(r, g.size)].sort().values for g in plan.groups}
+        for r in (0.25, 0.5, 0.75, 0.9)[:K]
+    ]
+    sd = model.state_dict()
+    states = extract(sd, plan, keeps)
+    for st in states:  # local training changed everything
+        for v in st.values():
+            if v.is_floating_point():
+                v.add_(torch.randn(v.shape, generator=gen))
+            else:
+                v.add_(int(torch.randint(1, 5, (1,), generator=gen)))
+    return model, plan, keeps, sd, states
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+def test_streaming_matches_batch_and_merges(gen, mode):
+    _, plan, keeps, sd, states = _setup(gen)
+    weights = [5.0, 1.0, 0.0, 2.5]
+    rows, cols = plan.tensor_keep_sets(keeps)
+    batch = aggregate_state(sd, states, rows, cols, weights, mode)
+    agg = StreamingAggregator(sd, mode)
+    parts = [StreamingAggregator(sd, mode), StreamingAggregator(sd, mode)]
+    for k, st in enumerate(states):
+        r_k = {n: v[k] for n, v in rows.items()}
+        c_k = {n: v[k] for n, v in cols.items()}
+        agg.add(st, r_k, c_k, weights[k])
+        parts[k % 2].add(st, r_k, c_k, weights[k])
+    parts[0].merge(parts[1])
+    single, merged = agg.result(), parts[0].result()
+    for name, v in sd.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(single[name], batch[name], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(merged[name], single[name], rtol=1e-12, atol=1e-12)
+        else:  # num_batches_tracked: the largest count any client reports
+            counted = [int(s[name]) for s, w in zip(states, weights) if w > 0]
+            assert int(single[name]) == int(batch[name]) == max(counted + [int(v)])
+    again = StreamingAggregator(sd, mode)
+    for k, st in enumerate(states):
+        again.add(st, {n: v[k] for n, v in rows.items()}, {n: v[k] for n, v in cols.items()}, weights[k])
+    for name in sd:
+        assert torch.equal(again.result()[name], single[name])
+
+
+def test_streaming_memory_is_per_model(gen):
+    _, _, _, sd, _ = _setup(gen)
+    agg = StreamingAggregator(sd)
+    before = sum(t.numel() for t in agg.sums.values()) + sum(t.numel() for t in agg.cover.values())
+    for _ in range(20):
+        agg.add({k: v.clone() for k, v in sd.items()}, weight=1.0)
+    after = sum(t.numel() for t in agg.sums.values()) + sum(t.numel() for t in agg.cover.values())
+    assert before == after
+
+
+def test_secant_and_fisher_proxies(gen):
+    w = [{"p": torch.randn(5, 3, generator=gen)} for _ in range(4)]
+    lr, steps = 0.1, 2
+    sec, fis = CurvatureTracker("secant", beta=0.5), CurvatureTracker("fisher", beta=0.5)
+    for st in w:
+        sec.observe(st, lr, steps)
+        fis.observe(st, lr, steps)
+    g = [(w[t]["p"] - w[t + 1]["p"]) / (lr * steps) for t in range(3)]
+    torch.testing.assert_close(sec.g["p"], g[2])
+    h1 = (g[1] - g[0]).abs() / ((w[1]["p"] - w[0]["p"]).abs() + 1e-8)
+    h2 = (g[2] - g[1]).abs() / ((w[2]["p"] - w[1]["p"]).abs() + 1e-8)
+    torch.testing.assert_close(sec.h["p"], 0.5 * h1 + 0.5 * h2)
+    torch.testing.assert_close(fis.h["p"], 0.25 * g[0] ** 2 + 0.25 * g[1] ** 2 + 0.5 * g[2] ** 2)
+
+
+def test_group_scores_sum_members_and_blocks(gen):
+    model, plan, _, sd, _ = _setup(gen)
+    grads = {k: torch.randn(v.shape, generator=gen) for k, v in sd.items() if v.is_floating_point()}
+    hess = {k: torch.rand(v.shape, generator=gen) for k, v in grads.items()}
+    scores = group_scores(plan, sd, grads, hess)
+    g = plan.group("conv2")
+    manual = torch.zeros(g.size)
+    for m in g.members:
+        s = curvature_scores(sd[m.name], grads[m.name], hess[m.name], dim=m.dim)
+        manual += s.reshape(g.size, m.block).sum(1)
+    torch.testing.assert_close(scores["conv2"], manual)
+    per_client = group_scores(plan, sd, {k: v.expand(3, *v.shape) for k, v in grads.items()}, hess)
+    assert per_client["conv2"].shape == (3, g.size)
+    torch.testing.assert_close(per_client["conv2"][1], manual)
+    l1 = magnitude_scores(plan, sd, 1)["conv1"]
+    torch.testing.assert_close(l1, sd["conv1.weight"].abs().sum((1, 2, 3)))
+
+
+def test_assign_keep_sets_counts_and_order():
+    from cahfp_ops.plan import ChannelGroup, ChannelPlan, Member
+
+    plan = ChannelPlan([ChannelGroup("a", 10, [Member("a.weight", 0)]), ChannelGroup("b", 4, [Member("b.weight", 0)])])
+    scores = {"a": torch.arange(10.0), "b": torch.tensor([[1.0, 4.0, 2.0, 3.0], [0.0, 0.0, 0.0, 1.0]])}
+    out = assign_keep_sets(plan, [0.5, {"b": 0.5}], scores)
+    assert out[0]["a"].tolist() == [5, 6, 7, 8, 9] and out[0]["b"].tolist() == [1, 3]
+    assert "a" not in out[1] and out[1]["b"].tolist() == [0, 3]
+    with pytest.raises(ValueError, match="ratio"):
+        assign_keep_sets(plan, [1.0], scores)
+
+
+def _train_fn(x, y):
+    def train(cid, model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model.train()
+        for _ in range(2):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, 10.0 + cid
+
+    return train
+
+
+@pytest.mark.parametrize("criterion", ["curvature", "l1", "l2", "random"])
+def test_server_rounds(gen, criterion):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    server = Server(models.small_cnn(8), x[:2], criterion=criterion, warmup_rounds=1, local_steps=2)
+    ratios = {0: 0.0, 1: 0.5, 2: 0.75}
+    for _ in range(3):
+        report = server.run_round(ratios, _train_fn(x, y))
+        assert report.accepted == [0, 1, 2] and not report.rejected
+    assert report.params_down[0] == report.full_params > report.params_down[1] > report.params_down[2]
+    assert report.training_flops[0] == report.full_training_flops > report.training_flops[2]
+    assert report.bytes_up[1] == 4 * report.params_up[1]
+    assert server.round == 3 and (criterion != "curvature" or server.tracker.ready)
+
+
+def test_faults_are_rejected_and_round_goes_on(gen):
+    x = torch.randn(16, 1, 8, 8, generator=gen)
+    server = Server(models.small_cnn(8), x[:2])
+    server.assign({c: 0.5 for c in range(6)})
+    good = {
+        c: {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in a.state.items()}
+        for c, a in server.assignments.items()
+    }
+    bad = dict(good)
+    bad[1] = {k: v for k, v in good[1].items() if k != "fc2.bias"}
+    bad[2] = dict(good[2], **{"conv1.weight": torch.zeros(3, 3)})
+    bad[3] = dict(good[3], **{"fc1.bias": torch.full_like(good[3]["fc1.bias"], float("nan"))})
+    bad[4] = dict(good[4], extra=torch.zeros(1))
+    bad[6] = dict(good[0], **{"bn1.num_batches_tracked": torch.tensor(1.5)})  # wrong dtype
+    server.assignments[6] = server.assignments[0]
+    del bad[5]  # dropped out
+    before = {k: v.clone() for k, v in server.state.items()}
+    report = server.aggregate(bad, {c: 1.0 for c in range(7)})
+    assert report.accepted == [0] and report.absent == [5]
+    assert "dtype" in report.rejected[6]
+    assert "missing" in report.rejected[1] and "client 1" in report.rejected[1]
+    assert "shape" in report.rejected[2] and "non-finite" in report.rejected[3] and "unknown" in report.rejected[4]
+    assert not torch.equal(server.state["fc2.bias"], before["fc2.bias"])
+    # a round where everyone fails leaves the model unchanged
+    server.assign({0: 0.5})
+    state = {k: v.clone() for k, v in server.state.items()}
+    report = server.aggregate({0: {"nope": torch.zeros(1)}})
+    assert report.accepted == [] and all(torch.equal(state[k], server.state[k]) for k in state)
+
+
+def test_save_restore_gives_bit_identical_rounds(gen, tmp_path):
+    x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    ratios = {0: 0.25, 1: 0.5, 2: 0.75}
+    torch.manual_seed(0)
+    a = Server(models.small_cnn(8), x[:2], criterion="random", seed=7)
+    a.run_round(ratios, _train_fn(x, y))
+    a.run_round(ratios, _train_fn(x, y))
+    path = tmp_path / "server.pt"
+    a.save(path)
+    assert not list(tmp_path.glob(".cahfp-*"))  # no temporary file left behind
+    b = Server(models.small_cnn(8), x[:2], criterion="random", seed=123)
+    b.load(path)
+    torch.manual_seed(1)  # the clients' own randomness (dropout) is not server state
+    ra = a.run_round(ratios, _train_fn(x, y))
+    torch.manual_seed(1)
+    rb = b.run_round(ratios, _train_fn(x, y))
+    assert ra.accepted == rb.accepted
+    for c in ratios:
+        for g in a.assignments[c].keeps:
+            assert torch.equal(a.assignments[c].keeps[g], b.assignments[c].keeps[g])
+    for k in a.state:
+        assert torch.equal(a.state[k], b.state[k]), k
+
+
+def test_personalized_scores_use_each_clients_update(gen):
+    x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    torch.manual_seed(0)
+    server = Server(models.small_cnn(8), x[:2], personalized=True, warmup_rounds=0, local_steps=2)
+    ratios = {0: 0.5, 1: 0.5}
+    for _ in range(3):
+        server.run_round(ratios, _train_fn(x, y))
+    assert set(server.client_grads) == {0, 1}
+    # pseudo-gradients are zero exactly where the client pruned
+    a = server.assignments[0]
+    g = server.client_grads[0]["conv1.weight"]
+    pruned = torch.ones(g.shape[0], dtype=torch.bool)
+    pruned[a.keeps["conv1"]] = False
+    assert not g[pruned].any()
+    scores = server.scores([0, 1, 7])
+    assert scores["conv1"].shape == (3, 16)
+    assert not torch.equal(scores["conv1"][0], scores["conv1"][1])
