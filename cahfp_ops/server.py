@@ -113,6 +113,7 @@ class Server:
         self.client_grads: dict[Hashable, dict[str, Tensor]] = {}
         self.assignments: dict[Hashable, Assignment] = {}
         self._full_flops = count_flops(model, example_input)["training_flops"]
+        self._flops_cache: dict[tuple, int] = {}
 
     # ------------------------------------------------------------------ assign / extract
     def scores(self, ids: list[Hashable]) -> dict[str, Tensor]:
@@ -140,7 +141,11 @@ class Server:
         states = extract(self.state, self.plan, keeps)
         self.assignments = {}
         for cid, keep, st in zip(ids, keeps, states):
-            flops = count_flops(build_compact(self.model, st), self.example_input)["training_flops"]
+            shapes = tuple((k, tuple(v.shape)) for k, v in st.items())
+            flops = self._flops_cache.get(shapes)
+            if flops is None:  # depends on the compact shapes only
+                flops = count_flops(build_compact(self.model, st), self.example_input)["training_flops"]
+                self._flops_cache[shapes] = flops
             nbytes = sum(v.numel() * v.element_size() for v in st.values() if v.is_floating_point())
             self.assignments[cid] = Assignment(keep, st, count_params(st), nbytes, flops)
         return self.assignments

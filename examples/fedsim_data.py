@@ -1,0 +1,180 @@
+"""Data for the federated simulator: datasets from local files or packages, and the
+Dirichlet label partition.
+
+* ``digits``: scikit-learn's 8x8 digits (ships inside scikit-learn, no download).
+* ``fmnist``: FashionMNIST from its IDX files (``train-images-idx3-ubyte[.gz]`` ...) in ``--data-dir``.
+* ``cifar10`` / ``cifar100``: the CIFAR python pickles (``cifar-10-batches-py/``,
+  ``cifar-100-python/``) in ``--data-dir``.
+* ``synthetic``: random class-dependent images, for tests.
+
+Nothing is downloaded: a missing file raises FileNotFoundError saying what to put where.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: Tensor  # (N, C, H, W) float32, normalised
+    y_train: Tensor  # (N,) int64
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _normalise(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
+    dims = (0, 2, 3)
+    mean, std = x_train.mean(dims, keepdim=True), x_train.std(dims, keepdim=True).clamp(min=1e-6)
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's digits: 1,797 8x8 grey images, a stratified train / test split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(10):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test[idx[: int(round(test_fraction * len(idx)))]] = True
+    xtr, xte = _normalise(x[~test], x[test])
+    return Dataset("digits", xtr, y[~test], xte, y[test], 10)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00":
+        raise ValueError(f"{path} is not an IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find(data_dir: Path, names: list[str], what: str) -> Path:
+    for sub in ("", "FashionMNIST/raw", "fashion-mnist", "raw"):
+        for name in names:
+            for suffix in ("", ".gz"):
+                p = data_dir / sub / (name + suffix)
+                if p.is_file():
+                    return p
+    raise FileNotFoundError(
+        f"{what}: none of {names} (optionally .gz) found under {data_dir}; put the dataset's files there "
+        "(this simulator never downloads)"
+    )
+
+
+def load_fashion_mnist(data_dir: str | Path) -> Dataset:
+    """FashionMNIST from its IDX files (28x28 grey, 60,000 train / 10,000 test)."""
+    root = Path(data_dir)
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        xi = _read_idx(_find(root, [f"{prefix}-images-idx3-ubyte"], "FashionMNIST"))
+        yi = _read_idx(_find(root, [f"{prefix}-labels-idx1-ubyte"], "FashionMNIST"))
+        parts[split] = (torch.tensor(xi, dtype=torch.float32).unsqueeze(1) / 255.0, torch.tensor(yi, dtype=torch.int64))
+    xtr, xte = _normalise(parts["train"][0], parts["test"][0])
+    return Dataset("fmnist", xtr, parts["train"][1], xte, parts["test"][1], 10)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def load_cifar(data_dir: str | Path, classes: int = 10) -> Dataset:
+    """CIFAR-10 / CIFAR-100 from the python pickles (32x32 RGB, 50,000 train / 10,000 test)."""
+    root = Path(data_dir)
+    if classes == 10:
+        base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+        train_files = [base / f"data_batch_{i}" for i in range(1, 6)]
+        test_files, key = [base / "test_batch"], b"labels"
+    else:
+        base = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
+        train_files, test_files, key = [base / "train"], [base / "test"], b"fine_labels"
+    missing = [str(p) for p in train_files + test_files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-{classes}: missing {missing[0]} (and {len(missing) - 1} more); put the python-version "
+            "pickles there (this simulator never downloads)"
+        )
+
+    def read(files):
+        xs, ys = [], []
+        for p in files:
+            d = _unpickle(p)
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[key], dtype=np.int64))
+        return torch.tensor(np.concatenate(xs), dtype=torch.float32) / 255.0, torch.tensor(np.concatenate(ys))
+
+    (xtr, ytr), (xte, yte) = read(train_files), read(test_files)
+    xtr, xte = _normalise(xtr, xte)
+    return Dataset(f"cifar{classes}", xtr, ytr, xte, yte, classes)
+
+
+def synthetic(n_train: int = 400, n_test: int = 100, shape=(1, 8, 8), classes: int = 10, seed: int = 0) -> Dataset:
+    """Random images whose mean depends on the class (learnable, for tests)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(classes, *shape, generator=g)
+
+    def make(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        return protos[y] + 0.8 * torch.randn(n, *shape, generator=g), y
+
+    (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
+    return Dataset("synthetic", xtr, ytr, xte, yte, classes)
+
+
+def load(name: str, data_dir: str | Path | None = None, seed: int = 0) -> Dataset:
+    if name == "digits":
+        return load_digits(seed)
+    if name == "synthetic":
+        return synthetic(seed=seed)
+    if data_dir is None:
+        raise FileNotFoundError(f"dataset {name!r} is read from local files: pass --data-dir")
+    if name == "fmnist":
+        return load_fashion_mnist(data_dir)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(data_dir, int(name[5:]))
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def dirichlet_partition(labels: Tensor, n_clients: int, alpha: float, seed: int = 0, min_size: int = 2) -> list[Tensor]:
+    """Split sample indices among clients with per-class proportions ~ Dirichlet(alpha).
+
+    Small alpha gives each client few classes (non-IID); large alpha approaches an IID split.
+    Resamples until every client has at least ``min_size`` samples.
+    """
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    classes = np.unique(y)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(n_clients)]
+        for c in classes:
+            idx = np.flatnonzero(y == c)
+            rng.shuffle(idx)
+            p = rng.dirichlet(np.full(n_clients, alpha))
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [torch.tensor(sorted(p), dtype=torch.int64) for p in parts]
+    raise ValueError(f"could not give each of {n_clients} clients {min_size} samples with alpha={alpha}")
