@@ -18,7 +18,6 @@ preallocated buffers), and the speedups, all measured side by side in one run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,12 +29,14 @@ import cahfp_ops  # noqa: E402
 from cahfp_ops import reference  # noqa: E402
 from common import (  # noqa: E402
     bench_ms,
+    bench_parser,
     check_close,
     copy_roofline_ms,
     device_name,
     half_and_half,
     make_clients,
     print_table,
+    start,
     vgg16_conv_shapes,
 )
 
@@ -102,17 +103,11 @@ COLUMNS = [
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads")
-    p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
-    p.add_argument("--repeat", type=int, default=7)
+    p = bench_parser(__doc__, clients=[10, 100], repeat=7)
     p.add_argument("--repeat-peers", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device_name(dev)}, backend {cahfp_ops.resolve_backend(dev)}")
+    dev = start(args)
     rows = [run(K, args) for K in args.clients]
     print_table("reconstruct_aggregate, VGG-16 (CIFAR) conv layers, float32, clients pruned 50 % / 75 %", rows, COLUMNS)
     if args.json:

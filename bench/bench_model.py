@@ -13,7 +13,6 @@ that must move; "of copy" is the copy roofline fraction.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,11 +26,13 @@ import cahfp_ops  # noqa: E402
 from cahfp_ops import reference  # noqa: E402
 from common import (  # noqa: E402
     bench_ms,
+    bench_parser,
     check_close,
     copy_roofline_ms,
     device_name,
     half_and_half,
     print_table,
+    start,
 )
 
 
@@ -129,18 +130,12 @@ COLUMNS = [
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p = bench_parser(__doc__, clients=[10, 100], repeat=7)
     p.add_argument("--model", nargs="+", default=["vgg16", "resnet56"])
-    p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
-    p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--repeat-peers", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device_name(dev)}, backend {cahfp_ops.resolve_backend(dev)}")
+    dev = start(args)
     rows = [run(m, K, args) for m in args.model for K in args.clients]
     print_table(
         "whole state_dict: aggregation (reconstruct) and slicing, float32, clients pruned 50 % / 75 %", rows, COLUMNS

@@ -11,7 +11,6 @@ element read once.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,11 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahfp_ops  # noqa: E402
-from common import bench_ms, check_close, copy_roofline_ms, device_name, print_table, vgg16_conv_shapes  # noqa: E402
+from common import bench_parser, check_close, measure, print_table, speed_columns, start, vgg16_conv_shapes  # noqa: E402
 
 
-def run(K: int, args) -> dict:
-    dev = args.device
+def run(K: int, dev: torch.device, args) -> dict:
     gen = torch.Generator().manual_seed(K)
     shapes = vgg16_conv_shapes()
     ws = [torch.randn(s, generator=gen).to(dev) for s in shapes]
@@ -46,52 +44,16 @@ def run(K: int, args) -> dict:
     check_close(got, plain(), rtol=1e-4, atol=1e-3)
     check_close(got, naive(), rtol=1e-4, atol=1e-3)
     nbytes = 4 * sum(w.numel() + g.numel() + h.numel() for w, g, h in zip(ws, gs, hs))
-    t_copy = copy_roofline_ms(nbytes, device=dev)
-    t = {
-        "ours": bench_ms(ours, dev, args.repeat),
-        "plain": bench_ms(plain, dev, args.repeat),
-        "naive": bench_ms(naive, dev, args.repeat),
-    }
-    return {
-        "K": K,
-        "MB": nbytes / 1e6,
-        "copy_ms": t_copy,
-        **{f"{k}_ms": v for k, v in t.items()},
-        "GBps": nbytes / t["ours"] / 1e6,
-        "roofline": t_copy / t["ours"],
-        "vs_naive": t["naive"] / t["ours"],
-        "vs_plain": t["plain"] / t["ours"],
-    }
-
-
-COLUMNS = [
-    ("K", "K", "d"),
-    ("MB", "MB read", ".1f"),
-    ("copy_ms", "copy ms", ".3f"),
-    ("ours_ms", "cahfp ms", ".3f"),
-    ("GBps", "GB/s", ".1f"),
-    ("roofline", "of copy", ".1%"),
-    ("naive_ms", "naive ms", ".3f"),
-    ("plain_ms", "broadcast ms", ".3f"),
-    ("vs_naive", "vs naive", ".1f"),
-    ("vs_plain", "vs plain", ".1f"),
-]
+    return measure(K, dev, nbytes, {"ours": ours, "naive": naive, "plain": plain}, args.repeat)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 10])
-    p.add_argument("--repeat", type=int, default=5)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device_name(dev)}, backend {cahfp_ops.resolve_backend(dev)}")
+    args = bench_parser(__doc__, clients=[1, 10]).parse_args()
+    dev = start(args)
     print_table(
         "curvature_scores, VGG-16 (CIFAR) conv weights, float32, per-client g and h",
-        [run(K, args) for K in args.clients],
-        COLUMNS,
+        [run(K, dev, args) for K in args.clients],
+        speed_columns({"naive": "naive", "plain": "broadcast"}, mb_header="MB read"),
     )
 
 

@@ -10,7 +10,6 @@ Peers, measured side by side after a correctness check: the naive loop (per clie
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,20 +17,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahfp_ops  # noqa: E402
-from common import (  # noqa: E402  # noqa: E402
-    bench_ms,
+from common import (  # noqa: E402
+    bench_parser,
     check_close,
-    copy_roofline_ms,
-    device_name,
     half_and_half,
+    measure,
     print_table,
     random_keep,
+    speed_columns,
+    start,
     vgg16_conv_shapes,
 )
 
 
-def run(K: int, args) -> dict:
-    dev = args.device
+def run(K: int, dev: torch.device, args) -> dict:
     gen = torch.Generator().manual_seed(K)
     shapes = vgg16_conv_shapes()
     weights = [torch.randn(s, generator=gen).to(dev) for s in shapes]
@@ -58,54 +57,16 @@ def run(K: int, args) -> dict:
     check_close(got, plain(), 0, 0)
     check_close(got, naive(), 0, 0)
     elems = sum(p.numel() for layer in got for p in layer)
-    del got
-    nbytes = 4 * 2 * elems
-    t_copy = copy_roofline_ms(nbytes, device=dev)
-    t = {
-        "ours": bench_ms(ours, dev, args.repeat),
-        "naive": bench_ms(naive, dev, args.repeat),
-        "plain": bench_ms(plain, dev, args.repeat),
-    }
-    return {
-        "K": K,
-        "MB": nbytes / 1e6,
-        "copy_ms": t_copy,
-        **{f"{k}_ms": v for k, v in t.items()},
-        "GBps": nbytes / t["ours"] / 1e6,
-        "roofline": t_copy / t["ours"],
-        "vs_naive": t["naive"] / t["ours"],
-        "vs_plain": t["plain"] / t["ours"],
-    }
-
-
-COLUMNS = [
-    ("K", "K", "d"),
-    ("MB", "MB moved", ".1f"),
-    ("copy_ms", "copy ms", ".3f"),
-    ("ours_ms", "cahfp ms", ".3f"),
-    ("GBps", "GB/s", ".1f"),
-    ("roofline", "of copy", ".1%"),
-    ("naive_ms", "naive ms", ".3f"),
-    ("plain_ms", "index_select ms", ".3f"),
-    ("vs_naive", "vs naive", ".1f"),
-    ("vs_plain", "vs plain", ".1f"),
-]
+    return measure(K, dev, 4 * 2 * elems, {"ours": ours, "naive": naive, "plain": plain}, args.repeat)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
-    p.add_argument("--repeat", type=int, default=5)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device_name(dev)}, backend {cahfp_ops.resolve_backend(dev)}")
+    args = bench_parser(__doc__, clients=[10, 100]).parse_args()
+    dev = start(args)
     print_table(
         "slice_channels, VGG-16 (CIFAR) conv layers, float32, clients pruned 50 % / 75 %",
-        [run(K, args) for K in args.clients],
-        COLUMNS,
+        [run(K, dev, args) for K in args.clients],
+        speed_columns({"naive": "naive", "plain": "index_select"}),
     )
 
 

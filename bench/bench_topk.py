@@ -9,7 +9,6 @@ with NaN handling) and the best plain variant (the batched sort-based reference)
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,18 +18,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahfp_ops  # noqa: E402
 from cahfp_ops import reference  # noqa: E402
 from common import (  # noqa: E402
-    VGG16_WIDTHS,  # noqa: E402
-    bench_ms,
+    VGG16_WIDTHS,
+    bench_parser,
     check_close,
-    device_name,
     half_and_half,
     keep_count,
+    measure,
     print_table,
+    speed_columns,
+    start,
 )
 
 
-def run(K: int, args) -> dict:
-    dev = args.device
+def run(K: int, dev: torch.device, args) -> dict:
     gen = torch.Generator().manual_seed(K)
     ratios = half_and_half(K)
     scores = [torch.randn(K, C, generator=gen).to(dev) for C in VGG16_WIDTHS]
@@ -58,46 +58,17 @@ def run(K: int, args) -> dict:
     for (_, idx), rows in zip(got, naive()):
         for i, r in enumerate(rows):
             assert torch.equal(idx[i, : r.numel()], r)
-    t = {
-        "ours": bench_ms(ours, dev, args.repeat),
-        "plain": bench_ms(plain, dev, args.repeat),
-        "naive": bench_ms(naive, dev, args.repeat),
-    }
-    nbytes = sum(s.numel() * (4 + 1) for s in scores)
-    return {
-        "K": K,
-        **{f"{k}_ms": v for k, v in t.items()},
-        "GBps": nbytes / t["ours"] / 1e6,
-        "vs_naive": t["naive"] / t["ours"],
-        "vs_plain": t["plain"] / t["ours"],
-    }
-
-
-COLUMNS = [
-    ("K", "K", "d"),
-    ("ours_ms", "cahfp ms", ".3f"),
-    ("GBps", "GB/s", ".2f"),
-    ("naive_ms", "naive ms", ".3f"),
-    ("plain_ms", "batched sort ms", ".3f"),
-    ("vs_naive", "vs naive", ".1f"),
-    ("vs_plain", "vs plain", ".1f"),
-]
+    nbytes = sum(s.numel() * (s.element_size() + 1) for s in scores)  # scores read, mask written
+    return measure(K, dev, nbytes, {"ours": ours, "naive": naive, "plain": plain}, args.repeat)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
-    p.add_argument("--repeat", type=int, default=5)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device_name(dev)}, backend {cahfp_ops.resolve_backend(dev)}")
+    args = bench_parser(__doc__, clients=[10, 100]).parse_args()
+    dev = start(args)
     print_table(
         "topk_channel_masks, 13 VGG-16 layers, (K, C) float32 scores, keep 50 % / 25 %",
-        [run(K, args) for K in args.clients],
-        COLUMNS,
+        [run(K, dev, args) for K in args.clients],
+        speed_columns({"naive": "naive", "plain": "batched sort"}),
     )
 
 

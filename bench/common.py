@@ -128,3 +128,50 @@ def check_close(got, expected, rtol=1e-5, atol=1e-5) -> None:
             check_close(got[k], expected[k], rtol, atol)
         return
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+
+
+def bench_parser(doc: str, clients: list[int], repeat: int = 5):
+    """The options every benchmark takes: --device, --threads, --clients, --repeat."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--clients", type=int, nargs="+", default=clients)
+    p.add_argument("--repeat", type=int, default=repeat)
+    return p
+
+
+def start(args) -> torch.device:
+    """Apply --threads, print the run's header line, return the device."""
+    import cahfp_ops
+
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    print(f"torch {torch.__version__}, {device_name(dev)}, backend {cahfp_ops.resolve_backend(dev)}")
+    return dev
+
+
+def measure(K: int, dev, nbytes: int, fns: dict[str, Callable[[], object]], repeat: int) -> dict:
+    """Time ``fns`` (``"ours"`` and its peers) side by side; GB/s, copy-roofline fraction, speedups."""
+    t_copy = copy_roofline_ms(nbytes, device=dev)
+    t = {name: bench_ms(fn, dev, repeat) for name, fn in fns.items()}
+    row = {"K": K, "MB": nbytes / 1e6, "copy_ms": t_copy, **{f"{k}_ms": v for k, v in t.items()}}
+    row.update(GBps=nbytes / t["ours"] / 1e6, roofline=t_copy / t["ours"])
+    row.update({f"vs_{k}": t[k] / t["ours"] for k in t if k != "ours"})
+    return row
+
+
+def speed_columns(peers: dict[str, str], mb_header: str = "MB moved") -> list[tuple[str, str, str]]:
+    """Table columns for :func:`measure` rows; ``peers``: name -> header."""
+    cols = [
+        ("K", "K", "d"),
+        ("MB", mb_header, ".1f"),
+        ("copy_ms", "copy ms", ".3f"),
+        ("ours_ms", "cahfp ms", ".3f"),
+        ("GBps", "GB/s", ".1f"),
+        ("roofline", "of copy", ".1%"),
+    ]
+    cols += [(f"{k}_ms", f"{h} ms", ".3f") for k, h in peers.items()]
+    cols += [(f"vs_{k}", f"vs {k}", ".1f") for k in peers]
+    return cols
