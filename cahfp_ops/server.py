@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .aggregate import aggregate_state
+from .aggregate import StreamingAggregator, aggregate_state
 from .compact import build_compact, count_flops, count_params, extract
 from .curvature import CurvatureTracker, group_scores, magnitude_scores, random_scores, tracker_scores
 from .masks import Ratio, assign_keep_sets
@@ -181,9 +181,16 @@ class Server:
         return None
 
     def aggregate(
-        self, updates: Mapping[Hashable, Mapping[str, Tensor]], weights: Mapping[Hashable, float] | None = None
+        self,
+        updates: Mapping[Hashable, Mapping[str, Tensor]],
+        weights: Mapping[Hashable, float] | None = None,
+        *,
+        streaming: bool = False,
     ) -> RoundReport:
-        """Fold the replies of this round into the global model; bad replies are rejected."""
+        """Fold the replies of this round into the global model; bad replies are rejected.
+
+        ``streaming=True`` folds the clients in one at a time (:class:`StreamingAggregator`,
+        O(model) memory whatever the number of clients) instead of one batch call."""
         report = RoundReport(
             round=self.round, full_params=count_params(self.state), full_training_flops=self._full_flops
         )
@@ -210,7 +217,13 @@ class Server:
             rows, cols = self.plan.tensor_keep_sets([self.assignments[c].keeps for c in good])
             if self.personalized and self.criterion == "curvature":
                 self._store_client_grads(good, updates, rows, cols)
-            self.state = aggregate_state(self.state, [updates[c] for c in good], rows, cols, w, self.mode)
+            if streaming:
+                agg = StreamingAggregator(self.state, self.mode)
+                for j, c in enumerate(good):
+                    agg.add(updates[c], {n: v[j] for n, v in rows.items()}, {n: v[j] for n, v in cols.items()}, w[j])
+                self.state = agg.result()
+            else:
+                self.state = aggregate_state(self.state, [updates[c] for c in good], rows, cols, w, self.mode)
         self.tracker.observe(self.state, self.lr, self.local_steps)
         self.round += 1
         return report

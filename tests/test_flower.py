@@ -1,0 +1,172 @@
+"""The Flower strategy against real Flower objects (Message, ArrayRecord, ConfigRecord,
+MetricRecord, Grid): compact configure messages, heterogeneous aggregation, error replies,
+dropped nodes, and whole runs through Flower's own Strategy.start loop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+flwr = pytest.importorskip("flwr")
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from cahfp_ops import models  # noqa: E402
+from cahfp_ops.compact import build_compact  # noqa: E402
+from cahfp_ops.integrations.flower import KEEP_KEY, CAHFPStrategy, compact_model, reply_content  # noqa: E402
+from cahfp_ops.server import Server  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages need a run identity; a running Flower app sets it, the tests set it here."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class LocalGrid(Grid):
+    """A Grid whose nodes are Python functions called in process (no network, no Ray)."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+        self._run = None
+
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = [self.nodes[m.metadata.dst_node_id](m) for m in messages]
+        return [r for r in replies if r is not None]
+
+
+def make_node(base, data, behaviour="good"):
+    x, y = data
+
+    def handle(msg):
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            model = build_compact(base, msg.content["arrays"].to_torch_state_dict()).eval()
+            with torch.no_grad():
+                acc = float((model(x).argmax(1) == y).float().mean())
+            return Message(
+                RecordDict({"metrics": MetricRecord({"num-examples": len(y), "accuracy": acc})}), reply_to=msg
+            )
+        if behaviour == "drop":
+            return None
+        if behaviour == "error":
+            return Message(Error(code=1, reason="out of memory"), reply_to=msg)
+        model = compact_model(base, msg.content).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        content = reply_content(model, len(y), {"train_loss": float(loss)})
+        if behaviour == "nan":
+            arrays = content["arrays"].to_torch_state_dict()
+            arrays["fc2.bias"][0] = float("nan")
+            content["arrays"] = ArrayRecord(arrays)
+        if behaviour == "no-count":
+            content["metrics"] = MetricRecord({"train_loss": float(loss)})
+        return Message(content, reply_to=msg)
+
+    return handle
+
+
+def _setup(gen, behaviours):
+    torch.manual_seed(0)
+    base = models.small_cnn(8)
+    data = {
+        n: (torch.randn(12, 1, 8, 8, generator=gen), torch.randint(0, 10, (12,), generator=gen)) for n in behaviours
+    }
+    server = Server(models.small_cnn(8), torch.randn(2, 1, 8, 8, generator=gen), warmup_rounds=1)
+    grid = LocalGrid({n: make_node(base, data[n], b) for n, b in behaviours.items()})
+    return server, grid
+
+
+def test_configure_train_sends_compact_arrays_and_keep_sets(gen):
+    server, grid = _setup(gen, {1: "good", 2: "good", 3: "good"})
+    strategy = CAHFPStrategy(server, ratio={1: 0.0, 2: 0.5, 3: 0.75})
+    msgs = list(strategy.configure_train(1, ArrayRecord(server.state), ConfigRecord({"lr": 0.1}), grid))
+    assert [m.metadata.dst_node_id for m in msgs] == [1, 2, 3]
+    sizes = {
+        m.metadata.dst_node_id: sum(
+            a.numel() for a in m.content["arrays"].to_torch_state_dict().values() if a.is_floating_point()
+        )
+        for m in msgs
+    }
+    assert sizes[1] == 13898 and sizes[2] == 3754 and sizes[3] == 1082
+    assert set(msgs[1].content[KEEP_KEY].keys()) == {"conv1", "conv2", "fc1"} and not len(msgs[0].content[KEEP_KEY])
+    cfg = msgs[1].content["config"]
+    assert cfg["server-round"] == 1 and cfg["cahfp-ratio"] == 0.5 and cfg["lr"] == 0.1
+
+
+def test_aggregate_train_handles_errors_drops_and_bad_arrays(gen):
+    behaviours = {1: "good", 2: "good", 3: "error", 4: "drop", 5: "nan", 6: "no-count"}
+    server, grid = _setup(gen, behaviours)
+    strategy = CAHFPStrategy(server, ratio=0.5)
+    msgs = strategy.configure_train(1, ArrayRecord(server.state), ConfigRecord(), grid)
+    replies = grid.send_and_receive(msgs)
+    # the same good replies through a separate, batch-aggregating server
+    twin = Server(models.small_cnn(8), server.example_input, warmup_rounds=1)
+    twin.state = {k: v.clone() for k, v in server.state.items()}
+    twin.assignments = dict(server.assignments)
+    good = {r.metadata.src_node_id: r for r in replies if r.metadata.src_node_id in (1, 2)}
+    expected = twin.aggregate(
+        {n: r.content["arrays"].to_torch_state_dict() for n, r in good.items()}, {n: 12.0 for n in good}
+    )
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    report = strategy.reports[-1]
+    assert report.accepted == [1, 2] and expected.accepted == [1, 2]
+    assert set(report.rejected) == {3, 5, 6} and report.absent == [4]
+    assert "out of memory" in report.rejected[3] and "non-finite" in report.rejected[5]
+    assert "malformed" in report.rejected[6]
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 3 and metrics["absent"] == 1
+    assert "train_loss" in metrics
+    got = arrays.to_torch_state_dict()
+    for k, v in twin.state.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6)
+
+
+def test_whole_run_through_flower_start(gen):
+    server, grid = _setup(gen, {1: "good", 2: "good", 3: "good", 4: "drop"})
+    strategy = CAHFPStrategy(server, ratio=lambda n: 0.25 * (n - 1), min_train_nodes=4, min_evaluate_nodes=3)
+    result = strategy.start(grid, ArrayRecord(server.state), num_rounds=3)
+    assert server.round == 3 and len(strategy.reports) == 3
+    assert all(r.accepted == [1, 2, 3] and r.absent == [4] for r in strategy.reports)
+    final = result.arrays.to_torch_state_dict()
+    for k, v in server.state.items():
+        assert torch.equal(final[k], v)
+    assert 3 in result.evaluate_metrics_clientapp and "accuracy" in result.evaluate_metrics_clientapp[3]
+
+
+def test_flower_app_end_to_end_in_the_simulation_engine():
+    """The example app in Flower's simulation engine (Ray): 4 nodes, 2 rounds."""
+    pytest.importorskip("ray")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "flower_app" / "run.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--nodes", "4", "--rounds", "2"], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "CA-HFP over Flower: 2 rounds" in res.stdout and "accepted per round [4, 4]" in res.stdout
