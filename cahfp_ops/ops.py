@@ -21,7 +21,6 @@ from . import _library
 from ._inputs import (
     DTypeError,
     KeepSets,
-    acc_dtype,
     canonical_coef,
     canonical_keep,
     check_floating,
@@ -97,9 +96,7 @@ def curvature_scores(
         raise ValueError(f"{op}: dim={dim} is out of range for per-client shape {shape_s}")
     dim = dim % s_rank
     dtypes = {t.dtype for t in given.values()}
-    common = (
-        dtypes.pop() if len(dtypes) == 1 else acc_dtype(torch.float64 if torch.float64 in dtypes else torch.float32)
-    )
+    common = dtypes.pop() if len(dtypes) == 1 else (torch.float64 if torch.float64 in dtypes else torch.float32)
 
     def canon(t: Tensor | None) -> Tensor | None:
         if t is None:

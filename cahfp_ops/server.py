@@ -32,6 +32,11 @@ from .plan import ChannelPlan, trace_plan
 CRITERIA = ("curvature", "l1", "l2", "random")
 
 
+def _client_keeps(rows: Mapping, cols: Mapping, j: int) -> tuple[dict, dict]:
+    """Client j's (rows, cols) keep sets from per-tensor lists of per-client keep sets."""
+    return {n: v[j] for n, v in rows.items()}, {n: v[j] for n, v in cols.items()}
+
+
 @dataclass
 class Assignment:
     """What one client gets this round."""
@@ -220,7 +225,7 @@ class Server:
             if streaming:
                 agg = StreamingAggregator(self.state, self.mode)
                 for j, c in enumerate(good):
-                    agg.add(updates[c], {n: v[j] for n, v in rows.items()}, {n: v[j] for n, v in cols.items()}, w[j])
+                    agg.add(updates[c], *_client_keeps(rows, cols, j), w[j])
                 self.state = agg.result()
             else:
                 self.state = aggregate_state(self.state, [updates[c] for c in good], rows, cols, w, self.mode)
@@ -233,8 +238,9 @@ class Server:
         floats = {k: v for k, v in self.state.items() if v.is_floating_point()}
         scale = 1.0 / (self.lr * self.local_steps)
         for j, cid in enumerate(good):
-            r = {n: [v[j]] for n, v in rows.items()}
-            c = {n: [v[j]] for n, v in cols.items()}
+            rows_j, cols_j = _client_keeps(rows, cols, j)
+            r = {n: [keep] for n, keep in rows_j.items()}  # one client: lists of one keep set
+            c = {n: [keep] for n, keep in cols_j.items()}
             expanded = reconstruct_aggregate_many(floats, [{k: updates[cid][k] for k in floats}], r, c)
             self.client_grads[cid] = {k: (floats[k].float() - expanded[k].float()) * scale for k in floats}
 

@@ -13,26 +13,6 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def inverse_maps(keep: Tensor, size: int) -> Tensor:
-    """(K, m) -1-padded keep sets -> (K, size) int32: position of each channel in client k's set, or -1.
-
-    One scatter on the keep sets' device, no host synchronisation. Indices outside
-    [0, size) (possible only with validation off) are dropped, never written out of bounds.
-    """
-    K, m = keep.shape
-    inv = torch.full((K, size + 1), -1, dtype=torch.int32, device=keep.device)
-    if m:
-        ok = (keep >= 0) & (keep < size)
-        idx = torch.where(ok, keep, torch.full_like(keep, size))
-        pos = torch.arange(m, dtype=torch.int32, device=keep.device).expand(K, m)
-        inv.scatter_(1, idx, pos)
-    return inv[:, :size].contiguous()
-
-
 def batched_inverse_maps(keeps: list[Tensor], sizes: list[int], cache: dict | None = None) -> Tensor:
     """Inverse maps of N keep-set tensors (each (K, m_n)) over concatenated channel spaces.
 

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from ._common import batched_inverse_maps, block_size, element_offsets, to_device_table
 
-_T_META = 7  # per tensor: weight offset, output offset, R, Cin, T, row-map offset, col-map offset
-_C_META = 5  # per (tensor, client): offset, stride0, stride1, extent0, extent1
+# Launch tables (int64): per tensor 7 entries (weight offset, output offset, R, Cin, T, row-map
+# offset, col-map offset); per (tensor, client) 5 (offset, stride0, stride1, extent0, extent1).
 
 
 @triton.jit

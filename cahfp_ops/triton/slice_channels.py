@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ._common import block_size, element_offsets, to_device_table
 
-_SEG = 7  # per (client, tensor): weight offset, rows offset, cols offset, kept cols, Cin, T, output offset
+# Segment table (int64), 7 entries per (client, tensor): weight offset, rows offset, cols
+# offset, kept cols, Cin, T, output offset.
 
 
 @triton.jit
