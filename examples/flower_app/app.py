@@ -106,8 +106,8 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=rounds,
         train_config=ConfigRecord({"lr": 0.1}),
     )
-    final = max(result.evaluate_metrics_clientapp)
-    accuracy = result.evaluate_metrics_clientapp[final]["accuracy"]
+    evaluated = result.evaluate_metrics_clientapp
+    accuracy = evaluated[max(evaluated)]["accuracy"] if evaluated else float("nan")  # nan: no node evaluated
     accepted = [len(r.accepted) for r in strategy.reports]
     sizes = sorted({a.params for a in cahfp.assignments.values()})
     full = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
