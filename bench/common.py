@@ -7,12 +7,13 @@ bytes (read + write) between preallocated buffers on the same device.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from cahfp_ops.masks import keep_count  # re-exported for the benchmark scripts
 
 # CIFAR VGG-16: 13 3x3 conv layers (~14.7 M conv parameters).
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
@@ -24,11 +25,6 @@ def vgg16_conv_shapes(in_channels: int = 3) -> list[tuple[int, ...]]:
         shapes.append((w, cin, 3, 3))
         cin = w
     return shapes
-
-
-def keep_count(ratio: float, channels: int) -> int:
-    """Channels kept at pruning ratio ``ratio`` (SPEC.md: max(1, ceil((1 - r) * C - 1e-6)))."""
-    return max(1, math.ceil((1.0 - ratio) * channels - 1e-6))
 
 
 def random_keep(channels: int, ratio: float, gen: torch.Generator) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import reference
 from ._backend import resolve_backend
+from ._inputs import acc_dtype
 
 
 def _as_3d(t: Tensor) -> Tensor:
@@ -24,10 +25,6 @@ def _as_3d(t: Tensor) -> Tensor:
     if t.dim() == 1:
         return t.reshape(t.shape[0], 1, 1)
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _triton():
@@ -55,7 +52,7 @@ def curvature_scores_op(weight: Tensor, grad: Tensor | None, hess: Tensor | None
 @curvature_scores_op.register_fake
 def _(weight: Tensor, grad: Tensor | None, hess: Tensor | None, dim: int) -> Tensor:
     K = max(t.shape[0] for t in (weight, grad, hess) if t is not None)
-    return weight.new_empty((K, weight.shape[dim + 1]), dtype=_score_dtype(weight.dtype))
+    return weight.new_empty((K, weight.shape[dim + 1]), dtype=acc_dtype(weight.dtype))
 
 
 # --------------------------------------------------------------------------- topk_channel_masks
@@ -197,7 +194,7 @@ def register_cpp_fakes() -> None:
     torch.library.register_fake("cahfp_cpp::curvature_scores")(
         lambda weight, grad, hess, dim: weight.new_empty(
             (max(t.shape[0] for t in (weight, grad, hess) if t is not None), weight.shape[dim + 1]),
-            dtype=_score_dtype(weight.dtype),
+            dtype=acc_dtype(weight.dtype),
         )
     )
     torch.library.register_fake("cahfp_cpp::topk_channel_masks")(

@@ -20,9 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._inputs import acc_dtype
 
 
 def _kept(padded_row: Tensor) -> Tensor:
@@ -36,7 +34,7 @@ def curvature_scores(weight: Tensor, grad: Tensor | None, hess: Tensor | None, d
     weight / grad / hess: ``(K_i, *S)`` with K_i in {1, K}, one floating dtype.
     Returns ``(K, S[dim])`` float32 (float64 for float64 inputs).
     """
-    acc = _acc(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     w = weight.to(acc)
     terms = []
     if grad is not None:
@@ -54,7 +52,7 @@ def topk_channel_masks(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Ten
     Returns ``mask`` (K, C) bool and ``indices`` (K, max_keep) int64, ascending, -1 padded.
     """
     K, C = scores.shape
-    s = scores.to(_acc(scores.dtype))
+    s = scores.to(acc_dtype(scores.dtype))
     nan = torch.isnan(s)
     filled = torch.where(nan, torch.full_like(s, float("-inf")), s)
     # Stable sorts: by score (descending), then NaN last; equal keys keep index order.
@@ -94,7 +92,7 @@ def reconstruct_aggregate(
     Elements no client keeps (with a positive weight) are copied from ``weight``.
     Clients with weight 0 are skipped. Accumulates in float32 (float64 for float64).
     """
-    acc = _acc(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     R, Cin, T = weight.shape
     w = weight.to(acc)
     total = torch.zeros_like(w)
@@ -141,7 +139,7 @@ def naive_reconstruct_aggregate(
     K = len(clients)
     coef = [1.0 / K] * K if coef is None else [float(c) / sum(coef) for c in coef]
     cols = [None] * K if cols is None else cols
-    out = torch.zeros_like(weight, dtype=_acc(weight.dtype))
+    out = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
     for k in range(K):
         full = weight.clone()
         r = _full_index(rows[k], weight.shape[0], weight.device)
@@ -168,7 +166,7 @@ def indexadd_reconstruct_aggregate(
     K = len(clients)
     coef = [1.0 / K] * K if coef is None else [float(c) / sum(coef) for c in coef]
     cols = [None] * K if cols is None else cols
-    acc = _acc(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     w = weight.to(acc)
     total = torch.zeros_like(w)
     for k in range(K):

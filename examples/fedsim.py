@@ -104,14 +104,13 @@ def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Te
     ratios = {k: (0.0 if METHODS[method] is None else r) for k, r in enumerate(client_ratios(cfg.rank, cfg.clients))}
     x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
     x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
-    state = {"round": 0}
 
     def train(cid: int, compact: torch.nn.Module):
         compact = compact.to(dev).train()
         opt = torch.optim.SGD(compact.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         idx = parts[cid]
         bs = batch_size_for(len(idx), cfg.batch_size)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["round"] * 1009 + cid)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server.round * 1009 + cid)
         for _ in range(cfg.local_epochs):
             order = idx[torch.randperm(len(idx), generator=g)]
             for i in range(0, len(order), bs):
@@ -131,8 +130,7 @@ def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Te
 
         rounds = tqdm(rounds, desc=f"{method}/{mode}", leave=False)
     report = None
-    for r in rounds:
-        state["round"] = r
+    for _ in rounds:
         t0 = time.perf_counter()
         report = server.run_round(ratios, train)
         times.append(time.perf_counter() - t0)
@@ -152,7 +150,7 @@ def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Te
         "training_mflops_per_client": sum(report.training_flops[c] for c in k) / len(k) / 1e6,
         "full_training_mflops": report.full_training_flops / 1e6,
         "seconds_per_round": sum(times) / len(times),
-        "rejected": sum(1 for _ in report.rejected),
+        "rejected": len(report.rejected),
     }
 
 

@@ -20,6 +20,7 @@ import time
 import torch
 
 import cahfp_ops
+from cahfp_ops.masks import keep_count
 
 WIDTHS = [32, 32, 64, 64, 128, 128]  # conv widths of the embedded model (3x3 kernels, 3 input channels)
 
@@ -30,10 +31,6 @@ def make_global(gen: torch.Generator) -> list[torch.Tensor]:
         weights.append(torch.randn(w, cin, 3, 3, generator=gen) * math.sqrt(2.0 / (cin * 9)))
         cin = w
     return weights
-
-
-def keep_count(ratio: float, channels: int) -> int:
-    return max(1, math.ceil((1.0 - ratio) * channels - 1e-6))
 
 
 def main() -> None:

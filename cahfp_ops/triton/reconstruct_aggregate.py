@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._inputs import acc_dtype
 from ._common import batched_inverse_maps, block_size, element_offsets, to_device_table
 
 # Launch tables (int64): per tensor 7 entries (weight offset, output offset, R, Cin, T, row-map
@@ -188,7 +189,7 @@ def reconstruct_aggregate_many(
 
     inv_rows = batched_inverse_maps([v[2] for v in views], [w.shape[0] for w in ws], _CACHE)
     inv_cols = batched_inverse_maps([v[3] for v in views], [w.shape[1] for w in ws], _CACHE)
-    acc = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
+    acc = acc_dtype(ws[0].dtype)
     p = coef.to(acc)
     inv_rows.masked_fill_((p == 0).unsqueeze(1), -1)  # zero-weight clients are skipped
     out = torch.empty(sum(numels), dtype=ws[0].dtype, device=device)
