@@ -22,7 +22,7 @@ from common import (  # noqa: E402
     bench_parser,
     check_close,
     half_and_half,
-    keep_count,
+    kept_count,
     measure,
     print_table,
     speed_columns,
@@ -34,7 +34,7 @@ def run(K: int, dev: torch.device, args) -> dict:
     gen = torch.Generator().manual_seed(K)
     ratios = half_and_half(K)
     scores = [torch.randn(K, C, generator=gen).to(dev) for C in VGG16_WIDTHS]
-    keeps = [torch.tensor([keep_count(r, C) for r in ratios], device=dev) for C in VGG16_WIDTHS]
+    keeps = [torch.tensor([kept_count(r, C) for r in ratios], device=dev) for C in VGG16_WIDTHS]
     maxk = [int(k.max()) for k in keeps]
 
     def ours():

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from cahfp_ops.masks import keep_count  # re-exported for the benchmark scripts
+from cahfp_ops.fl.masks import kept_count  # re-exported for the benchmark scripts
 
 # CIFAR VGG-16: 13 3x3 conv layers (~14.7 M conv parameters).
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
@@ -28,7 +28,7 @@ def vgg16_conv_shapes(in_channels: int = 3) -> list[tuple[int, ...]]:
 
 
 def random_keep(channels: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.randperm(channels, generator=gen)[: keep_count(ratio, channels)].sort().values
+    return torch.randperm(channels, generator=gen)[: kept_count(ratio, channels)].sort().values
 
 
 def half_and_half(K: int, low: float = 0.5, high: float = 0.75) -> list[float]:

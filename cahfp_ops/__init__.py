@@ -1,21 +1,24 @@
 """cahfp-ops: fused, deterministic kernels for heterogeneous federated pruning (CA-HFP).
 
-Public ops (each backed by a registered ``torch.ops.cahfp.*`` operator):
+The kernel layer. Public ops (each backed by a registered ``torch.ops.cahfp.*`` operator):
 :func:`curvature_scores`, :func:`topk_channel_masks`, :func:`slice_channels`,
 :func:`reconstruct_aggregate`, and the whole-model forms :func:`slice_channels_many`,
-:func:`reconstruct_aggregate_many`. Backends: :func:`use_backend` /
-``CAHFP_OPS_BACKEND``. Validation: :func:`validation` / :func:`set_validation` /
-``CAHFP_OPS_VALIDATE``.
+:func:`reconstruct_aggregate_many`. Backends: :func:`use_backend` / ``CAHFP_OPS_BACKEND``.
+Validation: :func:`validation` / :func:`set_validation` / ``CAHFP_OPS_VALIDATE``.
+
+The federated-learning layer (channel plans, compact models, aggregation, importance,
+masks, the server, sharding, the model zoo) is :mod:`cahfp_ops.fl`; import it yourself.
 """
 
 from __future__ import annotations
 
 from . import reference
-from ._backend import BACKENDS, get_backend, resolve_backend, use_backend
-from ._extension import load_cpp
-from ._inputs import DTypeError
+from ._dispatch import BACKENDS, get_backend, resolve_backend, use_backend
+from ._dtypes import DTypeError
 from ._validation import set_validation, validation, validation_enabled
+from .cpp import load_cpp
 from .ops import (
+    MODES,
     curvature_scores,
     reconstruct_aggregate,
     reconstruct_aggregate_many,
@@ -24,10 +27,11 @@ from .ops import (
     topk_channel_masks,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BACKENDS",
+    "MODES",
     "DTypeError",
     "curvature_scores",
     "get_backend",

@@ -1,4 +1,9 @@
-"""Debug helpers for testing kernels (not part of the stable API)."""
+"""The poison switch for testing kernels (not part of the stable API). A leaf module.
+
+Inside :func:`poison_outputs`, every backend fills each new output with garbage (NaN for
+floating outputs, True for masks, -7777 for indices) before its kernel writes it, so an
+element a kernel forgets to write shows up in the result.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +12,32 @@ from collections.abc import Iterator
 
 import torch
 
-from ._extension import load_cpp
-
 _state = {"poison": False}
 
 
 def poison_enabled() -> bool:
-    """Whether kernels should fill new outputs with garbage before writing them."""
+    """Whether backends should poison their new outputs."""
     return _state["poison"]
 
 
 @contextlib.contextmanager
 def poison_outputs() -> Iterator[None]:
-    """Within the block, every kernel output starts as garbage (NaN / True / -7777), so an
-    element a kernel fails to write is visible in the result."""
-    cpp = load_cpp()
+    """Within the block, every kernel output starts as garbage (see module docs)."""
+    previous = _state["poison"]
     _state["poison"] = True
-    if cpp:
-        torch.ops.cahfp_cpp.set_poison_outputs(True)
     try:
         yield
     finally:
-        _state["poison"] = False
-        if cpp:
-            torch.ops.cahfp_cpp.set_poison_outputs(False)
+        _state["poison"] = previous
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with garbage in place when the switch is on; return ``t``."""
+    if _state["poison"]:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.bool:
+            t.fill_(True)
+        else:
+            t.fill_(-7777)
+    return t

@@ -23,21 +23,11 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from ._dtypes import FLOAT_DTYPES, INDEX_DTYPES, DTypeError
 from ._validation import validation_enabled
 
 KeepSet = Union[Tensor, None]
 KeepSets = Union[Tensor, Sequence[KeepSet], None]
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-class DTypeError(TypeError, ValueError):
-    """A tensor has the wrong dtype (a ``TypeError`` and a ``ValueError``)."""
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 storage, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_floating(op: str, name: str, x: object) -> Tensor:
@@ -156,8 +146,9 @@ def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device
     return padded
 
 
-def keep_counts(keep: KeepSets, padded: Tensor) -> list[int]:
-    """Kept counts per client, from the shapes of a sequence or by counting a padded tensor."""
+def kept_counts(keep: KeepSets, padded: Tensor) -> list[int]:
+    """How many channels each client keeps (a count per client), from the shapes of a
+    sequence of keep sets or by counting the entries of a padded tensor."""
     if isinstance(keep, (list, tuple)):
         return [padded.shape[1] if t is None else int(t.numel()) for t in keep]
     if keep is None or (isinstance(keep, Tensor) and keep.dim() == 1):

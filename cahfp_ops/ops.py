@@ -10,16 +10,15 @@ clients.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Union
 
 import torch
 from torch import Tensor
 
-from . import _library
+from . import _operators
+from ._dtypes import DTypeError
 from ._inputs import (
-    DTypeError,
     KeepSets,
     canonical_coef,
     canonical_keep,
@@ -27,11 +26,13 @@ from ._inputs import (
     check_same_device,
     is_int,
     is_per_client,
-    keep_counts,
+    kept_counts,
 )
 from ._validation import validation_enabled
+from ._views import packed_views
 
 Clients = Union[Tensor, Sequence[Tensor]]
+#: The aggregation modes: CA-HFP reconstruction and HeteroFL-style overlap averaging.
 MODES = ("reconstruct", "overlap")
 
 
@@ -104,7 +105,7 @@ def curvature_scores(
         t = t.to(common)
         return (t if t.dim() == s_rank + 1 else t.unsqueeze(0)).contiguous()
 
-    out = _library.curvature_scores_op(canon(weight), canon(grad), canon(hess), dim)
+    out = _operators.curvature_scores_op(canon(weight), canon(grad), canon(hess), dim)
     return out if has_k else out.squeeze(0)
 
 
@@ -148,27 +149,10 @@ def topk_channel_masks(scores: Tensor, keep: int | Sequence[int] | Tensor) -> tu
             raise ValueError(f"{op}: keep[{k}] = {n} is outside [1, {C}]")
     keep_t = torch.tensor(counts, dtype=torch.int64, device=scores.device)
     s2 = scores.reshape(rows, C).contiguous()
-    mask, indices = _library.topk_channel_masks_op(s2, keep_t, max(counts) if counts else 0)
+    mask, indices = _operators.topk_channel_masks_op(s2, keep_t, max(counts) if counts else 0)
     if scores.dim() == 1:
         return mask[0], indices[0]
     return mask, indices
-
-
-def _packed_views(packed: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
-    """Contiguous views of ``shapes``, laid end to end in ``packed`` (as_strided: one tensor
-    object per view, which matters when a model has thousands of client tensors)."""
-    views, offset, strides = [], 0, {}
-    for shape in shapes:
-        st = strides.get(shape)
-        if st is None:
-            acc, st = 1, []
-            for d in reversed(shape):
-                st.append(acc)
-                acc *= d
-            st = strides[shape] = tuple(reversed(st))
-        views.append(packed.as_strided(shape, st, offset))  # packed: a fresh operator output
-        offset += math.prod(shape)
-    return views
 
 
 def _weight_keep(
@@ -230,14 +214,14 @@ def slice_channels(weight: Tensor, rows: KeepSets = None, cols: KeepSets = None)
         raise ValueError(f"{op}: the per-client keep sets are empty (no clients)")
     Kc = K if per_client else 1
     padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, Kc)
-    row_counts = keep_counts(rows, padded_rows)
-    col_counts = [1] * Kc if weight.dim() == 1 else keep_counts(cols, padded_cols)
+    row_counts = kept_counts(rows, padded_rows)
+    col_counts = [1] * Kc if weight.dim() == 1 else kept_counts(cols, padded_cols)
     inner = weight[0, 0].numel() if weight.dim() >= 2 else 1
     sizes = [r * c * inner for r, c in zip(row_counts, col_counts)]
-    packed = _library.slice_channels_op(weight, padded_rows, padded_cols, sum(sizes))
+    packed = _operators.slice_channels_op(weight, padded_rows, padded_cols, sum(sizes))
     tail = tuple(weight.shape[2:])
     shapes = [(r,) if weight.dim() == 1 else (r, c, *tail) for r, c in zip(row_counts, col_counts)]
-    parts = _packed_views(packed, shapes)
+    parts = packed_views(packed, shapes)
     return parts if per_client else parts[0]
 
 
@@ -274,7 +258,7 @@ def reconstruct_aggregate(
     _check_mode(op, mode)
     weight, client_list, padded_rows, padded_cols = _prepare_aggregate(op, "", weight, clients, rows, cols)
     coef_t = canonical_coef(op, coef, len(client_list), weight.device)
-    return _library.reconstruct_aggregate_op(weight, client_list, padded_rows, padded_cols, coef_t, mode)
+    return _operators.reconstruct_aggregate_op(weight, client_list, padded_rows, padded_cols, coef_t, mode)
 
 
 def _check_mode(op: str, mode: object) -> None:
@@ -406,7 +390,7 @@ def reconstruct_aggregate_many(
         groups.setdefault((w.device, w.dtype, cl[0].dtype), []).append(n)
     for (device, _, _), members in groups.items():
         coef_t = canonical_coef(op, coef, K, device)
-        packed = _library.reconstruct_aggregate_many_op(
+        packed = _operators.reconstruct_aggregate_many_op(
             [prepared[n][0] for n in members],
             [c for n in members for c in prepared[n][1]],
             [prepared[n][2] for n in members],
@@ -414,7 +398,7 @@ def reconstruct_aggregate_many(
             coef_t,
             mode,
         )
-        for n, part in zip(members, _packed_views(packed, [tuple(prepared[n][0].shape) for n in members])):
+        for n, part in zip(members, packed_views(packed, [tuple(prepared[n][0].shape) for n in members])):
             results[n] = part
     out = [results[n] for n in range(len(keys))]
     return dict(zip(keys, out)) if is_mapping else out
@@ -461,15 +445,15 @@ def slice_channels_many(
     for key, r, c in entries:
         w = check_floating(op, f"weights[{key!r}]", weights[key])
         pr, pc = _weight_keep(op, w, r, c, K, memo)
-        rc = keep_counts(r, pr) if is_per_client(r) else [pr.shape[1]] * K
-        cc = [1] * K if w.dim() == 1 else (keep_counts(c, pc) if is_per_client(c) else [pc.shape[1]] * K)
+        rc = kept_counts(r, pr) if is_per_client(r) else [pr.shape[1]] * K
+        cc = [1] * K if w.dim() == 1 else (kept_counts(c, pc) if is_per_client(c) else [pc.shape[1]] * K)
         canon.append((w, pr, pc, rc, cc))
     models: list[dict] = [{} for _ in range(K)]
     groups: dict[tuple, list[int]] = {}
     for n, (w, *_rest) in enumerate(canon):
         groups.setdefault((w.device, w.dtype), []).append(n)
     for members in groups.values():
-        packed = _library.slice_channels_many_op(
+        packed = _operators.slice_channels_many_op(
             [canon[n][0] for n in members],
             [canon[n][1] for n in members],
             [canon[n][2] for n in members],
@@ -482,7 +466,7 @@ def slice_channels_many(
                 w, _, _, rc, cc = canon[n]
                 where.append((k, n))
                 shapes.append((rc[k],) if w.dim() == 1 else (rc[k], cc[k], *w.shape[2:]))
-        for (k, n), part in zip(where, _packed_views(packed, shapes)):
+        for (k, n), part in zip(where, packed_views(packed, shapes)):
             models[k][n] = part
     if is_mapping:
         return [{key: m[n] for n, key in enumerate(keys)} for m in models]
@@ -501,8 +485,8 @@ def _check_client_shapes(
     stacked: bool,
 ) -> None:
     """Client k must be (rows_k, cols_k, *tail) (stacked: at least that large)."""
-    row_counts = keep_counts(rows, padded_rows)
-    col_counts = [1] * len(clients) if weight.dim() == 1 else keep_counts(cols, padded_cols)
+    row_counts = kept_counts(rows, padded_rows)
+    col_counts = [1] * len(clients) if weight.dim() == 1 else kept_counts(cols, padded_cols)
     tail = tuple(weight.shape[2:])
     for k, (c, r, cc) in enumerate(zip(clients, row_counts, col_counts)):
         want = (r,) if weight.dim() == 1 else (r, cc, *tail)

@@ -1,16 +1,10 @@
-"""Pure-PyTorch reference implementations (backend ``torch``).
+"""The pure-PyTorch reference backend (backend ``torch``).
 
-The first four functions are the reference kernels behind backend ``"torch"``.
-They take the canonical forms the public ops build (see ``cahfp_ops._inputs``):
-weights as ``(R, Cin, T)`` views, keep sets as ``(K, m)`` int64 tensors padded
-with -1, coefficients as a normalised ``(K,)`` float64 tensor. Use them through
-the public API with ``cahfp_ops.use_backend("torch")``.
-
-The last two are the plain-PyTorch peers that benchmarks compare against, on the
-public list form (a list of compact client tensors, a list of 1-D keep sets):
-:func:`naive_reconstruct_aggregate` (clone, assign, accumulate per client) and
-:func:`indexadd_reconstruct_aggregate` (widen each delta to full rows, then
-``index_add_`` along dim 0), which is also how :func:`reconstruct_aggregate` works.
+The six functions take the canonical inputs every backend takes (see
+``cahfp_ops/_operators.py``): N-D weights, ``(K, m)`` int64 keep sets padded with -1, a
+normalised ``(K,)`` float64 coefficient tensor. They are written for clarity, not speed:
+they define what the compiled backends must compute. Use them through the public API with
+``cahfp_ops.use_backend("torch")``.
 """
 
 from __future__ import annotations
@@ -20,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._inputs import acc_dtype
+from ._dtypes import acc_dtype
+from ._views import as_3d
 
 
 def _kept(padded_row: Tensor) -> Tensor:
@@ -73,9 +68,10 @@ def topk_channel_masks(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Ten
 def slice_channels(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Tensor:
     """Packed compact tensors: client k's ``weight[rows_k][:, cols_k]`` flattened, in client order.
 
-    weight: ``(R, Cin, T)``. Returns a 1-D tensor of ``total`` elements, weight's dtype.
+    weight: N-D. Returns a 1-D tensor of ``total`` elements, weight's dtype.
     """
-    parts = [weight[_kept(rows[k])][:, _kept(cols[k])].reshape(-1) for k in range(rows.shape[0])]
+    w3 = as_3d(weight)
+    parts = [w3[_kept(rows[k])][:, _kept(cols[k])].reshape(-1) for k in range(rows.shape[0])]
     out = torch.cat(parts) if parts else weight.new_empty(0)
     if out.numel() != total:
         raise ValueError(f"slice_channels: total must be {out.numel()}, got {total}")
@@ -85,13 +81,16 @@ def slice_channels(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Te
 def reconstruct_aggregate(
     weight: Tensor, clients: Sequence[Tensor], rows: Tensor, cols: Tensor, coef: Tensor, mode: str
 ) -> Tensor:
-    """Aggregate K compact clients into a full ``(R, Cin, T)`` tensor (see SPEC.md).
+    """Aggregate K compact clients into a new tensor shaped like the N-D ``weight`` (see SPEC.md).
 
     ``reconstruct``: ``weight + sum_k p_k E_k(c_k - weight[rows_k][:, cols_k])``.
     ``overlap``: the coef-weighted mean of the clients that keep each element.
     Elements no client keeps (with a positive weight) are copied from ``weight``.
     Clients with weight 0 are skipped. Accumulates in float32 (float64 for float64).
     """
+    shape = weight.shape
+    weight = as_3d(weight)
+    clients = [as_3d(c) for c in clients]
     acc = acc_dtype(weight.dtype)
     R, Cin, T = weight.shape
     w = weight.to(acc)
@@ -118,64 +117,34 @@ def reconstruct_aggregate(
         result = w + total
     else:
         result = total / den.clamp(min=torch.finfo(acc).tiny).unsqueeze(-1)
-    return torch.where(covered.unsqueeze(-1), result.to(weight.dtype), weight)
+    return torch.where(covered.unsqueeze(-1), result.to(weight.dtype), weight).view(shape)
 
 
-def _full_index(keep: Tensor | None, size: int, device: torch.device) -> Tensor:
-    return torch.arange(size, device=device) if keep is None else keep.to(device=device, dtype=torch.int64)
-
-
-def naive_reconstruct_aggregate(
-    weight: Tensor,
-    clients: Sequence[Tensor],
-    rows: Sequence[Tensor | None],
-    cols: Sequence[Tensor | None] | None = None,
-    coef: Sequence[float] | None = None,
+def slice_channels_many(
+    weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
 ) -> Tensor:
-    """The plain loop most FL code runs: per client, clone the global, assign, accumulate.
-
-    Benchmark peer. weight: ``(R, Cin, ...)``; clients[k]: ``(len(rows[k]), len(cols[k]), ...)``.
-    """
-    K = len(clients)
-    coef = [1.0 / K] * K if coef is None else [float(c) / sum(coef) for c in coef]
-    cols = [None] * K if cols is None else cols
-    out = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
-    for k in range(K):
-        full = weight.clone()
-        r = _full_index(rows[k], weight.shape[0], weight.device)
-        if weight.dim() == 1:
-            full[r] = clients[k]
-        else:
-            c = _full_index(cols[k], weight.shape[1], weight.device)
-            full[r.unsqueeze(1), c.unsqueeze(0)] = clients[k]
-        out += coef[k] * full
-    return out.to(weight.dtype)
+    """Every client's compact tensors of N weights, packed client-major (client 0's N, then client 1's, ...)."""
+    K = rows[0].shape[0]
+    per_client: list[list[Tensor]] = [[] for _ in range(K)]
+    for n, w in enumerate(weights):
+        w3 = as_3d(w)
+        for k in range(K):
+            part = w3[_kept(rows[n][k])][:, _kept(cols[n][k])].reshape(-1)
+            expected = row_counts[n * K + k] * col_counts[n * K + k] * w3.shape[2]
+            if part.numel() != expected:
+                raise ValueError(f"slice_channels_many: tensor {n}, client {k}: counts give {expected} elements")
+            per_client[k].append(part)
+    parts = [p for ps in per_client for p in ps]
+    return torch.cat(parts) if parts else weights[0].new_empty(0)
 
 
-def indexadd_reconstruct_aggregate(
-    weight: Tensor,
-    clients: Sequence[Tensor],
-    rows: Sequence[Tensor | None],
-    cols: Sequence[Tensor | None] | None = None,
-    coef: Sequence[float] | None = None,
+def reconstruct_aggregate_many(
+    weights: list[Tensor], clients: list[Tensor], rows: list[Tensor], cols: list[Tensor], coef: Tensor, mode: str
 ) -> Tensor:
-    """The best plain-PyTorch variant: per client, widen the delta to full rows and ``index_add_``.
-
-    Benchmark peer; same arguments as :func:`naive_reconstruct_aggregate`.
-    """
-    K = len(clients)
-    coef = [1.0 / K] * K if coef is None else [float(c) / sum(coef) for c in coef]
-    cols = [None] * K if cols is None else cols
-    acc = acc_dtype(weight.dtype)
-    w = weight.to(acc)
-    total = torch.zeros_like(w)
-    for k in range(K):
-        r = _full_index(rows[k], weight.shape[0], weight.device)
-        if weight.dim() == 1:
-            total.index_add_(0, r, coef[k] * (clients[k].to(acc) - w[r]))
-            continue
-        c = _full_index(cols[k], weight.shape[1], weight.device)
-        wide = torch.zeros((r.numel(), *weight.shape[1:]), dtype=acc, device=weight.device)
-        wide[:, c] = coef[k] * (clients[k].to(acc) - w[r][:, c])
-        total.index_add_(0, r, wide)
-    return (w + total).to(weight.dtype)
+    """The N results of :func:`reconstruct_aggregate` (``clients[n * K + k]``), packed in order."""
+    K = len(clients) // len(weights)
+    parts = [
+        reconstruct_aggregate(w, clients[n * K : (n + 1) * K], rows[n], cols[n], coef, mode).reshape(-1)
+        for n, w in enumerate(weights)
+    ]
+    return torch.cat(parts)

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
 
-from cahfp_ops import models  # noqa: E402
-from cahfp_ops.server import Server  # noqa: E402
+from cahfp_ops import MODES  # noqa: E402
+from cahfp_ops.fl import zoo  # noqa: E402
+from cahfp_ops.fl.server import Server  # noqa: E402
 
 RANKS = {0: (0.25, 0.0), 1: (0.25, 0.5), 2: (0.5, 0.75), 3: (0.75, 0.9)}
 METHODS = {"fedavg": None, "magnitude": "l1", "random": "random", "cahfp": "curvature"}
-MODES = ("reconstruct", "overlap")
 
 
 @dataclass
@@ -70,8 +70,8 @@ def batch_size_for(n_samples: int, cap: int) -> int:
 def make_model(name: str, data: Dataset) -> torch.nn.Module:
     c, h, _ = data.image_shape
     if name in ("small_cnn", "mlp"):
-        return models.ZOO[name](image_size=h, in_channels=c, num_classes=data.num_classes)
-    return models.ZOO[name](num_classes=data.num_classes, in_channels=c)
+        return zoo.ZOO[name](image_size=h, in_channels=c, num_classes=data.num_classes)
+    return zoo.ZOO[name](num_classes=data.num_classes, in_channels=c)
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
@@ -145,9 +145,9 @@ def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Te
         "final_accuracy": history[-1],
         "best_accuracy": max(history),
         "full_params": report.full_params,
-        "params_down_per_client": sum(report.params_down[c] for c in k) / len(k),
-        "params_up_per_client": sum(report.params_up.get(c, 0) for c in k) / len(k),
-        "training_mflops_per_client": sum(report.training_flops[c] for c in k) / len(k) / 1e6,
+        "params_down_per_client": sum(report.clients[c].params_down for c in k) / len(k),
+        "params_up_per_client": sum(report.clients[c].params_up for c in k) / len(k),
+        "training_mflops_per_client": sum(report.clients[c].training_flops for c in k) / len(k) / 1e6,
         "full_training_mflops": report.full_training_flops / 1e6,
         "seconds_per_round": sum(times) / len(times),
         "rejected": len(report.rejected),
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     d = Config()
     p.add_argument("--data", default=d.data, choices=["digits", "fmnist", "cifar10", "cifar100", "synthetic"])
     p.add_argument("--data-dir", default=None, help="folder with the FashionMNIST IDX or CIFAR pickle files")
-    p.add_argument("--model", default=None, choices=sorted(models.ZOO), help="default: small_cnn, resnet20 for CIFAR")
+    p.add_argument("--model", default=None, choices=sorted(zoo.ZOO), help="default: small_cnn, resnet20 for CIFAR")
     p.add_argument("--clients", type=int, default=d.clients)
     p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration (0.1, 1, 10)")
     p.add_argument("--rank", type=int, default=d.rank, choices=sorted(RANKS), help="system heterogeneity rank")

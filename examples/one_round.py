@@ -20,7 +20,7 @@ import time
 import torch
 
 import cahfp_ops
-from cahfp_ops.masks import keep_count
+from cahfp_ops.fl.masks import kept_count
 
 WIDTHS = [32, 32, 64, 64, 128, 128]  # conv widths of the embedded model (3x3 kernels, 3 input channels)
 
@@ -69,7 +69,7 @@ def main() -> None:
         if layer + 1 == len(scores):
             rows.append([None] * K)
             continue
-        keep = [keep_count(r, s.numel()) for r in ratios]
+        keep = [kept_count(r, s.numel()) for r in ratios]
         _, idx = cahfp_ops.topk_channel_masks(s.expand(K, -1), keep)
         rows.append([idx[k, : keep[k]] for k in range(K)])
     cols = [[None] * K] + rows[:-1]  # a layer's inputs are the previous layer's kept outputs

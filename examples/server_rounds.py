@@ -17,20 +17,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cahfp_ops import models
-from cahfp_ops.server import Server
+from cahfp_ops.fl import zoo
+from cahfp_ops.fl.server import Server
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20", choices=sorted(models.ZOO))
+    p.add_argument("--model", default="resnet20", choices=sorted(zoo.ZOO))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
     cifar = args.model.startswith(("vgg", "resnet"))
     shape = (3, 32, 32) if cifar else (1, 8, 8)
-    model = models.ZOO[args.model]()
+    model = zoo.ZOO[args.model]()
     data = {c: (torch.randn(32, *shape), torch.randint(0, 10, (32,))) for c in range(4)}
     server = Server(model, torch.randn(2, *shape), criterion="curvature", warmup_rounds=1, lr=0.05, local_steps=1)
     print(f"{args.model}: {len(server.plan.groups)} prunable channel groups; kept whole: {len(server.plan.frozen)}")
@@ -59,7 +59,7 @@ def main() -> None:
             print(f"  rejected: {why}")
         print(f"  {'client':>6} {'ratio':>6} {'params down':>12} {'of full':>8} {'train MFLOPs/sample':>20}")
         for cid in ratios:
-            n, f = report.params_down[cid], report.training_flops[cid]
+            n, f = report.clients[cid].params_down, report.clients[cid].training_flops
             print(f"  {cid:>6} {ratios[cid]:>6.2f} {n:>12,} {n / report.full_params:>8.1%} {f / 1e6:>20.2f}")
 
 

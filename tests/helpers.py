@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -130,3 +133,34 @@ def oracle_aggregate(weight, clients, rows, cols, coef, mode) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+
+
+def bench_module(name: str) -> ModuleType:
+    """Import a module of ``bench/`` (benchmark peers and models) by name."""
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+def retained_tensor_bytes(obj: object) -> tuple[int, set[int]]:
+    """Bytes of the distinct tensor storages reachable from ``obj`` through attributes,
+    dicts, lists, tuples and dataclasses, and the set of their data pointers."""
+    seen_objs: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen_objs:
+            continue
+        seen_objs.add(id(o))
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        elif isinstance(o, dict):
+            stack += list(o.values())
+        elif isinstance(o, (list, tuple, set)):
+            stack += list(o)
+        elif hasattr(o, "__dict__") and not isinstance(o, type):
+            stack += list(vars(o).values())
+    return sum(storages.values()), set(storages)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cahfp_ops
-from cahfp_ops import _extension
+from cahfp_ops import cpp
 
 
 def test_default_is_auto_and_resolves_to_cpp(monkeypatch):
@@ -94,4 +94,4 @@ print("fallback ok")
 
 
 def test_load_state_reports_success():
-    assert _extension.load_cpp() and _extension.load_error() is None
+    assert cpp.load_cpp() and cpp.load_error() is None

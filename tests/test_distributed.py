@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cahfp_ops.aggregate import StreamingAggregator
-from cahfp_ops.distributed import all_reduce_aggregator
+from cahfp_ops.fl.aggregate import StreamingAggregator
+from cahfp_ops.fl.distributed import all_reduce_aggregator
 
 
 def _clients():

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import cahfp_ops
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import fedsim  # noqa: E402
 from fedsim_data import dirichlet_partition, load, load_cifar, load_fashion_mnist, synthetic  # noqa: E402
@@ -39,7 +41,7 @@ def test_ranks_and_batch_sizes():
 
 
 @pytest.mark.parametrize("method", list(fedsim.METHODS))
-@pytest.mark.parametrize("mode", fedsim.MODES)
+@pytest.mark.parametrize("mode", cahfp_ops.MODES)
 def test_tiny_run_every_method(method, mode):
     if method == "fedavg" and mode == "overlap":
         pytest.skip("FedAvg does not prune: one aggregation")

@@ -11,10 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from cahfp_ops import models  # noqa: E402
-from cahfp_ops.compact import build_compact  # noqa: E402
+from cahfp_ops.fl import zoo  # noqa: E402
+from cahfp_ops.fl.compact import build_compact  # noqa: E402
+from cahfp_ops.fl.server import Server  # noqa: E402
 from cahfp_ops.integrations.flower import KEEP_KEY, CAHFPStrategy, compact_model, reply_content  # noqa: E402
-from cahfp_ops.server import Server  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -92,11 +92,11 @@ def make_node(base, data, behaviour="good"):
 
 def _setup(gen, behaviours):
     torch.manual_seed(0)
-    base = models.small_cnn(8)
+    base = zoo.small_cnn(8)
     data = {
         n: (torch.randn(12, 1, 8, 8, generator=gen), torch.randint(0, 10, (12,), generator=gen)) for n in behaviours
     }
-    server = Server(models.small_cnn(8), torch.randn(2, 1, 8, 8, generator=gen), warmup_rounds=1)
+    server = Server(zoo.small_cnn(8), torch.randn(2, 1, 8, 8, generator=gen), warmup_rounds=1)
     grid = LocalGrid({n: make_node(base, data[n], b) for n, b in behaviours.items()})
     return server, grid
 
@@ -125,7 +125,7 @@ def test_aggregate_train_handles_errors_drops_and_bad_arrays(gen):
     msgs = strategy.configure_train(1, ArrayRecord(server.state), ConfigRecord(), grid)
     replies = grid.send_and_receive(msgs)
     # the same good replies through a separate, batch-aggregating server
-    twin = Server(models.small_cnn(8), server.example_input, warmup_rounds=1)
+    twin = Server(zoo.small_cnn(8), server.example_input, warmup_rounds=1)
     twin.state = {k: v.clone() for k, v in server.state.items()}
     twin.assignments = dict(server.assignments)
     good = {r.metadata.src_node_id: r for r in replies if r.metadata.src_node_id in (1, 2)}

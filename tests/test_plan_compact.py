@@ -4,28 +4,28 @@ import pytest
 import torch
 from torch import nn
 
-from cahfp_ops import models
-from cahfp_ops.aggregate import aggregate_state
-from cahfp_ops.compact import build_compact, count_flops, count_params, extract
-from cahfp_ops.masks import keep_count
-from cahfp_ops.plan import ChannelGroup, ChannelPlan, Member, trace_plan
+from cahfp_ops.fl import zoo
+from cahfp_ops.fl.aggregate import aggregate_state
+from cahfp_ops.fl.compact import build_compact, count_flops, count_params, extract
+from cahfp_ops.fl.masks import kept_count
+from cahfp_ops.fl.plan import ChannelGroup, ChannelPlan, Member, trace_plan
 
 CASES = {
-    "vgg11": (lambda: models.vgg11(), (2, 3, 32, 32), 8),
-    "vgg16": (lambda: models.vgg16(), (2, 3, 32, 32), 13),
-    "resnet20": (lambda: models.resnet20(), (2, 3, 32, 32), 9),
-    "resnet32": (lambda: models.resnet32(), (2, 3, 32, 32), 15),
-    "resnet56": (lambda: models.resnet56(), (2, 3, 32, 32), 27),
-    "small_cnn8": (lambda: models.small_cnn(8), (2, 1, 8, 8), 3),
-    "small_cnn28": (lambda: models.small_cnn(28), (2, 1, 28, 28), 3),
-    "mlp8": (lambda: models.mlp(8), (2, 1, 8, 8), 2),
-    "mlp28": (lambda: models.mlp(28), (2, 1, 28, 28), 2),
+    "vgg11": (lambda: zoo.vgg11(), (2, 3, 32, 32), 8),
+    "vgg16": (lambda: zoo.vgg16(), (2, 3, 32, 32), 13),
+    "resnet20": (lambda: zoo.resnet20(), (2, 3, 32, 32), 9),
+    "resnet32": (lambda: zoo.resnet32(), (2, 3, 32, 32), 15),
+    "resnet56": (lambda: zoo.resnet56(), (2, 3, 32, 32), 27),
+    "small_cnn8": (lambda: zoo.small_cnn(8), (2, 1, 8, 8), 3),
+    "small_cnn28": (lambda: zoo.small_cnn(28), (2, 1, 28, 28), 3),
+    "mlp8": (lambda: zoo.mlp(8), (2, 1, 8, 8), 2),
+    "mlp28": (lambda: zoo.mlp(28), (2, 1, 28, 28), 2),
 }
 
 
 def random_keeps(plan, gen, ratio):
     return {
-        g.name: torch.randperm(g.size, generator=gen)[: keep_count(ratio, g.size)].sort().values for g in plan.groups
+        g.name: torch.randperm(g.size, generator=gen)[: kept_count(ratio, g.size)].sort().values for g in plan.groups
     }
 
 
@@ -70,7 +70,7 @@ def test_plan_and_compact_forward_equivalence(name, gen):
 
 @pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
 def test_slice_then_aggregate_returns_global_model(gen, mode):
-    model = models.resnet20()
+    model = zoo.resnet20()
     x = torch.randn(2, 3, 32, 32, generator=gen)
     plan = trace_plan(model, x)
     keeps = [random_keeps(plan, gen, r) for r in (0.25, 0.5, 0.75)]
@@ -86,7 +86,7 @@ def test_slice_then_aggregate_returns_global_model(gen, mode):
 
 
 def test_hand_counts_mlp():
-    model = models.MLP(64, (128, 64), 10)
+    model = zoo.MLP(64, (128, 64), 10)
     x = torch.randn(2, 64)
     assert count_params(model) == 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
     assert count_flops(model, x) == {"macs": 17024, "forward_flops": 34048, "training_flops": 102144}
@@ -98,7 +98,7 @@ def test_hand_counts_mlp():
 
 
 def test_hand_counts_small_cnn():
-    model = models.small_cnn(8)  # conv 1->16 on 8x8, conv 16->32 on 4x4, fc 128->64, fc 64->10
+    model = zoo.small_cnn(8)  # conv 1->16 on 8x8, conv 16->32 on 4x4, fc 128->64, fc 64->10
     x = torch.randn(1, 1, 8, 8)
     assert count_flops(model, x)["macs"] == 64 * 16 * 9 + 16 * 32 * 16 * 9 + 128 * 64 + 64 * 10
     plan = trace_plan(model, x)
@@ -111,7 +111,7 @@ def test_hand_counts_small_cnn():
 
 
 def test_residual_modes():
-    model = models.resnet20()
+    model = zoo.resnet20()
     x = torch.randn(2, 3, 32, 32)
     internal = trace_plan(model, x)
     assert all(g.name.endswith(".conv1") for g in internal.groups)
@@ -163,7 +163,7 @@ def test_unsupported_op_names_module():
 
 
 def test_explicit_plan():
-    model = models.mlp(8)
+    model = zoo.mlp(8)
     plan = ChannelPlan(
         [ChannelGroup("hidden", 128, [Member("net.1.weight", 0), Member("net.1.bias", 0), Member("net.3.weight", 1)])]
     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cahfp_ops
-from helpers import DTYPES, assert_close, make_keeps, oracle_aggregate, random_keep, to_padded
+from helpers import DTYPES, assert_close, bench_module, make_keeps, oracle_aggregate, random_keep, to_padded
 
 SHAPES = [(7,), (5, 3), (9, 6, 3, 3), (1, 1), (13, 7, 2), (3, 11, 1, 5)]
 
@@ -160,7 +160,6 @@ def test_reference_peers_agree(gen):
     clients = compact_clients(gen, weight, rows, cols)
     coef = [1.0, 2.0, 3.0, 0.5, 1.5]
     expected = oracle_aggregate(weight, clients, rows, cols, coef, "reconstruct")
-    from cahfp_ops import reference
-
-    assert_close(reference.naive_reconstruct_aggregate(weight, clients, rows, cols, coef), expected, torch.float32)
-    assert_close(reference.indexadd_reconstruct_aggregate(weight, clients, rows, cols, coef), expected, torch.float32)
+    peers = bench_module("peers")
+    assert_close(peers.naive_reconstruct_aggregate(weight, clients, rows, cols, coef), expected, torch.float32)
+    assert_close(peers.indexadd_reconstruct_aggregate(weight, clients, rows, cols, coef), expected, torch.float32)

@@ -5,21 +5,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cahfp_ops import curvature_scores, models
-from cahfp_ops.aggregate import StreamingAggregator, aggregate_state
-from cahfp_ops.compact import extract
-from cahfp_ops.curvature import CurvatureTracker, group_scores, magnitude_scores
-from cahfp_ops.masks import assign_keep_sets, keep_count
-from cahfp_ops.plan import trace_plan
-from cahfp_ops.server import Server
+from cahfp_ops import curvature_scores
+from cahfp_ops.fl import zoo
+from cahfp_ops.fl.aggregate import StreamingAggregator, aggregate_state
+from cahfp_ops.fl.compact import extract
+from cahfp_ops.fl.importance import CurvatureTracker, group_scores, magnitude_scores
+from cahfp_ops.fl.masks import assign_keep_sets, kept_count
+from cahfp_ops.fl.plan import trace_plan
+from cahfp_ops.fl.server import Server
+from helpers import retained_tensor_bytes
 
 
 def _setup(gen, K=4):
-    model = models.small_cnn(8)
+    model = zoo.small_cnn(8)
     x = torch.randn(2, 1, 8, 8, generator=gen)
     plan = trace_plan(model, x)
     keeps = [
-        {g.name: torch.randperm(g.size, generator=gen)[: keep_count(r, g.size)].sort().values for g in plan.groups}
+        {g.name: torch.randperm(g.size, generator=gen)[: kept_count(r, g.size)].sort().values for g in plan.groups}
         for r in (0.25, 0.5, 0.75, 0.9)[:K]
     ]
     sd = model.state_dict()
@@ -62,14 +64,41 @@ def test_streaming_matches_batch_and_merges(gen, mode):
         assert torch.equal(again.result()[name], single[name])
 
 
+def _retained_after(agg_cls, sd, clients: int) -> tuple[int, bool]:
+    """Tensor bytes an aggregator holds after ``clients`` updates, and whether it kept any update."""
+    agg = agg_cls(sd)
+    updates = [{k: v.clone() for k, v in sd.items()} for _ in range(clients)]  # alive: addresses stay unique
+    for update in updates:
+        agg.add(update, weight=1.0)
+    held = {t.untyped_storage().data_ptr() for update in updates for t in update.values()}
+    nbytes, ptrs = retained_tensor_bytes(agg)
+    return nbytes, bool(ptrs & held)
+
+
 def test_streaming_memory_is_per_model(gen):
+    """What the aggregator holds does not grow with the clients and holds no update:
+    the global state plus float64 sums and covers (and integer entries), O(model)."""
     _, _, _, sd, _ = _setup(gen)
-    agg = StreamingAggregator(sd)
-    before = sum(t.numel() for t in agg.sums.values()) + sum(t.numel() for t in agg.cover.values())
-    for _ in range(20):
-        agg.add({k: v.clone() for k, v in sd.items()}, weight=1.0)
-    after = sum(t.numel() for t in agg.sums.values()) + sum(t.numel() for t in agg.cover.values())
-    assert before == after
+    one, kept_one = _retained_after(StreamingAggregator, sd, 1)
+    many, kept_many = _retained_after(StreamingAggregator, sd, 20)
+    model = sum(v.untyped_storage().nbytes() for v in sd.values())
+    sums = sum(8 * v.numel() + 8 * v.shape[:2].numel() for v in sd.values() if v.is_floating_point())
+    ints = sum(v.untyped_storage().nbytes() for v in sd.values() if not v.is_floating_point())
+    assert one == many == model + sums + ints
+    assert not kept_one and not kept_many
+
+
+def test_streaming_memory_check_catches_a_hoarding_aggregator(gen):
+    """The measurement above fails for an aggregator that keeps its updates."""
+
+    class Hoarding(StreamingAggregator):
+        def add(self, update, rows=None, cols=None, weight=1.0):
+            self.kept = [*getattr(self, "kept", []), update]
+            super().add(update, rows, cols, weight)
+
+    _, _, _, sd, _ = _setup(gen)
+    (one, _), (many, kept) = _retained_after(Hoarding, sd, 1), _retained_after(Hoarding, sd, 20)
+    assert many > one and kept
 
 
 def test_secant_and_fisher_proxies(gen):
@@ -106,7 +135,7 @@ def test_group_scores_sum_members_and_blocks(gen):
 
 
 def test_assign_keep_sets_counts_and_order():
-    from cahfp_ops.plan import ChannelGroup, ChannelPlan, Member
+    from cahfp_ops.fl.plan import ChannelGroup, ChannelPlan, Member
 
     plan = ChannelPlan([ChannelGroup("a", 10, [Member("a.weight", 0)]), ChannelGroup("b", 4, [Member("b.weight", 0)])])
     scores = {"a": torch.arange(10.0), "b": torch.tensor([[1.0, 4.0, 2.0, 3.0], [0.0, 0.0, 0.0, 1.0]])}
@@ -135,20 +164,21 @@ def _train_fn(x, y):
 def test_server_rounds(gen, criterion):
     torch.manual_seed(0)
     x, y = torch.randn(32, 1, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
-    server = Server(models.small_cnn(8), x[:2], criterion=criterion, warmup_rounds=1, local_steps=2)
+    server = Server(zoo.small_cnn(8), x[:2], criterion=criterion, warmup_rounds=1, local_steps=2)
     ratios = {0: 0.0, 1: 0.5, 2: 0.75}
     for _ in range(3):
         report = server.run_round(ratios, _train_fn(x, y))
         assert report.accepted == [0, 1, 2] and not report.rejected
-    assert report.params_down[0] == report.full_params > report.params_down[1] > report.params_down[2]
-    assert report.training_flops[0] == report.full_training_flops > report.training_flops[2]
-    assert report.bytes_up[1] == 4 * report.params_up[1]
-    assert server.round == 3 and (criterion != "curvature" or server.tracker.ready)
+    rec = report.clients
+    assert rec[0].params_down == report.full_params > rec[1].params_down > rec[2].params_down
+    assert rec[0].training_flops == report.full_training_flops > rec[2].training_flops
+    assert rec[1].bytes_up == 4 * rec[1].params_up and all(r.status == "accepted" for r in rec.values())
+    assert server.round == 3 and server.criterion.ready
 
 
 def test_faults_are_rejected_and_round_goes_on(gen):
     x = torch.randn(16, 1, 8, 8, generator=gen)
-    server = Server(models.small_cnn(8), x[:2])
+    server = Server(zoo.small_cnn(8), x[:2])
     server.assign({c: 0.5 for c in range(6)})
     good = {
         c: {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in a.state.items()}
@@ -180,13 +210,13 @@ def test_save_restore_gives_bit_identical_rounds(gen, tmp_path):
     x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
     ratios = {0: 0.25, 1: 0.5, 2: 0.75}
     torch.manual_seed(0)
-    a = Server(models.small_cnn(8), x[:2], criterion="random", seed=7)
+    a = Server(zoo.small_cnn(8), x[:2], criterion="random", seed=7)
     a.run_round(ratios, _train_fn(x, y))
     a.run_round(ratios, _train_fn(x, y))
     path = tmp_path / "server.pt"
     a.save(path)
     assert not list(tmp_path.glob(".cahfp-*"))  # no temporary file left behind
-    b = Server(models.small_cnn(8), x[:2], criterion="random", seed=123)
+    b = Server(zoo.small_cnn(8), x[:2], criterion="random", seed=123)
     b.load(path)
     torch.manual_seed(1)  # the clients' own randomness (dropout) is not server state
     ra = a.run_round(ratios, _train_fn(x, y))
@@ -203,14 +233,14 @@ def test_save_restore_gives_bit_identical_rounds(gen, tmp_path):
 def test_personalized_scores_use_each_clients_update(gen):
     x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
     torch.manual_seed(0)
-    server = Server(models.small_cnn(8), x[:2], personalized=True, warmup_rounds=0, local_steps=2)
+    server = Server(zoo.small_cnn(8), x[:2], personalized=True, warmup_rounds=0, local_steps=2)
     ratios = {0: 0.5, 1: 0.5}
     for _ in range(3):
         server.run_round(ratios, _train_fn(x, y))
-    assert set(server.client_grads) == {0, 1}
+    assert set(server.criterion.client_grads) == {0, 1}
     # pseudo-gradients are zero exactly where the client pruned
     a = server.assignments[0]
-    g = server.client_grads[0]["conv1.weight"]
+    g = server.criterion.client_grads[0]["conv1.weight"]
     pruned = torch.ones(g.shape[0], dtype=torch.bool)
     pruned[a.keeps["conv1"]] = False
     assert not g[pruned].any()

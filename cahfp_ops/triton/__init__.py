@@ -1,7 +1,8 @@
-"""Triton kernels for CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``).
+"""The Triton backend: kernels for CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``).
 
-One file per op; each takes the canonical inputs of the matching ``torch.ops.cahfp``
-operator, which wraps it (``torch.library.custom_op`` + ``register_fake``).
+One file per op; the six backend functions take the canonical inputs every backend takes
+(see ``cahfp_ops/_operators.py``) and are called from inside the matching registered
+``torch.ops.cahfp`` operator (``torch.library.custom_op`` + ``register_fake``).
 """
 
 from .curvature_scores import curvature_scores

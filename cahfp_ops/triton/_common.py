@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._backend import triton_interpreted
+from .._interpreter import triton_interpreted
 
 
 def next_pow2(n: int) -> int:

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._inputs import acc_dtype
+from .._debug import poison_
+from .._dtypes import acc_dtype
 from ._common import block_size
 
 
@@ -69,7 +70,7 @@ def curvature_scores(weight: Tensor, grad: Tensor | None, hess: Tensor | None, d
     post = math.prod(shape[dim + 1 :])
     numel = pre * C * post
     acc = acc_dtype(weight.dtype)
-    out = torch.empty(K, C, dtype=acc, device=weight.device)
+    out = poison_(torch.empty(K, C, dtype=acc, device=weight.device))
     tensors = [t.contiguous() if t is not None else None for t in (weight, grad, hess)]
     strides = [0 if t is None or t.shape[0] == 1 else numel for t in tensors]
     w, g, h = tensors

@@ -1,7 +1,7 @@
 """Triton reconstruct_aggregate: every tensor of a model, all K clients, one launch.
 
-Canonical inputs (see ``cahfp_ops._library``): weights ``(R, Cin, T)``; client k's
-compact tensor ``(>= rows_k, >= cols_k, T)`` with a contiguous last dim; keep sets
+Canonical inputs (see ``cahfp_ops/_operators.py``): N-D weights, viewed here as
+``(R, Cin, T)``; client k's compact tensor ``(>= rows_k, >= cols_k, *tail)``; keep sets
 ``(K, m)`` int64, -1 padded; ``coef`` ``(K,)`` float64 summing to 1.
 
 Each program owns one block of one output row of one tensor, so no two programs
@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._inputs import acc_dtype
+from .._debug import poison_
+from .._dtypes import acc_dtype
+from .._views import as_3d
 from ._common import batched_inverse_maps, block_size, element_offsets, to_device_table
 
 # Launch tables (int64): per tensor 7 entries (weight offset, output offset, R, Cin, T, row-map
@@ -141,13 +143,13 @@ def _as_row_view(w: Tensor, clients: list[Tensor], rows: Tensor, cols: Tensor):
 
 def reconstruct_aggregate_many(
     weights: Sequence[Tensor],
-    clients: Sequence[Sequence[Tensor]],
+    clients: Sequence[Tensor],
     rows: Sequence[Tensor],
     cols: Sequence[Tensor],
     coef: Tensor,
     mode: str,
 ) -> Tensor:
-    """Aggregate N tensors at once. ``clients[n][k]`` is client k's compact tensor n.
+    """Aggregate N tensors at once. ``clients[n * K + k]`` is client k's compact tensor n.
 
     All weights share one dtype and all clients another (the caller groups them).
     Returns one packed buffer holding the N results in order.
@@ -156,8 +158,10 @@ def reconstruct_aggregate_many(
     if N == 0:
         return coef.new_empty(0)
     device = weights[0].device
-    K = len(clients[0])
-    views = [_as_row_view(w, list(cl), r, c) for w, cl, r, c in zip(weights, clients, rows, cols)]
+    K = len(clients) // N
+    per_tensor = [[as_3d(c) for c in clients[n * K : (n + 1) * K]] for n in range(N)]
+    weights = [as_3d(w.contiguous()) for w in weights]
+    views = [_as_row_view(w, cl, r, c) for w, cl, r, c in zip(weights, per_tensor, rows, cols)]
     ws = [v[0] for v in views]
     cls = [[c if c.stride(2) == 1 or c.shape[2] == 1 else c.contiguous() for c in v[1]] for v in views]
     shapes = tuple((int(w.shape[0]), int(w.shape[1] * w.shape[2])) for w in ws)
@@ -192,11 +196,7 @@ def reconstruct_aggregate_many(
     acc = acc_dtype(ws[0].dtype)
     p = coef.to(acc)
     inv_rows.masked_fill_((p == 0).unsqueeze(1), -1)  # zero-weight clients are skipped
-    out = torch.empty(sum(numels), dtype=ws[0].dtype, device=device)
-    from .._debug import poison_enabled
-
-    if poison_enabled():
-        out.fill_(float("nan"))
+    out = poison_(torch.empty(sum(numels), dtype=ws[0].dtype, device=device))
     work = _work_table(shapes, block, device)
     grid = (work.shape[0] // 3,)
     if grid[0]:
@@ -223,5 +223,5 @@ def reconstruct_aggregate_many(
 def reconstruct_aggregate(
     weight: Tensor, clients: list[Tensor], rows: Tensor, cols: Tensor, coef: Tensor, mode: str
 ) -> Tensor:
-    """Single-tensor form (canonical 3-D inputs); one launch."""
-    return reconstruct_aggregate_many([weight], [clients], [rows], [cols], coef, mode).view(weight.shape)
+    """Single-tensor form; one launch. Returns a tensor shaped like ``weight``."""
+    return reconstruct_aggregate_many([weight], list(clients), [rows], [cols], coef, mode).view(weight.shape)

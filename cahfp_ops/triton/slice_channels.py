@@ -1,9 +1,9 @@
 """Triton slice_channels: every client's compact tensor (of every tensor) in one launch.
 
-Canonical inputs: weights ``(R, Cin, T)`` contiguous; keep sets ``(K, m)`` int64,
--1 padded. Output: one packed buffer, client-major; segment (client k, tensor n)
-holds ``weight_n[rows_nk][:, cols_nk]`` flattened. A program copies one block of
-one kept row of one client's tensor, reading the kept columns through the keep
+Canonical inputs (see ``cahfp_ops/_operators.py``): N-D weights, viewed here as
+``(R, Cin, T)``; keep sets ``(K, m)`` int64, -1 padded. Output: one packed buffer,
+client-major; segment (client k, tensor n) holds ``weight_n[rows_nk][:, cols_nk]``
+flattened. A program copies one block of one kept row of one client's tensor, reading the kept columns through the keep
 set. Kept counts come from the host (they size the output anyway).
 """
 
@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._debug import poison_
+from .._views import as_3d
 from ._common import block_size, element_offsets, to_device_table
 
 # Segment table (int64), 7 entries per (client, tensor): weight offset, rows offset, cols
@@ -51,17 +53,19 @@ def slice_channels_many(
     weights: Sequence[Tensor],
     rows: Sequence[Tensor],
     cols: Sequence[Tensor],
-    row_counts: Sequence[Sequence[int]],
-    col_counts: Sequence[Sequence[int]],
+    row_counts: Sequence[int],
+    col_counts: Sequence[int],
 ) -> Tensor:
     """Packed compact tensors, client-major: client 0's tensors 0..N-1, then client 1's, ...
 
-    ``row_counts[n][k]`` / ``col_counts[n][k]``: kept counts (host ints; they size the output).
+    ``row_counts[n * K + k]`` / ``col_counts[n * K + k]``: kept counts (host ints; they size the output).
     """
     N = len(weights)
     device = weights[0].device
     K = rows[0].shape[0]
-    ws = [w.contiguous() for w in weights]
+    row_counts = [row_counts[n * K : (n + 1) * K] for n in range(N)]
+    col_counts = [col_counts[n * K : (n + 1) * K] for n in range(N)]
+    ws = [as_3d(w.contiguous()) for w in weights]
     keeps = [t.contiguous() for pair in zip(rows, cols) for t in pair]
     keep_base = min(keeps, key=lambda t: t.data_ptr())
     keep_offs = element_offsets(keeps, keep_base)
@@ -90,11 +94,7 @@ def slice_channels_many(
             if rc and nb:
                 ii, bb = np.meshgrid(np.arange(rc), np.arange(nb), indexing="ij")
                 work.append(np.stack([np.full(ii.size, sidx), ii.ravel(), bb.ravel()], axis=1))
-    out = torch.empty(int(sum(flat)), dtype=ws[0].dtype, device=device)
-    from .._debug import poison_enabled
-
-    if poison_enabled():
-        out.fill_(float("nan"))
+    out = poison_(torch.empty(int(sum(flat)), dtype=ws[0].dtype, device=device))
     if work:
         table = np.concatenate(work).astype(np.int64)
         work_t = to_device_table(table.ravel().tolist(), device)
@@ -104,10 +104,10 @@ def slice_channels_many(
 
 
 def slice_channels(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Tensor:
-    """Single tensor, canonical form: packed (client order) buffer of ``total`` elements."""
+    """Single tensor: packed (client order) buffer of ``total`` elements."""
     rc = (rows >= 0).sum(dim=1).tolist()
     cc = (cols >= 0).sum(dim=1).tolist()
-    out = slice_channels_many([weight], [rows], [cols], [rc], [cc])
+    out = slice_channels_many([weight], [rows], [cols], rc, cc)
     if out.numel() != total:
         raise ValueError(f"slice_channels: total must be {out.numel()}, got {total}")
     return out

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._backend import triton_interpreted
+from .._debug import poison_
+from .._interpreter import triton_interpreted
 from ._common import next_pow2
 
 
@@ -55,13 +56,8 @@ def topk_channel_masks(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Ten
     """scores ``(K, C)``, keep ``(K,)`` int64 -> mask ``(K, C)`` bool, indices ``(K, max_keep)`` int64."""
     K, C = scores.shape
     scores = scores.contiguous()
-    mask = torch.empty(K, C, dtype=torch.bool, device=scores.device)
-    indices = torch.empty(K, max_keep, dtype=torch.int64, device=scores.device)
-    from .._debug import poison_enabled
-
-    if poison_enabled():
-        mask.fill_(True)
-        indices.fill_(-7777)
+    mask = poison_(torch.empty(K, C, dtype=torch.bool, device=scores.device))
+    indices = poison_(torch.empty(K, max_keep, dtype=torch.int64, device=scores.device))
     if K and C:
         block_c = next_pow2(C)
         budget = (1 << 16) if triton_interpreted() else (1 << 13)

@@ -1,4 +1,4 @@
-// Operator schemas and CPU registrations of the cahfp_cpp namespace.
+// Operator schemas and CPU registrations of the private _cahfp_cpp namespace.
 //
 // These are the compiled CPU kernels behind the public torch.ops.cahfp.*
 // operators; they take the canonical forms produced by the Python layer
@@ -28,7 +28,7 @@ at::Tensor curvature_scores_cpu(const at::Tensor& weight, const std::optional<at
 // Debug switch used by the tests (see poison_outputs in common.h).
 void set_poison_outputs(bool enabled) { poison_outputs().store(enabled); }
 
-TORCH_LIBRARY(cahfp_cpp, m) {
+TORCH_LIBRARY(_cahfp_cpp, m) {
   m.def("set_poison_outputs(bool enabled) -> ()", &set_poison_outputs);
   m.def("curvature_scores(Tensor weight, Tensor? grad, Tensor? hess, int dim) -> Tensor");
   m.def("topk_channel_masks(Tensor scores, Tensor keep, int max_keep) -> (Tensor, Tensor)");
@@ -42,7 +42,7 @@ TORCH_LIBRARY(cahfp_cpp, m) {
   m.def("slice_channels_many(Tensor[] weights, Tensor[] rows, Tensor[] cols, int total) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(cahfp_cpp, CPU, m) {
+TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
   m.impl("curvature_scores", &curvature_scores_cpu);
   m.impl("topk_channel_masks", &topk_channel_masks_cpu);
   m.impl("slice_channels", &slice_channels_cpu);

@@ -25,10 +25,10 @@ from flwr.serverapp import Grid, ServerApp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fedsim_data import dirichlet_partition, load_digits  # noqa: E402
 
-from cahfp_ops import models  # noqa: E402
-from cahfp_ops.compact import build_compact  # noqa: E402
+from cahfp_ops.fl import zoo  # noqa: E402
+from cahfp_ops.fl.compact import build_compact  # noqa: E402
+from cahfp_ops.fl.server import Server  # noqa: E402
 from cahfp_ops.integrations.flower import CAHFPStrategy, compact_model, reply_content  # noqa: E402
-from cahfp_ops.server import Server  # noqa: E402
 
 RATIOS = (0.5, 0.75)  # heterogeneity rank 2: half the nodes each
 
@@ -52,7 +52,7 @@ client = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     x, y = _partition(context)
-    model = compact_model(models.small_cnn(8), msg.content).train()
+    model = compact_model(zoo.small_cnn(8), msg.content).train()
     lr = float(msg.content["config"].get("lr", 0.1))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     bs = max(1, math.ceil(len(y) / 8))
@@ -74,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
 @client.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     data, _ = _data(int(context.node_config["num-partitions"]))
-    model = build_compact(models.small_cnn(8), msg.content["arrays"].to_torch_state_dict()).eval()
+    model = build_compact(zoo.small_cnn(8), msg.content["arrays"].to_torch_state_dict()).eval()
     with torch.no_grad():
         acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
     return Message(
@@ -89,7 +89,7 @@ server = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     rounds = int(os.environ.get("CAHFP_FLOWER_ROUNDS", context.run_config.get("num-server-rounds", 10)))
     torch.manual_seed(0)
-    model = models.small_cnn(8)
+    model = zoo.small_cnn(8)
     cahfp = Server(model, torch.randn(2, 1, 8, 8), criterion="curvature", warmup_rounds=2, lr=0.1, local_steps=8)
     ratio_of: dict[int, float] = {}
 

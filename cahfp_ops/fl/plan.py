@@ -12,6 +12,7 @@ and column keep sets for ``slice_channels_many`` / ``reconstruct_aggregate_many`
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -187,10 +188,7 @@ def trace_plan(model: nn.Module, example_input: Tensor, residual: str = "interna
     """
     if residual not in RESIDUAL_MODES:
         raise ValueError(f"trace_plan: residual must be one of {RESIDUAL_MODES}, got {residual!r}")
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    gm = torch.fx.symbolic_trace(model)
-    ShapeProp(gm).propagate(example_input)
+    gm = _traced_with_shapes(model, example_input)
     modules = dict(gm.named_modules())
     params = dict(model.state_dict())
     groups: dict[str, ChannelGroup] = {}
@@ -297,6 +295,22 @@ def trace_plan(model: nn.Module, example_input: Tensor, residual: str = "interna
     plan = ChannelPlan([g for name, g in groups.items() if name not in frozen], frozen)
     plan.check(params)
     return plan
+
+
+def _traced_with_shapes(model: nn.Module, example_input: Tensor) -> torch.fx.GraphModule:
+    """``model``'s fx graph with tensor shapes recorded on every node.
+
+    Shapes come from one forward of a deep copy in eval mode without autograd, so the
+    caller's model stays bit for bit as given (no BatchNorm running stats or
+    ``num_batches_tracked`` change, no train/eval flag flips) and a batch of one works.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    probe = copy.deepcopy(model).eval()
+    gm = torch.fx.symbolic_trace(probe)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+    return gm
 
 
 def _dedupe(members: list[Member]) -> list[Member]:

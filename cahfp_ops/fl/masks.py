@@ -7,14 +7,15 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from .ops import topk_channel_masks
+from cahfp_ops import topk_channel_masks
+
 from .plan import ChannelPlan
 
 Ratio = float | Mapping[str, float]
 
 
-def keep_count(ratio: float, channels: int) -> int:
-    """Channels kept at pruning ratio ``ratio`` in a group of ``channels`` (SPEC.md)."""
+def kept_count(ratio: float, channels: int) -> int:
+    """How many channels are kept at pruning ratio ``ratio`` in a group of ``channels`` (SPEC.md)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
     return max(1, math.ceil((1.0 - ratio) * channels - 1e-6))
@@ -23,7 +24,7 @@ def keep_count(ratio: float, channels: int) -> int:
 def assign_keep_sets(
     plan: ChannelPlan, ratios: Sequence[Ratio], scores: Mapping[str, Tensor]
 ) -> list[dict[str, Tensor]]:
-    """Each client's kept channels of every group: the highest-scoring ``keep_count`` channels.
+    """Each client's kept channels of every group: the highest-scoring ``kept_count`` channels.
 
     Args:
         ratios: one per client: a ratio for every group, or a mapping group -> ratio
@@ -43,7 +44,7 @@ def assign_keep_sets(
         s = scores[g.name]
         s = s.expand(K, -1) if s.dim() == 1 else s
         rows = s[pruned]
-        _, idx = topk_channel_masks(rows, [keep_count(r[k], g.size) for k in pruned])
+        _, idx = topk_channel_masks(rows, [kept_count(r[k], g.size) for k in pruned])
         for j, k in enumerate(pruned):
             kept = idx[j]
             out[k][g.name] = kept[kept >= 0]

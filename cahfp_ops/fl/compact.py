@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .ops import slice_channels_many
+from cahfp_ops import slice_channels_many
+
 from .plan import ChannelPlan
 
 
@@ -96,13 +97,14 @@ def count_flops(model: nn.Module, example_input: Tensor) -> dict[str, int]:
             macs += (output.numel() // output.shape[0]) * mod.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
             model(example_input[:1])
     finally:
-        model.train(was_training)
+        for m, training in flags:  # each module's own flag, as the caller had it
+            m.training = training
         for h in handles:
             h.remove()
     return {"macs": macs, "forward_flops": 2 * macs, "training_flops": 6 * macs}

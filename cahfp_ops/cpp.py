@@ -1,15 +1,22 @@
-"""Loading of the compiled C++ CPU kernels (``torch.ops.cahfp_cpp.*``).
+"""The C++ CPU backend: compiled kernels behind the registered operators.
 
-The kernels are compiled on first use with ``torch.utils.cpp_extension.load``
+The kernels (``csrc/cpu/``) are compiled on first use with ``torch.utils.cpp_extension.load``
 against the installed torch (no second torch, no build isolation) and cached in
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Later imports
-load the cached library in well under a second. If there is no compiler or the
-build fails, :func:`load_cpp` returns False and backend ``auto`` falls back to
-the pure-PyTorch reference with a single warning.
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Later imports load the
+cached library in well under a second. If there is no compiler or the build fails,
+:func:`load_cpp` returns False and backend ``auto`` falls back to the pure-PyTorch reference
+with a single warning.
+
+The compiled library registers its kernels in the private operator namespace
+``torch.ops._cahfp_cpp``: a loading detail, not an API. It has no fake kernels and no
+autograd; only this module calls it, from inside the public ``torch.ops.cahfp.*``
+operators. The six backend functions below take the canonical inputs every backend takes
+(see ``cahfp_ops/_operators.py``).
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 import threading
@@ -17,9 +24,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
+from ._debug import poison_enabled
 
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {"loaded": None, "error": None}
+_STATE: dict[str, object] = {"loaded": None, "error": None, "poison": False}
 _EXT_NAME = "cahfp_ops_cpu"
 
 
@@ -79,15 +89,12 @@ def _build() -> None:
 
 
 def load_cpp() -> bool:
-    """Compile (first time) and load the C++ kernels; True when ``torch.ops.cahfp_cpp`` is usable."""
+    """Compile (first time) and load the C++ kernels; True when ``torch.ops._cahfp_cpp`` is usable."""
     with _LOCK:
         if _STATE["loaded"] is None:
             try:
-                if not hasattr(torch.ops.cahfp_cpp, "reconstruct_aggregate"):
+                if not hasattr(torch.ops._cahfp_cpp, "reconstruct_aggregate"):
                     _build()
-                from ._library import register_cpp_fakes
-
-                register_cpp_fakes()
                 _STATE["loaded"] = True
             except Exception as exc:  # no compiler, failed build, missing sources
                 _STATE["loaded"] = False
@@ -110,3 +117,49 @@ def warn_fallback_once() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+# --------------------------------------------------------------------------- backend functions
+def _kernels():
+    """The compiled operators, with the C++ poison switch following :mod:`cahfp_ops._debug`."""
+    ops = torch.ops._cahfp_cpp
+    poison = poison_enabled()
+    if poison != _STATE["poison"]:
+        ops.set_poison_outputs(poison)
+        _STATE["poison"] = poison
+    return ops
+
+
+def curvature_scores(weight: Tensor, grad: Tensor | None, hess: Tensor | None, dim: int) -> Tensor:
+    return _kernels().curvature_scores(weight, grad, hess, dim)
+
+
+def topk_channel_masks(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Tensor, Tensor]:
+    return _kernels().topk_channel_masks(scores, keep, max_keep)
+
+
+def slice_channels(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Tensor:
+    return _kernels().slice_channels(weight, rows, cols, total)
+
+
+def slice_channels_many(
+    weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
+) -> Tensor:
+    K = rows[0].shape[0]
+    total = 0
+    for n, w in enumerate(weights):
+        inner = math.prod(w.shape[2:])
+        total += inner * sum(r * c for r, c in zip(row_counts[n * K : (n + 1) * K], col_counts[n * K : (n + 1) * K]))
+    return _kernels().slice_channels_many(weights, rows, cols, total)
+
+
+def reconstruct_aggregate(
+    weight: Tensor, clients: list[Tensor], rows: Tensor, cols: Tensor, coef: Tensor, mode: str
+) -> Tensor:
+    return _kernels().reconstruct_aggregate(weight, clients, rows, cols, coef, mode)
+
+
+def reconstruct_aggregate_many(
+    weights: list[Tensor], clients: list[Tensor], rows: list[Tensor], cols: list[Tensor], coef: Tensor, mode: str
+) -> Tensor:
+    return _kernels().reconstruct_aggregate_many(weights, clients, rows, cols, coef, mode)

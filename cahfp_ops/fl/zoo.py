@@ -1,6 +1,6 @@
 """Model zoo: CIFAR VGG-11/16 and ResNet-20/32/56 with the standard widths, a small CNN and an
 MLP for 8x8 and 28x28 inputs. Plain ``nn.Module`` code that ``torch.fx`` traces, so
-:func:`cahfp_ops.plan.trace_plan` finds their prunable channel groups."""
+:func:`cahfp_ops.fl.trace_plan` finds their prunable channel groups."""
 
 from __future__ import annotations
 

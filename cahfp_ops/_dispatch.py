@@ -1,10 +1,14 @@
 """Backend selection: ``auto``, ``cpp``, ``triton`` or ``torch``.
 
-The active backend comes from :func:`use_backend` (a context manager, innermost
-wins) or else from the ``CAHFP_OPS_BACKEND`` environment variable (read at each
-call, default ``auto``). ``auto`` means compiled C++ on CPU tensors and Triton on
-CUDA tensors, falling back to the pure-PyTorch reference (``torch``) where the
-compiled kernels are unavailable.
+The active backend comes from :func:`use_backend` (a context manager, innermost wins, per
+thread) or else from the ``CAHFP_OPS_BACKEND`` environment variable (read at each call,
+default ``auto``). ``auto`` means compiled C++ on CPU tensors and Triton on CUDA tensors,
+falling back to the pure-PyTorch reference (``torch``) where the compiled kernels are
+unavailable.
+
+Every backend is a module with the same six functions on the same canonical inputs
+(:mod:`cahfp_ops.cpp`, :mod:`cahfp_ops.triton`, :mod:`cahfp_ops.reference`);
+:func:`backend_for` returns the one that runs tensors on a device.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
+
+from . import cpp, reference
+from ._interpreter import triton_interpreted
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
 _local = threading.local()
@@ -51,23 +59,16 @@ def use_backend(name: str) -> Iterator[str]:
         stack.pop()
 
 
-def triton_interpreted() -> bool:
-    """True when Triton kernels run on CPU tensors through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_backend(device: torch.device) -> str:
     """The concrete backend (``cpp``, ``triton`` or ``torch``) for tensors on ``device``."""
-    from . import _extension
-
     name = get_backend()
     if name == "torch":
         return "torch"
     if name == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend 'cpp' runs on CPU tensors only, got a {device.type} tensor")
-        if not _extension.load_cpp():
-            raise RuntimeError(f"backend 'cpp' requested but the C++ kernels failed to load: {_extension.load_error()}")
+        if not cpp.load_cpp():
+            raise RuntimeError(f"backend 'cpp' requested but the C++ kernels failed to load: {cpp.load_error()}")
         return "cpp"
     if name == "triton":
         if device.type == "cpu" and not triton_interpreted():
@@ -75,10 +76,30 @@ def resolve_backend(device: torch.device) -> str:
         return "triton"
     # auto
     if device.type == "cpu":
-        if _extension.load_cpp():
+        if cpp.load_cpp():
             return "cpp"
-        _extension.warn_fallback_once()
+        cpp.warn_fallback_once()
         return "torch"
     if device.type == "cuda":
         return "triton"
     return "torch"
+
+
+def _triton() -> ModuleType:
+    try:
+        from . import triton as triton_backend
+    except ImportError as exc:  # the triton package is missing
+        raise RuntimeError(
+            f"backend 'triton' needs the triton package ({exc}); pip install 'cahfp-ops[triton]'"
+        ) from exc
+    return triton_backend
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    """The backend module that runs the ops on tensors on ``device``."""
+    name = resolve_backend(device)
+    if name == "cpp":
+        return cpp
+    if name == "triton":
+        return _triton()
+    return reference

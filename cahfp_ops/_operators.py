@@ -1,0 +1,117 @@
+"""The registered operators ``torch.ops.cahfp.*``: schemas, one fake kernel each, backend dispatch.
+
+Canonical inputs, the same for every backend (the public functions in :mod:`cahfp_ops.ops`
+build them; each backend module implements the six functions below with these signatures):
+
+* ``weight``: the N-D global tensor, output channels on dim 0, input channels on dim 1;
+* ``rows`` / ``cols``: ``(K, m)`` int64 keep sets on the data's device, each row strictly
+  ascending and padded with ``-1`` at its end; ``cols`` of a 1-D weight is ``(K, 1)`` zeros;
+* ``clients``: K compact tensors ``(>= rows_k, >= cols_k, *weight.shape[2:])`` of one dtype
+  (whole-model form: ``clients[n * K + k]`` is client k's tensor n);
+* ``coef``: ``(K,)`` float64 on the data's device, normalised to sum 1;
+* ``row_counts`` / ``col_counts`` (whole-model slicing): kept counts ``[n * K + k]``.
+
+The body of each operator picks the backend for the data's device and calls it; nothing
+more. The fake kernels give output shapes and dtypes without computing, so the operators
+work under ``torch.compile`` and ``opcheck``. There is no autograd formula: these are
+server-side aggregation tools.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._dispatch import backend_for
+from ._dtypes import acc_dtype
+
+
+# --------------------------------------------------------------------------- curvature_scores
+@torch.library.custom_op("cahfp::curvature_scores", mutates_args=())
+def curvature_scores_op(weight: Tensor, grad: Tensor | None, hess: Tensor | None, dim: int) -> Tensor:
+    """weight / grad / hess: ``(K_i, *S)`` (K_i in {1, K}), one dtype; -> ``(K, S[dim])``."""
+    return backend_for(weight.device).curvature_scores(weight, grad, hess, dim)
+
+
+@curvature_scores_op.register_fake
+def _(weight: Tensor, grad: Tensor | None, hess: Tensor | None, dim: int) -> Tensor:
+    K = max(t.shape[0] for t in (weight, grad, hess) if t is not None)
+    return weight.new_empty((K, weight.shape[dim + 1]), dtype=acc_dtype(weight.dtype))
+
+
+# --------------------------------------------------------------------------- topk_channel_masks
+@torch.library.custom_op("cahfp::topk_channel_masks", mutates_args=())
+def topk_channel_masks_op(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Tensor, Tensor]:
+    """scores ``(K, C)``, keep ``(K,)`` int64 -> mask ``(K, C)`` bool, indices ``(K, max_keep)`` int64."""
+    return backend_for(scores.device).topk_channel_masks(scores, keep, max_keep)
+
+
+@topk_channel_masks_op.register_fake
+def _(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Tensor, Tensor]:
+    mask = scores.new_empty(scores.shape, dtype=torch.bool)
+    indices = scores.new_empty((scores.shape[0], max_keep), dtype=torch.int64)
+    return mask, indices
+
+
+# --------------------------------------------------------------------------- slice_channels
+@torch.library.custom_op("cahfp::slice_channels", mutates_args=())
+def slice_channels_op(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Tensor:
+    """-> packed 1-D buffer of ``total`` elements: client k's ``weight[rows_k][:, cols_k]``, in client order."""
+    return backend_for(weight.device).slice_channels(weight, rows, cols, total)
+
+
+@slice_channels_op.register_fake
+def _(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Tensor:
+    return weight.new_empty((total,))
+
+
+# --------------------------------------------------------------------------- reconstruct_aggregate
+@torch.library.custom_op("cahfp::reconstruct_aggregate", mutates_args=())
+def reconstruct_aggregate_op(
+    weight: Tensor, clients: list[Tensor], rows: Tensor, cols: Tensor, coef: Tensor, mode: str
+) -> Tensor:
+    """-> a new contiguous tensor shaped and typed like ``weight`` (see SPEC.md)."""
+    return backend_for(weight.device).reconstruct_aggregate(weight, clients, rows, cols, coef, mode)
+
+
+@reconstruct_aggregate_op.register_fake
+def _(weight: Tensor, clients: list[Tensor], rows: Tensor, cols: Tensor, coef: Tensor, mode: str) -> Tensor:
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------- whole-model ops
+@torch.library.custom_op("cahfp::reconstruct_aggregate_many", mutates_args=())
+def reconstruct_aggregate_many_op(
+    weights: list[Tensor], clients: list[Tensor], rows: list[Tensor], cols: list[Tensor], coef: Tensor, mode: str
+) -> Tensor:
+    """N weights (one dtype), ``clients[n * K + k]`` -> one packed buffer of the N results in order."""
+    return backend_for(weights[0].device).reconstruct_aggregate_many(weights, clients, rows, cols, coef, mode)
+
+
+@reconstruct_aggregate_many_op.register_fake
+def _(
+    weights: list[Tensor], clients: list[Tensor], rows: list[Tensor], cols: list[Tensor], coef: Tensor, mode: str
+) -> Tensor:
+    return weights[0].new_empty((sum(w.numel() for w in weights),))
+
+
+@torch.library.custom_op("cahfp::slice_channels_many", mutates_args=())
+def slice_channels_many_op(
+    weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
+) -> Tensor:
+    """N weights (one dtype) -> one packed buffer, client-major: client 0's N compact tensors, then client 1's, ..."""
+    return backend_for(weights[0].device).slice_channels_many(weights, rows, cols, row_counts, col_counts)
+
+
+@slice_channels_many_op.register_fake
+def _(
+    weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
+) -> Tensor:
+    K = rows[0].shape[0]
+    total = 0
+    for n, w in enumerate(weights):
+        inner = math.prod(w.shape[2:])
+        total += sum(row_counts[n * K + k] * col_counts[n * K + k] * inner for k in range(K))
+    return weights[0].new_empty((total,))

@@ -1,0 +1,54 @@
+"""What a round did: one :class:`ClientRecord` per client, gathered in a :class:`RoundReport`."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClientRecord:
+    """One client's part in one round.
+
+    ``status`` is ``"accepted"``, ``"rejected"`` (``reason`` says why) or ``"absent"`` (assigned,
+    no reply). Traffic counts: down for every assigned client, up for accepted ones (0 otherwise).
+    """
+
+    client: Hashable
+    status: str
+    reason: str | None = None
+    weight: float | None = None
+    params_down: int = 0
+    bytes_down: int = 0
+    params_up: int = 0
+    bytes_up: int = 0
+    training_flops: int = 0
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round: a :class:`ClientRecord` per client, in reply order then absent ones."""
+
+    round: int
+    clients: dict[Hashable, ClientRecord] = field(default_factory=dict)
+    full_params: int = 0
+    full_training_flops: int = 0
+
+    @property
+    def accepted(self) -> list:
+        return [c for c, r in self.clients.items() if r.status == "accepted"]
+
+    @property
+    def rejected(self) -> dict:
+        """client -> reason."""
+        return {c: r.reason for c, r in self.clients.items() if r.status == "rejected"}
+
+    @property
+    def absent(self) -> list:
+        return [c for c, r in self.clients.items() if r.status == "absent"]
+
+    def reject(self, cid: Hashable, reason: str) -> None:
+        """Mark ``cid`` rejected (e.g. a framework-level failure of an assigned client)."""
+        record = self.clients.setdefault(cid, ClientRecord(cid, "rejected"))
+        record.status, record.reason = "rejected", reason
+        record.params_up = record.bytes_up = 0
