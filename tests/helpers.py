@@ -14,6 +14,8 @@ from types import ModuleType
 
 import torch
 
+from cahfp_ops.fl import extract, kept_count, small_cnn, trace_plan
+
 # Per storage dtype: (rtol, atol) for results compared in float64. Outputs are
 # rounded to the storage dtype, so the bound is about one unit in the last place
 # plus float32 accumulation error.
@@ -164,3 +166,73 @@ def retained_tensor_bytes(obj: object) -> tuple[int, set[int]]:
         elif hasattr(o, "__dict__") and not isinstance(o, type):
             stack += list(vars(o).values())
     return sum(storages.values()), set(storages)
+
+
+def random_model(gen, dtype=torch.float32):
+    """A small 'state_dict' with conv, bias, norm, linear and odd shapes; keep sets coupled."""
+    shapes = {
+        "conv1.weight": (9, 3, 3, 3),
+        "conv1.bias": (9,),
+        "bn1.weight": (9,),
+        "bn1.running_var": (9,),
+        "conv2.weight": (6, 9, 3, 3),
+        "fc.weight": (5, 6),
+        "fc.bias": (5,),
+        "odd.weight": (1, 1),
+        "wide.weight": (2, 40, 1, 5),
+    }
+    return {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+
+
+def random_plan(gen, K):
+    r1 = make_keeps(gen, 9, K, "random")
+    r2 = make_keeps(gen, 6, K, "mixed")
+    rows = {
+        "conv1.weight": r1,
+        "conv1.bias": r1,
+        "bn1.weight": r1,
+        "bn1.running_var": r1,
+        "conv2.weight": r2,
+        "wide.weight": [random_keep(gen, 2, min_keep=1) for _ in range(K)],
+    }
+    cols = {"conv2.weight": r1, "fc.weight": r2, "wide.weight": to_padded(make_keeps(gen, 40, K, "random"), 40)}
+    return rows, cols
+
+
+def compact_models(gen, model, rows, cols, K, dtype=None):
+    out = []
+    for k in range(K):
+        m = {}
+        for name, w in model.items():
+            r = rows.get(name)
+            c = cols.get(name)
+            nr = w.shape[0] if r is None or r[k] is None else int((r[k] >= 0).sum())
+            if w.dim() == 1:
+                shape = (nr,)
+            else:
+                ck = None if c is None else c[k]
+                nc = w.shape[1] if ck is None else int((ck >= 0).sum())
+                shape = (nr, nc, *w.shape[2:])
+            m[name] = torch.randn(shape, generator=gen).to(dtype or w.dtype)
+        out.append(m)
+    return out
+
+
+def fl_round_setup(gen, K=4):
+    """A small CNN, its plan, K clients' group keep sets, its state_dict and K trained compact states."""
+    model = small_cnn(8)
+    x = torch.randn(2, 1, 8, 8, generator=gen)
+    plan = trace_plan(model, x)
+    keeps = [
+        {g.name: torch.randperm(g.size, generator=gen)[: kept_count(r, g.size)].sort().values for g in plan.groups}
+        for r in (0.25, 0.5, 0.75, 0.9)[:K]
+    ]
+    sd = model.state_dict()
+    states = extract(sd, plan, keeps)
+    for st in states:  # local training changed everything
+        for v in st.values():
+            if v.is_floating_point():
+                v.add_(torch.randn(v.shape, generator=gen))
+            else:
+                v.add_(int(torch.randint(1, 5, (1,), generator=gen)))
+    return model, plan, keeps, sd, states

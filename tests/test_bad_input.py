@@ -30,18 +30,41 @@ def _snapshot(*objs):
 
 
 def _same(x, y):
+    """Bit for bit the same tensor: dtype, shape, strides and every bit of every element (NaNs
+    included, by their bit patterns). Meta tensors hold no values: their layout must match."""
+    if (x.dtype, x.shape, x.device) != (y.dtype, y.shape, y.device):
+        return False
     if x.device.type == "meta":
-        return x.shape == y.shape
-    return torch.equal(x, y) or bool((x.isnan() & y.isnan()).any())
+        return x.stride() == y.stride() and x.storage_offset() == y.storage_offset()
+    if x.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        return torch.equal(x.contiguous().view(bits), y.contiguous().view(bits))
+    return torch.equal(x, y)
 
 
 def _unchanged(before, after):
+    assert len(before) == len(after)
     for b, a in zip(before, after):
         if isinstance(b, torch.Tensor):
-            assert _same(b, a)
+            assert isinstance(a, torch.Tensor) and _same(b, a)
         elif isinstance(b, list):
+            assert isinstance(a, list) and len(a) == len(b)
             for x, y in zip(b, a):
                 assert _same(x, y) if isinstance(x, torch.Tensor) else (x == y or (x != x and y != y))
+
+
+def test_unchanged_check_sees_every_change():
+    """The input checks above fail on a changed element, a changed NaN, a dropped item or a meta resize."""
+    x = torch.tensor([1.0, float("nan"), 3.0])
+    assert _same(x, x.clone())
+    assert not _same(x, torch.tensor([1.0, float("nan"), 4.0]))  # shares a NaN, differs elsewhere
+    assert not _same(x, torch.tensor([1.0, 2.0, 3.0]))
+    assert not _same(torch.tensor([0.0]), torch.tensor([-0.0]))
+    assert not _same(torch.empty(2, 3, device="meta"), torch.empty(3, 2, device="meta"))
+    with pytest.raises(AssertionError):
+        _unchanged([[x, x]], [[x]])
+    with pytest.raises(AssertionError):
+        _unchanged([x, x], [x])
 
 
 AGG_CASES = [

@@ -10,14 +10,13 @@ import torch.multiprocessing as mp
 
 from cahfp_ops.fl.aggregate import StreamingAggregator
 from cahfp_ops.fl.distributed import all_reduce_aggregator
+from helpers import fl_round_setup
 
 
 def _clients():
-    from test_server_layer import _setup
-
     torch.manual_seed(0)  # the model's initialisation: identical in every process
     g = torch.Generator().manual_seed(11)
-    _, plan, keeps, sd, states = _setup(g)
+    _, plan, keeps, sd, states = fl_round_setup(g)
     rows, cols = plan.tensor_keep_sets(keeps)
     per_client = [({n: v[k] for n, v in rows.items()}, {n: v[k] for n, v in cols.items()}) for k in range(len(states))]
     return sd, states, per_client, [3.0, 1.0, 2.0, 0.5]

@@ -171,3 +171,32 @@ def test_flower_app_end_to_end_in_the_simulation_engine():
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "CA-HFP over Flower: 2 rounds" in res.stdout and "accepted per round [4, 4]" in res.stdout
+
+
+def test_strategy_is_a_fedavg_overriding_only_the_train_side():
+    """CAHFPStrategy reuses FedAvg's sampling, evaluation and metric aggregation."""
+    from flwr.serverapp.strategy import FedAvg
+
+    assert issubclass(CAHFPStrategy, FedAvg)
+    own = {k for k, v in vars(CAHFPStrategy).items() if callable(v) and not k.startswith("__")}
+    assert own == {"configure_train", "aggregate_train", "node_ratio", "summary"}
+    for inherited in ("configure_evaluate", "aggregate_evaluate"):
+        assert getattr(CAHFPStrategy, inherited) is getattr(FedAvg, inherited)
+
+
+def test_fedavg_arguments_pass_through(gen):
+    server, _ = _setup(gen, {1: "good"})
+    calls = []
+
+    def metrics_fn(contents, key):
+        calls.append(len(contents))
+        return MetricRecord({"custom": 1.0})
+
+    strategy = CAHFPStrategy(
+        server, ratio=0.5, min_available_nodes=1, min_train_nodes=1, train_metrics_aggr_fn=metrics_fn
+    )
+    assert strategy.min_available_nodes == 1 and strategy.train_metrics_aggr_fn is metrics_fn
+    _, grid = _setup(gen, {1: "good", 2: "good"})
+    msgs = strategy.configure_train(1, ArrayRecord(server.state), ConfigRecord(), grid)
+    _, metrics = strategy.aggregate_train(1, grid.send_and_receive(msgs))
+    assert calls == [2] and metrics["custom"] == 1.0 and metrics["accepted"] == 2

@@ -63,7 +63,7 @@ def test_slice_topk_scores_cuda_match_cpu(gen, dtype):
 
 
 def test_whole_model_cuda(gen):
-    from test_many import compact_models, random_model, random_plan
+    from helpers import compact_models, random_model, random_plan
 
     model = random_model(gen)
     rows, cols = random_plan(gen, 6)

@@ -4,57 +4,7 @@ import pytest
 import torch
 
 import cahfp_ops
-from helpers import make_keeps, random_keep, to_padded
-
-
-def random_model(gen, dtype=torch.float32):
-    """A small 'state_dict' with conv, bias, norm, linear and odd shapes; keep sets coupled."""
-    shapes = {
-        "conv1.weight": (9, 3, 3, 3),
-        "conv1.bias": (9,),
-        "bn1.weight": (9,),
-        "bn1.running_var": (9,),
-        "conv2.weight": (6, 9, 3, 3),
-        "fc.weight": (5, 6),
-        "fc.bias": (5,),
-        "odd.weight": (1, 1),
-        "wide.weight": (2, 40, 1, 5),
-    }
-    return {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
-
-
-def random_plan(gen, K):
-    r1 = make_keeps(gen, 9, K, "random")
-    r2 = make_keeps(gen, 6, K, "mixed")
-    rows = {
-        "conv1.weight": r1,
-        "conv1.bias": r1,
-        "bn1.weight": r1,
-        "bn1.running_var": r1,
-        "conv2.weight": r2,
-        "wide.weight": [random_keep(gen, 2, min_keep=1) for _ in range(K)],
-    }
-    cols = {"conv2.weight": r1, "fc.weight": r2, "wide.weight": to_padded(make_keeps(gen, 40, K, "random"), 40)}
-    return rows, cols
-
-
-def compact_models(gen, model, rows, cols, K, dtype=None):
-    out = []
-    for k in range(K):
-        m = {}
-        for name, w in model.items():
-            r = rows.get(name)
-            c = cols.get(name)
-            nr = w.shape[0] if r is None or r[k] is None else int((r[k] >= 0).sum())
-            if w.dim() == 1:
-                shape = (nr,)
-            else:
-                ck = None if c is None else c[k]
-                nc = w.shape[1] if ck is None else int((ck >= 0).sum())
-                shape = (nr, nc, *w.shape[2:])
-            m[name] = torch.randn(shape, generator=gen).to(dtype or w.dtype)
-        out.append(m)
-    return out
+from helpers import compact_models, make_keeps, random_model, random_plan, to_padded
 
 
 @pytest.mark.parametrize("mode", ["reconstruct", "overlap"])

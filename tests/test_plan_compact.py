@@ -172,3 +172,54 @@ def test_explicit_plan():
         ChannelPlan([ChannelGroup("bad", 100, [Member("net.3.weight", 1)])]).check(model.state_dict())
     with pytest.raises(ValueError, match="two groups"):
         ChannelPlan([ChannelGroup("a", 1), ChannelGroup("a", 1)])
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, dict]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, {n: m.training for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("make", [lambda: zoo.resnet20(), lambda: zoo.vgg11()])
+def test_tracing_and_server_leave_the_model_as_given(make):
+    """Shape propagation runs on a copy: BatchNorm running stats, num_batches_tracked and the
+    train/eval flags of the caller's model stay bit for bit as they were."""
+    from cahfp_ops.fl import Server
+
+    torch.manual_seed(0)
+    model = make().train()
+    model.features[1].eval() if hasattr(model, "features") else model.bn1.eval()  # a mixed-mode model
+    x = torch.randn(4, 3, 32, 32)
+    state, flags = _snapshot(model)
+    trace_plan(model, x)
+    Server(model, x, criterion="l1")
+    after_state, after_flags = _snapshot(model)
+    assert after_flags == flags
+    assert after_state.keys() == state.keys()
+    assert all(torch.equal(after_state[k], state[k]) for k in state)
+
+
+def test_tracing_check_catches_a_train_mode_forward():
+    """The check above fails for a train-mode forward like the one tracing used to run."""
+    model = zoo.resnet20().train()
+    state, _ = _snapshot(model)
+    model(torch.randn(4, 3, 32, 32))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    assert len(changed) == 57
+
+
+def test_batch_of_one_with_batchnorm1d():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+    from cahfp_ops.fl import Server
+
+    model = Head().train()
+    plan = trace_plan(model, torch.randn(1, 6))
+    assert [g.name for g in plan.groups] == ["fc1"]
+    assert {m.name for m in plan.groups[0].members} >= {"bn.running_mean", "fc2.weight"}
+    server = Server(model, torch.randn(1, 6), criterion="random")
+    assert server.assign({0: 0.5})[0].state["fc1.weight"].shape == (4, 6)

@@ -8,36 +8,15 @@ import torch.nn.functional as F
 from cahfp_ops import curvature_scores
 from cahfp_ops.fl import zoo
 from cahfp_ops.fl.aggregate import StreamingAggregator, aggregate_state
-from cahfp_ops.fl.compact import extract
 from cahfp_ops.fl.importance import CurvatureTracker, group_scores, magnitude_scores
 from cahfp_ops.fl.masks import assign_keep_sets, kept_count
-from cahfp_ops.fl.plan import trace_plan
 from cahfp_ops.fl.server import Server
-from helpers import retained_tensor_bytes
-
-
-def _setup(gen, K=4):
-    model = zoo.small_cnn(8)
-    x = torch.randn(2, 1, 8, 8, generator=gen)
-    plan = trace_plan(model, x)
-    keeps = [
-        {g.name: torch.randperm(g.size, generator=gen)[: kept_count(r, g.size)].sort().values for g in plan.groups}
-        for r in (0.25, 0.5, 0.75, 0.9)[:K]
-    ]
-    sd = model.state_dict()
-    states = extract(sd, plan, keeps)
-    for st in states:  # local training changed everything
-        for v in st.values():
-            if v.is_floating_point():
-                v.add_(torch.randn(v.shape, generator=gen))
-            else:
-                v.add_(int(torch.randint(1, 5, (1,), generator=gen)))
-    return model, plan, keeps, sd, states
+from helpers import fl_round_setup, retained_tensor_bytes
 
 
 @pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
 def test_streaming_matches_batch_and_merges(gen, mode):
-    _, plan, keeps, sd, states = _setup(gen)
+    _, plan, keeps, sd, states = fl_round_setup(gen)
     weights = [5.0, 1.0, 0.0, 2.5]
     rows, cols = plan.tensor_keep_sets(keeps)
     batch = aggregate_state(sd, states, rows, cols, weights, mode)
@@ -78,7 +57,7 @@ def _retained_after(agg_cls, sd, clients: int) -> tuple[int, bool]:
 def test_streaming_memory_is_per_model(gen):
     """What the aggregator holds does not grow with the clients and holds no update:
     the global state plus float64 sums and covers (and integer entries), O(model)."""
-    _, _, _, sd, _ = _setup(gen)
+    _, _, _, sd, _ = fl_round_setup(gen)
     one, kept_one = _retained_after(StreamingAggregator, sd, 1)
     many, kept_many = _retained_after(StreamingAggregator, sd, 20)
     model = sum(v.untyped_storage().nbytes() for v in sd.values())
@@ -96,7 +75,7 @@ def test_streaming_memory_check_catches_a_hoarding_aggregator(gen):
             self.kept = [*getattr(self, "kept", []), update]
             super().add(update, rows, cols, weight)
 
-    _, _, _, sd, _ = _setup(gen)
+    _, _, _, sd, _ = fl_round_setup(gen)
     (one, _), (many, kept) = _retained_after(Hoarding, sd, 1), _retained_after(Hoarding, sd, 20)
     assert many > one and kept
 
@@ -117,7 +96,7 @@ def test_secant_and_fisher_proxies(gen):
 
 
 def test_group_scores_sum_members_and_blocks(gen):
-    model, plan, _, sd, _ = _setup(gen)
+    model, plan, _, sd, _ = fl_round_setup(gen)
     grads = {k: torch.randn(v.shape, generator=gen) for k, v in sd.items() if v.is_floating_point()}
     hess = {k: torch.rand(v.shape, generator=gen) for k, v in grads.items()}
     scores = group_scores(plan, sd, grads, hess)
@@ -247,3 +226,72 @@ def test_personalized_scores_use_each_clients_update(gen):
     scores = server.scores([0, 1, 7])
     assert scores["conv1"].shape == (3, 16)
     assert not torch.equal(scores["conv1"][0], scores["conv1"][1])
+
+
+def test_criterion_shorthands_and_instances(gen):
+    from cahfp_ops.fl import CurvatureImportance, Importance, MagnitudeImportance, RandomImportance
+
+    x = torch.randn(4, 1, 8, 8, generator=gen)
+    expected = {"curvature": CurvatureImportance, "l1": MagnitudeImportance, "l2": MagnitudeImportance}
+    expected["random"] = RandomImportance
+    for name, cls in expected.items():
+        server = Server(zoo.small_cnn(8), x[:2], criterion=name)
+        assert isinstance(server.criterion, cls) and server.criterion.name == name
+    fisher = CurvatureImportance("fisher", personalized=True)
+    assert Server(zoo.small_cnn(8), x[:2], criterion=fisher).criterion is fisher
+    with pytest.raises(ValueError, match="criterion"):
+        Server(zoo.small_cnn(8), x[:2], criterion="l3")
+
+    class Constant(Importance):
+        """A user's own criterion: the highest channel indices win."""
+
+        name = "constant"
+
+        def scores(self, plan, state, clients, generator):
+            return {g.name: torch.arange(g.size, dtype=torch.float32) for g in plan.groups}
+
+    server = Server(zoo.small_cnn(8), x[:2], criterion=Constant(), warmup_rounds=0)
+    keeps = server.assign({0: 0.5})[0].keeps
+    for g in server.plan.groups:
+        assert torch.equal(keeps[g.name], torch.arange(g.size - kept_count(0.5, g.size), g.size))
+
+
+def test_magnitude_importance_scores_filter_norms(gen):
+    from cahfp_ops.fl import MagnitudeImportance
+
+    _, plan, _, sd, _ = fl_round_setup(gen)
+    for p in (1, 2):
+        scores = MagnitudeImportance(p).scores(plan, sd, [0, 1], gen)
+        w = sd["conv1.weight"].flatten(1)
+        torch.testing.assert_close(scores["conv1"], w.abs().sum(1) if p == 1 else w.pow(2).sum(1).sqrt())
+
+
+def test_adopt_external_global_arrays(gen):
+    x = torch.randn(4, 1, 8, 8, generator=gen)
+    server = Server(zoo.small_cnn(8), x[:2], warmup_rounds=0)
+    assert not server.adopt({k: v.clone() for k, v in server.state.items()})  # same values: nothing changes
+    assert not server.criterion.ready
+    new = {k: (v + 1 if v.is_floating_point() else v).double() for k, v in server.state.items()}
+    assert server.adopt(new)
+    assert all(server.state[k].dtype == v.dtype for k, v in zoo.small_cnn(8).state_dict().items())
+    assert torch.equal(server.state["conv1.weight"], (new["conv1.weight"]).float())
+    assert server.criterion.ready  # the curvature criterion saw the adopted model as the next one
+    with pytest.raises(ValueError, match="missing"):
+        server.adopt({k: v for k, v in server.state.items() if k != "fc1.bias"})
+    with pytest.raises(ValueError, match="shape"):
+        server.adopt({**server.state, "fc1.bias": torch.zeros(3)})
+
+
+def test_round_report_has_one_record_per_client(gen):
+    x = torch.randn(32, 1, 8, 8, generator=gen)
+    server = Server(zoo.small_cnn(8), x[:2], criterion="random")
+    server.assign({0: 0.0, 1: 0.5, 2: 0.5})
+    replies = {0: dict(server.assignments[0].state), 1: {"junk": torch.zeros(1)}, 7: {}}
+    report = server.aggregate(replies, {0: 3.0, 1: 1.0, 7: 1.0})
+    assert list(report.clients) == [0, 1, 7, 2]
+    assert [r.status for r in report.clients.values()] == ["accepted", "rejected", "rejected", "absent"]
+    assert report.accepted == [0] and report.absent == [2] and set(report.rejected) == {1, 7}
+    assert report.clients[0].weight == 3.0 and report.clients[1].params_up == 0
+    assert report.clients[2].params_down == server.assignments[2].params > 0 and report.clients[7].params_down == 0
+    report.reject(2, "node failed")
+    assert report.rejected[2] == "node failed" and not report.absent

@@ -104,7 +104,9 @@ def variants():
 
 
 def main() -> int:
-    for name, kernel, sig, constexprs in variants():
+    todo = list(variants())
+    print(f"variants {len(todo)}")
+    for name, kernel, sig, constexprs in todo:
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=TARGET)
         except Exception as exc:  # report which variant failed
