@@ -132,5 +132,6 @@ def test_training_learns_the_synthetic_task():
     """FedAvg on the synthetic task goes from near chance (0.1) to near perfect in 8 rounds."""
     data = synthetic(n_train=120, n_test=40, seed=1)
     cfg = fedsim.Config(data="synthetic", clients=2, rounds=8, warmup_rounds=1, rank=2)
-    r = fedsim.run(cfg, "fedavg", "reconstruct", data, dirichlet_partition(data.y_train, 2, 1.0, seed=0), progress=False)
+    parts = dirichlet_partition(data.y_train, 2, 1.0, seed=0)
+    r = fedsim.run(cfg, "fedavg", "reconstruct", data, parts, progress=False)
     assert r["accuracy"][0] < 0.5 and r["final_accuracy"] >= 0.9
