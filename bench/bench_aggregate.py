@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
+
 import cahfp_ops  # noqa: E402
-from cahfp_ops import reference  # noqa: E402
 from common import (  # noqa: E402
     bench_ms,
     bench_parser,
@@ -57,10 +58,10 @@ def run(K: int, args) -> dict:
             return ours()
 
     def naive():
-        return [reference.naive_reconstruct_aggregate(w, c, r, cc, coef) for w, (r, cc, c) in zip(weights, layers)]
+        return [peers.naive_reconstruct_aggregate(w, c, r, cc, coef) for w, (r, cc, c) in zip(weights, layers)]
 
     def indexadd():
-        return [reference.indexadd_reconstruct_aggregate(w, c, r, cc, coef) for w, (r, cc, c) in zip(weights, layers)]
+        return [peers.indexadd_reconstruct_aggregate(w, c, r, cc, coef) for w, (r, cc, c) in zip(weights, layers)]
 
     got = ours()
     check_close(got, indexadd())

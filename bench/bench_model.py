@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 from models import channel_plan, make_client_models, make_model  # noqa: E402
 
 import cahfp_ops  # noqa: E402
-from cahfp_ops import reference  # noqa: E402
 from common import (  # noqa: E402
     bench_ms,
     bench_parser,
@@ -56,10 +56,10 @@ def run(name: str, K: int, args) -> dict:
             return ours()
 
     def naive():
-        return per_tensor(reference.naive_reconstruct_aggregate)
+        return per_tensor(peers.naive_reconstruct_aggregate)
 
     def indexadd():
-        return per_tensor(reference.indexadd_reconstruct_aggregate)
+        return per_tensor(peers.indexadd_reconstruct_aggregate)
 
     def slice_ours():
         return cahfp_ops.slice_channels_many(model, rows, cols)

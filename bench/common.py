@@ -14,9 +14,10 @@ from collections.abc import Callable
 import torch
 
 from cahfp_ops.fl.masks import kept_count  # re-exported for the benchmark scripts
+from cahfp_ops.fl.zoo import VGG_CONFIGS
 
-# CIFAR VGG-16: 13 3x3 conv layers (~14.7 M conv parameters).
-VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+# CIFAR VGG-16: 13 3x3 conv layers (~14.7 M conv parameters), widths from the model zoo.
+VGG16_WIDTHS = [v for v in VGG_CONFIGS["vgg16"] if v != "M"]
 
 
 def vgg16_conv_shapes(in_channels: int = 3) -> list[tuple[int, ...]]:

@@ -1,80 +1,26 @@
-"""Whole-model state_dicts for the benchmarks (CIFAR VGG-16 with BatchNorm, CIFAR ResNet-56)
-and random channel plans: per tensor, per client keep sets for rows and cols."""
+"""Whole-model state_dicts and per-client channel plans for the benchmarks, built from the
+model zoo and :func:`cahfp_ops.fl.trace_plan`: CIFAR VGG-16 with BatchNorm (every conv's
+filters pruned, with its bias, BatchNorm and the next layer's inputs) and CIFAR ResNet-56
+(block-internal channels only: the residual stream stays whole, ``residual="internal"``)."""
 
 from __future__ import annotations
 
 import torch
 
-from common import VGG16_WIDTHS, random_keep
+from cahfp_ops.fl import resnet56, trace_plan, vgg16
+from common import random_keep
 
-
-def vgg16_bn(num_classes: int = 10) -> dict[str, tuple[int, ...]]:
-    shapes, cin = {}, 3
-    for i, w in enumerate(VGG16_WIDTHS):
-        shapes[f"features.{i}.conv.weight"] = (w, cin, 3, 3)
-        shapes[f"features.{i}.conv.bias"] = (w,)
-        for p in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"features.{i}.bn.{p}"] = (w,)
-        cin = w
-    shapes["classifier.weight"] = (num_classes, cin)
-    shapes["classifier.bias"] = (num_classes,)
-    return shapes
-
-
-def resnet56(num_classes: int = 10) -> dict[str, tuple[int, ...]]:
-    """He et al.'s CIFAR ResNet-56: 3 stages x 9 BasicBlocks, widths 16/32/64, parameter-free
-    (option A) shortcuts."""
-    shapes = {"conv1.weight": (16, 3, 3, 3)}
-    for p in ("weight", "bias", "running_mean", "running_var"):
-        shapes[f"bn1.{p}"] = (16,)
-    cin = 16
-    for s, w in enumerate((16, 32, 64)):
-        for b in range(9):
-            pre = f"layer{s + 1}.{b}"
-            shapes[f"{pre}.conv1.weight"] = (w, cin, 3, 3)
-            for p in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"{pre}.bn1.{p}"] = (w,)
-            shapes[f"{pre}.conv2.weight"] = (w, w, 3, 3)
-            for p in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"{pre}.bn2.{p}"] = (w,)
-            cin = w
-    shapes["fc.weight"] = (num_classes, 64)
-    shapes["fc.bias"] = (num_classes,)
-    return shapes
-
-
-MODELS = {"vgg16": vgg16_bn, "resnet56": resnet56}
+MODELS = {"vgg16": vgg16, "resnet56": resnet56}
 
 
 def channel_plan(name: str, K: int, ratios: list[float], gen: torch.Generator, device="cpu"):
-    """(rows, cols): dicts tensor name -> list of K keep sets (absent: all channels).
-
-    VGG-16: every conv's filters are pruned, with its bias, BatchNorm and the next layer's
-    inputs (the classifier's inputs for the last conv). ResNet-56: block-internal channels
-    only (conv1 filters of each block, its bn1, and conv2's inputs); the residual stream stays whole.
-    """
-    rows: dict = {}
-    cols: dict = {}
-    shapes = MODELS[name]()
-    if name == "vgg16":
-        prev = None
-        for i, w in enumerate(VGG16_WIDTHS):
-            keep = [random_keep(w, ratios[k], gen).to(device) for k in range(K)]
-            for p in ("conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
-                rows[f"features.{i}.{p}"] = keep
-            if prev is not None:
-                cols[f"features.{i}.conv.weight"] = prev
-            prev = keep
-        cols["classifier.weight"] = prev
-    else:
-        for key, shape in shapes.items():
-            if key.endswith(".conv1.weight") and key.startswith("layer"):
-                pre = key[: -len(".conv1.weight")]
-                keep = [random_keep(shape[0], ratios[k], gen).to(device) for k in range(K)]
-                rows[key] = keep
-                for p in ("weight", "bias", "running_mean", "running_var"):
-                    rows[f"{pre}.bn1.{p}"] = keep
-                cols[f"{pre}.conv2.weight"] = keep
+    """(shapes, rows, cols): floating state_dict entry -> shape, and tensor name -> K keep sets
+    (entries no group touches are absent: all channels), from random per-client group keep sets."""
+    model = MODELS[name]()
+    plan = trace_plan(model, torch.randn(1, 3, 32, 32))
+    group_keeps = [{g.name: random_keep(g.size, ratios[k], gen).to(device) for g in plan.groups} for k in range(K)]
+    rows, cols = plan.tensor_keep_sets(group_keeps)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
     return shapes, rows, cols
 
 
@@ -88,11 +34,11 @@ def make_client_models(shapes, rows, cols, K: int, gen: torch.Generator, dtype=t
     for k in range(K):
         m = {}
         for key, shape in shapes.items():
-            nr = shape[0] if key not in rows else rows[key][k].numel()
+            nr = shape[0] if key not in rows or rows[key][k] is None else rows[key][k].numel()
             if len(shape) == 1:
                 s = (nr,)
             else:
-                nc = shape[1] if key not in cols else cols[key][k].numel()
+                nc = shape[1] if key not in cols or cols[key][k] is None else cols[key][k].numel()
                 s = (nr, nc, *shape[2:])
             m[key] = torch.randn(s, generator=gen).to(device=device, dtype=dtype)
         out.append(m)
