@@ -20,6 +20,12 @@ def _full_index(keep: Tensor | None, size: int, device: torch.device) -> Tensor:
     return torch.arange(size, device=device) if keep is None else keep.to(device=device, dtype=torch.int64)
 
 
+def _defaults(K: int, cols, coef) -> tuple[list, list[float]]:
+    """(cols, normalised coef) with None meaning all columns / equal weights."""
+    coef = [1.0 / K] * K if coef is None else [float(c) / sum(coef) for c in coef]
+    return ([None] * K if cols is None else cols), coef
+
+
 def naive_reconstruct_aggregate(
     weight: Tensor,
     clients: Sequence[Tensor],
@@ -32,8 +38,7 @@ def naive_reconstruct_aggregate(
     Benchmark peer. weight: ``(R, Cin, ...)``; clients[k]: ``(len(rows[k]), len(cols[k]), ...)``.
     """
     K = len(clients)
-    coef = [1.0 / K] * K if coef is None else [float(c) / sum(coef) for c in coef]
-    cols = [None] * K if cols is None else cols
+    cols, coef = _defaults(K, cols, coef)
     out = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
     for k in range(K):
         full = weight.clone()
@@ -59,8 +64,7 @@ def indexadd_reconstruct_aggregate(
     Benchmark peer; same arguments as :func:`naive_reconstruct_aggregate`.
     """
     K = len(clients)
-    coef = [1.0 / K] * K if coef is None else [float(c) / sum(coef) for c in coef]
-    cols = [None] * K if cols is None else cols
+    cols, coef = _defaults(K, cols, coef)
     acc = acc_dtype(weight.dtype)
     w = weight.to(acc)
     total = torch.zeros_like(w)

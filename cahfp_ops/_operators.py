@@ -19,13 +19,12 @@ server-side aggregation tools.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ._dispatch import backend_for
 from ._dtypes import acc_dtype
+from ._views import packed_slice_numel
 
 
 # --------------------------------------------------------------------------- curvature_scores
@@ -109,9 +108,4 @@ def slice_channels_many_op(
 def _(
     weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
 ) -> Tensor:
-    K = rows[0].shape[0]
-    total = 0
-    for n, w in enumerate(weights):
-        inner = math.prod(w.shape[2:])
-        total += sum(row_counts[n * K + k] * col_counts[n * K + k] * inner for k in range(K))
-    return weights[0].new_empty((total,))
+    return weights[0].new_empty((packed_slice_numel(weights, rows[0].shape[0], row_counts, col_counts),))

@@ -33,3 +33,16 @@ def packed_views(packed: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tens
         views.append(packed.as_strided(shape, st, offset))
         offset += math.prod(shape)
     return views
+
+
+def packed_slice_numel(
+    weights: Sequence[Tensor], num_clients: int, row_counts: Sequence[int], col_counts: Sequence[int]
+) -> int:
+    """Elements of the packed whole-model slice: sum over tensors n and clients k of
+    ``row_counts[n * K + k] * col_counts[n * K + k] * prod(weights[n].shape[2:])``."""
+    K = num_clients
+    total = 0
+    for n, w in enumerate(weights):
+        inner = math.prod(w.shape[2:])
+        total += inner * sum(r * c for r, c in zip(row_counts[n * K : (n + 1) * K], col_counts[n * K : (n + 1) * K]))
+    return total

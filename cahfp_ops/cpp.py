@@ -16,7 +16,6 @@ operators. The six backend functions below take the canonical inputs every backe
 
 from __future__ import annotations
 
-import math
 import platform
 import sys
 import threading
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._debug import poison_enabled
+from ._views import packed_slice_numel
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"loaded": None, "error": None, "poison": False}
@@ -145,11 +145,7 @@ def slice_channels(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Te
 def slice_channels_many(
     weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
 ) -> Tensor:
-    K = rows[0].shape[0]
-    total = 0
-    for n, w in enumerate(weights):
-        inner = math.prod(w.shape[2:])
-        total += inner * sum(r * c for r, c in zip(row_counts[n * K : (n + 1) * K], col_counts[n * K : (n + 1) * K]))
+    total = packed_slice_numel(weights, rows[0].shape[0], row_counts, col_counts)
     return _kernels().slice_channels_many(weights, rows, cols, total)
 
 
