@@ -223,3 +223,15 @@ def test_batch_of_one_with_batchnorm1d():
     assert {m.name for m in plan.groups[0].members} >= {"bn.running_mean", "fc2.weight"}
     server = Server(model, torch.randn(1, 6), criterion="random")
     assert server.assign({0: 0.5})[0].state["fc1.weight"].shape == (4, 6)
+
+
+def test_tensor_keep_sets_share_one_list_per_group():
+    """Members of a group with the same block get the same list object (the ops canonicalise it once)."""
+    model = zoo.vgg11()
+    plan = trace_plan(model, torch.randn(1, 3, 32, 32))
+    g = plan.groups[0]
+    keeps = [{g.name: torch.tensor([0, 5])}, {}]
+    rows, cols = plan.tensor_keep_sets(keeps)
+    lists = [rows[m.name] if m.dim == 0 else cols[m.name] for m in g.members]
+    assert len(lists) >= 6 and all(x is lists[0] for x in lists)
+    assert torch.equal(lists[0][0], torch.tensor([0, 5])) and lists[0][1] is None

@@ -108,9 +108,14 @@ class ChannelPlan:
             keeps = [gk.get(g.name) for gk in group_keeps]
             if all(k is None for k in keeps):
                 continue
+            # One list per block size, shared by the group's members: the whole-model ops
+            # canonicalise a shared keep-set object once per call.
+            by_block: dict[int, list] = {}
             for m in g.members:
+                if m.block not in by_block:
+                    by_block[m.block] = [None if keeps[k] is None else g.expand(keeps[k], m) for k in range(K)]
                 target = rows if m.dim == 0 else cols
-                target[m.name] = [None if keeps[k] is None else g.expand(keeps[k], m) for k in range(K)]
+                target[m.name] = by_block[m.block]
         return rows, cols
 
 
