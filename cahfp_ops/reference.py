@@ -65,13 +65,18 @@ def topk_channel_masks(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Ten
     return mask, indices
 
 
+def _client_slices(weight: Tensor, rows: Tensor, cols: Tensor) -> list[Tensor]:
+    """Client k's ``weight[rows_k][:, cols_k]`` of the ``(R, Cin, T)`` view, flattened, for each k."""
+    w3 = as_3d(weight)
+    return [w3[_kept(rows[k])][:, _kept(cols[k])].reshape(-1) for k in range(rows.shape[0])]
+
+
 def slice_channels(weight: Tensor, rows: Tensor, cols: Tensor, total: int) -> Tensor:
     """Packed compact tensors: client k's ``weight[rows_k][:, cols_k]`` flattened, in client order.
 
     weight: N-D. Returns a 1-D tensor of ``total`` elements, weight's dtype.
     """
-    w3 = as_3d(weight)
-    parts = [w3[_kept(rows[k])][:, _kept(cols[k])].reshape(-1) for k in range(rows.shape[0])]
+    parts = _client_slices(weight, rows, cols)
     out = torch.cat(parts) if parts else weight.new_empty(0)
     if out.numel() != total:
         raise ValueError(f"slice_channels: total must be {out.numel()}, got {total}")
@@ -127,10 +132,9 @@ def slice_channels_many(
     K = rows[0].shape[0]
     per_client: list[list[Tensor]] = [[] for _ in range(K)]
     for n, w in enumerate(weights):
-        w3 = as_3d(w)
-        for k in range(K):
-            part = w3[_kept(rows[n][k])][:, _kept(cols[n][k])].reshape(-1)
-            expected = row_counts[n * K + k] * col_counts[n * K + k] * w3.shape[2]
+        inner = as_3d(w).shape[2]
+        for k, part in enumerate(_client_slices(w, rows[n], cols[n])):
+            expected = row_counts[n * K + k] * col_counts[n * K + k] * inner
             if part.numel() != expected:
                 raise ValueError(f"slice_channels_many: tensor {n}, client {k}: counts give {expected} elements")
             per_client[k].append(part)

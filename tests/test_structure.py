@@ -140,11 +140,14 @@ def test_backends_share_one_interface(name):
     assert len({tuple(s) for s in signatures.values()}) == 1, signatures
 
 
-def test_one_registered_namespace_with_fakes():
-    """The public operators live in ``torch.ops.cahfp``; the compiled kernels' namespace is private."""
+def test_public_operators_and_private_compiled_namespace():
+    """The public operators live in ``torch.ops.cahfp``; the compiled kernels only in the private
+    ``torch.ops._cahfp_cpp`` (no public-looking ``cahfp_cpp`` namespace)."""
     import torch
 
     for name in BACKEND_FUNCTIONS:
         assert hasattr(torch.ops.cahfp, name)
     assert cahfp_ops.load_cpp()
-    assert not hasattr(torch.ops, "cahfp_cpp") or not hasattr(torch.ops.cahfp_cpp, "reconstruct_aggregate")
+    for name in BACKEND_FUNCTIONS:
+        assert hasattr(torch.ops._cahfp_cpp, name)
+        assert not hasattr(torch.ops.cahfp_cpp, name)

@@ -49,10 +49,12 @@ def aggregate_state(
         if name in new:
             out[name] = new[name]
             continue
-        value = v.clone()
-        for c in counted:
-            value = largest_reported(value, c[name])
-        out[name] = value
+        if counted:  # one stack per entry: this runs for every integer entry of every round
+            out[name] = largest_reported(
+                v, torch.stack([torch.as_tensor(c[name]).to(v.dtype) for c in counted]).amax(0)
+            )
+        else:
+            out[name] = v.clone()
     return out
 
 
@@ -112,11 +114,8 @@ class AggregatePartials:
             + [torch.tensor([self.weight_sum, float(self.count)], dtype=torch.float64, device=device)]
         )
         int_names = sorted(self.ints)
-        ints = (
-            torch.stack([self.ints[n].reshape(()).to(device=device, dtype=torch.int64) for n in int_names])
-            if (int_names)
-            else torch.zeros(0, dtype=torch.int64, device=device)
-        )
+        values = [self.ints[n].reshape(()).to(device=device, dtype=torch.int64) for n in int_names]
+        ints = torch.stack(values) if values else torch.zeros(0, dtype=torch.int64, device=device)
         return floats, ints
 
     def unflatten(self, floats: Tensor, ints: Tensor) -> AggregatePartials:

@@ -99,7 +99,8 @@ class ChannelPlan:
 
         ``group_keeps[k][group]``: client k's kept channels of ``group`` (ascending int64), or
         missing / None for all channels. The result feeds ``slice_channels_many`` and
-        ``reconstruct_aggregate_many``.
+        ``reconstruct_aggregate_many``. Members of a group with the same block share one list
+        object (the ops canonicalise it once): treat the lists as read-only.
         """
         K = len(group_keeps)
         rows: dict[str, list] = {}

@@ -85,15 +85,14 @@ class CAHFPStrategy(FedAvg):
         messages = sorted(
             super().configure_train(server_round, arrays, config, grid), key=lambda m: m.metadata.dst_node_id
         )
-        assignments = self.server.assign(
-            {m.metadata.dst_node_id: self.node_ratio(m.metadata.dst_node_id) for m in messages}
-        )
+        ratios = {m.metadata.dst_node_id: self.node_ratio(m.metadata.dst_node_id) for m in messages}
+        assignments = self.server.assign(ratios)
         out = []
         for msg in messages:
             node_id = msg.metadata.dst_node_id
             a = assignments[node_id]
             cfg = ConfigRecord(dict(msg.content[self.configrecord_key]))
-            cfg["cahfp-ratio"] = self.node_ratio(node_id)
+            cfg["cahfp-ratio"] = ratios[node_id]
             content = RecordDict(
                 {
                     self.arrayrecord_key: ArrayRecord(a.state),

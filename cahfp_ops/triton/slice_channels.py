@@ -3,8 +3,9 @@
 Canonical inputs (see ``cahfp_ops/_operators.py``): N-D weights, viewed here as
 ``(R, Cin, T)``; keep sets ``(K, m)`` int64, -1 padded. Output: one packed buffer,
 client-major; segment (client k, tensor n) holds ``weight_n[rows_nk][:, cols_nk]``
-flattened. A program copies one block of one kept row of one client's tensor, reading the kept columns through the keep
-set. Kept counts come from the host (they size the output anyway).
+flattened. A program copies one block of one kept row of one client's tensor, reading the
+kept columns through the keep set. Kept counts come from the host (they size the output
+anyway).
 """
 
 from __future__ import annotations
