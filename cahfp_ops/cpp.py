@@ -1,13 +1,23 @@
 """The C++ CPU backend: compiled kernels behind the registered operators.
 
-The kernels (``csrc/cpu/``) are compiled on first use with ``torch.utils.cpp_extension.load``
-against the installed torch (no second torch, no build isolation) and cached in
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Later imports load the
-cached library in well under a second. If there is no compiler or the build fails,
-:func:`load_cpp` returns False and backend ``auto`` falls back to the pure-PyTorch reference
-with a single warning.
+Where the kernels come from, in order:
 
-The compiled library registers its kernels in the private operator namespace
+1. **prebuilt**: a wheel built with torch present ships ``cahfp_ops/_C.abi3.so``, compiled
+   on PyTorch's LibTorch stable ABI (target 2.10): it loads into any torch >= 2.10 with no
+   compiler. ``CAHFP_OPS_PREBUILT=0`` ignores it.
+2. **jit**: otherwise (a source checkout, a package built without torch, a prebuilt library
+   that failed to load) the same sources are compiled on first use with
+   ``torch.utils.cpp_extension.load`` and cached in ``TORCH_EXTENSIONS_DIR`` (default
+   ``~/.cache/torch_extensions``); this needs a C++ compiler and ninja and takes about a
+   minute once. ``CAHFP_OPS_JIT=0`` forbids it.
+3. **unavailable**: backend ``auto`` then runs the pure-PyTorch reference on CPU, after one
+   short warning. A failed build is remembered for the process and, per build key (sources,
+   flags, torch version, compiler), across processes in ``~/.cache/cahfp_ops``, so later
+   processes do not retry it; ``CAHFP_OPS_REBUILD=1`` retries.
+
+``python -m cahfp_ops`` says which of these happened and why.
+
+The library registers its kernels in the private operator namespace
 ``torch.ops._cahfp_cpp``: a loading detail, not an API. It has no fake kernels and no
 autograd; only this module calls it, from inside the public ``torch.ops.cahfp.*``
 operators. The six backend functions below take the canonical inputs every backend takes
@@ -16,21 +26,62 @@ operators. The six backend functions below take the canonical inputs every backe
 
 from __future__ import annotations
 
-import platform
+import hashlib
+import os
+import shutil
 import sys
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import _build_config as config
 from ._debug import poison_enabled
 from ._views import packed_slice_numel
 
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {"loaded": None, "error": None, "poison": False}
-_EXT_NAME = "cahfp_ops_cpu"
+_JIT_NAME = "cahfp_ops_cpu"
+#: Names of the CPU code variants (``csrc/cpu/isa.h``), by level.
+ISA_NAMES = ("baseline", "avx2", "avx512")
+
+
+@dataclass
+class _State:
+    loaded: bool | None = None  # None: not tried yet
+    source: str = "not loaded"  # "prebuilt", "jit", "preloaded", "unavailable", "not loaded"
+    path: str | None = None
+    error: str | None = None
+    prebuilt_error: str | None = None
+    warned: bool = False
+    poison: bool = False
+
+
+_STATE = _State()
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Where the compiled CPU kernels came from.
+
+    source: ``"prebuilt"`` (the wheel's library), ``"jit"`` (compiled on this machine),
+    ``"preloaded"`` (registered before cahfp_ops looked), ``"unavailable"``, or
+    ``"not loaded"`` (not tried yet). path: the library file. reason: why they are
+    unavailable, or why a prebuilt library was passed over. isa / isa_detected: the CPU
+    code variant in use and the best this CPU supports (``baseline``, ``avx2``, ``avx512``).
+    """
+
+    source: str
+    path: str | None
+    reason: str | None
+    isa: str | None
+    isa_detected: str | None
+
+
+def _truthy(name: str, default: str = "1") -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "no", "false", "off", "")
 
 
 def source_dir() -> Path:
@@ -42,81 +93,205 @@ def source_dir() -> Path:
     raise FileNotFoundError("cahfp_ops C++ sources not found (looked in cahfp_ops/_csrc and csrc/)")
 
 
-def _isa_flags() -> tuple[str, list[str]]:
-    """Extra ISA flags when this machine's CPU has AVX2 + FMA + F16C, with a name suffix.
-
-    The suffix keeps differently targeted builds apart in a shared extensions cache.
-    """
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "", []
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "", []
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "_avx2", ["-mavx2", "-mfma", "-mf16c"]
-    return "", []
+def prebuilt_library() -> Path | None:
+    """The library a wheel ships (``cahfp_ops/_C*.so``), or None."""
+    here = Path(__file__).resolve().parent
+    found = sorted(here.glob(f"{config.EXTENSION}.*so")) + sorted(here.glob(f"{config.EXTENSION}.*pyd"))
+    return found[0] if found else None
 
 
-def _build() -> None:
-    from torch.utils.cpp_extension import load
+def _registered() -> bool:
+    return hasattr(torch.ops._cahfp_cpp, "reconstruct_aggregate")
 
+
+# --------------------------------------------------------------------------- JIT build
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def build_key() -> str:
+    """Hash of what a JIT build depends on: sources, flags, torch, compiler and ninja."""
+    h = hashlib.sha256()
     src = source_dir()
-    sources = sorted(str(p) for p in (src / "cpu").glob("*.cpp"))
-    suffix, isa = _isa_flags()
-    # Tell the user once a build really runs (loading a cached build takes well under 2 s).
-    notice = threading.Timer(
-        2.0,
-        lambda: print(
-            "cahfp_ops: compiling the C++ CPU kernels (first use only, about a minute; cached afterwards)...",
-            file=sys.stderr,
-            flush=True,
-        ),
+    for path in [*config.sources(src), *config.headers(src)]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    h.update(" ".join(config.CXX_FLAGS).encode())
+    h.update(torch.__version__.encode())
+    for tool in (_compiler(), shutil.which("ninja")):
+        h.update(str(tool).encode())
+        if tool:
+            h.update(str(os.stat(tool).st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def _failure_marker() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "cahfp_ops" / f"jit-build-failed-{build_key()}.txt"
+
+
+def _notice(message: str) -> None:
+    """Print a line on stderr without breaking an active tqdm progress bar."""
+    if "tqdm" in sys.modules:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+            return
+        except Exception:  # pragma: no cover - a broken tqdm must not stop the build
+            pass
+    print(message, file=sys.stderr, flush=True)
+
+
+def _jit_build() -> str:
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    if not _compiler():
+        raise RuntimeError(f"no C++ compiler found ({os.environ.get('CXX', 'c++')} is not on PATH)")
+    if not shutil.which("ninja"):
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    src = source_dir()
+    build_dir = Path(_get_build_directory(_JIT_NAME, False))
+    library = build_dir / f"{_JIT_NAME}.so"
+    if not library.exists():  # a cached build loads in well under a second; a fresh one does not
+        _notice("cahfp_ops: compiling the C++ CPU kernels (first use only, about a minute; cached afterwards)...")
+    load(
+        name=_JIT_NAME,
+        sources=[str(p) for p in config.sources(src)],
+        extra_cflags=list(config.CXX_FLAGS),
+        extra_include_paths=[str(src / "cpu")],
+        is_python_module=False,
+        verbose=False,
     )
-    notice.daemon = True
-    notice.start()
+    return str(library)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _load() -> None:
+    state = _STATE
+    if _registered():
+        state.loaded, state.source = True, "preloaded"
+        return
+    library = prebuilt_library()
+    if library is not None and _truthy("CAHFP_OPS_PREBUILT"):
+        try:
+            torch.ops.load_library(str(library))
+            if not _registered():
+                raise RuntimeError("the library registered no _cahfp_cpp operators")
+            state.loaded, state.source, state.path = True, "prebuilt", str(library)
+            return
+        except Exception as exc:
+            state.prebuilt_error = f"prebuilt {library.name} failed to load ({_short(exc)})"
+    if not _truthy("CAHFP_OPS_JIT"):
+        reason = "no prebuilt library" if library is None else state.prebuilt_error or "prebuilt library disabled"
+        state.loaded, state.source, state.error = False, "unavailable", f"{reason}; JIT build disabled (CAHFP_OPS_JIT=0)"
+        return
+    marker = _failure_marker()
+    if marker.exists() and not _truthy("CAHFP_OPS_REBUILD", "0"):
+        previous = marker.read_text().strip().splitlines()[0]
+        state.loaded, state.source = False, "unavailable"
+        state.error = f"an earlier build failed ({previous}); CAHFP_OPS_REBUILD=1 retries"
+        return
     try:
-        load(
-            name=_EXT_NAME + suffix,
-            sources=sources,
-            extra_cflags=["-O3", "-fopenmp", "-std=c++17", *isa],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    finally:
-        notice.cancel()
+        state.path = _jit_build()
+        state.loaded, state.source = True, "jit"
+        marker.unlink(missing_ok=True)
+    except Exception as exc:  # no compiler, no ninja, failed build, missing sources
+        state.loaded, state.source = False, "unavailable"
+        state.error = _short(exc)
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{state.error}\n\n{exc}\n")
+        except OSError:
+            pass
 
 
 def load_cpp() -> bool:
-    """Compile (first time) and load the C++ kernels; True when ``torch.ops._cahfp_cpp`` is usable."""
+    """Load the compiled CPU kernels (prebuilt, else compiled on first use); True when usable.
+
+    Call it before starting a progress bar or a timer if the first call may compile.
+    """
     with _LOCK:
-        if _STATE["loaded"] is None:
-            try:
-                if not hasattr(torch.ops._cahfp_cpp, "reconstruct_aggregate"):
-                    _build()
-                _STATE["loaded"] = True
-            except Exception as exc:  # no compiler, failed build, missing sources
-                _STATE["loaded"] = False
-                _STATE["error"] = f"{type(exc).__name__}: {exc}"
-        return bool(_STATE["loaded"])
+        if _STATE.loaded is None:
+            _load()
+        return bool(_STATE.loaded)
 
 
 def load_error() -> str | None:
     """Why the C++ kernels could not be loaded (None when they loaded or were not tried)."""
-    return _STATE["error"]  # type: ignore[return-value]
+    return _STATE.error
+
+
+def kernel_status() -> KernelStatus:
+    """Where the compiled CPU kernels came from (tries to load them first)."""
+    load_cpp()
+    isa = detected = None
+    if _STATE.loaded:
+        active, best = _isa_levels(-2)
+        isa, detected = ISA_NAMES[active], ISA_NAMES[best]
+    reason = _STATE.error if not _STATE.loaded else _STATE.prebuilt_error
+    return KernelStatus(_STATE.source, _STATE.path, reason, isa, detected)
 
 
 def warn_fallback_once() -> None:
-    """Emit the single 'falling back to the reference' warning."""
-    if not _STATE.get("warned"):
-        _STATE["warned"] = True
+    """Emit the single, one-line 'falling back to the reference' warning."""
+    if not _STATE.warned:
+        _STATE.warned = True
         warnings.warn(
-            "cahfp_ops: the C++ CPU kernels are unavailable "
-            f"({load_error()}); backend 'auto' uses the pure-PyTorch reference on CPU.",
+            f"cahfp_ops: compiled CPU kernels unavailable ({load_error()}); using the PyTorch reference on CPU "
+            "(python -m cahfp_ops explains)",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+# --------------------------------------------------------------------------- CPU variants
+_DEVICE = None
+
+
+def _device_tensor() -> Tensor:
+    global _DEVICE
+    if _DEVICE is None:
+        _DEVICE = torch.empty(0)
+    return _DEVICE
+
+
+def _isa_levels(level: int) -> tuple[int, int]:
+    active, best = torch.ops._cahfp_cpp.cap_isa(_device_tensor(), level)
+    return int(active), int(best)
+
+
+def cpu_isa() -> str:
+    """The CPU code variant the kernels run (``baseline``, ``avx2`` or ``avx512``)."""
+    if not load_cpp():
+        raise RuntimeError(f"the C++ kernels are unavailable: {load_error()}")
+    return ISA_NAMES[_isa_levels(-2)[0]]
+
+
+def set_cpu_isa(name: str | None) -> str:
+    """Cap the CPU code variant (``None``: the best this CPU supports); returns the one in use.
+
+    For tests and benchmarks: every variant gives bit-identical results. A variant above
+    what the CPU supports is a ValueError.
+    """
+    if not load_cpp():
+        raise RuntimeError(f"the C++ kernels are unavailable: {load_error()}")
+    if name is None:
+        return ISA_NAMES[_isa_levels(-1)[0]]
+    if name not in ISA_NAMES:
+        raise ValueError(f"isa must be one of {ISA_NAMES} or None, got {name!r}")
+    level = ISA_NAMES.index(name)
+    best = _isa_levels(-2)[1]
+    if level > best:
+        raise ValueError(f"isa {name!r} is not supported by this CPU (best: {ISA_NAMES[best]!r})")
+    return ISA_NAMES[_isa_levels(level)[0]]
 
 
 # --------------------------------------------------------------------------- backend functions
@@ -124,9 +299,9 @@ def _kernels():
     """The compiled operators, with the C++ poison switch following :mod:`cahfp_ops._debug`."""
     ops = torch.ops._cahfp_cpp
     poison = poison_enabled()
-    if poison != _STATE["poison"]:
-        ops.set_poison_outputs(poison)
-        _STATE["poison"] = poison
+    if poison != _STATE.poison:
+        ops.set_poison_outputs(_device_tensor(), poison)
+        _STATE.poison = poison
     return ops
 
 

@@ -1,35 +1,48 @@
-// Operator schemas and CPU registrations of the private _cahfp_cpp namespace.
+// Operator schemas and CPU registrations of the private _cahfp_cpp namespace,
+// on PyTorch's LibTorch stable ABI (STABLE_TORCH_LIBRARY, TORCH_BOX).
 //
 // These are the compiled CPU kernels behind the public torch.ops.cahfp.*
 // operators; they take the canonical forms produced by the Python layer
 // (-1 padded int64 keep sets, normalised float64 coefficients) and view N-D
-// tensors as (rows, cols, trailing elements) themselves.
+// tensors as (rows, cols, trailing elements) themselves. The control ops
+// (poison switch, ISA cap) take a CPU tensor argument only so that the
+// dispatcher has a key to route them by.
 #include "common.h"
-
-#include <torch/library.h>
+#include "isa.h"
 
 #include <optional>
 #include <tuple>
 
 namespace cahfp {
 
-at::Tensor reconstruct_aggregate_cpu(const at::Tensor& weight, at::TensorList clients, const at::Tensor& rows,
-                                     const at::Tensor& cols, const at::Tensor& coef, c10::string_view mode);
-at::Tensor reconstruct_aggregate_many_cpu(at::TensorList weights, at::TensorList clients, at::TensorList rows,
-                                          at::TensorList cols, const at::Tensor& coef, c10::string_view mode);
-at::Tensor slice_channels_cpu(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols,
-                              int64_t total);
-at::Tensor slice_channels_many_cpu(at::TensorList weights, at::TensorList rows, at::TensorList cols, int64_t total);
-std::tuple<at::Tensor, at::Tensor> topk_channel_masks_cpu(const at::Tensor& scores, const at::Tensor& keep,
-                                                          int64_t max_keep);
-at::Tensor curvature_scores_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& grad,
-                                const std::optional<at::Tensor>& hess, int64_t dim);
+Tensor reconstruct_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Tensor rows, Tensor cols, Tensor coef,
+                                 std::string mode);
+Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients,
+                                      std::vector<Tensor> rows, std::vector<Tensor> cols, Tensor coef,
+                                      std::string mode);
+Tensor slice_channels_cpu(Tensor weight, Tensor rows, Tensor cols, int64_t total);
+Tensor slice_channels_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> rows, std::vector<Tensor> cols,
+                               int64_t total);
+std::tuple<Tensor, Tensor> topk_channel_masks_cpu(Tensor scores, Tensor keep, int64_t max_keep);
+Tensor curvature_scores_cpu(Tensor weight, std::optional<Tensor> grad, std::optional<Tensor> hess, int64_t dim);
 
-// Debug switch used by the tests (see poison_outputs in common.h).
-void set_poison_outputs(bool enabled) { poison_outputs().store(enabled); }
+namespace {
 
-TORCH_LIBRARY(_cahfp_cpp, m) {
-  m.def("set_poison_outputs(bool enabled) -> ()", &set_poison_outputs);
+// Debug switch used by the tests (see poison_outputs in common.h). Returns the old value.
+bool set_poison_outputs(Tensor /*device*/, bool enabled) { return poison_outputs().exchange(enabled); }
+
+// CPU variant in use: 0 baseline, 1 AVX2, 2 AVX-512 (isa.h). level < 0 removes the cap;
+// returns {variant in use, best variant this CPU supports}.
+std::tuple<int64_t, int64_t> cap_isa(Tensor /*device*/, int64_t level) {
+  const int64_t active = level == -2 ? active_isa() : set_isa(level);
+  return {active, detected_isa()};
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
+  m.def("set_poison_outputs(Tensor device, bool enabled) -> bool");
+  m.def("cap_isa(Tensor device, int level) -> (int, int)");
   m.def("curvature_scores(Tensor weight, Tensor? grad, Tensor? hess, int dim) -> Tensor");
   m.def("topk_channel_masks(Tensor scores, Tensor keep, int max_keep) -> (Tensor, Tensor)");
   m.def("slice_channels(Tensor weight, Tensor rows, Tensor cols, int total) -> Tensor");
@@ -42,13 +55,15 @@ TORCH_LIBRARY(_cahfp_cpp, m) {
   m.def("slice_channels_many(Tensor[] weights, Tensor[] rows, Tensor[] cols, int total) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
-  m.impl("curvature_scores", &curvature_scores_cpu);
-  m.impl("topk_channel_masks", &topk_channel_masks_cpu);
-  m.impl("slice_channels", &slice_channels_cpu);
-  m.impl("reconstruct_aggregate", &reconstruct_aggregate_cpu);
-  m.impl("reconstruct_aggregate_many", &reconstruct_aggregate_many_cpu);
-  m.impl("slice_channels_many", &slice_channels_many_cpu);
+STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
+  m.impl("set_poison_outputs", TORCH_BOX(&set_poison_outputs));
+  m.impl("cap_isa", TORCH_BOX(&cap_isa));
+  m.impl("curvature_scores", TORCH_BOX(&curvature_scores_cpu));
+  m.impl("topk_channel_masks", TORCH_BOX(&topk_channel_masks_cpu));
+  m.impl("slice_channels", TORCH_BOX(&slice_channels_cpu));
+  m.impl("reconstruct_aggregate", TORCH_BOX(&reconstruct_aggregate_cpu));
+  m.impl("reconstruct_aggregate_many", TORCH_BOX(&reconstruct_aggregate_many_cpu));
+  m.impl("slice_channels_many", TORCH_BOX(&slice_channels_many_cpu));
 }
 
 }  // namespace cahfp

@@ -11,7 +11,9 @@
 // results are bit-identical whatever the thread count. Per-client inverse row maps
 // answer "does client k keep row r, and where" in one lookup; there is no
 // per-client full-size temporary. Elements no client keeps are copied bit for bit.
+// The tile loop comes in baseline / AVX2 / AVX-512 variants (isa.h), bit-identical.
 #include "common.h"
+#include "isa.h"
 
 #include <cstring>
 #include <string>
@@ -170,7 +172,7 @@ struct View3 {
   bool row_vector;
 };
 
-View3 view3(const at::Tensor& w) {
+View3 view3(const Tensor& w) {
   if (w.dim() == 1) return {1, w.size(0), 1, true};
   const int64_t R = w.size(0), Cin = w.size(1);
   int64_t T = 1;
@@ -179,7 +181,7 @@ View3 view3(const at::Tensor& w) {
 }
 
 // Trailing dims (from dim 2 on) packed densely, so a (row, col) block is contiguous.
-bool trailing_dense(const at::Tensor& c) {
+bool trailing_dense(const Tensor& c) {
   int64_t expected = 1;
   for (int64_t d = c.dim() - 1; d >= 2; --d) {
     if (c.size(d) != 1 && c.stride(d) != expected) return false;
@@ -188,22 +190,37 @@ bool trailing_dense(const at::Tensor& c) {
   return true;
 }
 
+// Work items [i0, i1): (job, first row) pairs, each one tile.
+template <typename wt, typename ct>
+inline void run_items(const std::vector<Job<wt, ct>>& jobs, const std::vector<std::pair<int32_t, int64_t>>& items,
+                      const std::vector<acc_t<wt>>& p, bool overlap, int64_t i0, int64_t i1) {
+  Scratch<acc_t<wt>> scratch;
+  for (int64_t it = i0; it < i1; ++it) {
+    const auto& job = jobs[items[it].first];
+    const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
+    if (overlap)
+      run_tile<wt, ct, true>(job, r0, r1, p, scratch);
+    else
+      run_tile<wt, ct, false>(job, r0, r1, p, scratch);
+  }
+}
+
+#define CAHFP_RA_HEAD template <typename wt, typename ct>
+#define CAHFP_RA_ARGS <wt, ct>
+CAHFP_ISA_VARIANTS(CAHFP_RA_HEAD, CAHFP_RA_ARGS, run_items_isa, (run_items<wt, ct>),
+                   (const std::vector<Job<wt, ct>>& jobs, const std::vector<std::pair<int32_t, int64_t>>& items,
+                    const std::vector<acc_t<wt>>& p, bool overlap, int64_t i0, int64_t i1),
+                   (jobs, items, p, overlap, i0, i1))
+
 template <typename wt, typename ct>
 void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, bool overlap) {
   // Work items: (job, first row) for every tile of every tensor.
   std::vector<std::pair<int32_t, int64_t>> items;
   for (size_t n = 0; n < jobs.size(); ++n)
     for (int64_t r = 0; r < jobs[n].R; r += jobs[n].tile) items.emplace_back(static_cast<int32_t>(n), r);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    Scratch<acc_t<wt>> scratch;
-    for (int64_t it = i0; it < i1; ++it) {
-      const auto& job = jobs[items[it].first];
-      const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
-      if (overlap)
-        run_tile<wt, ct, true>(job, r0, r1, p, scratch);
-      else
-        run_tile<wt, ct, false>(job, r0, r1, p, scratch);
-    }
+  const auto run = run_items_isa_pick<wt, ct>();
+  torch::stable::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    run(jobs, items, p, overlap, i0, i1);
   });
 }
 
@@ -214,37 +231,39 @@ void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, b
 // dtype. rows[n] / cols[n]: (K, m) int64, -1 padded (cols of a 1-D weight: (K, 1) zeros).
 // coef: (K,) float64, normalised. mode: "reconstruct" or "overlap".
 // Returns one packed buffer holding the N results in order.
-at::Tensor reconstruct_aggregate_many_cpu(at::TensorList weights, at::TensorList clients, at::TensorList rows,
-                                          at::TensorList cols, const at::Tensor& coef, c10::string_view mode) {
+Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients,
+                                      std::vector<Tensor> rows, std::vector<Tensor> cols, Tensor coef,
+                                      std::string mode) {
   const int64_t N = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(N > 0, "weights must not be empty");
-  TORCH_CHECK(static_cast<int64_t>(rows.size()) == N && static_cast<int64_t>(cols.size()) == N,
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  STD_TORCH_CHECK(static_cast<int64_t>(rows.size()) == N && static_cast<int64_t>(cols.size()) == N,
               "rows and cols need one entry per weight");
-  TORCH_CHECK(!clients.empty() && static_cast<int64_t>(clients.size()) % N == 0,
+  STD_TORCH_CHECK(!clients.empty() && static_cast<int64_t>(clients.size()) % N == 0,
               "clients must hold K tensors per weight");
   const int64_t K = static_cast<int64_t>(clients.size()) / N;
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == at::kDouble && coef.device().is_cpu(),
+  STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
               "coef must be a (K,) float64 CPU tensor");
   const bool overlap = mode == "overlap";
-  TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
   const auto wdtype = weights[0].scalar_type();
   const auto cdtype = clients[0].scalar_type();
   int64_t total = 0;
-  std::vector<at::Tensor> ws(N), cs(clients.size());
+  std::vector<Tensor> ws(N), cs(clients.size());
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(weights[n].device().is_cpu() && weights[n].scalar_type() == wdtype && weights[n].dim() >= 1,
-                "weights[", n, "] must be a CPU tensor of dtype ", wdtype);
-    ws[n] = weights[n].contiguous();
+    STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == wdtype && weights[n].dim() >= 1,
+                    "weights[", n, "] must be a CPU tensor of dtype ", dtype_name(wdtype));
+    ws[n] = torch::stable::contiguous(weights[n]);
     total += ws[n].numel();
   }
-  at::Tensor out = new_output({total}, weights[0].options());
-  const double* cp = coef.const_data_ptr<double>();
+  STD_TORCH_CHECK(is_floating(wdtype) && is_floating(cdtype), "weights and clients must be floating");
+  Tensor out = new_output({total}, wdtype);
+  const double* cp = cdata<double>(coef);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wdtype, "reconstruct_aggregate", [&] {
+  CAHFP_DISPATCH_FLOATING(wdtype, "reconstruct_aggregate", [&] {
     using wt = scalar_t;
     std::vector<acc_t<wt>> p(K);
     for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc_t<wt>>(cp[k]);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cdtype, "reconstruct_aggregate_client", [&] {
+    CAHFP_DISPATCH_FLOATING(cdtype, "reconstruct_aggregate_client", [&] {
       using ct = scalar_t;
       std::vector<Job<wt, ct>> jobs(N);
       int64_t offset = 0;
@@ -257,39 +276,39 @@ at::Tensor reconstruct_aggregate_many_cpu(at::TensorList weights, at::TensorList
         std::vector<int32_t> inv_r = inverse_maps(rows[n], R0, "rows");
         (void)inverse_maps(cols[n], C0, "cols");  // bounds check of the column indices
         Job<wt, ct>& job = jobs[n];
-        job.W = ws[n].const_data_ptr<wt>();
-        job.out = out.mutable_data_ptr<wt>() + offset;
+        job.W = cdata<wt>(ws[n]);
+        job.out = mdata<wt>(out) + offset;
         job.R = v.R;
         job.Cin = v.Cin;
         job.T = v.T;
         job.clients.resize(K);
         for (int64_t k = 0; k < K; ++k) {
-          at::Tensor c = clients[n * K + k];
-          TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] of weight ", n,
-                      " must be a CPU tensor of dtype ", cdtype);
+          Tensor c = clients[n * K + k];
+          STD_TORCH_CHECK(c.is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] of weight ", n,
+                          " must be a CPU tensor of dtype ", dtype_name(cdtype));
           const bool ok = ws[n].dim() == 1
                               ? (c.dim() >= 1 && c.size(0) >= rc[k])
                               : (c.dim() >= 2 && c.size(0) >= rc[k] && c.size(1) >= cc[k] &&
                                  c.numel() / std::max<int64_t>(1, c.size(0) * c.size(1)) == v.T);
-          TORCH_CHECK(ok || (c.numel() == 0 && (rc[k] == 0 || cc[k] == 0)), "clients[", k, "] of weight ", n,
-                      " has shape ", c.sizes(),
+          STD_TORCH_CHECK(ok || (c.numel() == 0 && (rc[k] == 0 || cc[k] == 0)), "clients[", k, "] of weight ", n,
+                      " has shape ", shape_str(c),
                       ", too small for ", rc[k], " rows x ", cc[k], " cols");
-          if (!trailing_dense(c)) c = c.contiguous();
+          if (!trailing_dense(c)) c = torch::stable::contiguous(c);
           cs[n * K + k] = c;
           const int64_t s0 = c.dim() >= 1 ? c.stride(0) : 1, s1 = c.dim() >= 2 ? c.stride(1) : 1;
           // 1-D: one row (always kept when the client keeps anything) whose columns are the channels.
-          job.clients[k] = v.row_vector ? ClientView<ct>{c.const_data_ptr<ct>(), 0, s0, rc[k] > 0 ? 1 : 0, rc[k]}
-                                        : ClientView<ct>{c.const_data_ptr<ct>(), s0, s1, rc[k], cc[k]};
+          job.clients[k] = v.row_vector ? ClientView<ct>{cdata<ct>(c), 0, s0, rc[k] > 0 ? 1 : 0, rc[k]}
+                                        : ClientView<ct>{cdata<ct>(c), s0, s1, rc[k], cc[k]};
         }
         if (v.row_vector) {
           job.inv_rows.assign(K, -1);
           for (int64_t k = 0; k < K; ++k)
             if (rc[k] > 0) job.inv_rows[k] = 0;
-          job.cols = rows[n].const_data_ptr<int64_t>();
+          job.cols = cdata<int64_t>(rows[n]);
           job.mc = rows[n].size(1);
         } else {
           job.inv_rows = std::move(inv_r);
-          job.cols = cols[n].const_data_ptr<int64_t>();
+          job.cols = cdata<int64_t>(cols[n]);
           job.mc = cols[n].size(1);
         }
         job.tile = std::max<int64_t>(1, std::min<int64_t>(job.R, kTileElems / std::max<int64_t>(1, job.Cin * job.T)));
@@ -298,7 +317,7 @@ at::Tensor reconstruct_aggregate_many_cpu(at::TensorList weights, at::TensorList
       // Enough tiles for every thread: split further where a model has few, large tensors.
       int64_t n_items = 0;
       for (const auto& job : jobs) n_items += (job.R + job.tile - 1) / job.tile;
-      const int64_t want = 4 * at::get_num_threads();
+      const int64_t want = 4 * static_cast<int64_t>(torch::stable::get_num_threads());
       if (n_items < want)
         for (auto& job : jobs) job.tile = std::max<int64_t>(1, job.tile * n_items / want);
       run_jobs<wt, ct>(jobs, p, overlap);
@@ -308,11 +327,12 @@ at::Tensor reconstruct_aggregate_many_cpu(at::TensorList weights, at::TensorList
 }
 
 // Single tensor: the N = 1 case. weight N-D; clients[k] as above; returns weight's shape.
-at::Tensor reconstruct_aggregate_cpu(const at::Tensor& weight, at::TensorList clients, const at::Tensor& rows,
-                                     const at::Tensor& cols, const at::Tensor& coef, c10::string_view mode) {
-  TORCH_CHECK(!clients.empty(), "clients must not be empty");
-  std::vector<at::Tensor> w{weight}, r{rows}, c{cols};
-  return reconstruct_aggregate_many_cpu(w, clients, r, c, coef, mode).view(weight.sizes());
+Tensor reconstruct_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Tensor rows, Tensor cols, Tensor coef,
+                                 std::string mode) {
+  STD_TORCH_CHECK(!clients.empty(), "clients must not be empty");
+  std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
+  Tensor out = reconstruct_aggregate_many_cpu({weight}, std::move(clients), {rows}, {cols}, coef, std::move(mode));
+  return torch::stable::view(out, shape);
 }
 
 }  // namespace cahfp

@@ -1,9 +1,8 @@
 // topk_channel_masks on the CPU: per row, the `keep` highest scores, ties to
 // the lower index, NaN below every number. The comparator is a strict total
-// order, so the selection is unique and deterministic.
+// order, so the selection is unique and deterministic. (A sort, not a SIMD loop:
+// one baseline variant only.)
 #include "common.h"
-
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,28 +13,28 @@ namespace cahfp {
 
 // scores: (K, C) contiguous floating. keep: (K,) int64, each in [1, C].
 // Returns mask (K, C) bool and indices (K, max_keep) int64 (ascending, -1 padded).
-std::tuple<at::Tensor, at::Tensor> topk_channel_masks_cpu(const at::Tensor& scores, const at::Tensor& keep,
-                                                          int64_t max_keep) {
-  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2 && scores.is_contiguous(),
-              "scores must be a contiguous (K, C) CPU tensor");
+std::tuple<Tensor, Tensor> topk_channel_masks_cpu(Tensor scores, Tensor keep, int64_t max_keep) {
+  STD_TORCH_CHECK(scores.is_cpu() && scores.dim() == 2 && scores.is_contiguous() && is_floating(scores.scalar_type()),
+                  "scores must be a contiguous floating (K, C) CPU tensor");
   const int64_t K = scores.size(0), C = scores.size(1);
-  TORCH_CHECK(keep.device().is_cpu() && keep.dim() == 1 && keep.size(0) == K && keep.scalar_type() == at::kLong,
-              "keep must be a (K,) int64 CPU tensor");
-  const int64_t* kp = keep.const_data_ptr<int64_t>();
+  STD_TORCH_CHECK(keep.is_cpu() && keep.dim() == 1 && keep.size(0) == K && keep.scalar_type() == ScalarType::Long &&
+                      keep.is_contiguous(),
+                  "keep must be a contiguous (K,) int64 CPU tensor");
+  const int64_t* kp = cdata<int64_t>(keep);
   int64_t kmax = 0;
   for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(kp[k] >= 1 && kp[k] <= C, "keep[", k, "] = ", kp[k], " outside [1, ", C, "]");
+    STD_TORCH_CHECK(kp[k] >= 1 && kp[k] <= C, "keep[", k, "] = ", kp[k], " outside [1, ", C, "]");
     kmax = std::max(kmax, kp[k]);
   }
-  TORCH_CHECK(K == 0 || kmax == max_keep, "max_keep must be ", kmax, ", got ", max_keep);
-  at::Tensor mask = new_output({K, C}, scores.options().dtype(at::kBool));
-  at::Tensor indices = new_output({K, max_keep}, scores.options().dtype(at::kLong));
-  bool* M = mask.mutable_data_ptr<bool>();
-  int64_t* I = indices.mutable_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "topk_channel_masks", [&] {
+  STD_TORCH_CHECK(K == 0 || kmax == max_keep, "max_keep must be ", kmax, ", got ", max_keep);
+  Tensor mask = new_output({K, C}, ScalarType::Bool);
+  Tensor indices = new_output({K, max_keep}, ScalarType::Long);
+  bool* M = mdata<bool>(mask);
+  int64_t* I = mdata<int64_t>(indices);
+  CAHFP_DISPATCH_FLOATING(scores.scalar_type(), "topk_channel_masks", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* S = scores.const_data_ptr<scalar_t>();
-    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    const scalar_t* S = cdata<scalar_t>(scores);
+    torch::stable::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       std::vector<int64_t> order(static_cast<size_t>(C));
       std::vector<acc> val(static_cast<size_t>(C));
       for (int64_t k = k0; k < k1; ++k) {
