@@ -25,6 +25,7 @@ PY_LIMITED_API = "cp310"
 #: (csrc/cpu/isa.h); -ffp-contract=off keeps those variants bit-identical.
 CXX_FLAGS = [
     "-O3",
+    "-g0",
     "-ffp-contract=off",
     "-fvisibility=hidden",
     "-Wno-psabi",

@@ -26,7 +26,7 @@ from torch import Tensor
 from ._dtypes import FLOAT_DTYPES, INDEX_DTYPES, DTypeError
 from ._validation import validation_enabled
 
-KeepSet = Union[Tensor, None]
+KeepSet = Union[Tensor, Sequence[int], None]
 KeepSets = Union[Tensor, Sequence[KeepSet], None]
 
 
@@ -127,6 +127,7 @@ def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device
         raise TypeError(
             f"{op}: {name} must be None, an integer tensor or a sequence of them, got {type(keep).__name__}"
         )
+    reject_flat_ints(op, name, keep)
     if len(keep) != K:
         raise ValueError(f"{op}: {name} has {len(keep)} keep sets but there are {K} clients")
     items = []
@@ -134,6 +135,8 @@ def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device
         if item is None:
             items.append(torch.arange(size, device=device))
             continue
+        if isinstance(item, (list, tuple)):
+            item = _int_list_tensor(op, f"{name}[{k}]", item)
         item = _check_index_tensor(op, f"{name}[{k}]", item, 1)
         items.append(item.to(device=device, dtype=torch.int64))
     if not items:
@@ -146,11 +149,32 @@ def canonical_keep(op: str, name: str, keep: KeepSets, size: int, K: int, device
     return padded
 
 
+def reject_flat_ints(op: str, name: str, keep: object) -> None:
+    """A flat list of ints is one keep set written as a list: say what to pass instead."""
+    if isinstance(keep, (list, tuple)) and keep and all(is_int(v) for v in keep):
+        shown = list(keep[:4]) + (["..."] if len(keep) > 4 else [])
+        example = ", ".join(map(str, shown))
+        raise TypeError(
+            f"{op}: {name} is a flat list of ints; pass one keep set per client, e.g. {name}=[[{example}]] "
+            f"for one client (a list of ints or a tensor per client), or torch.tensor([{example}]) for a "
+            "keep set shared by every client"
+        )
+
+
+def _int_list_tensor(op: str, name: str, values: Sequence[object]) -> Tensor:
+    """A client's keep set given as a list of ints -> int64 tensor."""
+    if not all(is_int(v) for v in values):
+        bad = next(v for v in values if not is_int(v))
+        raise TypeError(f"{op}: {name} must hold ints, got {type(bad).__name__} {bad!r}")
+    return torch.tensor([int(v) for v in values], dtype=torch.int64)
+
+
 def kept_counts(keep: KeepSets, padded: Tensor) -> list[int]:
     """How many channels each client keeps (a count per client), from the shapes of a
     sequence of keep sets or by counting the entries of a padded tensor."""
     if isinstance(keep, (list, tuple)):
-        return [padded.shape[1] if t is None else int(t.numel()) for t in keep]
+        return [padded.shape[1] if t is None else len(t) if isinstance(t, (list, tuple)) else int(t.numel())
+                for t in keep]
     if keep is None or (isinstance(keep, Tensor) and keep.dim() == 1):
         return [padded.shape[1]] * padded.shape[0]
     return (padded >= 0).sum(dim=1).tolist()

@@ -27,6 +27,7 @@ from ._inputs import (
     is_int,
     is_per_client,
     kept_counts,
+    reject_flat_ints,
 )
 from ._validation import validation_enabled
 from ._views import packed_views
@@ -188,6 +189,7 @@ def _num_clients(op: str, **keep_sets: KeepSets) -> int | None:
     """K from the per-client keep-set arguments (None when all are single keep sets)."""
     K = None
     for name, keep in keep_sets.items():
+        reject_flat_ints(op, name, keep)
         if is_per_client(keep):
             n = len(keep) if isinstance(keep, (list, tuple)) else keep.shape[0]
             if K is not None and n != K:

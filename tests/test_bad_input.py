@@ -75,7 +75,7 @@ AGG_CASES = [
     ("rows negative", lambda w, c, r, k: dict(rows=[torch.tensor([-1, 2, 4]), r[1]]), ValueError, "rows[0]"),
     ("rows float", lambda w, c, r, k: dict(rows=[r[0].float(), r[1]]), TypeError, "rows[0]"),
     ("rows 2-D item", lambda w, c, r, k: dict(rows=[r[0].view(3, 1), r[1]]), ValueError, "rows[0]"),
-    ("rows wrong object", lambda w, c, r, k: dict(rows=[[0, 2, 4], r[1]]), TypeError, "rows[0]"),
+    ("rows wrong object", lambda w, c, r, k: dict(rows=["0, 2, 4", r[1]]), TypeError, "rows[0]"),
     ("cols out of range", lambda w, c, r, k: dict(cols=[torch.tensor([1, 5]), None]), ValueError, "cols[0]"),
     ("wrong number of keep sets", lambda w, c, r, k: dict(rows=[r[0]]), ValueError, "rows"),
     ("padded rows wrong K", lambda w, c, r, k: dict(rows=torch.tensor([[0, 2, 4]])), ValueError, "rows"),
@@ -215,3 +215,42 @@ def test_validation_env(monkeypatch):
     assert cahfp_ops.validation_enabled()
     with pytest.raises(TypeError):
         cahfp_ops.set_validation("no")
+
+
+# --------------------------------------------------------------------------- keep sets as Python lists
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w, r: cahfp_ops.slice_channels(w, r),
+        lambda w, r: cahfp_ops.reconstruct_aggregate(w, [w[:3]], r),
+        lambda w, r: cahfp_ops.slice_channels_many([w], [r]),
+        lambda w, r: cahfp_ops.reconstruct_aggregate_many([w], [[w[:3]]], [r]),
+    ],
+    ids=["slice", "aggregate", "slice_many", "aggregate_many"],
+)
+def test_flat_int_list_keep_set_says_what_to_pass(call):
+    w = torch.randn(6, 4)
+    before = w.clone()
+    with pytest.raises(TypeError, match=r"rows is a flat list of ints; pass one keep set per client.*\[\[0, 2, 5\]\]"):
+        call(w, [0, 2, 5])
+    assert torch.equal(w, before)
+
+
+def test_keep_sets_as_lists_of_ints_match_tensors(gen):
+    w = torch.randn(7, 5, 3, generator=gen)
+    rows = [[0, 3, 6], [2], []]
+    cols = [[1, 4], [0, 1, 2, 3, 4], [2]]
+    as_tensors = [torch.tensor(r, dtype=torch.int64) for r in rows], [torch.tensor(c) for c in cols]
+    a = cahfp_ops.slice_channels(w, rows, cols)
+    b = cahfp_ops.slice_channels(w, *as_tensors)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    clients = [t + 1 for t in b]
+    agg_lists = cahfp_ops.reconstruct_aggregate(w, clients, rows, cols, coef=[1, 2, 3])
+    agg_tensors = cahfp_ops.reconstruct_aggregate(w, clients, *as_tensors, coef=[1, 2, 3])
+    assert torch.equal(agg_lists, agg_tensors)
+
+
+@pytest.mark.parametrize("bad", [[[0, 1.5]], [[0, True]], [["0"]]])
+def test_keep_set_list_with_non_ints_is_a_type_error(bad):
+    with pytest.raises(TypeError, match=r"rows\[0\] must hold ints"):
+        cahfp_ops.slice_channels(torch.randn(4, 3), bad)
