@@ -46,8 +46,11 @@ def _extension_kwargs() -> dict:
     except ImportError as exc:
         if mode in ("1", "yes", "true", "on"):
             raise RuntimeError(f"CAHFP_OPS_BUILD_EXT=1 but torch is not importable here: {exc}") from exc
-        print("cahfp-ops: torch is not importable at build time; building without the prebuilt kernels "
-              "(they compile on first use)", file=sys.stderr)
+        print(
+            "cahfp-ops: torch is not importable at build time; building without the prebuilt kernels "
+            "(they compile on first use)",
+            file=sys.stderr,
+        )
         return {}
     config = _build_config()
     version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])

@@ -25,52 +25,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402
+import workloads  # noqa: E402
 
-import cahfp_ops  # noqa: E402
 from common import (  # noqa: E402
     bench_ms,
     bench_parser,
-    check_close,
     copy_roofline_ms,
     device_name,
-    half_and_half,
-    make_clients,
     print_table,
     start,
-    vgg16_conv_shapes,
 )
 
 
 def run(K: int, args) -> dict:
-    gen = torch.Generator().manual_seed(K)
-    shapes = vgg16_conv_shapes()
-    dev = args.device
-    weights = [torch.randn(s, generator=gen).to(dev) for s in shapes]
-    layers = make_clients(shapes, K, half_and_half(K), gen, device=dev)
-    coef = (torch.rand(K, generator=gen) + 0.5).tolist()
+    dev = torch.device(args.device)
+    case = workloads.reconstruct_aggregate(K, dev)  # shapes and peers: workloads.py
+    case.check()
+    ours, ours_fast = case.ours(), case.ours(novalidate=True)
+    naive, indexadd = case.impls["naive"], case.impls["index_add"]
 
-    def ours():
-        return [cahfp_ops.reconstruct_aggregate(w, c, r, cc, coef) for w, (r, cc, c) in zip(weights, layers)]
-
-    def ours_fast():
-        with cahfp_ops.validation(False):
-            return ours()
-
-    def naive():
-        return [peers.naive_reconstruct_aggregate(w, c, r, cc, coef) for w, (r, cc, c) in zip(weights, layers)]
-
-    def indexadd():
-        return [peers.indexadd_reconstruct_aggregate(w, c, r, cc, coef) for w, (r, cc, c) in zip(weights, layers)]
-
-    got = ours()
-    check_close(got, indexadd())
-    check_close(got, naive())
-    del got
-
-    params = sum(w.numel() for w in weights)
-    client_elems = sum(c.numel() for _, _, cl in layers for c in cl)
-    nbytes = 4 * (2 * params + client_elems)
+    nbytes = case.nbytes
     t_copy = copy_roofline_ms(nbytes, device=dev)
     t = {
         "cahfp": bench_ms(ours, dev, args.repeat),
@@ -78,7 +52,7 @@ def run(K: int, args) -> dict:
         "indexadd": bench_ms(indexadd, dev, args.repeat_peers),
         "naive": bench_ms(naive, dev, args.repeat_peers),
     }
-    res = {"K": K, "params": params, "client_elems": client_elems, "MB": nbytes / 1e6, "copy_ms": t_copy}
+    res = {"K": K, "MB": nbytes / 1e6, "copy_ms": t_copy}
     res.update({f"{k}_ms": v for k, v in t.items()})
     for key in ("cahfp", "cahfp_novalidate"):
         res[f"{key}_GBps"] = nbytes / t[key] / 1e6

@@ -20,70 +20,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402
-from models import channel_plan, make_client_models, make_model  # noqa: E402
+import workloads  # noqa: E402
 
-import cahfp_ops  # noqa: E402
 from common import (  # noqa: E402
     bench_ms,
     bench_parser,
-    check_close,
     copy_roofline_ms,
     device_name,
-    half_and_half,
     print_table,
     start,
 )
 
 
 def run(name: str, K: int, args) -> dict:
-    dev = args.device
-    gen = torch.Generator().manual_seed(K)
-    shapes, rows, cols = channel_plan(name, K, half_and_half(K), gen, device=dev)
-    model = make_model(shapes, gen, device=dev)
-    clients = make_client_models(shapes, rows, cols, K, gen, device=dev)
-    coef = (torch.rand(K, generator=gen) + 0.5).tolist()
-    keys = list(model)
+    dev = torch.device(args.device)
+    agg = workloads.model_aggregate(name, K, dev)  # shapes and peers: workloads.py
+    sl = workloads.model_slice(name, K, dev)
+    agg.check()
+    sl.check()
+    ours, ours_fast = agg.ours(), agg.ours(novalidate=True)
+    naive, indexadd = agg.impls["naive"], agg.impls["index_add"]
+    slice_ours, slice_plain = sl.ours(), sl.impls["plain"]
+    result = agg.ours()()
+    tensors, params = len(result), sum(t.numel() for t in result.values())
+    del result
 
-    def per_tensor(peer):
-        return {k: peer(model[k], [c[k] for c in clients], rows.get(k, [None] * K), cols.get(k), coef) for k in keys}
-
-    def ours():
-        return cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, coef)
-
-    def ours_fast():
-        with cahfp_ops.validation(False):
-            return ours()
-
-    def naive():
-        return per_tensor(peers.naive_reconstruct_aggregate)
-
-    def indexadd():
-        return per_tensor(peers.indexadd_reconstruct_aggregate)
-
-    def slice_ours():
-        return cahfp_ops.slice_channels_many(model, rows, cols)
-
-    def slice_plain():
-        out = []
-        for k in range(K):
-            m = {}
-            for key, w in model.items():
-                t = w if key not in rows else w.index_select(0, rows[key][k])
-                if key in cols:
-                    t = t.index_select(1, cols[key][k])
-                m[key] = t.clone() if t is w else t  # every client gets its own copy
-            out.append(m)
-        return out
-
-    check_close(ours(), indexadd())
-    check_close(ours(), naive())
-    check_close(slice_ours(), slice_plain(), rtol=0, atol=0)
-
-    params = sum(w.numel() for w in model.values())
-    client_elems = sum(t.numel() for c in clients for t in c.values())
-    agg_bytes = 4 * (2 * params + client_elems)
-    slice_bytes = 4 * 2 * client_elems
+    agg_bytes, slice_bytes = agg.nbytes, sl.nbytes
     t_copy_agg = copy_roofline_ms(agg_bytes, device=dev)
     t_copy_slice = copy_roofline_ms(slice_bytes, device=dev)
     t = {
@@ -97,7 +59,7 @@ def run(name: str, K: int, args) -> dict:
     return {
         "model": name,
         "K": K,
-        "tensors": len(model),
+        "tensors": tensors,
         "params_M": params / 1e6,
         **{f"{k}_ms": v for k, v in t.items()},
         "agg_GBps": agg_bytes / t["agg_novalidate"] / 1e6,

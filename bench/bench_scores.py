@@ -17,34 +17,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cahfp_ops  # noqa: E402
-from common import bench_parser, check_close, measure, print_table, speed_columns, start, vgg16_conv_shapes  # noqa: E402
+import workloads  # noqa: E402
+
+from common import bench_parser, measure, print_table, speed_columns, start  # noqa: E402
 
 
 def run(K: int, dev: torch.device, args) -> dict:
-    gen = torch.Generator().manual_seed(K)
-    shapes = vgg16_conv_shapes()
-    ws = [torch.randn(s, generator=gen).to(dev) for s in shapes]
-    gs = [torch.randn((K, *s), generator=gen).to(dev) for s in shapes]
-    hs = [torch.randn((K, *s), generator=gen).to(dev) for s in shapes]
-
-    def ours():
-        return [cahfp_ops.curvature_scores(w, g, h) for w, g, h in zip(ws, gs, hs)]
-
-    def plain():
-        return [((g * w).abs() + 0.5 * h.clamp(min=0) * w * w).sum(dim=(2, 3, 4)) for w, g, h in zip(ws, gs, hs)]
-
-    def naive():
-        return [
-            torch.stack([((g[k] * w).abs() + 0.5 * h[k].clamp(min=0) * w * w).sum(dim=(1, 2, 3)) for k in range(K)])
-            for w, g, h in zip(ws, gs, hs)
-        ]
-
-    got = ours()
-    check_close(got, plain(), rtol=1e-4, atol=1e-3)
-    check_close(got, naive(), rtol=1e-4, atol=1e-3)
-    nbytes = 4 * sum(w.numel() + g.numel() + h.numel() for w, g, h in zip(ws, gs, hs))
-    return measure(K, dev, nbytes, {"ours": ours, "naive": naive, "plain": plain}, args.repeat)
+    case = workloads.curvature_scores(K, dev)  # shapes and peers: workloads.py
+    case.check()
+    fns = {"ours": case.ours(), "naive": case.impls["naive"], "plain": case.impls["plain"]}
+    return measure(K, dev, case.nbytes, fns, args.repeat)
 
 
 def main() -> None:

@@ -15,14 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cahfp_ops  # noqa: E402
-from cahfp_ops import reference  # noqa: E402
+import workloads  # noqa: E402
+
 from common import (  # noqa: E402
-    VGG16_WIDTHS,
     bench_parser,
-    check_close,
-    half_and_half,
-    kept_count,
     measure,
     print_table,
     speed_columns,
@@ -31,35 +27,10 @@ from common import (  # noqa: E402
 
 
 def run(K: int, dev: torch.device, args) -> dict:
-    gen = torch.Generator().manual_seed(K)
-    ratios = half_and_half(K)
-    scores = [torch.randn(K, C, generator=gen).to(dev) for C in VGG16_WIDTHS]
-    keeps = [torch.tensor([kept_count(r, C) for r in ratios], device=dev) for C in VGG16_WIDTHS]
-    maxk = [int(k.max()) for k in keeps]
-
-    def ours():
-        return [cahfp_ops.topk_channel_masks(s, k) for s, k in zip(scores, keeps)]
-
-    def plain():
-        return [reference.topk_channel_masks(s, k, m) for s, k, m in zip(scores, keeps, maxk)]
-
-    def naive():
-        out = []
-        for s, k in zip(scores, keeps):
-            rows = []
-            for i in range(K):
-                order = torch.sort(s[i], descending=True, stable=True).indices[: int(k[i])]
-                rows.append(order.sort().values)
-            out.append(rows)
-        return out
-
-    got = ours()
-    check_close([g[0] for g in got], [p[0] for p in plain()], 0, 0)
-    for (_, idx), rows in zip(got, naive()):
-        for i, r in enumerate(rows):
-            assert torch.equal(idx[i, : r.numel()], r)
-    nbytes = sum(s.numel() * (s.element_size() + 1) for s in scores)  # scores read, mask written
-    return measure(K, dev, nbytes, {"ours": ours, "naive": naive, "plain": plain}, args.repeat)
+    case = workloads.topk_channel_masks(K, dev)  # shapes and peers: workloads.py
+    case.check()
+    fns = {"ours": case.ours(), "naive": case.impls["naive"], "plain": case.impls["plain"]}
+    return measure(K, dev, case.nbytes, fns, args.repeat)
 
 
 def main() -> None:

@@ -58,8 +58,11 @@ def report() -> list[str]:
         + (f", flwr {_version('flwr')}" if importlib.util.find_spec("flwr") else ""),
     ]
     if status.source in ("prebuilt", "jit", "preloaded"):
-        how = {"prebuilt": "prebuilt (shipped with the package)", "jit": "JIT-built on this machine",
-               "preloaded": "loaded before cahfp_ops looked"}[status.source]
+        how = {
+            "prebuilt": "prebuilt (shipped with the package)",
+            "jit": "JIT-built on this machine",
+            "preloaded": "loaded before cahfp_ops looked",
+        }[status.source]
         lines.append(f"compiled CPU kernels: {how}: {status.path}")
         lines.append(f"CPU code variant: {status.isa} (best this CPU supports: {status.isa_detected})")
         if status.reason:
@@ -71,15 +74,19 @@ def report() -> list[str]:
         lines.append("triton: not installed (pip install 'cahfp-ops[triton]'); CUDA tensors use the reference")
     else:
         lines.append(f"triton: installed; interpreter {'on' if triton_interpreted() else 'off'} (TRITON_INTERPRET)")
-    lines.append(f"backend setting: {cahfp_ops.get_backend()} (CAHFP_OPS_BACKEND={os.environ.get('CAHFP_OPS_BACKEND')})")
+    lines.append(
+        f"backend setting: {cahfp_ops.get_backend()} (CAHFP_OPS_BACKEND={os.environ.get('CAHFP_OPS_BACKEND')})"
+    )
     lines.append(f"validation: {'on' if cahfp_ops.validation_enabled() else 'off'}")
     for device in _devices():
         try:
             resolved = cahfp_ops.resolve_backend(device)
         except (RuntimeError, ValueError) as exc:
             resolved = f"error: {exc}"
-        lines.append(f"device {device.type}: backend {resolved}"
-                     + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+        lines.append(
+            f"device {device.type}: backend {resolved}"
+            + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+        )
     if not torch.cuda.is_available():
         lines.append("device cuda: not available")
     return lines
@@ -109,7 +116,11 @@ def _cases(device: torch.device) -> dict[str, Callable[[], object]]:
         "slice_channels_many": lambda: cahfp_ops.slice_channels_many([w, b], [rows, rows], [cols, None]),
         "reconstruct_aggregate": lambda: cahfp_ops.reconstruct_aggregate(w, clients, rows, cols, coef),
         "reconstruct_aggregate_many": lambda: cahfp_ops.reconstruct_aggregate_many(
-            [w, b], [[c, bc] for c, bc in zip(clients, bias_clients)], [rows, rows], [cols, None], coef,
+            [w, b],
+            [[c, bc] for c, bc in zip(clients, bias_clients)],
+            [rows, rows],
+            [cols, None],
+            coef,
             mode="overlap",
         ),
     }

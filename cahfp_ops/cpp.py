@@ -191,7 +191,11 @@ def _load() -> None:
             state.prebuilt_error = f"prebuilt {library.name} failed to load ({_short(exc)})"
     if not _truthy("CAHFP_OPS_JIT"):
         reason = "no prebuilt library" if library is None else state.prebuilt_error or "prebuilt library disabled"
-        state.loaded, state.source, state.error = False, "unavailable", f"{reason}; JIT build disabled (CAHFP_OPS_JIT=0)"
+        state.loaded, state.source, state.error = (
+            False,
+            "unavailable",
+            f"{reason}; JIT build disabled (CAHFP_OPS_JIT=0)",
+        )
         return
     marker = _failure_marker()
     if marker.exists() and not _truthy("CAHFP_OPS_REBUILD", "0"):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
 
-from cahfp_ops import MODES  # noqa: E402
+from cahfp_ops import MODES, load_cpp  # noqa: E402
 from cahfp_ops.fl import zoo  # noqa: E402
 from cahfp_ops.fl.server import Server  # noqa: E402
 
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
     progress = not a.no_progress
+    load_cpp()  # a first-use compile happens here, before any progress bar or round timer
     t0 = time.perf_counter()
     if a.sweep:
         print(sweep(cfg, data, a.out, progress))

@@ -1,7 +1,5 @@
 """Backend selection: environment variable, context manager, resolution, C++ fallback."""
 
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -85,7 +85,9 @@ def test_jit_disabled_reports_why(tmp_path):
 def test_compile_notice_goes_through_tqdm_write(monkeypatch):
     tqdm = pytest.importorskip("tqdm")
     written = []
-    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False: written.append(s)))
+    monkeypatch.setattr(
+        tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False: written.append(s))
+    )
     cpp._notice("hello")
     assert written == ["hello"]
 
@@ -142,9 +144,7 @@ def test_every_cpu_variant_gives_identical_bits(dtype):
         for isa in _available_isas():
             cpp.set_cpu_isa(isa)
             with cahfp_ops.use_backend("cpp"):
-                agg = cahfp_ops.reconstruct_aggregate_many(
-                    weights, clients, keep_rows, keep_cols, coef=[0.5, 0.3, 0.2]
-                )
+                agg = cahfp_ops.reconstruct_aggregate_many(weights, clients, keep_rows, keep_cols, coef=[0.5, 0.3, 0.2])
                 ov = cahfp_ops.reconstruct_aggregate_many(
                     weights, clients, keep_rows, keep_cols, coef=[0.5, 0.3, 0.2], mode="overlap"
                 )

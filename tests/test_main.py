@@ -15,7 +15,10 @@ from cahfp_ops import cpp
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cahfp_ops", *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "cahfp_ops", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, **env},
     )
 

@@ -116,8 +116,9 @@ def _needed(library: str | Path) -> list[str]:
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out.stdout)
 
 
-needs_binutils = pytest.mark.skipif(shutil.which("nm") is None or shutil.which("readelf") is None,
-                                    reason="needs binutils (nm, readelf)")
+needs_binutils = pytest.mark.skipif(
+    shutil.which("nm") is None or shutil.which("readelf") is None, reason="needs binutils (nm, readelf)"
+)
 
 
 @needs_binutils

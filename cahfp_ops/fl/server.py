@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cahfp_ops import MODES
+from cahfp_ops import MODES, load_cpp
 
 from .aggregate import StreamingAggregator, aggregate_state
 from .checkpoint import load_checkpoint, save_atomic
@@ -84,6 +84,7 @@ class Server:
     ):
         if mode not in MODES:
             raise ValueError(f"Server: mode must be one of {MODES}, got {mode!r}")
+        load_cpp()  # a first-use compile of the CPU kernels happens here, not inside a round
         self.criterion = make_importance(criterion, curvature=curvature, personalized=personalized)
         self.model = model
         self.example_input = example_input
