@@ -80,9 +80,11 @@ for op, model, K in json.loads(sys.argv[6]):
         workloads.MODEL_OPS[op](model, K, torch.device("cpu"))
     fn = case.impls["cahfp[cpp,novalidate]"] if "cahfp[cpp,novalidate]" in case.impls else case.impls["cahfp[cpp]"]
     res = fn()
-    flat = list(res.values()) if isinstance(res, dict) else res
-    flat = [t for item in flat for t in (item if isinstance(item, (list, tuple, dict)) else [item])]
-    flat = [t for item in flat for t in (item.values() if isinstance(item, dict) else [item])]
+    def tensors(x):
+        if isinstance(x, dict):
+            x = list(x.values())
+        return [t for item in x for t in tensors(item)] if isinstance(x, (list, tuple)) else [x]
+    flat = tensors(res)
     out["digest"][case.group] = float(sum(t.double().sum() for t in flat if t.is_floating_point()))
     times = []
     for _ in range(repeat):

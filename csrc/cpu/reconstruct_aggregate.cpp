@@ -181,11 +181,13 @@ View3 view3(const Tensor& w) {
 }
 
 // Trailing dims (from dim 2 on) packed densely, so a (row, col) block is contiguous.
-bool trailing_dense(const Tensor& c) {
+// sizes / strides: the tensor's (one stable-ABI call each, not one per dim).
+template <typename Array>
+bool trailing_dense(const Array& sizes, const Array& strides) {
   int64_t expected = 1;
-  for (int64_t d = c.dim() - 1; d >= 2; --d) {
-    if (c.size(d) != 1 && c.stride(d) != expected) return false;
-    expected *= c.size(d);
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 2; --d) {
+    if (sizes[d] != 1 && strides[d] != expected) return false;
+    expected *= sizes[d];
   }
   return true;
 }
@@ -283,22 +285,32 @@ Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<T
         job.T = v.T;
         job.clients.resize(K);
         for (int64_t k = 0; k < K; ++k) {
+          // Few stable-ABI calls per client tensor (a model can bring tens of thousands).
           Tensor c = clients[n * K + k];
           STD_TORCH_CHECK(c.is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] of weight ", n,
                           " must be a CPU tensor of dtype ", dtype_name(cdtype));
+          auto sizes = c.sizes();
+          const int64_t cdim = static_cast<int64_t>(sizes.size());
+          int64_t cnumel = 1;
+          for (int64_t d = 0; d < cdim; ++d) cnumel *= sizes[d];
           const bool ok = ws[n].dim() == 1
-                              ? (c.dim() >= 1 && c.size(0) >= rc[k])
-                              : (c.dim() >= 2 && c.size(0) >= rc[k] && c.size(1) >= cc[k] &&
-                                 c.numel() / std::max<int64_t>(1, c.size(0) * c.size(1)) == v.T);
-          STD_TORCH_CHECK(ok || (c.numel() == 0 && (rc[k] == 0 || cc[k] == 0)), "clients[", k, "] of weight ", n,
-                      " has shape ", shape_str(c),
-                      ", too small for ", rc[k], " rows x ", cc[k], " cols");
-          if (!trailing_dense(c)) c = torch::stable::contiguous(c);
+                              ? (cdim >= 1 && sizes[0] >= rc[k])
+                              : (cdim >= 2 && sizes[0] >= rc[k] && sizes[1] >= cc[k] &&
+                                 cnumel / std::max<int64_t>(1, sizes[0] * sizes[1]) == v.T);
+          STD_TORCH_CHECK(ok || (cnumel == 0 && (rc[k] == 0 || cc[k] == 0)), "clients[", k, "] of weight ", n,
+                          " has shape ", shape_str(c), ", too small for ", rc[k], " rows x ", cc[k], " cols");
+          auto strides = c.strides();
+          if (!trailing_dense(sizes, strides)) {
+            c = torch::stable::contiguous(c);
+            sizes = c.sizes();
+            strides = c.strides();
+          }
           cs[n * K + k] = c;
-          const int64_t s0 = c.dim() >= 1 ? c.stride(0) : 1, s1 = c.dim() >= 2 ? c.stride(1) : 1;
+          const int64_t s0 = cdim >= 1 ? strides[0] : 1, s1 = cdim >= 2 ? strides[1] : 1;
           // 1-D: one row (always kept when the client keeps anything) whose columns are the channels.
-          job.clients[k] = v.row_vector ? ClientView<ct>{cdata<ct>(c), 0, s0, rc[k] > 0 ? 1 : 0, rc[k]}
-                                        : ClientView<ct>{cdata<ct>(c), s0, s1, rc[k], cc[k]};
+          const ct* data = cdata<ct>(c);
+          job.clients[k] = v.row_vector ? ClientView<ct>{data, 0, s0, rc[k] > 0 ? 1 : 0, rc[k]}
+                                        : ClientView<ct>{data, s0, s1, rc[k], cc[k]};
         }
         if (v.row_vector) {
           job.inv_rows.assign(K, -1);
