@@ -27,7 +27,7 @@ from .ops import (
     topk_channel_masks,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BACKENDS",

@@ -55,8 +55,18 @@ int64_t set_isa(int64_t level);
       default: return &NAME##_baseline TEMPLATE_ARGS;                              \
     }                                                                              \
   }
+// The same with two variants, baseline and AVX2 (AVX2 also on AVX-512 CPUs): for loops
+// whose AVX-512 build measured slower (short, memory-bound rows; bench/RESULTS.md).
+#define CAHFP_ISA_VARIANTS_UPTO_AVX2(TEMPLATE_HEAD, TEMPLATE_ARGS, NAME, IMPL, PARAMS, ARGS) \
+  TEMPLATE_HEAD CAHFP_ATTR_BASELINE void NAME##_baseline PARAMS { IMPL ARGS; }               \
+  TEMPLATE_HEAD CAHFP_ATTR_AVX2 void NAME##_avx2 PARAMS { IMPL ARGS; }                       \
+  TEMPLATE_HEAD inline auto NAME##_pick() {                                                  \
+    return ::cahfp::active_isa() >= ::cahfp::kAvx2 ? &NAME##_avx2 TEMPLATE_ARGS               \
+                                                   : &NAME##_baseline TEMPLATE_ARGS;          \
+  }
 #else
 #define CAHFP_ISA_VARIANTS(TEMPLATE_HEAD, TEMPLATE_ARGS, NAME, IMPL, PARAMS, ARGS) \
   TEMPLATE_HEAD CAHFP_ATTR_BASELINE void NAME##_baseline PARAMS { IMPL ARGS; }     \
   TEMPLATE_HEAD inline auto NAME##_pick() { return &NAME##_baseline TEMPLATE_ARGS; }
+#define CAHFP_ISA_VARIANTS_UPTO_AVX2 CAHFP_ISA_VARIANTS
 #endif
