@@ -154,7 +154,7 @@ def _jit_build() -> str:
     build_dir = Path(_get_build_directory(_JIT_NAME, False))
     library = build_dir / f"{_JIT_NAME}.so"
     if not library.exists():  # a cached build loads in well under a second; a fresh one does not
-        _notice("cahfp_ops: compiling the C++ CPU kernels (first use only, about a minute; cached afterwards)...")
+        _notice("cahfp_ops: compiling the C++ CPU kernels (first use only, under a minute; cached afterwards)...")
     load(
         name=_JIT_NAME,
         sources=[str(p) for p in config.sources(src)],
@@ -197,7 +197,11 @@ def _load() -> None:
             f"{reason}; JIT build disabled (CAHFP_OPS_JIT=0)",
         )
         return
-    marker = _failure_marker()
+    try:
+        marker = _failure_marker()  # hashes the sources: fails when they are missing
+    except OSError as exc:
+        state.loaded, state.source, state.error = False, "unavailable", _short(exc)
+        return
     if marker.exists() and not _truthy("CAHFP_OPS_REBUILD", "0"):
         previous = marker.read_text().strip().splitlines()[0]
         state.loaded, state.source = False, "unavailable"

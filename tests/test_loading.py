@@ -82,6 +82,18 @@ def test_jit_disabled_reports_why(tmp_path):
     assert "CAHFP_OPS_JIT=0" in _field(res.stdout, "WARNING")
 
 
+def test_missing_sources_fall_back_with_a_reason(tmp_path):
+    code = FALLBACK.replace(
+        "calls = []",
+        "calls = []\ndef gone():\n    raise FileNotFoundError('cahfp_ops C++ sources not found')\n"
+        "cpp.source_dir = gone",
+    )
+    res = _run(tmp_path, code)
+    assert res.returncode == 0, res.stderr
+    assert "C++ sources not found" in _field(res.stdout, "WARNING")
+    assert _field(res.stdout, "BUILDS") == "0"
+
+
 def test_compile_notice_goes_through_tqdm_write(monkeypatch):
     tqdm = pytest.importorskip("tqdm")
     written = []
