@@ -78,7 +78,7 @@ out = {"isa": cpp.cpu_isa() if config != "old" else "old build", "times": {}, "d
 for op, model, K in json.loads(sys.argv[6]):
     case = workloads.SINGLE_OPS[op](K, torch.device("cpu")) if model is None else \
         workloads.MODEL_OPS[op](model, K, torch.device("cpu"))
-    fn = case.impls["cahfp[cpp,novalidate]"] if "cahfp[cpp,novalidate]" in case.impls else case.impls["cahfp[cpp]"]
+    fn = case.ours(novalidate=True)
     res = fn()
     def tensors(x):
         if isinstance(x, dict):

@@ -35,36 +35,20 @@ def _case(op: str, model: str | None, K: int) -> workloads.Workload:
         case = workloads.SINGLE_OPS[op](K, DEVICE)
     else:
         case = workloads.MODEL_OPS[op](model, K, DEVICE)
+    assert list(case.impls) == workloads.impl_names(op, DEVICE), (list(case.impls), op)
     case.check()
     return case
-
-
-def _impl_names(op: str, model: str | None) -> list[str]:
-    # The names only (the case itself is built lazily, once per op and shape).
-    peers = {
-        "curvature_scores": ["plain", "naive"],
-        "topk_channel_masks": ["plain", "naive"],
-        "slice_channels": ["plain", "naive"],
-        "reconstruct_aggregate": ["index_add", "naive"],
-        "reconstruct_aggregate_many": ["index_add", "naive"],
-        "slice_channels_many": ["plain"],
-        "server_round": ["plain"],
-    }[op]
-    ours = [f"cahfp[{b}]" for b in workloads.cahfp_backends(DEVICE)]
-    if op not in ("curvature_scores", "topk_channel_masks", "server_round"):
-        ours += [f"cahfp[{b},novalidate]" for b in workloads.cahfp_backends(DEVICE)]
-    return [*ours, "reference", *peers]
 
 
 def _params():
     for op in workloads.SINGLE_OPS:
         for K in CLIENTS:
-            for impl in _impl_names(op, None):
+            for impl in workloads.impl_names(op, DEVICE):
                 yield pytest.param(op, None, K, impl, id=f"{op}-vgg16conv-K{K}-{impl}")
     for op in workloads.MODEL_OPS:
         for model in MODELS:
             for K in CLIENTS:
-                for impl in _impl_names(op, model):
+                for impl in workloads.impl_names(op, DEVICE):
                     yield pytest.param(op, model, K, impl, id=f"{op}-{model}-K{K}-{impl}")
 
 

@@ -46,8 +46,13 @@ class Workload:
         return f"{self.op} {self.shape}"
 
     def ours(self, novalidate: bool = False) -> Callable[[], object]:
-        """The cahfp implementation backend ``auto`` picks on this case's device (else the reference)."""
-        names = [n for n in self.impls if n.startswith("cahfp[") and n.endswith(",novalidate]") == novalidate]
+        """The cahfp implementation backend ``auto`` picks on this case's device, with validation
+        off when asked and the case has that variant; the reference where no backend is compiled."""
+        names = [n for n in self.impls if n.startswith("cahfp[")]
+        if novalidate and any(n.endswith(",novalidate]") for n in names):
+            names = [n for n in names if n.endswith(",novalidate]")]
+        else:
+            names = [n for n in names if not n.endswith(",novalidate]")]
         return self.impls[names[0]] if names else self.impls["reference"]
 
     def check(self) -> None:
@@ -79,11 +84,35 @@ def _on(backend: str, fn: Callable[[], object], validate: bool = True) -> Callab
     return run
 
 
-def _ours(device: torch.device, fn: Callable[[], object], novalidate: bool = True) -> dict[str, Callable]:
+#: The plain-PyTorch peers of each case, in table order.
+PEERS = {
+    "curvature_scores": ("plain", "naive"),
+    "topk_channel_masks": ("plain", "naive"),
+    "slice_channels": ("plain", "naive"),
+    "reconstruct_aggregate": ("index_add", "naive"),
+    "reconstruct_aggregate_many": ("index_add", "naive"),
+    "slice_channels_many": ("plain",),
+    "server_round": ("plain",),
+}
+#: Cases also timed with validation off (where validation costs measurable time).
+NOVALIDATE = {"slice_channels", "reconstruct_aggregate", "reconstruct_aggregate_many", "slice_channels_many"}
+
+
+def impl_names(op: str, device: torch.device) -> list[str]:
+    """The implementations a case of ``op`` holds on ``device``, in order (known without building it)."""
+    names = []
+    for b in cahfp_backends(device):
+        names.append(f"cahfp[{b}]")
+        if op in NOVALIDATE:
+            names.append(f"cahfp[{b},novalidate]")
+    return [*names, "reference", *PEERS[op]]
+
+
+def _ours(op: str, device: torch.device, fn: Callable[[], object]) -> dict[str, Callable]:
     impls = {}
     for b in cahfp_backends(device):
         impls[f"cahfp[{b}]"] = _on(b, fn)
-        if novalidate:
+        if op in NOVALIDATE:
             impls[f"cahfp[{b},novalidate]"] = _on(b, fn, validate=False)
     impls["reference"] = _on("torch", fn)
     return impls
@@ -110,7 +139,7 @@ def curvature_scores(K: int, device: torch.device) -> Workload:
         ]
 
     nbytes = 4 * sum(w.numel() + g.numel() + h.numel() for w, g, h in zip(ws, gs, hs))
-    impls = {**_ours(device, ours, novalidate=False), "plain": plain, "naive": naive}
+    impls = {**_ours("curvature_scores", device, ours), "plain": plain, "naive": naive}
     return Workload("curvature_scores", f"vgg16-conv K={K}", nbytes, impls, tolerance=(1e-4, 1e-3))
 
 
@@ -138,7 +167,7 @@ def topk_channel_masks(K: int, device: torch.device) -> Workload:
         return [reference.topk_channel_masks(s, k, m)[0] for s, k, m in zip(scores, keeps, maxk)]
 
     nbytes = sum(s.numel() * (s.element_size() + 1) for s in scores)  # scores read, mask written
-    impls = {**_ours(device, ours, novalidate=False), "plain": plain, "naive": naive}
+    impls = {**_ours("topk_channel_masks", device, ours), "plain": plain, "naive": naive}
     return Workload("topk_channel_masks", f"vgg16-widths K={K}", nbytes, impls, tolerance=(0, 0))
 
 
@@ -170,7 +199,7 @@ def slice_channels(K: int, device: torch.device) -> Workload:
         for s, rs, cs in zip(shapes, rows, cols)
         for r, c in zip(rs, cs)
     )
-    impls = {**_ours(device, ours), "plain": plain, "naive": naive}
+    impls = {**_ours("slice_channels", device, ours), "plain": plain, "naive": naive}
     return Workload("slice_channels", f"vgg16-conv K={K}", 4 * 2 * elems, impls, tolerance=(0, 0))
 
 
@@ -193,11 +222,25 @@ def reconstruct_aggregate(K: int, device: torch.device) -> Workload:
     params = sum(w.numel() for w in weights)
     client_elems = sum(c.numel() for _, _, cl in layers for c in cl)
     nbytes = 4 * (2 * params + client_elems)
-    impls = {**_ours(device, ours), "index_add": index_add, "naive": naive}
+    impls = {**_ours("reconstruct_aggregate", device, ours), "index_add": index_add, "naive": naive}
     return Workload("reconstruct_aggregate", f"vgg16-conv K={K}", nbytes, impls)
 
 
 # --------------------------------------------------------------------------- whole models
+def _plain_slice(state: dict, rows: dict, cols: dict, k: int) -> dict:
+    """Client k's compact state_dict by per-tensor ``index_select`` (the plain peer of slicing);
+    tensors no keep set touches are copied, so every client gets its own tensors."""
+    out = {}
+    for key, w in state.items():
+        t = w
+        if rows.get(key) is not None and rows[key][k] is not None:
+            t = t.index_select(0, rows[key][k])
+        if cols.get(key) is not None and cols[key][k] is not None and t.dim() > 1:
+            t = t.index_select(1, cols[key][k])
+        out[key] = t.clone() if t is w else t
+    return out
+
+
 def _model_case(name: str, K: int, device: torch.device):
     gen = torch.Generator().manual_seed(K)
     shapes, rows, cols = channel_plan(name, K, half_and_half(K), gen, device=device)
@@ -219,7 +262,7 @@ def model_aggregate(name: str, K: int, device: torch.device) -> Workload:
     params = sum(w.numel() for w in model.values())
     client_elems = sum(t.numel() for c in clients for t in c.values())
     impls = {
-        **_ours(device, ours),
+        **_ours("reconstruct_aggregate_many", device, ours),
         "index_add": lambda: per_tensor(peers.indexadd_reconstruct_aggregate),
         "naive": lambda: per_tensor(peers.naive_reconstruct_aggregate),
     }
@@ -233,19 +276,10 @@ def model_slice(name: str, K: int, device: torch.device) -> Workload:
         return cahfp_ops.slice_channels_many(model, rows, cols)
 
     def plain():
-        out = []
-        for k in range(K):
-            m = {}
-            for key, w in model.items():
-                t = w if key not in rows else w.index_select(0, rows[key][k])
-                if key in cols:
-                    t = t.index_select(1, cols[key][k])
-                m[key] = t.clone() if t is w else t  # every client gets its own copy
-            out.append(m)
-        return out
+        return [_plain_slice(model, rows, cols, k) for k in range(K)]
 
     client_elems = sum(t.numel() for c in clients for t in c.values())
-    impls = {**_ours(device, ours), "plain": plain}
+    impls = {**_ours("slice_channels_many", device, ours), "plain": plain}
     return Workload("slice_channels_many", f"{name} K={K}", 4 * 2 * client_elems, impls, tolerance=(0, 0))
 
 
@@ -261,39 +295,37 @@ def server_round(name: str, K: int, device: torch.device) -> Workload:
     x = torch.randn(1, 3, 32, 32)
     ratios = dict(enumerate(half_and_half(K)))
 
-    def make_round(backend: str | None):
+    def new_server():
         server = Server(net, x, criterion="l1", warmup_rounds=0)
         state0 = {k: v.clone() for k, v in server.state.items()}
 
-        def run():
-            server.state = {k: v.clone() for k, v in state0.items()}  # every repetition starts alike
+        def reset():  # every repetition starts from the same global model and round
+            server.state = {k: v.clone() for k, v in state0.items()}
             server.round = 1
-            ctx = cahfp_ops.use_backend(backend) if backend else torch.no_grad()
-            with ctx:
+            return server
+
+        return reset
+
+    def cahfp_round(backend: str):
+        reset = new_server()
+
+        def run():
+            server = reset()
+            with cahfp_ops.use_backend(backend):
                 assigned = server.assign(ratios)
                 server.aggregate({c: a.state for c, a in assigned.items()})
             return server.state
 
         return run
 
+    plain_reset = new_server()
+
     def plain():
-        server = plain.server
-        server.state = {k: v.clone() for k, v in plain.state0.items()}
-        server.round = 1
+        server = plain_reset()
         ids = list(ratios)
         keeps = assign_keep_sets(server.plan, [ratios[c] for c in ids], server.scores(ids))  # masks only
         rows, cols = server.plan.tensor_keep_sets(keeps)
-        replies = []
-        for k in range(K):
-            reply = {}
-            for key, w in server.state.items():
-                t = w
-                if key in rows and rows[key][k] is not None:
-                    t = t.index_select(0, rows[key][k])
-                if key in cols and cols[key][k] is not None and t.dim() > 1:
-                    t = t.index_select(1, cols[key][k])
-                reply[key] = t.clone() if t is w else t
-            replies.append(reply)
+        replies = [_plain_slice(server.state, rows, cols, k) for k in range(K)]
         out = {}
         for key, w in server.state.items():
             if not w.is_floating_point():
@@ -304,17 +336,19 @@ def server_round(name: str, K: int, device: torch.device) -> Workload:
             out[key] = peers.indexadd_reconstruct_aggregate(w, [rep[key] for rep in replies], r, c, [1.0] * K)
         return out
 
-    plain.server = Server(net, x, criterion="l1", warmup_rounds=0)
-    plain.state0 = {k: v.clone() for k, v in plain.server.state.items()}
-    params = sum(v.numel() for v in plain.state0.values() if v.is_floating_point())
-    impls = {f"cahfp[{b}]": make_round(b) for b in cahfp_backends(device)}
-    impls["reference"] = make_round("torch")
+    impls = {f"cahfp[{b}]": cahfp_round(b) for b in cahfp_backends(device)}
+    impls["reference"] = cahfp_round("torch")
     impls["plain"] = plain
+    # Bytes that must move: slicing reads and writes every compact entry; aggregation reads the
+    # global model and every compact entry and writes the model.
+    server = plain_reset()
+    params = sum(v.numel() for v in server.state.values() if v.is_floating_point())
+    compact = sum(v.numel() for a in server.assign(ratios).values() for v in a.state.values() if v.is_floating_point())
 
     def floating(state):
         return {k: v for k, v in state.items() if v.is_floating_point()}
 
-    return Workload("server_round", f"{name} K={K}", 4 * 3 * params * K // 2, impls, compare=floating)
+    return Workload("server_round", f"{name} K={K}", 4 * (2 * params + 3 * compact), impls, compare=floating)
 
 
 SINGLE_OPS: dict[str, Callable[[int, torch.device], Workload]] = {

@@ -27,19 +27,23 @@ needs_checkout = pytest.mark.skipif(not SOURCE_CHECKOUT, reason="needs the sourc
 UNSTABLE = re.compile(r"^_ZN?K?(?:St)?(?:2at|3c10|5torch|6caffe2)")
 
 
-def _pure_wheel(tmp_path: Path) -> Path:
-    """A wheel without the compiled library (fast: no compile)."""
+@pytest.fixture(scope="module")
+def pure_wheel(tmp_path_factory) -> Path:
+    """A wheel without the compiled library (fast: no compile), built once for this module."""
+    if not SOURCE_CHECKOUT:
+        pytest.skip("needs the source checkout")
+    out = tmp_path_factory.mktemp("wheel")
     env = {**os.environ, "CAHFP_OPS_BUILD_EXT": "0"}
     cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q"]
-    res = subprocess.run([*cmd, "-w", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run([*cmd, "-w", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
-    (wheel,) = tmp_path.glob("cahfp_ops-*.whl")
+    (wheel,) = out.glob("cahfp_ops-*.whl")
     return wheel
 
 
 @needs_checkout
-def test_wheel_ships_every_subpackage_and_the_sources(tmp_path):
-    wheel = _pure_wheel(tmp_path)
+def test_wheel_ships_every_subpackage_and_the_sources(pure_wheel):
+    wheel = pure_wheel
     assert f"-{cahfp_ops.__version__}-" in wheel.name
     names = set(zipfile.ZipFile(wheel).namelist())
     package = ROOT / "cahfp_ops"
@@ -51,8 +55,8 @@ def test_wheel_ships_every_subpackage_and_the_sources(tmp_path):
 
 
 @needs_checkout
-def test_wheel_metadata(tmp_path):
-    wheel = _pure_wheel(tmp_path)
+def test_wheel_metadata(pure_wheel):
+    wheel = pure_wheel
     with zipfile.ZipFile(wheel) as zf:
         meta = zf.read(f"cahfp_ops-{cahfp_ops.__version__}.dist-info/METADATA").decode()
     assert "License-Expression: Apache-2.0" in meta

@@ -31,8 +31,8 @@ namespace {
 // Debug switch used by the tests (see poison_outputs in common.h). Returns the old value.
 bool set_poison_outputs(Tensor /*device*/, bool enabled) { return poison_outputs().exchange(enabled); }
 
-// CPU variant in use: 0 baseline, 1 AVX2, 2 AVX-512 (isa.h). level < 0 removes the cap;
-// returns {variant in use, best variant this CPU supports}.
+// CPU variant in use: 0 baseline, 1 AVX2, 2 AVX-512 (isa.h). level >= 0 caps the variant,
+// -1 removes the cap, -2 only asks; returns {variant in use, best variant this CPU supports}.
 std::tuple<int64_t, int64_t> cap_isa(Tensor /*device*/, int64_t level) {
   const int64_t active = level == -2 ? active_isa() : set_isa(level);
   return {active, detected_isa()};

@@ -290,7 +290,7 @@ Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<T
           Tensor c = clients[n * K + k];
           STD_TORCH_CHECK(c.is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] of weight ", n,
                           " must be a CPU tensor of dtype ", dtype_name(cdtype));
-          auto sizes = c.sizes();
+          const auto sizes = c.sizes();
           const int64_t cdim = static_cast<int64_t>(sizes.size());
           int64_t cnumel = 1;
           for (int64_t d = 0; d < cdim; ++d) cnumel *= sizes[d];
@@ -303,7 +303,6 @@ Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<T
           auto strides = c.strides();
           if (!trailing_dense(sizes, strides)) {
             c = torch::stable::contiguous(c);
-            sizes = c.sizes();
             strides = c.strides();
           }
           cs[n * K + k] = c;
