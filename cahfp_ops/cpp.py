@@ -176,10 +176,14 @@ def _short(exc: BaseException) -> str:
 
 def _load() -> None:
     state = _STATE
-    if _registered():
-        state.loaded, state.source = True, "preloaded"
-        return
     library = prebuilt_library()
+    if _registered():
+        module = sys.modules.get(f"{__package__}.{config.EXTENSION}")  # `import cahfp_ops._C` loads it too
+        if module is not None and library is not None:
+            state.loaded, state.source, state.path = True, "prebuilt", str(library)
+        else:
+            state.loaded, state.source = True, "preloaded"
+        return
     if library is not None and _truthy("CAHFP_OPS_PREBUILT"):
         try:
             torch.ops.load_library(str(library))

@@ -147,6 +147,23 @@ def test_compiled_library_uses_only_the_stable_abi():
         assert not any(n.startswith(("libpython", "libtorch_python")) for n in needed), needed
 
 
+def test_prebuilt_library_imports_as_a_module():
+    """``import cahfp_ops._C`` (pkgutil, doc tools) works and counts as the prebuilt kernels."""
+    if cpp.prebuilt_library() is None:
+        pytest.skip("no prebuilt library in this installation")
+    code = (
+        "import pkgutil, importlib, cahfp_ops\n"
+        "names = [m.name for m in pkgutil.walk_packages(cahfp_ops.__path__, 'cahfp_ops.')]\n"
+        "assert 'cahfp_ops._C' in names, names\n"
+        "importlib.import_module('cahfp_ops._C')\n"
+        "from cahfp_ops import cpp\n"
+        "print(cpp.kernel_status().source)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "prebuilt"
+
+
 def test_installed_package_is_the_one_tested():
     """In the CI job on the built wheel, the package comes from site-packages, with the prebuilt kernels."""
     if os.environ.get("CAHFP_OPS_EXPECT_INSTALLED") != "1":

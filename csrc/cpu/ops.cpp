@@ -7,6 +7,9 @@
 // tensors as (rows, cols, trailing elements) themselves. The control ops
 // (poison switch, ISA cap) take a CPU tensor argument only so that the
 // dispatcher has a key to route them by.
+// Python.h first, as CPython asks; only the limited API is used (the wheel is abi3).
+#include <Python.h>
+
 #include "common.h"
 #include "isa.h"
 
@@ -67,3 +70,12 @@ STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
 }
 
 }  // namespace cahfp
+
+// An empty Python module, so that `import cahfp_ops._C` (pkgutil, documentation tools)
+// works instead of failing, and loads the kernels like torch.ops.load_library does.
+// PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "cahfp-ops compiled CPU kernels", -1, nullptr,
+                                      nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}
