@@ -109,3 +109,72 @@ def _(
     weights: list[Tensor], rows: list[Tensor], cols: list[Tensor], row_counts: list[int], col_counts: list[int]
 ) -> Tensor:
     return weights[0].new_empty((packed_slice_numel(weights, rows[0].shape[0], row_counts, col_counts),))
+
+
+# --------------------------------------------------------------------------- per-round layout ops
+# Tables of a RoundLayout (cahfp_ops/layout.py): meta (N, 5) int64, row_inv (K, SR) int32,
+# col_keep (K, SC) int32, counts (K, N, 2) int64, offsets / starts (K, N) int64. They write
+# into caller-given buffers (a workspace can own them) and return nothing.
+@torch.library.custom_op("cahfp::slice_packed", mutates_args=("out",))
+def slice_packed_op(
+    weights: list[Tensor], meta: Tensor, row_inv: Tensor, col_keep: Tensor, counts: Tensor, starts: Tensor, out: Tensor
+) -> None:
+    """Client k's compact tensor n -> ``out[starts[k, n]:]`` (one buffer per client, end to end)."""
+    backend_for(out.device).slice_packed(weights, meta, row_inv, col_keep, counts, starts, out)
+
+
+@slice_packed_op.register_fake
+def _(weights, meta, row_inv, col_keep, counts, starts, out) -> None:
+    return None
+
+
+@torch.library.custom_op("cahfp::aggregate_packed", mutates_args=("out", "stats"))
+def aggregate_packed_op(
+    weights: list[Tensor],
+    clients: list[Tensor],
+    parts: list[int],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    coef: Tensor,
+    mode: str,
+    out: Tensor,
+    stats: Tensor,
+) -> None:
+    """Aggregate into ``out`` (N results packed); ``stats`` (K, 2): non-finite flag, sum of squared deltas."""
+    backend_for(out.device).aggregate_packed(
+        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, out, stats
+    )
+
+
+@aggregate_packed_op.register_fake
+def _(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, out, stats) -> None:
+    return None
+
+
+@torch.library.custom_op("cahfp::accumulate_packed", mutates_args=("sums", "cover", "stats"))
+def accumulate_packed_op(
+    weights: list[Tensor],
+    client: list[Tensor],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    weight: float,
+    mode: str,
+    sums: Tensor,
+    cover: Tensor,
+    stats: Tensor,
+) -> None:
+    """Fold one client into the partial sums ``sums`` / ``cover``; ``stats`` (2,) as above."""
+    backend_for(sums.device).accumulate_packed(
+        weights, client, meta, row_inv, col_keep, counts, offsets, weight, mode, sums, cover, stats
+    )
+
+
+@accumulate_packed_op.register_fake
+def _(weights, client, meta, row_inv, col_keep, counts, offsets, weight, mode, sums, cover, stats) -> None:
+    return None

@@ -19,9 +19,9 @@ def packed_views(packed: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tens
     """Contiguous views of ``shapes`` laid end to end in the 1-D tensor ``packed``.
 
     ``as_strided`` gives one tensor object per view, which matters when a model has
-    thousands of client tensors.
+    thousands of client tensors. ``packed`` may itself be a view (its storage offset counts).
     """
-    views, offset, strides = [], 0, {}
+    views, offset, strides = [], packed.storage_offset(), {}
     for shape in shapes:
         st = strides.get(shape)
         if st is None:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import _build_config as config
-from ._debug import poison_enabled
+from ._debug import poison_, poison_enabled
 from ._views import packed_slice_numel
 
 _LOCK = threading.Lock()
@@ -346,3 +346,47 @@ def reconstruct_aggregate_many(
     weights: list[Tensor], clients: list[Tensor], rows: list[Tensor], cols: list[Tensor], coef: Tensor, mode: str
 ) -> Tensor:
     return _kernels().reconstruct_aggregate_many(weights, clients, rows, cols, coef, mode)
+
+
+def slice_packed(
+    weights: list[Tensor], meta: Tensor, row_inv: Tensor, col_keep: Tensor, counts: Tensor, starts: Tensor, out: Tensor
+) -> None:
+    _kernels().slice_packed(weights, meta, row_inv, col_keep, counts, starts, poison_(out))
+
+
+def aggregate_packed(
+    weights: list[Tensor],
+    clients: list[Tensor],
+    parts: list[int],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    coef: Tensor,
+    mode: str,
+    out: Tensor,
+    stats: Tensor,
+) -> None:
+    _kernels().aggregate_packed(
+        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, poison_(out), poison_(stats)
+    )
+
+
+def accumulate_packed(
+    weights: list[Tensor],
+    client: list[Tensor],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    weight: float,
+    mode: str,
+    sums: Tensor,
+    cover: Tensor,
+    stats: Tensor,
+) -> None:
+    _kernels().accumulate_packed(
+        weights, client, meta, row_inv, col_keep, counts, offsets, weight, mode, sums, cover, poison_(stats)
+    )

@@ -152,3 +152,138 @@ def reconstruct_aggregate_many(
         for n, w in enumerate(weights)
     ]
     return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- per-round layout ops
+def _layout_entry(meta: Tensor, counts: Tensor, n: int, k: int) -> tuple[int, int, int, int, int, int, int]:
+    R, Cin, T, roff, coff = (int(x) for x in meta[n])
+    rc, cc = (int(x) for x in counts[k, n])
+    return R, Cin, T, roff, coff, rc, cc
+
+
+def _layout_keeps(row_inv: Tensor, col_keep: Tensor, k: int, R: int, roff: int, coff: int, cc: int):
+    """Client k's kept rows (ascending) and columns of one tensor, from the layout tables."""
+    inv = row_inv[k, roff : roff + R].to(torch.int64)
+    rows = inv.ge(0).nonzero().flatten()
+    rows = rows[torch.argsort(inv[rows])]
+    cols = col_keep[k, coff : coff + cc].to(torch.int64)
+    return rows, cols
+
+
+def slice_packed(
+    weights: list[Tensor], meta: Tensor, row_inv: Tensor, col_keep: Tensor, counts: Tensor, starts: Tensor, out: Tensor
+) -> None:
+    """Client k's ``weight_n[rows][:, cols]`` (the ``(R, Cin, T)`` view) into ``out[starts[k, n]:]``."""
+    K = row_inv.shape[0]
+    for n, w in enumerate(weights):
+        w3 = w.reshape(*(int(x) for x in meta[n, :3]))
+        for k in range(K):
+            R, Cin, T, roff, coff, rc, cc = _layout_entry(meta, counts, n, k)
+            rows, cols = _layout_keeps(row_inv, col_keep, k, R, roff, coff, cc)
+            s = int(starts[k, n])
+            out[s : s + rc * cc * T] = w3[rows][:, cols].reshape(-1)
+
+
+def _client_tensors(clients: list[Tensor], parts: list[int], meta: Tensor, counts: Tensor, offsets: Tensor, k: int):
+    """Client k's N compact tensors as ``(rows, cols, T)`` views (from its buffer or its tensors)."""
+    N = meta.shape[0]
+    start = sum(parts[:k])
+    out = []
+    for n in range(N):
+        R, Cin, T, roff, coff, rc, cc = _layout_entry(meta, counts, n, k)
+        if parts[k] == 1:
+            off = int(offsets[k, n])
+            out.append(clients[start][off : off + rc * cc * T].reshape(rc, cc, T))
+        else:
+            c = clients[start + n]
+            out.append(c.reshape(1, -1, 1)[:, :cc] if c.dim() == 1 else c.reshape(c.shape[0], c.shape[1], -1)[:rc, :cc])
+    return out
+
+
+def _delta_stats(compact: Tensor, w_kept: Tensor, wdtype: torch.dtype) -> tuple[bool, float]:
+    """(non-finite, sum of squared deltas) of one compact tensor against the global's kept entries."""
+    acc = acc_dtype(wdtype)
+    d = compact.to(acc) - w_kept.to(acc)
+    bad = not bool(torch.isfinite(d).all()) or not bool(torch.isfinite(compact.to(wdtype)).all())
+    return bad, float(d.double().square().sum())
+
+
+def aggregate_packed(
+    weights: list[Tensor],
+    clients: list[Tensor],
+    parts: list[int],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    coef: Tensor,
+    mode: str,
+    out: Tensor,
+    stats: Tensor,
+) -> None:
+    """:func:`reconstruct_aggregate` per tensor on the layout's keep sets, packed into ``out``;
+    ``stats[k]`` = (non-finite flag, sum of squared deltas over client k's kept elements)."""
+    K = row_inv.shape[0]
+    per_client = [_client_tensors(clients, parts, meta, counts, offsets, k) for k in range(K)]
+    bad = [False] * K
+    ssq = [0.0] * K
+    offset = 0
+    for n, w in enumerate(weights):
+        R, Cin, T = (int(x) for x in meta[n, :3])
+        w3 = w.reshape(R, Cin, T)
+        rows = torch.full((K, max(R, 1)), -1, dtype=torch.int64, device=w.device)
+        cols = torch.full((K, max(Cin, 1)), -1, dtype=torch.int64, device=w.device)
+        for k in range(K):
+            _, _, _, roff, coff, rc, cc = _layout_entry(meta, counts, n, k)
+            r, c = _layout_keeps(row_inv, col_keep, k, R, roff, coff, cc)
+            rows[k, : r.numel()] = r
+            cols[k, : c.numel()] = c
+            b, q = _delta_stats(per_client[k][n], w3[r][:, c], w.dtype)
+            bad[k] |= b
+            ssq[k] += q
+        res = reconstruct_aggregate(w3, [per_client[k][n] for k in range(K)], rows, cols, coef, mode)
+        out[offset : offset + w.numel()] = res.reshape(-1)
+        offset += w.numel()
+    stats[:, 0] = torch.tensor([float(b) for b in bad], dtype=torch.float64)
+    stats[:, 1] = torch.tensor(ssq, dtype=torch.float64)
+
+
+def accumulate_packed(
+    weights: list[Tensor],
+    client: list[Tensor],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    weight: float,
+    mode: str,
+    sums: Tensor,
+    cover: Tensor,
+    stats: Tensor,
+) -> None:
+    """Fold one client: ``sums += weight * (c - w)`` (reconstruct) or ``weight * c`` (overlap) at
+    its kept elements, ``cover += weight`` at its kept (row, column) pairs; ``stats`` as above."""
+    parts = [len(client)]
+    tensors = _client_tensors(client, parts, meta, counts, offsets, 0)
+    acc = sums.dtype
+    bad, ssq = False, 0.0
+    offset = coffset = 0
+    for n, w in enumerate(weights):
+        R, Cin, T, roff, coff, rc, cc = _layout_entry(meta, counts, n, 0)
+        w3 = w.reshape(R, Cin, T)
+        r, c = _layout_keeps(row_inv, col_keep, 0, R, roff, coff, cc)
+        s3 = sums[offset : offset + w.numel()].view(R, Cin, T)
+        cov = cover[coffset : coffset + R * Cin].view(R, Cin)
+        compact = tensors[n]
+        b, q = _delta_stats(compact, w3[r][:, c], w.dtype)
+        bad, ssq = bad or b, ssq + q
+        value = compact.to(acc) - w3[r][:, c].to(acc) if mode == "reconstruct" else compact.to(acc)
+        idx = (r.view(-1, 1), c.view(1, -1))
+        s3.index_put_(idx, s3[idx] + torch.tensor(weight, dtype=acc) * value)
+        cov.index_put_(idx, cov[idx] + torch.tensor(weight, dtype=acc))
+        offset += w.numel()
+        coffset += R * Cin
+    stats[0] = float(bad)
+    stats[1] = ssq

@@ -26,6 +26,14 @@ Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<T
 Tensor slice_channels_cpu(Tensor weight, Tensor rows, Tensor cols, int64_t total);
 Tensor slice_channels_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> rows, std::vector<Tensor> cols,
                                int64_t total);
+void slice_packed_cpu(std::vector<Tensor> weights, Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts,
+                      Tensor starts, Tensor out);
+void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
+                          Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
+                          std::string mode, Tensor out, Tensor stats);
+void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, Tensor meta, Tensor row_inv,
+                           Tensor col_keep, Tensor counts, Tensor offsets, double weight, std::string mode, Tensor sums,
+                           Tensor cover, Tensor stats);
 std::tuple<Tensor, Tensor> topk_channel_masks_cpu(Tensor scores, Tensor keep, int64_t max_keep);
 Tensor curvature_scores_cpu(Tensor weight, std::optional<Tensor> grad, std::optional<Tensor> hess, int64_t dim);
 
@@ -56,6 +64,16 @@ STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
       "reconstruct_aggregate_many(Tensor[] weights, Tensor[] clients, Tensor[] rows, Tensor[] cols, Tensor coef, "
       "str mode) -> Tensor");
   m.def("slice_channels_many(Tensor[] weights, Tensor[] rows, Tensor[] cols, int total) -> Tensor");
+  m.def(
+      "slice_packed(Tensor[] weights, Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor starts, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "aggregate_packed(Tensor[] weights, Tensor[] clients, int[] parts, Tensor meta, Tensor row_inv, "
+      "Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef, str mode, Tensor(a!) out, Tensor(b!) stats) -> ()");
+  m.def(
+      "accumulate_packed(Tensor[] weights, Tensor[] client, Tensor meta, Tensor row_inv, Tensor col_keep, "
+      "Tensor counts, Tensor offsets, float weight, str mode, Tensor(a!) sums, Tensor(b!) cover, "
+      "Tensor(c!) stats) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
@@ -67,6 +85,9 @@ STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
   m.impl("reconstruct_aggregate", TORCH_BOX(&reconstruct_aggregate_cpu));
   m.impl("reconstruct_aggregate_many", TORCH_BOX(&reconstruct_aggregate_many_cpu));
   m.impl("slice_channels_many", TORCH_BOX(&slice_channels_many_cpu));
+  m.impl("slice_packed", TORCH_BOX(&slice_packed_cpu));
+  m.impl("aggregate_packed", TORCH_BOX(&aggregate_packed_cpu));
+  m.impl("accumulate_packed", TORCH_BOX(&accumulate_packed_cpu));
 }
 
 }  // namespace cahfp

@@ -1,17 +1,17 @@
-// reconstruct_aggregate on the CPU, for one tensor or a whole model in one call.
+// reconstruct_aggregate on the CPU: one tensor, a whole model, a whole model whose
+// clients send one packed buffer each, and streaming accumulation of one client.
 //
-// Each tensor is viewed as (R, Cin, T): output channels, input channels, and the
-// dense trailing elements (1-D tensors: (1, R, 1), one row whose columns are the
-// channels, so a bias is one work item, not R tiny ones). The output is split into
-// tiles of consecutive rows (~64 KB of float32 accumulator, in cache); tiles of
-// all tensors form one parallel loop. For a tile, the loop is client-major: keep
-// sets are ascending, so the tile's rows kept by client k are consecutive rows of
-// k's compact tensor. Every client element is read once; every output element is
-// written once by one thread, receiving its clients in the fixed order 0..K-1, so
-// results are bit-identical whatever the thread count. Per-client inverse row maps
-// answer "does client k keep row r, and where" in one lookup; there is no
-// per-client full-size temporary. Elements no client keeps are copied bit for bit.
-// The tile loop comes in baseline / AVX2 variants (isa.h), bit-identical.
+// The output is split into tiles of consecutive rows (~64 KB of float32 accumulator,
+// in cache); tiles of all tensors form one parallel loop (aggregate_engine.h). For a
+// tile, the loop is client-major: keep sets are ascending, so the tile's rows kept by
+// client k are consecutive rows of k's compact tensor. Every client element is read
+// once; every output element is written once by one thread, receiving its clients in
+// the fixed order 0..K-1, so results are bit-identical whatever the thread count.
+// Per-client inverse row maps answer "does client k keep row r, and where" in one
+// lookup; there is no per-client full-size temporary. Elements no client keeps are
+// copied bit for bit. The tile loop comes in baseline / AVX2 variants (isa.h),
+// bit-identical.
+#include "aggregate_engine.h"
 #include "common.h"
 #include "isa.h"
 
@@ -22,149 +22,13 @@
 namespace cahfp {
 namespace {
 
+using engine::ClientView;
+using engine::ItemStats;
+using engine::Job;
+
 // Accumulator elements per tile (64 KB of float32): measured neutral between one row
 // and 256 KB on VGG-16; results never depend on it.
 constexpr int64_t kTileElems = 16384;
-
-template <typename ct>
-struct ClientView {
-  const ct* data;
-  int64_t stride0;  // elements between kept rows
-  int64_t stride1;  // elements between kept columns
-  int64_t rows;     // kept rows
-  int64_t cols;     // kept columns
-};
-
-// One tensor's aggregation, viewed as (R, Cin, T).
-template <typename wt, typename ct>
-struct Job {
-  const wt* W;
-  wt* out;
-  int64_t R, Cin, T;
-  std::vector<ClientView<ct>> clients;
-  std::vector<int32_t> inv_rows;  // (K, R)
-  const int64_t* cols;            // (K, mc) kept columns, -1 padded
-  int64_t mc;
-  int64_t tile;                   // rows per tile
-};
-
-// Eight float32 lanes (GCC/Clang vector extension: AVX when the build enables it,
-// two SSE registers otherwise). Unaligned loads and stores go through memcpy.
-typedef float f32x8 __attribute__((vector_size(32)));
-inline f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// s[t] += pk * (src[t] - w[t]) for t < T. Which lanes handle which t depends only
-// on T, never on threads, so the float32 path stays deterministic.
-template <typename acc, typename ct, typename wt, int kTaps>
-inline void add_scaled_delta(acc* __restrict__ s, const ct* __restrict__ src, const wt* __restrict__ w, acc pk,
-                             int64_t T_runtime) {
-  const int64_t T = kTaps > 0 ? kTaps : T_runtime;
-  int64_t t = 0;
-  if constexpr (std::is_same_v<acc, float> && std::is_same_v<ct, float> && std::is_same_v<wt, float>) {
-    for (; t + 8 <= T; t += 8) store8(s + t, load8(s + t) + pk * (load8(src + t) - load8(w + t)));
-  }
-  for (; t < T; ++t) s[t] += pk * (static_cast<acc>(src[t]) - static_cast<acc>(w[t]));
-}
-
-// s[t] += pk * src[t] for t < T.
-template <typename acc, typename ct, int kTaps>
-inline void add_scaled(acc* __restrict__ s, const ct* __restrict__ src, acc pk, int64_t T_runtime) {
-  const int64_t T = kTaps > 0 ? kTaps : T_runtime;
-  int64_t t = 0;
-  if constexpr (std::is_same_v<acc, float> && std::is_same_v<ct, float>) {
-    for (; t + 8 <= T; t += 8) store8(s + t, load8(s + t) + pk * load8(src + t));
-  }
-  for (; t < T; ++t) s[t] += pk * static_cast<acc>(src[t]);
-}
-
-// Thread-local scratch for one tile.
-template <typename acc>
-struct Scratch {
-  std::vector<acc> sum, den;
-  std::vector<uint8_t> covered;
-};
-
-// Rows [r0, r1) of one job. kTaps: T when known at compile time (1 or 9), else 0.
-template <typename wt, typename ct, bool kOverlap, int kTaps>
-void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::vector<acc_t<wt>>& p,
-                    Scratch<acc_t<wt>>& scratch) {
-  using acc = acc_t<wt>;
-  const int64_t T = kTaps > 0 ? kTaps : job.T;
-  const int64_t Cin = job.Cin, R = job.R, row_elems = Cin * T, nr = r1 - r0;
-  const int64_t K = static_cast<int64_t>(job.clients.size());
-  auto& sum = scratch.sum;
-  auto& den = scratch.den;
-  auto& covered = scratch.covered;
-  if (static_cast<int64_t>(sum.size()) < nr * row_elems) sum.resize(nr * row_elems);
-  if (static_cast<int64_t>(covered.size()) < nr * Cin) covered.resize(nr * Cin);
-  if (kOverlap && static_cast<int64_t>(den.size()) < nr * Cin) den.resize(nr * Cin);
-  std::fill(sum.begin(), sum.begin() + nr * row_elems, acc(0));
-  std::fill(covered.begin(), covered.begin() + nr * Cin, uint8_t(0));
-  if constexpr (kOverlap) std::fill(den.begin(), den.begin() + nr * Cin, acc(0));
-  for (int64_t k = 0; k < K; ++k) {
-    const acc pk = p[k];
-    if (pk == acc(0)) continue;
-    const ClientView<ct>& cv = job.clients[k];
-    const int32_t* pos = job.inv_rows.data() + k * R;
-    const int64_t* ck = job.cols + k * job.mc;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int32_t i = pos[r];
-      if (i < 0) continue;
-      const ct* crow = cv.data + i * cv.stride0;
-      const wt* wrow = job.W + r * row_elems;
-      acc* const sp = sum.data() + (r - r0) * row_elems;
-      for (int64_t j = 0; j < cv.cols; ++j) {
-        const int64_t c = ck[j];
-        if constexpr (kOverlap)
-          add_scaled<acc, ct, kTaps>(sp + c * T, crow + j * cv.stride1, pk, T);
-        else
-          add_scaled_delta<acc, ct, wt, kTaps>(sp + c * T, crow + j * cv.stride1, wrow + c * T, pk, T);
-      }
-      // Coverage (and overlap weights) in a separate pass: a byte store inside the
-      // loop above would alias every pointer and block vectorisation.
-      uint8_t* cov = covered.data() + (r - r0) * Cin;
-      for (int64_t j = 0; j < cv.cols; ++j) cov[ck[j]] = 1;
-      if constexpr (kOverlap) {
-        acc* d = den.data() + (r - r0) * Cin;
-        for (int64_t j = 0; j < cv.cols; ++j) d[ck[j]] += pk;
-      }
-    }
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const wt* wrow = job.W + r * row_elems;
-    wt* orow = job.out + r * row_elems;
-    const acc* srow = sum.data() + (r - r0) * row_elems;
-    const uint8_t* cov = covered.data() + (r - r0) * Cin;
-    for (int64_t c = 0; c < Cin; ++c) {
-      const wt* w = wrow + c * T;
-      wt* o = orow + c * T;
-      const acc* s = srow + c * T;
-      if (!cov[c]) {
-        std::memcpy(o, w, sizeof(wt) * T);
-      } else if constexpr (kOverlap) {
-        const acc d = den[(r - r0) * Cin + c];
-        for (int64_t t = 0; t < T; ++t) o[t] = static_cast<wt>(s[t] / d);
-      } else {
-        for (int64_t t = 0; t < T; ++t) o[t] = static_cast<wt>(static_cast<acc>(w[t]) + s[t]);
-      }
-    }
-  }
-}
-
-template <typename wt, typename ct, bool kOverlap>
-void run_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::vector<acc_t<wt>>& p,
-              Scratch<acc_t<wt>>& scratch) {
-  if constexpr (std::is_same_v<wt, ct>) {  // the common case gets unrolled tap loops
-    if (job.T == 9) return aggregate_tile<wt, ct, kOverlap, 9>(job, r0, r1, p, scratch);
-    if (job.T == 1) return aggregate_tile<wt, ct, kOverlap, 1>(job, r0, r1, p, scratch);
-  }
-  aggregate_tile<wt, ct, kOverlap, 0>(job, r0, r1, p, scratch);
-}
 
 // (R, Cin, T) view sizes of an N-D tensor; 1-D tensors become (1, R, 1).
 struct View3 {
@@ -192,39 +56,134 @@ bool trailing_dense(const Array& sizes, const Array& strides) {
   return true;
 }
 
-// Work items [i0, i1): (job, first row) pairs, each one tile.
-template <typename wt, typename ct>
-inline void run_items(const std::vector<Job<wt, ct>>& jobs, const std::vector<std::pair<int32_t, int64_t>>& items,
-                      const std::vector<acc_t<wt>>& p, bool overlap, int64_t i0, int64_t i1) {
-  Scratch<acc_t<wt>> scratch;
-  for (int64_t it = i0; it < i1; ++it) {
-    const auto& job = jobs[items[it].first];
-    const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
-    if (overlap)
-      run_tile<wt, ct, true>(job, r0, r1, p, scratch);
-    else
-      run_tile<wt, ct, false>(job, r0, r1, p, scratch);
-  }
-}
-
 #define CAHFP_RA_HEAD template <typename wt, typename ct>
 #define CAHFP_RA_ARGS <wt, ct>
 // AVX2 at most: the AVX-512 build of these short (T = 9) rows measured 5-20 % slower.
-CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, run_items_isa, (run_items<wt, ct>),
-                   (const std::vector<Job<wt, ct>>& jobs, const std::vector<std::pair<int32_t, int64_t>>& items,
-                    const std::vector<acc_t<wt>>& p, bool overlap, int64_t i0, int64_t i1),
-                   (jobs, items, p, overlap, i0, i1))
+CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, run_items_isa, (engine::run_items<wt, ct>),
+                             (const std::vector<Job<wt, ct>>& jobs,
+                              const std::vector<std::pair<int32_t, int64_t>>& items, const std::vector<acc_t<wt>>& p,
+                              bool overlap, ItemStats stats, int64_t K, int64_t i0, int64_t i1),
+                             (jobs, items, p, overlap, stats, K, i0, i1))
+CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, accumulate_items_isa, (engine::accumulate_items<wt, ct>),
+                             (const std::vector<Job<wt, ct>>& jobs,
+                              const std::vector<std::pair<int32_t, int64_t>>& items,
+                              const std::vector<acc_t<wt>*>& sums, const std::vector<acc_t<wt>*>& cover,
+                              acc_t<wt> weight, bool overlap, double* ssq, uint8_t* bad, int64_t i0, int64_t i1),
+                             (jobs, items, sums, cover, weight, overlap, ssq, bad, i0, i1))
 
+// Work items: (job, first row) for every tile of every tensor.
 template <typename wt, typename ct>
-void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, bool overlap) {
-  // Work items: (job, first row) for every tile of every tensor.
+std::vector<std::pair<int32_t, int64_t>> work_items(const std::vector<Job<wt, ct>>& jobs) {
   std::vector<std::pair<int32_t, int64_t>> items;
   for (size_t n = 0; n < jobs.size(); ++n)
     for (int64_t r = 0; r < jobs[n].R; r += jobs[n].tile) items.emplace_back(static_cast<int32_t>(n), r);
+  return items;
+}
+
+// Tile sizes: ~kTileElems accumulator elements, split further when a model has too few
+// tiles for every thread.
+template <typename wt, typename ct>
+void size_tiles(std::vector<Job<wt, ct>>& jobs) {
+  int64_t n_items = 0;
+  for (auto& job : jobs) {
+    job.tile = std::max<int64_t>(1, std::min<int64_t>(job.R, kTileElems / std::max<int64_t>(1, job.Cin * job.T)));
+    n_items += (job.R + job.tile - 1) / job.tile;
+  }
+  const int64_t want = 4 * static_cast<int64_t>(torch::stable::get_num_threads());
+  if (n_items < want)
+    for (auto& job : jobs) job.tile = std::max<int64_t>(1, job.tile * n_items / want);
+}
+
+// Runs every tile; with `stats` ((K, 2) float64: non-finite flag, squared-delta sum)
+// the reply statistics are reduced in item order.
+template <typename wt, typename ct>
+void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, bool overlap, double* stats) {
+  const auto items = work_items(jobs);
+  const int64_t K = static_cast<int64_t>(p.size()), n_items = static_cast<int64_t>(items.size());
+  std::vector<double> ssq(stats ? n_items * K : 0, 0.0);
+  std::vector<uint8_t> bad(stats ? n_items * K : 0, 0);
+  ItemStats item_stats{stats ? ssq.data() : nullptr, stats ? bad.data() : nullptr};
   const auto run = run_items_isa_pick<wt, ct>();
-  torch::stable::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    run(jobs, items, p, overlap, i0, i1);
+  torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
+    run(jobs, items, p, overlap, item_stats, K, i0, i1);
   });
+  if (!stats) return;
+  for (int64_t k = 0; k < K; ++k) {
+    double q = 0.0;
+    bool b = false;
+    for (int64_t it = 0; it < n_items; ++it) {
+      q += ssq[it * K + k];
+      b |= bad[it * K + k] != 0;
+    }
+    // float32 deltas square without overflow in float64: a non-finite sum means a
+    // non-finite delta. float64 deltas were checked one by one.
+    if constexpr (std::is_same_v<acc_t<wt>, float>) b |= !std::isfinite(q);
+    stats[2 * k] = b ? 1.0 : 0.0;
+    stats[2 * k + 1] = q;
+  }
+}
+
+
+// Client tensor (n, k) of the separate-tensor form: shape checked against its kept
+// counts (at least that large; memory safety with validation off), trailing dims made
+// dense. Few stable-ABI calls per tensor: a model can bring tens of thousands.
+template <typename ct>
+ClientView<ct> separate_view(Tensor& c, ScalarType cdtype, const View3& v, int64_t rc, int64_t cc, int64_t n,
+                             int64_t k) {
+  STD_TORCH_CHECK(c.is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] of weight ", n,
+                  " must be a CPU tensor of dtype ", dtype_name(cdtype));
+  const auto sizes = c.sizes();
+  const int64_t cdim = static_cast<int64_t>(sizes.size());
+  int64_t cnumel = 1;
+  for (int64_t d = 0; d < cdim; ++d) cnumel *= sizes[d];
+  const bool ok = v.row_vector ? (cdim >= 1 && sizes[0] >= cc)
+                               : (cdim >= 2 && sizes[0] >= rc && sizes[1] >= cc &&
+                                  cnumel / std::max<int64_t>(1, sizes[0] * sizes[1]) == v.T);
+  STD_TORCH_CHECK(ok || (cnumel == 0 && (rc == 0 || cc == 0)), "clients[", k, "] of weight ", n, " has shape ",
+                  shape_str(c), ", too small for ", v.row_vector ? 1 : rc, " rows x ", cc, " cols");
+  auto strides = c.strides();
+  if (!trailing_dense(sizes, strides)) {
+    c = torch::stable::contiguous(c);
+    strides = c.strides();
+  }
+  const int64_t s0 = cdim >= 1 ? strides[0] : 1, s1 = cdim >= 2 ? strides[1] : 1;
+  const ct* data = cdata<ct>(c);
+  // 1-D: one row (kept when the client keeps anything) whose columns are the channels.
+  return v.row_vector ? ClientView<ct>{data, 0, s0, rc, cc} : ClientView<ct>{data, s0, s1, rc, cc};
+}
+
+// The canonical keep sets of one tensor as engine tables: per-client inverse row maps
+// (K, R) and kept-column lists (K, Cin), int32. A 1-D tensor's row keep set lists its
+// columns; its single row is kept by clients keeping any channel.
+struct KeepTables {
+  std::vector<int32_t> inv_rows, cols;
+  std::vector<int64_t> rc, cc;  // kept rows / cols in the (R, Cin, T) view
+};
+
+KeepTables keep_tables(const Tensor& rows, const Tensor& cols, const View3& v, int64_t R0, int64_t C0, int64_t K) {
+  check_keep_tensor(rows, K, "rows");
+  check_keep_tensor(cols, K, "cols");
+  KeepTables kt;
+  const Tensor& colset = v.row_vector ? rows : cols;
+  std::vector<int32_t> inv_r = inverse_maps(rows, R0, "rows");
+  if (!v.row_vector) (void)inverse_maps(cols, C0, "cols");  // bounds check of the column indices
+  const std::vector<int64_t> counts = keep_counts(colset);
+  const int64_t mc = colset.size(1);
+  const int64_t* cp = cdata<int64_t>(colset);
+  kt.cols.assign(K * v.Cin, -1);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < counts[k]; ++j) kt.cols[k * v.Cin + j] = static_cast<int32_t>(cp[k * mc + j]);
+  kt.cc = counts;
+  if (v.row_vector) {
+    kt.inv_rows.assign(K, -1);
+    kt.rc.assign(K, 0);
+    for (int64_t k = 0; k < K; ++k)
+      if (counts[k] > 0) kt.inv_rows[k] = 0, kt.rc[k] = 1;
+  } else {
+    kt.inv_rows = std::move(inv_r);
+    kt.rc = keep_counts(rows);
+  }
+  return kt;
 }
 
 }  // namespace
@@ -240,18 +199,18 @@ Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<T
   const int64_t N = static_cast<int64_t>(weights.size());
   STD_TORCH_CHECK(N > 0, "weights must not be empty");
   STD_TORCH_CHECK(static_cast<int64_t>(rows.size()) == N && static_cast<int64_t>(cols.size()) == N,
-              "rows and cols need one entry per weight");
+                  "rows and cols need one entry per weight");
   STD_TORCH_CHECK(!clients.empty() && static_cast<int64_t>(clients.size()) % N == 0,
-              "clients must hold K tensors per weight");
+                  "clients must hold K tensors per weight");
   const int64_t K = static_cast<int64_t>(clients.size()) / N;
   STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
-              "coef must be a (K,) float64 CPU tensor");
+                  "coef must be a (K,) float64 CPU tensor");
   const bool overlap = mode == "overlap";
   STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
   const auto wdtype = weights[0].scalar_type();
   const auto cdtype = clients[0].scalar_type();
   int64_t total = 0;
-  std::vector<Tensor> ws(N), cs(clients.size());
+  std::vector<Tensor> ws(N);
   for (int64_t n = 0; n < N; ++n) {
     STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == wdtype && weights[n].dim() >= 1,
                     "weights[", n, "] must be a CPU tensor of dtype ", dtype_name(wdtype));
@@ -261,6 +220,7 @@ Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<T
   STD_TORCH_CHECK(is_floating(wdtype) && is_floating(cdtype), "weights and clients must be floating");
   Tensor out = new_output({total}, wdtype);
   const double* cp = cdata<double>(coef);
+  std::vector<KeepTables> tables(N);
 
   CAHFP_DISPATCH_FLOATING(wdtype, "reconstruct_aggregate", [&] {
     using wt = scalar_t;
@@ -272,67 +232,24 @@ Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<T
       int64_t offset = 0;
       for (int64_t n = 0; n < N; ++n) {
         const View3 v = view3(ws[n]);
-        const int64_t R0 = ws[n].size(0), C0 = ws[n].dim() >= 2 ? ws[n].size(1) : 1;
-        check_keep_tensor(rows[n], K, "rows");
-        check_keep_tensor(cols[n], K, "cols");
-        const std::vector<int64_t> rc = keep_counts(rows[n]), cc = keep_counts(cols[n]);
-        std::vector<int32_t> inv_r = inverse_maps(rows[n], R0, "rows");
-        (void)inverse_maps(cols[n], C0, "cols");  // bounds check of the column indices
+        tables[n] = keep_tables(rows[n], cols[n], v, ws[n].size(0), ws[n].dim() >= 2 ? ws[n].size(1) : 1, K);
         Job<wt, ct>& job = jobs[n];
         job.W = cdata<wt>(ws[n]);
         job.out = mdata<wt>(out) + offset;
         job.R = v.R;
         job.Cin = v.Cin;
         job.T = v.T;
+        job.inv_rows = tables[n].inv_rows.data();
+        job.inv_stride = v.R;
+        job.cols = tables[n].cols.data();
+        job.col_stride = v.Cin;
         job.clients.resize(K);
-        for (int64_t k = 0; k < K; ++k) {
-          // Few stable-ABI calls per client tensor (a model can bring tens of thousands).
-          Tensor c = clients[n * K + k];
-          STD_TORCH_CHECK(c.is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] of weight ", n,
-                          " must be a CPU tensor of dtype ", dtype_name(cdtype));
-          const auto sizes = c.sizes();
-          const int64_t cdim = static_cast<int64_t>(sizes.size());
-          int64_t cnumel = 1;
-          for (int64_t d = 0; d < cdim; ++d) cnumel *= sizes[d];
-          const bool ok = ws[n].dim() == 1
-                              ? (cdim >= 1 && sizes[0] >= rc[k])
-                              : (cdim >= 2 && sizes[0] >= rc[k] && sizes[1] >= cc[k] &&
-                                 cnumel / std::max<int64_t>(1, sizes[0] * sizes[1]) == v.T);
-          STD_TORCH_CHECK(ok || (cnumel == 0 && (rc[k] == 0 || cc[k] == 0)), "clients[", k, "] of weight ", n,
-                          " has shape ", shape_str(c), ", too small for ", rc[k], " rows x ", cc[k], " cols");
-          auto strides = c.strides();
-          if (!trailing_dense(sizes, strides)) {
-            c = torch::stable::contiguous(c);
-            strides = c.strides();
-          }
-          cs[n * K + k] = c;
-          const int64_t s0 = cdim >= 1 ? strides[0] : 1, s1 = cdim >= 2 ? strides[1] : 1;
-          // 1-D: one row (always kept when the client keeps anything) whose columns are the channels.
-          const ct* data = cdata<ct>(c);
-          job.clients[k] = v.row_vector ? ClientView<ct>{data, 0, s0, rc[k] > 0 ? 1 : 0, rc[k]}
-                                        : ClientView<ct>{data, s0, s1, rc[k], cc[k]};
-        }
-        if (v.row_vector) {
-          job.inv_rows.assign(K, -1);
-          for (int64_t k = 0; k < K; ++k)
-            if (rc[k] > 0) job.inv_rows[k] = 0;
-          job.cols = cdata<int64_t>(rows[n]);
-          job.mc = rows[n].size(1);
-        } else {
-          job.inv_rows = std::move(inv_r);
-          job.cols = cdata<int64_t>(cols[n]);
-          job.mc = cols[n].size(1);
-        }
-        job.tile = std::max<int64_t>(1, std::min<int64_t>(job.R, kTileElems / std::max<int64_t>(1, job.Cin * job.T)));
+        for (int64_t k = 0; k < K; ++k)
+          job.clients[k] = separate_view<ct>(clients[n * K + k], cdtype, v, tables[n].rc[k], tables[n].cc[k], n, k);
         offset += ws[n].numel();
       }
-      // Enough tiles for every thread: split further where a model has few, large tensors.
-      int64_t n_items = 0;
-      for (const auto& job : jobs) n_items += (job.R + job.tile - 1) / job.tile;
-      const int64_t want = 4 * static_cast<int64_t>(torch::stable::get_num_threads());
-      if (n_items < want)
-        for (auto& job : jobs) job.tile = std::max<int64_t>(1, job.tile * n_items / want);
-      run_jobs<wt, ct>(jobs, p, overlap);
+      size_tiles(jobs);
+      run_jobs<wt, ct>(jobs, p, overlap, nullptr);
     });
   });
   return out;
@@ -345,6 +262,261 @@ Tensor reconstruct_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Ten
   std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
   Tensor out = reconstruct_aggregate_many_cpu({weight}, std::move(clients), {rows}, {cols}, coef, std::move(mode));
   return torch::stable::view(out, shape);
+}
+
+namespace {
+
+// The per-round layout's tables (cahfp_ops/layout.py), checked so that no kernel reads
+// or writes out of bounds whatever they hold:
+//   meta (N, 5) int64: R, Cin, T, row offset, column offset of tensor n's (R, Cin, T) view;
+//   row_inv (K, SR) int32: client k keeps row r of tensor n at compact row
+//       row_inv[k, row offset + r] (or -1);
+//   col_keep (K, SC) int32: client k's kept columns of tensor n at [column offset, + kept);
+//   counts (K, N, 2) int64: kept rows and columns; offsets (K, N) int64: element offset of
+//       client k's tensor n in its buffer.
+struct LayoutTables {
+  int64_t N, K, SR, SC;
+  const int64_t* meta;
+  const int32_t* row_inv;
+  const int32_t* col_keep;
+  const int64_t* counts;
+  const int64_t* offsets;
+};
+
+LayoutTables check_layout(int64_t N, const Tensor& meta, const Tensor& row_inv, const Tensor& col_keep,
+                          const Tensor& counts, const Tensor& offsets) {
+  STD_TORCH_CHECK(meta.is_cpu() && meta.scalar_type() == ScalarType::Long && meta.dim() == 2 && meta.size(0) == N &&
+                      meta.size(1) == 5 && meta.is_contiguous(),
+                  "layout meta must be a contiguous (N, 5) int64 CPU tensor with N = ", N);
+  STD_TORCH_CHECK(row_inv.is_cpu() && row_inv.scalar_type() == ScalarType::Int && row_inv.dim() == 2 &&
+                      row_inv.is_contiguous(),
+                  "layout row_inv must be a contiguous (K, SR) int32 CPU tensor");
+  const int64_t K = row_inv.size(0);
+  STD_TORCH_CHECK(col_keep.is_cpu() && col_keep.scalar_type() == ScalarType::Int && col_keep.dim() == 2 &&
+                      col_keep.size(0) == K && col_keep.is_contiguous(),
+                  "layout col_keep must be a contiguous (K, SC) int32 CPU tensor");
+  STD_TORCH_CHECK(counts.is_cpu() && counts.scalar_type() == ScalarType::Long && counts.dim() == 3 &&
+                      counts.size(0) == K && counts.size(1) == N && counts.size(2) == 2 && counts.is_contiguous(),
+                  "layout counts must be a contiguous (K, N, 2) int64 CPU tensor");
+  STD_TORCH_CHECK(offsets.is_cpu() && offsets.scalar_type() == ScalarType::Long && offsets.dim() == 2 &&
+                      offsets.size(0) == K && offsets.size(1) == N && offsets.is_contiguous(),
+                  "layout offsets must be a contiguous (K, N) int64 CPU tensor");
+  LayoutTables lt{N, K, row_inv.size(1), col_keep.size(1), cdata<int64_t>(meta), cdata<int32_t>(row_inv),
+                  cdata<int32_t>(col_keep), cdata<int64_t>(counts), cdata<int64_t>(offsets)};
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t* m = lt.meta + 5 * n;
+    STD_TORCH_CHECK(m[0] >= 0 && m[1] >= 0 && m[2] >= 0 && m[3] >= 0 && m[4] >= 0 && m[3] + m[0] <= lt.SR &&
+                        m[4] + m[1] <= lt.SC,
+                    "layout meta row ", n, " is out of range");
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
+      STD_TORCH_CHECK(rc >= 0 && rc <= m[0] && cc >= 0 && cc <= m[1] && lt.offsets[k * N + n] >= 0,
+                      "layout counts of client ", k, ", tensor ", n, " are out of range");
+      const int32_t* inv = lt.row_inv + k * lt.SR + m[3];
+      for (int64_t r = 0; r < m[0]; ++r)
+        STD_TORCH_CHECK(inv[r] >= -1 && inv[r] < rc, "layout row_inv of client ", k, ", tensor ", n, " is out of range");
+      const int32_t* ck = lt.col_keep + k * lt.SC + m[4];
+      for (int64_t j = 0; j < cc; ++j)
+        STD_TORCH_CHECK(ck[j] >= 0 && ck[j] < m[1], "layout col_keep of client ", k, ", tensor ", n,
+                        " is out of range");
+    }
+  }
+  return lt;
+}
+
+// Client k's tensors: one packed buffer (parts[k] == 1) or N separate tensors.
+// Returns the first index of client k's tensors in `clients`.
+std::vector<int64_t> client_starts(const std::vector<Tensor>& clients, const std::vector<int64_t>& parts, int64_t K,
+                                   int64_t N) {
+  STD_TORCH_CHECK(static_cast<int64_t>(parts.size()) == K, "parts must hold one entry per client (", K, ")");
+  std::vector<int64_t> start(K + 1, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    STD_TORCH_CHECK(parts[k] == 1 || parts[k] == N, "parts[", k, "] must be 1 (one buffer) or ", N);
+    start[k + 1] = start[k] + parts[k];
+  }
+  STD_TORCH_CHECK(start[K] == static_cast<int64_t>(clients.size()), "clients holds ", clients.size(),
+                  " tensors but parts says ", start[K]);
+  return start;
+}
+
+template <typename ct>
+ClientView<ct> packed_view(const Tensor& buffer, const LayoutTables& lt, const int64_t* m, int64_t n, int64_t k) {
+  const int64_t rc = lt.counts[2 * (k * lt.N + n)], cc = lt.counts[2 * (k * lt.N + n) + 1], T = m[2];
+  const int64_t off = lt.offsets[k * lt.N + n];
+  STD_TORCH_CHECK(off + rc * cc * T <= buffer.numel(), "the buffer of client ", k, " holds ", buffer.numel(),
+                  " elements, too few for tensor ", n, " at offset ", off);
+  return ClientView<ct>{cdata<ct>(buffer) + off, cc * T, T, rc, cc};
+}
+
+// A packed buffer must be a 1-D contiguous CPU tensor of the clients' dtype.
+void check_buffer(const Tensor& b, ScalarType cdtype, int64_t k) {
+  STD_TORCH_CHECK(b.is_cpu() && b.scalar_type() == cdtype && b.dim() == 1 && b.is_contiguous(), "the buffer of client ",
+                  k, " must be a 1-D contiguous CPU tensor of dtype ", dtype_name(cdtype));
+}
+
+template <typename wt, typename ct>
+void fill_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<Tensor>& ws, std::vector<Tensor>& clients,
+               const std::vector<int64_t>& start, const LayoutTables& lt, ScalarType cdtype) {
+  const int64_t N = lt.N, K = lt.K;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t* m = lt.meta + 5 * n;
+    Job<wt, ct>& job = jobs[n];
+    const View3 v{m[0], m[1], m[2], ws[n].dim() == 1};
+    STD_TORCH_CHECK(ws[n].numel() == m[0] * m[1] * m[2], "weights[", n, "] has ", ws[n].numel(),
+                    " elements but the layout says ", m[0], " x ", m[1], " x ", m[2]);
+    job.W = cdata<wt>(ws[n]);
+    job.R = m[0];
+    job.Cin = m[1];
+    job.T = m[2];
+    job.inv_rows = lt.row_inv + m[3];
+    job.inv_stride = lt.SR;
+    job.cols = lt.col_keep + m[4];
+    job.col_stride = lt.SC;
+    job.clients.resize(K);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
+      if (start[k + 1] - start[k] == 1)
+        job.clients[k] = packed_view<ct>(clients[start[k]], lt, m, n, k);
+      else
+        job.clients[k] = separate_view<ct>(clients[start[k] + n], cdtype, v, rc, cc, n, k);
+    }
+  }
+}
+
+std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& weights, ScalarType wdtype) {
+  std::vector<Tensor> ws(weights.size());
+  for (size_t n = 0; n < weights.size(); ++n) {
+    STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == wdtype && weights[n].dim() >= 1,
+                    "weights[", n, "] must be a CPU tensor of dtype ", dtype_name(wdtype));
+    ws[n] = torch::stable::contiguous(weights[n]);
+  }
+  return ws;
+}
+
+}  // namespace
+
+// Whole-model aggregation on the per-round layout. clients: per client k, one packed
+// buffer (parts[k] == 1: 1-D, its tensors at offsets[k]) or its N tensors (parts[k] == N).
+// Writes the N results, packed in order, into `out` (1-D, weights' dtype) and the reply
+// statistics into `stats` ((K, 2) float64: non-finite flag, sum of squared deltas over
+// the client's kept elements), computed in the same pass.
+void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
+                          Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
+                          std::string mode, Tensor out, Tensor stats) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  const LayoutTables lt = check_layout(N, meta, row_inv, col_keep, counts, offsets);
+  const int64_t K = lt.K;
+  STD_TORCH_CHECK(K > 0, "the layout holds no clients");
+  const std::vector<int64_t> start = client_starts(clients, parts, K, N);
+  STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
+                  "coef must be a (K,) float64 CPU tensor");
+  const bool overlap = mode == "overlap";
+  STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  const auto wdtype = weights[0].scalar_type();
+  const auto cdtype = clients[0].scalar_type();
+  STD_TORCH_CHECK(is_floating(wdtype) && is_floating(cdtype), "weights and clients must be floating");
+  for (int64_t k = 0; k < K; ++k)
+    if (start[k + 1] - start[k] == 1) check_buffer(clients[start[k]], cdtype, k);
+  const std::vector<Tensor> ws = contiguous_weights(weights, wdtype);
+  int64_t total = 0;
+  for (const auto& w : ws) total += w.numel();
+  STD_TORCH_CHECK(out.is_cpu() && out.scalar_type() == wdtype && out.dim() == 1 && out.numel() == total &&
+                      out.is_contiguous(),
+                  "out must be a contiguous 1-D CPU tensor of ", total, " elements of dtype ", dtype_name(wdtype));
+  STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.dim() == 2 &&
+                      stats.size(0) == K && stats.size(1) == 2 && stats.is_contiguous(),
+                  "stats must be a contiguous (K, 2) float64 CPU tensor");
+  const double* cp = cdata<double>(coef);
+  CAHFP_DISPATCH_FLOATING(wdtype, "aggregate_packed", [&] {
+    using wt = scalar_t;
+    std::vector<acc_t<wt>> p(K);
+    for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc_t<wt>>(cp[k]);
+    CAHFP_DISPATCH_FLOATING(cdtype, "aggregate_packed_client", [&] {
+      using ct = scalar_t;
+      std::vector<Job<wt, ct>> jobs(N);
+      fill_jobs<wt, ct>(jobs, ws, clients, start, lt, cdtype);
+      int64_t offset = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        jobs[n].out = mdata<wt>(out) + offset;
+        offset += ws[n].numel();
+      }
+      size_tiles(jobs);
+      run_jobs<wt, ct>(jobs, p, overlap, mdata<double>(stats));
+    });
+  });
+}
+
+// Streaming: fold one client (layout with K = 1) with weight `weight` into running
+// partial sums. sums (1-D, the weights' total size) and cover (1-D, sum of R * Cin) are
+// in the accumulation dtype (float32; float64 for float64 weights). reconstruct: sums +=
+// weight * (c - w) at the kept elements; overlap: sums += weight * c; both: cover +=
+// weight at the kept (row, column) pairs. stats ((2,) float64) as in aggregate_packed.
+void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, Tensor meta, Tensor row_inv,
+                           Tensor col_keep, Tensor counts, Tensor offsets, double weight, std::string mode, Tensor sums,
+                           Tensor cover, Tensor stats) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  const LayoutTables lt = check_layout(N, meta, row_inv, col_keep, counts, offsets);
+  STD_TORCH_CHECK(lt.K == 1, "accumulate_packed folds one client: the layout must hold K = 1");
+  const std::vector<int64_t> start = client_starts(client, {static_cast<int64_t>(client.size())}, 1, N);
+  const bool overlap = mode == "overlap";
+  STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  STD_TORCH_CHECK(std::isfinite(weight) && weight >= 0, "weight must be finite and >= 0, got ", weight);
+  const auto wdtype = weights[0].scalar_type();
+  const auto cdtype = client[0].scalar_type();
+  STD_TORCH_CHECK(is_floating(wdtype) && is_floating(cdtype), "weights and client must be floating");
+  if (client.size() == 1) check_buffer(client[0], cdtype, 0);
+  const std::vector<Tensor> ws = contiguous_weights(weights, wdtype);
+  const auto adtype = wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  int64_t total = 0, total_cover = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    total += ws[n].numel();
+    total_cover += lt.meta[5 * n] * lt.meta[5 * n + 1];
+  }
+  STD_TORCH_CHECK(sums.is_cpu() && sums.scalar_type() == adtype && sums.dim() == 1 && sums.numel() == total &&
+                      sums.is_contiguous(),
+                  "sums must be a contiguous 1-D CPU tensor of ", total, " elements of dtype ", dtype_name(adtype));
+  STD_TORCH_CHECK(cover.is_cpu() && cover.scalar_type() == adtype && cover.dim() == 1 &&
+                      cover.numel() == total_cover && cover.is_contiguous(),
+                  "cover must be a contiguous 1-D CPU tensor of ", total_cover, " elements of dtype ",
+                  dtype_name(adtype));
+  STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.numel() == 2 &&
+                      stats.is_contiguous(),
+                  "stats must be a contiguous (2,) float64 CPU tensor");
+  CAHFP_DISPATCH_FLOATING(wdtype, "accumulate_packed", [&] {
+    using wt = scalar_t;
+    using acc = acc_t<wt>;
+    CAHFP_DISPATCH_FLOATING(cdtype, "accumulate_packed_client", [&] {
+      using ct = scalar_t;
+      std::vector<Job<wt, ct>> jobs(N);
+      fill_jobs<wt, ct>(jobs, ws, client, start, lt, cdtype);
+      std::vector<acc*> sum_ptr(N), cover_ptr(N);
+      int64_t off = 0, coff = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        sum_ptr[n] = mdata<acc>(sums) + off;
+        cover_ptr[n] = mdata<acc>(cover) + coff;
+        off += ws[n].numel();
+        coff += jobs[n].R * jobs[n].Cin;
+      }
+      size_tiles(jobs);
+      const auto items = work_items(jobs);
+      const int64_t n_items = static_cast<int64_t>(items.size());
+      std::vector<double> ssq(n_items, 0.0);
+      std::vector<uint8_t> bad(n_items, 0);
+      const auto run = accumulate_items_isa_pick<wt, ct>();
+      const acc wk = static_cast<acc>(weight);
+      torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
+        run(jobs, items, sum_ptr, cover_ptr, wk, overlap, ssq.data(), bad.data(), i0, i1);
+      });
+      double q = 0.0;
+      bool b = false;
+      for (int64_t it = 0; it < n_items; ++it) q += ssq[it], b |= bad[it] != 0;
+      if constexpr (std::is_same_v<acc, float>) b |= !std::isfinite(q);
+      mdata<double>(stats)[0] = b ? 1.0 : 0.0;
+      mdata<double>(stats)[1] = q;
+    });
+  });
 }
 
 }  // namespace cahfp

@@ -3,6 +3,10 @@
 // weight rows (of all tensors, one parallel loop); each row is read once and
 // copied into every client that keeps it, using per-client inverse row maps.
 // The copy loop comes in baseline / AVX2 / AVX-512 variants (isa.h).
+//
+// Two entries share the loop: slice_channels_many (per-tensor (K, m) keep sets, a new
+// client-major output) and slice_packed (the per-round layout's tables, written into a
+// caller-given buffer at the layout's offsets: one contiguous buffer per client).
 #include "common.h"
 #include "isa.h"
 
@@ -12,37 +16,42 @@
 namespace cahfp {
 namespace {
 
+// One weight's slicing: client k keeps row r at compact row inv_rows[k * inv_stride + r]
+// (or -1) and columns cols[k * col_stride + j], j < cc[k]; its compact tensor starts at
+// dst[k * dst_stride] in the output.
 struct Part {
-  Tensor w;
-  int64_t R, Cin, T;
-  std::vector<int64_t> rc, cc;
-  std::vector<int32_t> inv_rows;
-  const int64_t* cols;
-  int64_t mc;
-  int64_t chunk;
+  const void* w = nullptr;
+  int64_t R = 0, Cin = 0, T = 0;
+  const int32_t* inv_rows = nullptr;
+  int64_t inv_stride = 0;
+  const int32_t* cols = nullptr;
+  int64_t col_stride = 0;
+  const int64_t* cc = nullptr;
+  int64_t cc_stride = 1;
+  const int64_t* dst = nullptr;
+  int64_t dst_stride = 1;
+  int64_t chunk = 1;
 };
 
 // Work items [i0, i1): chunks of rows of one weight, copied into every client keeping them.
 template <typename scalar_t>
 inline void copy_items(const std::vector<Part>& parts, const std::vector<std::pair<int32_t, int64_t>>& items,
-                       const std::vector<int64_t>& seg_off, int64_t K, int64_t N, scalar_t* O, int64_t i0,
-                       int64_t i1) {
+                       int64_t K, scalar_t* O, int64_t i0, int64_t i1) {
   for (int64_t it = i0; it < i1; ++it) {
-    const int64_t n = items[it].first;
-    const Part& part = parts[n];
-    const scalar_t* W = cdata<scalar_t>(part.w);
+    const Part& part = parts[items[it].first];
+    const scalar_t* W = static_cast<const scalar_t*>(part.w);
     const int64_t T = part.T, Cin = part.Cin;
     const int64_t r1 = std::min(part.R, items[it].second + part.chunk);
     for (int64_t r = items[it].second; r < r1; ++r) {
       const scalar_t* wrow = W + r * Cin * T;
       for (int64_t k = 0; k < K; ++k) {
-        const int32_t i = part.inv_rows[k * part.R + r];
+        const int32_t i = part.inv_rows[k * part.inv_stride + r];
         if (i < 0) continue;
-        const int64_t cc = part.cc[k];
-        scalar_t* dst = O + seg_off[k * N + n] + i * cc * T;
-        const int64_t* ck = part.cols + k * part.mc;
+        const int64_t cc = part.cc[k * part.cc_stride];
+        scalar_t* dst = O + part.dst[k * part.dst_stride] + i * cc * T;
+        const int32_t* ck = part.cols + k * part.col_stride;
         for (int64_t j = 0; j < cc; ++j) {
-          const scalar_t* src = wrow + ck[j] * T;
+          const scalar_t* src = wrow + static_cast<int64_t>(ck[j]) * T;
           for (int64_t t = 0; t < T; ++t) dst[j * T + t] = src[t];
         }
       }
@@ -53,9 +62,25 @@ inline void copy_items(const std::vector<Part>& parts, const std::vector<std::pa
 #define CAHFP_SC_HEAD template <typename scalar_t>
 #define CAHFP_SC_ARGS <scalar_t>
 CAHFP_ISA_VARIANTS(CAHFP_SC_HEAD, CAHFP_SC_ARGS, copy_items_isa, copy_items<scalar_t>,
-                   (const std::vector<Part>& parts, const std::vector<std::pair<int32_t, int64_t>>& items,
-                    const std::vector<int64_t>& seg_off, int64_t K, int64_t N, scalar_t* O, int64_t i0, int64_t i1),
-                   (parts, items, seg_off, K, N, O, i0, i1))
+                   (const std::vector<Part>& parts, const std::vector<std::pair<int32_t, int64_t>>& items, int64_t K,
+                    scalar_t* O, int64_t i0, int64_t i1),
+                   (parts, items, K, O, i0, i1))
+
+void run_parts(std::vector<Part>& parts, int64_t K, Tensor& out) {
+  std::vector<std::pair<int32_t, int64_t>> items;
+  for (size_t n = 0; n < parts.size(); ++n) {
+    Part& part = parts[n];
+    part.chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, part.Cin * part.T * K));
+    for (int64_t r = 0; r < part.R; r += part.chunk) items.emplace_back(static_cast<int32_t>(n), r);
+  }
+  CAHFP_DISPATCH_FLOATING(out.scalar_type(), "slice_channels", [&] {
+    scalar_t* O = mdata<scalar_t>(out);
+    const auto run = copy_items_isa_pick<scalar_t>();
+    torch::stable::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+      run(parts, items, K, O, i0, i1);
+    });
+  });
+}
 
 }  // namespace
 
@@ -73,47 +98,127 @@ Tensor slice_channels_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> 
   const auto dtype = weights[0].scalar_type();
   STD_TORCH_CHECK(is_floating(dtype), "weights must be floating");
   std::vector<Part> parts(N);
-  std::vector<int64_t> seg_size(K * N);
+  std::vector<Tensor> ws(N);
+  std::vector<std::vector<int32_t>> inv_store(N), col_store(N);
+  std::vector<int64_t> cc_store(N * K), seg_size(K * N);
   for (int64_t n = 0; n < N; ++n) {
     STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == dtype && weights[n].dim() >= 1, "weights[",
                     n, "] must be a CPU tensor of dtype ", dtype_name(dtype));
     check_keep_tensor(rows[n], K, "rows");
     check_keep_tensor(cols[n], K, "cols");
+    ws[n] = torch::stable::contiguous(weights[n]);
     Part& part = parts[n];
-    part.w = torch::stable::contiguous(weights[n]);
-    part.R = part.w.size(0);
-    part.Cin = part.w.dim() >= 2 ? part.w.size(1) : 1;
-    part.T = part.w.numel() / std::max<int64_t>(1, part.R * part.Cin);
-    part.rc = keep_counts(rows[n]);
-    part.cc = keep_counts(cols[n]);
-    part.inv_rows = inverse_maps(rows[n], part.R, "rows");
+    part.w = ws[n].const_data_ptr();
+    part.R = ws[n].size(0);
+    part.Cin = ws[n].dim() >= 2 ? ws[n].size(1) : 1;
+    part.T = ws[n].numel() / std::max<int64_t>(1, part.R * part.Cin);
+    const std::vector<int64_t> rc = keep_counts(rows[n]), cc = keep_counts(cols[n]);
+    inv_store[n] = inverse_maps(rows[n], part.R, "rows");
     (void)inverse_maps(cols[n], part.Cin, "cols");
-    part.cols = cdata<int64_t>(cols[n]);
-    part.mc = cols[n].size(1);
-    part.chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, part.Cin * part.T * K));
-    for (int64_t k = 0; k < K; ++k) seg_size[k * N + n] = part.rc[k] * part.cc[k] * part.T;
+    const int64_t mc = cols[n].size(1);
+    const int64_t* cp = cdata<int64_t>(cols[n]);
+    col_store[n].assign(K * std::max<int64_t>(mc, 1), 0);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < cc[k]; ++j) col_store[n][k * mc + j] = static_cast<int32_t>(cp[k * mc + j]);
+      cc_store[n * K + k] = cc[k];
+      seg_size[k * N + n] = rc[k] * cc[k] * part.T;
+    }
+    part.inv_rows = inv_store[n].data();
+    part.inv_stride = part.R;
+    part.cols = col_store[n].data();
+    part.col_stride = mc;
+    part.cc = cc_store.data() + n * K;
   }
+  // Segment offsets, client-major; each part reads its column of them.
   std::vector<int64_t> seg_off(K * N + 1, 0);
   for (int64_t s = 0; s < K * N; ++s) seg_off[s + 1] = seg_off[s] + seg_size[s];
   STD_TORCH_CHECK(seg_off[K * N] == total, "total must be ", seg_off[K * N], ", got ", total);
+  for (int64_t n = 0; n < N; ++n) {
+    parts[n].dst = seg_off.data() + n;
+    parts[n].dst_stride = N;
+  }
   Tensor out = new_output({total}, dtype);
-  if (total == 0) return out;
-  std::vector<std::pair<int32_t, int64_t>> items;
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t r = 0; r < parts[n].R; r += parts[n].chunk) items.emplace_back(static_cast<int32_t>(n), r);
-  CAHFP_DISPATCH_FLOATING(dtype, "slice_channels", [&] {
-    scalar_t* O = mdata<scalar_t>(out);
-    const auto run = copy_items_isa_pick<scalar_t>();
-    torch::stable::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-      run(parts, items, seg_off, K, N, O, i0, i1);
-    });
-  });
+  if (total > 0) run_parts(parts, K, out);
   return out;
 }
 
 // Single tensor: the N = 1 case (packed in client order).
 Tensor slice_channels_cpu(Tensor weight, Tensor rows, Tensor cols, int64_t total) {
   return slice_channels_many_cpu({weight}, {rows}, {cols}, total);
+}
+
+// Whole-model slicing on the per-round layout (tables as in aggregate_packed):
+// client k's tensor n goes to out[starts[k, n] : + kept rows * kept cols * T]
+// (starts: (K, N) int64, absolute offsets into the 1-D out). Every range is checked
+// against out's size, so a hand-made layout cannot write out of bounds.
+void slice_packed_cpu(std::vector<Tensor> weights, Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts,
+                      Tensor starts, Tensor out) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  STD_TORCH_CHECK(meta.is_cpu() && meta.scalar_type() == ScalarType::Long && meta.dim() == 2 && meta.size(0) == N &&
+                      meta.size(1) == 5 && meta.is_contiguous(),
+                  "layout meta must be a contiguous (N, 5) int64 CPU tensor with N = ", N);
+  STD_TORCH_CHECK(row_inv.is_cpu() && row_inv.scalar_type() == ScalarType::Int && row_inv.dim() == 2 &&
+                      row_inv.is_contiguous(),
+                  "layout row_inv must be a contiguous (K, SR) int32 CPU tensor");
+  const int64_t K = row_inv.size(0), SR = row_inv.size(1);
+  STD_TORCH_CHECK(col_keep.is_cpu() && col_keep.scalar_type() == ScalarType::Int && col_keep.dim() == 2 &&
+                      col_keep.size(0) == K && col_keep.is_contiguous(),
+                  "layout col_keep must be a contiguous (K, SC) int32 CPU tensor");
+  const int64_t SC = col_keep.size(1);
+  STD_TORCH_CHECK(counts.is_cpu() && counts.scalar_type() == ScalarType::Long && counts.dim() == 3 &&
+                      counts.size(0) == K && counts.size(1) == N && counts.size(2) == 2 && counts.is_contiguous(),
+                  "layout counts must be a contiguous (K, N, 2) int64 CPU tensor");
+  STD_TORCH_CHECK(starts.is_cpu() && starts.scalar_type() == ScalarType::Long && starts.dim() == 2 &&
+                      starts.size(0) == K && starts.size(1) == N && starts.is_contiguous(),
+                  "starts must be a contiguous (K, N) int64 CPU tensor");
+  const auto dtype = weights[0].scalar_type();
+  STD_TORCH_CHECK(is_floating(dtype), "weights must be floating");
+  STD_TORCH_CHECK(out.is_cpu() && out.scalar_type() == dtype && out.dim() == 1 && out.is_contiguous(),
+                  "out must be a contiguous 1-D CPU tensor of dtype ", dtype_name(dtype));
+  const int64_t* m = cdata<int64_t>(meta);
+  const int32_t* inv = cdata<int32_t>(row_inv);
+  const int32_t* ck = cdata<int32_t>(col_keep);
+  const int64_t* cnt = cdata<int64_t>(counts);
+  const int64_t* st = cdata<int64_t>(starts);
+  std::vector<Tensor> ws(N);
+  std::vector<Part> parts(N);
+  for (int64_t n = 0; n < N; ++n) {
+    STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == dtype && weights[n].dim() >= 1, "weights[",
+                    n, "] must be a CPU tensor of dtype ", dtype_name(dtype));
+    const int64_t* mn = m + 5 * n;
+    STD_TORCH_CHECK(mn[0] >= 0 && mn[1] >= 0 && mn[2] >= 0 && mn[3] >= 0 && mn[4] >= 0 && mn[3] + mn[0] <= SR &&
+                        mn[4] + mn[1] <= SC,
+                    "layout meta row ", n, " is out of range");
+    ws[n] = torch::stable::contiguous(weights[n]);
+    STD_TORCH_CHECK(ws[n].numel() == mn[0] * mn[1] * mn[2], "weights[", n, "] has ", ws[n].numel(),
+                    " elements but the layout says ", mn[0], " x ", mn[1], " x ", mn[2]);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t rc = cnt[2 * (k * N + n)], cc = cnt[2 * (k * N + n) + 1], s = st[k * N + n];
+      STD_TORCH_CHECK(rc >= 0 && rc <= mn[0] && cc >= 0 && cc <= mn[1] && s >= 0 && s + rc * cc * mn[2] <= out.numel(),
+                      "layout counts or starts of client ", k, ", tensor ", n, " are out of range");
+      const int32_t* iv = inv + k * SR + mn[3];
+      for (int64_t r = 0; r < mn[0]; ++r)
+        STD_TORCH_CHECK(iv[r] >= -1 && iv[r] < rc, "layout row_inv of client ", k, ", tensor ", n, " is out of range");
+      const int32_t* c = ck + k * SC + mn[4];
+      for (int64_t j = 0; j < cc; ++j)
+        STD_TORCH_CHECK(c[j] >= 0 && c[j] < mn[1], "layout col_keep of client ", k, ", tensor ", n, " is out of range");
+    }
+    Part& part = parts[n];
+    part.w = ws[n].const_data_ptr();
+    part.R = mn[0];
+    part.Cin = mn[1];
+    part.T = mn[2];
+    part.inv_rows = inv + mn[3];
+    part.inv_stride = SR;
+    part.cols = ck + mn[4];
+    part.col_stride = SC;
+    part.cc = cnt + 2 * n + 1;
+    part.cc_stride = 2 * N;
+    part.dst = st + n;
+    part.dst_stride = N;
+  }
+  if (out.numel() > 0) run_parts(parts, K, out);
 }
 
 }  // namespace cahfp

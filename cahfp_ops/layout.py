@@ -1,0 +1,593 @@
+"""The per-round layout: every tensor's kept entries for every client, and one buffer per client.
+
+A :class:`RoundLayout` is built once per round from the channel groups of a model and the
+clients' keep sets: by group, not by tensor (a conv's rows, its bias, its norm's four
+vectors and the next layer's columns all read one group's keep sets). It holds, as small
+index tables on the data's device (``int32`` maps, ``int64`` counts and offsets):
+
+* ``meta`` ``(N, 5)``: each tensor's ``(R, Cin, T)`` view (1-D tensors: ``(1, R, 1)``, one
+  row whose columns are the channels) and its offsets in the row and column spaces;
+* ``row_inv`` ``(K, SR)``: client k keeps row r of tensor n at compact row
+  ``row_inv[k, row_off[n] + r]``, or -1;
+* ``col_keep`` ``(K, SC)``: client k's kept columns of tensor n, ascending, at
+  ``col_keep[k, col_off[n]:]`` (-1 after them);
+* ``counts`` ``(K, N, 2)``: kept rows and columns; ``offsets`` ``(K, N)``: where client k's
+  compact tensor n starts in client k's buffer (tensors end to end, in order).
+
+Slicing (:meth:`RoundLayout.slice`), batch aggregation (:meth:`RoundLayout.aggregate`) and
+streaming accumulation (:meth:`RoundLayout.accumulate`) run on these tables with a constant
+number of kernel launches whatever N and K. A client's compact model is one contiguous
+buffer (what goes on the wire) seen through named views: :class:`PackedModel`.
+
+Buffer ownership: :meth:`RoundLayout.slice` returns new buffers unless given ``out=``; a
+buffer passed as ``out`` is overwritten, so pass only one no client model still uses.
+:class:`Workspace` keeps such buffers across rounds for callers that know their lifetime.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _operators
+from ._inputs import canonical_keep, kept_counts
+from ._views import packed_views
+
+#: A tensor dim's channel group: ``(group index, block)`` (channel c owns indices
+#: ``[c * block, (c + 1) * block)`` of the dim), or None when the dim is never pruned.
+DimSpec = "tuple[int, int] | None"
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What a layout derives from shapes and group assignments alone (cached across rounds)."""
+
+    meta: np.ndarray  # (N, 5) int64
+    views: tuple[tuple[int, int, int], ...]  # (R, Cin, T)
+    row_vector: np.ndarray  # (N,) bool: a 1-D tensor
+    row_group: np.ndarray  # (N,) int64, -1: not pruned
+    row_block: np.ndarray
+    col_group: np.ndarray
+    col_block: np.ndarray
+    # Per position of the row space (SR) and column space (SC): source column in the
+    # concatenated group space (-1: not pruned), block, offset inside the block, local index.
+    row_src: np.ndarray
+    row_blk: np.ndarray
+    row_sub: np.ndarray
+    row_local: np.ndarray
+    col_src: np.ndarray
+    col_blk: np.ndarray
+    col_sub: np.ndarray
+    col_local: np.ndarray
+    col_base: np.ndarray  # (SC,) the tensor's column offset
+    rowvec_pos: np.ndarray  # row-space positions of 1-D tensors
+    rowvec_n: np.ndarray  # their tensor indices
+
+
+_STRUCTURES: OrderedDict = OrderedDict()
+
+
+def _structure(
+    shapes: tuple[tuple[int, ...], ...], rows: tuple, cols: tuple, group_sizes: tuple[int, ...]
+) -> _Structure:
+    key = (shapes, rows, cols, group_sizes)
+    hit = _STRUCTURES.get(key)
+    if hit is not None:
+        _STRUCTURES.move_to_end(key)
+        return hit
+    N = len(shapes)
+    goff = np.concatenate([[0], np.cumsum(group_sizes, dtype=np.int64)]) if group_sizes else np.zeros(1, np.int64)
+    views, meta = [], np.zeros((N, 5), np.int64)
+    row_vector = np.zeros(N, bool)
+    rg, rb, cg, cb = (np.full(N, -1, np.int64), np.ones(N, np.int64), np.full(N, -1, np.int64), np.ones(N, np.int64))
+    r_parts: list[tuple] = []
+    c_parts: list[tuple] = []
+    rv_pos, rv_n = [], []
+    SR = SC = 0
+    for n, shape in enumerate(shapes):
+        if len(shape) == 1:
+            R, Cin, T = 1, shape[0], 1
+            row_spec, col_spec = None, rows[n]
+            row_vector[n] = True
+            rv_pos.append(SR)
+            rv_n.append(n)
+        else:
+            R, Cin, T = shape[0], shape[1], math.prod(shape[2:])
+            row_spec, col_spec = rows[n], cols[n]
+        views.append((R, Cin, T))
+        meta[n] = (R, Cin, T, SR, SC)
+        for spec, size, parts, g_arr, b_arr in ((row_spec, R, r_parts, rg, rb), (col_spec, Cin, c_parts, cg, cb)):
+            local = np.arange(size, dtype=np.int64)
+            if spec is None:
+                parts.append((np.full(size, -1, np.int64), np.ones(size, np.int64), np.zeros(size, np.int64), local))
+            else:
+                g, b = spec
+                g_arr[n], b_arr[n] = g, b
+                parts.append((goff[g] + local // b, np.full(size, b, np.int64), local % b, local))
+        c_parts[-1] = (*c_parts[-1], np.full(Cin, SC, np.int64))
+        SR += R
+        SC += Cin
+
+    def cat(parts: list, i: int) -> np.ndarray:
+        return np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int64)
+
+    st = _Structure(
+        meta, tuple(views), row_vector, rg, rb, cg, cb,
+        cat(r_parts, 0), cat(r_parts, 1), cat(r_parts, 2), cat(r_parts, 3),
+        cat(c_parts, 0), cat(c_parts, 1), cat(c_parts, 2), cat(c_parts, 3), cat(c_parts, 4),
+        np.asarray(rv_pos, np.int64), np.asarray(rv_n, np.int64),
+    )  # fmt: skip
+    _STRUCTURES[key] = st
+    if len(_STRUCTURES) > 16:
+        _STRUCTURES.popitem(last=False)
+    return st
+
+
+def _table(a: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class RoundLayout:
+    """Where every client's compact tensors live this round (see module docs).
+
+    Build one with :meth:`build` (channel groups and their keep sets) or
+    :meth:`from_keep_sets` (per-tensor keep sets, as the whole-model ops take them);
+    :meth:`cahfp_ops.fl.ChannelPlan.layout` builds one from a channel plan.
+
+    Attributes:
+        names: the tensors' names (a state_dict's keys) or None for a list.
+        shapes: the full tensors' shapes, ``num_clients``: K, ``device``.
+        counts_host ``(K, N, 2)`` / ``offsets_host`` ``(K, N)`` / ``numels`` ``(K,)``: numpy
+            copies of the kept counts, offsets and per-client buffer sizes (elements).
+    """
+
+    def __init__(
+        self,
+        structure: _Structure,
+        shapes: tuple[tuple[int, ...], ...],
+        names: tuple | None,
+        device: torch.device,
+        row_inv: Tensor,
+        col_inv: Tensor,
+        counts: np.ndarray,
+    ):
+        self._st = structure
+        self.shapes = shapes
+        self.names = names
+        self.device = device
+        self.num_clients = int(counts.shape[0])
+        self.row_inv = row_inv
+        self.col_inv = col_inv
+        self.counts_host = counts
+        T = np.asarray([v[2] for v in structure.views], np.int64)
+        sizes = counts[:, :, 0] * counts[:, :, 1] * T
+        self.sizes_host = sizes  # (K, N) elements of each compact tensor
+        self.offsets_host = np.cumsum(sizes, axis=1) - sizes
+        self.numels = sizes.sum(axis=1)
+        self._tables: dict = {}
+        self._shapes: dict[int, list[tuple[int, ...]]] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(
+        cls,
+        shapes: Sequence[Sequence[int]],
+        rows: Sequence[tuple[int, int] | None],
+        cols: Sequence[tuple[int, int] | None],
+        group_sizes: Sequence[int],
+        group_keeps: Sequence[Tensor],
+        group_counts: np.ndarray,
+        *,
+        names: Sequence | None = None,
+        device: torch.device | str = "cpu",
+    ) -> RoundLayout:
+        """A layout from channel groups.
+
+        Args:
+            shapes: the N full tensors' shapes.
+            rows, cols: per tensor, the channel group of dim 0 / dim 1 as ``(group, block)``,
+                or None when that dim is not pruned (``cols`` of a 1-D tensor is ignored).
+            group_sizes: G channel counts.
+            group_keeps: per group, the clients' keep sets as a canonical ``(K, m)`` int64
+                tensor (ascending, -1 padded; :func:`cahfp_ops._inputs.canonical_keep`).
+            group_counts: ``(K, G)`` kept channels per client and group.
+            names, device: the tensors' names (or None) and the data's device.
+        """
+        device = torch.device(device)
+        shapes_t = tuple(tuple(int(d) for d in s) for s in shapes)
+        rows_t = tuple(None if r is None else (int(r[0]), int(r[1])) for r in rows)
+        cols_t = tuple(None if c is None else (int(c[0]), int(c[1])) for c in cols)
+        st = _structure(shapes_t, rows_t, cols_t, tuple(int(s) for s in group_sizes))
+        group_counts = np.asarray(group_counts, np.int64).reshape(-1, len(group_sizes))
+        K = group_counts.shape[0]
+        N = len(shapes_t)
+        # Kept counts on the host: (K, N, 2) from the groups' counts.
+        R = st.meta[:, 0]
+        Cin = st.meta[:, 1]
+        gc = group_counts if group_counts.size else np.zeros((K, 1), np.int64)
+        cc = np.where(st.col_group >= 0, gc[:, np.clip(st.col_group, 0, None)] * st.col_block, Cin)
+        rc = np.where(st.row_group >= 0, gc[:, np.clip(st.row_group, 0, None)] * st.row_block, R)
+        rc = np.where(st.row_vector, (cc > 0).astype(np.int64), rc)
+        counts = np.stack([rc, cc], axis=2).astype(np.int64).reshape(K, N, 2)
+        # Index maps on the device: group inverse maps, then one gather per space.
+        SG = int(sum(group_sizes))
+        ginv = torch.full((K, SG + 1), -1, dtype=torch.int32, device=device)
+        if group_keeps:
+            cat = torch.cat([k.to(device=device, dtype=torch.int64) for k in group_keeps], dim=1)
+            widths = [k.shape[1] for k in group_keeps]
+            shift = _table(np.repeat(np.concatenate([[0], np.cumsum(group_sizes)[:-1]]), widths), device)
+            limit = _table(np.repeat(np.asarray(group_sizes, np.int64), widths), device)
+            pos = _table(np.concatenate([np.arange(w) for w in widths]), device, torch.int32)
+            ok = (cat >= 0) & (cat < limit)
+            idx = torch.where(ok, cat + shift, torch.full_like(cat, SG))
+            ginv.scatter_(1, idx, pos.expand(K, -1).contiguous())
+        row_inv = _expand(ginv, st.row_src, st.row_blk, st.row_sub, st.row_local, device)
+        if st.rowvec_pos.size:
+            kept = _table(counts[:, st.rowvec_n, 1] > 0, device, torch.bool)
+            row_inv[:, _table(st.rowvec_pos, device)] = torch.where(kept, 0, -1).to(torch.int32)
+        col_inv = _expand(ginv, st.col_src, st.col_blk, st.col_sub, st.col_local, device)
+        return cls(st, shapes_t, tuple(names) if names is not None else None, device, row_inv, col_inv, counts)
+
+    @classmethod
+    def from_keep_sets(
+        cls,
+        weights: Sequence[Tensor] | Mapping[str, Tensor],
+        rows: Sequence | Mapping | None = None,
+        cols: Sequence | Mapping | None = None,
+        *,
+        num_clients: int | None = None,
+        op: str = "RoundLayout.from_keep_sets",
+    ) -> RoundLayout:
+        """A layout from per-tensor keep sets, as :func:`cahfp_ops.slice_channels_many` takes them.
+
+        Each distinct keep-set object (with the size it indexes) becomes one channel group,
+        so keep sets shared by several tensors (``ChannelPlan.tensor_keep_sets`` shares them)
+        are checked and mapped once.
+        """
+        from .ops import _named, _num_clients, _per_tensor  # the public ops' argument rules
+
+        keys, is_mapping = _named(weights, "weights", op)
+        K = num_clients
+        entries = []
+        for key in keys:
+            r = _per_tensor(rows, key, is_mapping, op, "rows")
+            c = _per_tensor(cols, key, is_mapping, op, "cols")
+            n = _num_clients(op, rows=r, cols=c)
+            if n is not None:
+                if K is not None and n != K:
+                    raise ValueError(f"{op}: the keep sets of {key!r} describe {n} clients, others {K}")
+                K = n
+            entries.append((key, r, c))
+        if K is None or K < 1:
+            raise ValueError(f"{op}: the number of clients is unknown or zero; pass per-client keep sets or num_clients")
+        device = None
+        groups: dict[tuple, int] = {}
+        pinned: list = []  # keeps each keyed object alive while its id is a key
+        sizes, keeps, counts = [], [], []
+        shapes, row_specs, col_specs = [], [], []
+
+        def group(name: str, keep: object, size: int) -> tuple[int, int] | None:
+            if keep is None:
+                return None
+            gkey = (id(keep), size)
+            g = groups.get(gkey)
+            if g is None:
+                padded = canonical_keep(op, name, keep, size, K, device)
+                g = groups[gkey] = len(sizes)
+                pinned.append(keep)
+                sizes.append(size)
+                keeps.append(padded)
+                counts.append(kept_counts(keep, padded))
+            return (g, 1)
+
+        for key, r, c in entries:
+            w = weights[key]
+            if not isinstance(w, Tensor):
+                raise TypeError(f"{op}: weights[{key!r}] must be a torch.Tensor, got {type(w).__name__}")
+            if w.dim() == 0:
+                raise ValueError(f"{op}: weights[{key!r}] must have at least 1 dim")
+            if device is None:
+                device = w.device
+            if w.dim() == 1 and c is not None:
+                raise ValueError(f"{op}: cols must be None for a 1-D weight (it has no input channels)")
+            shapes.append(tuple(w.shape))
+            row_specs.append(group(f"rows[{key!r}]", r, w.shape[0]))
+            col_specs.append(None if w.dim() == 1 else group(f"cols[{key!r}]", c, w.shape[1]))
+        gcounts = np.asarray(counts, np.int64).T.reshape(K, len(sizes)) if sizes else np.zeros((K, 0), np.int64)
+        return cls.build(
+            shapes, row_specs, col_specs, sizes, keeps, gcounts,
+            names=keys if is_mapping else None, device=device or "cpu",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ tables
+    @property
+    def num_tensors(self) -> int:
+        return len(self.shapes)
+
+    def tables(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The index tables on ``device`` (default: the layout's): meta, row_inv, col_keep, counts, offsets."""
+        device = torch.device(device) if device is not None else self.device
+        hit = self._tables.get(str(device))
+        if hit is None:
+            st = self._st
+            K = self.num_clients
+            SC = self.col_inv.shape[1]
+            col_inv = self.col_inv.to(device)
+            base = _table(st.col_base, device)
+            local = _table(st.col_local, device, torch.int32)
+            dst = torch.where(col_inv >= 0, base + col_inv, torch.full_like(base, SC))
+            col_keep = torch.full((K, SC + 1), -1, dtype=torch.int32, device=device)
+            col_keep.scatter_(1, dst, local.expand(K, -1).contiguous())
+            hit = {
+                "meta": _table(st.meta, device),
+                "row_inv": self.row_inv.to(device).contiguous(),
+                "col_keep": col_keep[:, :SC].contiguous(),
+                "counts": _table(self.counts_host, device),
+                "offsets": _table(self.offsets_host, device),
+                "col_inv": col_inv.contiguous(),
+            }
+            self._tables[str(device)] = hit
+        return hit
+
+    def compact_shapes(self, k: int) -> list[tuple[int, ...]]:
+        """Client k's compact tensor shapes."""
+        hit = self._shapes.get(k)
+        if hit is None:
+            hit = []
+            for n, shape in enumerate(self.shapes):
+                rc, cc = (int(x) for x in self.counts_host[k, n])
+                hit.append((cc,) if len(shape) == 1 else (rc, cc, *shape[2:]))
+            self._shapes[k] = hit
+        return hit
+
+    def kept_elements(self) -> np.ndarray:
+        """``(K,)`` elements each client keeps (the size of its buffer)."""
+        return self.numels.copy()
+
+    def client(self, k: int) -> RoundLayout:
+        """The one-client layout of client k (for streaming accumulation)."""
+        st = self._st
+        view = RoundLayout.__new__(RoundLayout)
+        view._st = st
+        view.shapes, view.names, view.device = self.shapes, self.names, self.device
+        view.num_clients = 1
+        view.row_inv = self.row_inv[k : k + 1]
+        view.col_inv = self.col_inv[k : k + 1]
+        view.counts_host = self.counts_host[k : k + 1]
+        view.sizes_host = self.sizes_host[k : k + 1]
+        view.offsets_host = self.offsets_host[k : k + 1]
+        view.numels = self.numels[k : k + 1]
+        view._tables = {}
+        view._shapes = {0: self.compact_shapes(k)}
+        return view
+
+    # ------------------------------------------------------------------ ops
+    def slice(self, weights: Sequence[Tensor], *, out: Tensor | None = None) -> list[Tensor]:
+        """Every client's compact model: K contiguous 1-D buffers (views of one allocation,
+        client after client), tensor n of client k at ``offsets_host[k, n]``.
+
+        ``weights``: the N full tensors (one floating dtype, the layout's device). ``out``: a
+        1-D buffer of ``numels.sum()`` elements to write into (overwritten; see module docs).
+        """
+        return slice_packed(self, weights, out=out)
+
+    def aggregate(
+        self,
+        weights: Sequence[Tensor],
+        clients: Sequence[Tensor | Sequence[Tensor]],
+        coef: Tensor,
+        mode: str = "reconstruct",
+        *,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Aggregate; returns ``(packed result, stats)`` (see :func:`aggregate_packed`)."""
+        return aggregate_packed(self, weights, clients, coef, mode, out=out)
+
+
+def _expand(
+    ginv: Tensor, src: np.ndarray, blk: np.ndarray, sub: np.ndarray, local: np.ndarray, device: torch.device
+) -> Tensor:
+    """Per-tensor inverse maps ``(K, S)`` from group inverse maps: position p of a pruned dim
+    with block b reads its channel's compact position i and becomes ``i * b + sub``; a dim
+    that is not pruned keeps every index."""
+    K = ginv.shape[0]
+    if src.size == 0:
+        return torch.zeros((K, 0), dtype=torch.int32, device=device)
+    pruned = src >= 0
+    gathered = ginv[:, _table(np.where(pruned, src, ginv.shape[1] - 1), device)]
+    b = _table(blk, device, torch.int32)
+    mapped = torch.where(gathered >= 0, gathered * b + _table(sub, device, torch.int32), -1)
+    whole = _table(local, device, torch.int32).expand(K, -1)
+    return torch.where(_table(pruned, device, torch.bool), mapped, whole).to(torch.int32).contiguous()
+
+
+# ---------------------------------------------------------------------- packed client models
+class PackedModel(Mapping):
+    """A client's compact model as one contiguous 1-D buffer with named views.
+
+    ``buffer`` holds the packed tensors end to end (in the layout's order); ``model[name]``
+    is a view into it (made on first access), so writing a view writes the buffer.
+    ``extras`` holds entries that are not packed (integer buffers such as
+    ``num_batches_tracked``). Iteration follows the layout's names, then the extras.
+    """
+
+    __slots__ = ("buffer", "layout", "client", "names", "extras", "_views")
+
+    def __init__(
+        self,
+        buffer: Tensor,
+        layout: RoundLayout,
+        client: int,
+        names: Sequence | None = None,
+        extras: Mapping[str, Tensor] | None = None,
+    ):
+        names = tuple(names) if names is not None else layout.names
+        if names is None:
+            names = tuple(range(layout.num_tensors))
+        if len(names) != layout.num_tensors:
+            raise ValueError(f"PackedModel: {len(names)} names for {layout.num_tensors} tensors")
+        if buffer.dim() != 1 or buffer.numel() != int(layout.numels[client]):
+            raise ValueError(
+                f"PackedModel: client {client}'s buffer must be 1-D with {int(layout.numels[client])} elements, "
+                f"got shape {tuple(buffer.shape)}"
+            )
+        self.buffer = buffer
+        self.layout = layout
+        self.client = client
+        self.names = names
+        self.extras = dict(extras or {})
+        self._views: dict | None = None
+
+    def _all_views(self) -> dict:
+        if self._views is None:
+            views = packed_views(self.buffer, self.layout.compact_shapes(self.client))
+            self._views = dict(zip(self.names, views))
+        return self._views
+
+    def __getitem__(self, name):
+        if name in self.extras:
+            return self.extras[name]
+        return self._all_views()[name]
+
+    def __iter__(self) -> Iterator:
+        yield from self.names
+        yield from (k for k in self.extras if k not in self._name_set())
+
+    def _name_set(self) -> set:
+        return set(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names) + sum(1 for k in self.extras if k not in self._name_set())
+
+    def __contains__(self, name) -> bool:
+        return name in self.extras or name in self._name_set()
+
+    def copy(self) -> dict:
+        """A plain dict of the entries (views stay views)."""
+        return dict(self.items())
+
+    def matches(self, layout: RoundLayout, client: int, names: Sequence | None) -> bool:
+        """Whether the buffer is laid out as ``layout`` lays out client ``client`` under ``names``."""
+        if self.layout is layout and self.client == client:
+            return names is None or tuple(names) == self.names
+        mine, theirs = self.layout, layout
+        return (
+            (names is None or tuple(names) == self.names)
+            and mine.shapes == theirs.shapes
+            and np.array_equal(mine.counts_host[self.client], theirs.counts_host[client])
+        )
+
+    def __repr__(self) -> str:
+        return f"PackedModel({len(self.names)} tensors in one {self.buffer.dtype} buffer of {self.buffer.numel()})"
+
+
+# ---------------------------------------------------------------------- kernel calls
+def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor | None = None) -> list[Tensor]:
+    """K client buffers (views of one allocation ``out``); see :meth:`RoundLayout.slice`."""
+    if len(weights) != layout.num_tensors:
+        raise ValueError(f"slice_packed: {len(weights)} weights for a layout of {layout.num_tensors} tensors")
+    total = int(layout.numels.sum())
+    dtype = weights[0].dtype
+    device = weights[0].device
+    if out is None:
+        out = torch.empty(total, dtype=dtype, device=device)
+    elif out.shape != (total,) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"slice_packed: out must be a ({total},) {dtype} tensor on {device}")
+    t = layout.tables(device)
+    starts = layout.offsets_host + (np.cumsum(layout.numels) - layout.numels)[:, None]
+    if total:
+        _operators.slice_packed_op(
+            list(weights), t["meta"], t["row_inv"], t["col_keep"], t["counts"], _table(starts, device), out
+        )
+    bounds = np.concatenate([[0], np.cumsum(layout.numels)]).tolist()
+    return [out[bounds[k] : bounds[k + 1]] for k in range(layout.num_clients)]
+
+
+def aggregate_packed(
+    layout: RoundLayout,
+    weights: Sequence[Tensor],
+    clients: Sequence[Tensor | Sequence[Tensor]],
+    coef: Tensor,
+    mode: str = "reconstruct",
+    *,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Aggregate K clients on ``layout``; returns ``(out, stats)``.
+
+    ``clients[k]``: client k's packed 1-D buffer, or its N compact tensors. ``coef``: ``(K,)``
+    float64, normalised. ``out``: the N results packed in order (new unless given).
+    ``stats`` ``(K, 2)`` float64: column 0 is 1 where client k holds a value that is not
+    finite in the global dtype (or a delta not finite in the accumulation dtype), column 1
+    the sum of squares of its deltas ``c - w`` over its kept elements, both from the same
+    pass over the data as the aggregation (clients with coefficient 0 are read for the
+    statistics but add nothing).
+    """
+    N = layout.num_tensors
+    flat, parts = [], []
+    for c in clients:
+        if isinstance(c, Tensor):
+            flat.append(c)
+            parts.append(1)
+        else:
+            flat.extend(c)
+            parts.append(N)
+    device = weights[0].device
+    total = sum(w.numel() for w in weights)
+    if out is None:
+        out = torch.empty(total, dtype=weights[0].dtype, device=device)
+    stats = torch.empty((len(clients), 2), dtype=torch.float64, device=device)
+    t = layout.tables(device)
+    _operators.aggregate_packed_op(
+        list(weights), flat, parts, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
+        coef, mode, out, stats,
+    )  # fmt: skip
+    return out, stats
+
+
+def accumulate_packed(
+    layout: RoundLayout,
+    weights: Sequence[Tensor],
+    client: Tensor | Sequence[Tensor],
+    weight: float,
+    mode: str,
+    sums: Tensor,
+    cover: Tensor,
+) -> Tensor:
+    """Fold one client (a one-client layout, :meth:`RoundLayout.client`) into ``sums`` / ``cover``
+    in place; returns its ``(2,)`` statistics as :func:`aggregate_packed` defines them."""
+    device = weights[0].device
+    stats = torch.empty(2, dtype=torch.float64, device=device)
+    t = layout.tables(device)
+    flat = [client] if isinstance(client, Tensor) else list(client)
+    _operators.accumulate_packed_op(
+        list(weights), flat, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
+        float(weight), mode, sums, cover, stats,
+    )  # fmt: skip
+    return stats
+
+
+class Workspace:
+    """Buffers kept across rounds, keyed by role, reused when size, dtype and device match.
+
+    ``get(role, numel, dtype, device)`` returns the same storage round after round (no new
+    pages to fault in); the caller owns the contract that nothing else still reads a
+    buffer it hands out again.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, role: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        buf = self._buffers.get(role)
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            buf = self._buffers[role] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
