@@ -17,7 +17,7 @@ argument and, where it applies, the client index.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Union
 
 import torch
@@ -204,3 +204,38 @@ def canonical_coef(op: str, coef: object, K: int, device: torch.device) -> Tenso
         if not bool(c.sum() > 0):
             raise ValueError(f"{op}: coef sums to zero; at least one client needs a positive weight")
     return c / c.sum()
+
+
+def named(container: object, what: str, op: str) -> tuple[list, bool]:
+    """(keys, is_mapping) of a list of tensors or a name -> tensor mapping."""
+    if isinstance(container, Mapping):
+        return list(container.keys()), True
+    if isinstance(container, (list, tuple)):
+        return list(range(len(container))), False
+    raise TypeError(f"{op}: {what} must be a sequence of tensors or a mapping (a state_dict)")
+
+
+def per_tensor(arg: object, key: object, is_mapping: bool, op: str, name: str) -> object:
+    """The per-tensor entry of a rows / cols argument of a whole-model op (None when absent)."""
+    if arg is None:
+        return None
+    if isinstance(arg, Mapping):
+        return arg.get(key)
+    if isinstance(arg, (list, tuple)):
+        if is_mapping:
+            raise TypeError(f"{op}: {name} must be a mapping by tensor name when weights is a mapping")
+        return arg[key]
+    raise TypeError(f"{op}: {name} must be None, a sequence (one entry per tensor) or a mapping by name")
+
+
+def count_clients(op: str, **keep_sets: KeepSets) -> int | None:
+    """K from the per-client keep-set arguments (None when all are single keep sets)."""
+    K = None
+    for name, keep in keep_sets.items():
+        reject_flat_ints(op, name, keep)
+        if is_per_client(keep):
+            n = len(keep) if isinstance(keep, (list, tuple)) else keep.shape[0]
+            if K is not None and n != K:
+                raise ValueError(f"{op}: {name} has {n} keep sets but another argument has {K}")
+            K = n
+    return K

@@ -15,13 +15,14 @@ def as_3d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
-def packed_views(packed: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
+def packed_views(packed: Tensor, shapes: Sequence[tuple[int, ...]], start: int = 0) -> list[Tensor]:
     """Contiguous views of ``shapes`` laid end to end in the 1-D tensor ``packed``.
 
     ``as_strided`` gives one tensor object per view, which matters when a model has
-    thousands of client tensors. ``packed`` may itself be a view (its storage offset counts).
+    thousands of client tensors. ``start``: the storage offset of the first view (pass
+    ``packed.storage_offset()`` when ``packed`` is itself a view).
     """
-    views, offset, strides = [], packed.storage_offset(), {}
+    views, offset, strides = [], start, {}
     for shape in shapes:
         st = strides.get(shape)
         if st is None:

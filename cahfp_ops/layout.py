@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _operators
-from ._inputs import canonical_keep, kept_counts
+from ._inputs import canonical_keep, count_clients, kept_counts, named, per_tensor
 from ._views import packed_views
 
 #: A tensor dim's channel group: ``(group index, block)`` (channel c owns indices
@@ -207,7 +207,11 @@ class RoundLayout:
         rows_t = tuple(None if r is None else (int(r[0]), int(r[1])) for r in rows)
         cols_t = tuple(None if c is None else (int(c[0]), int(c[1])) for c in cols)
         st = _structure(shapes_t, rows_t, cols_t, tuple(int(s) for s in group_sizes))
-        group_counts = np.asarray(group_counts, np.int64).reshape(-1, len(group_sizes))
+        group_counts = np.asarray(group_counts, np.int64)
+        if group_counts.ndim != 2 or group_counts.shape[1] != len(group_sizes):
+            raise ValueError(
+                f"RoundLayout.build: group_counts must be (K, {len(group_sizes)}), got {group_counts.shape}"
+            )
         K = group_counts.shape[0]
         N = len(shapes_t)
         # Kept counts on the host: (K, N, 2) from the groups' counts.
@@ -253,22 +257,23 @@ class RoundLayout:
         so keep sets shared by several tensors (``ChannelPlan.tensor_keep_sets`` shares them)
         are checked and mapped once.
         """
-        from .ops import _named, _num_clients, _per_tensor  # the public ops' argument rules
 
-        keys, is_mapping = _named(weights, "weights", op)
+        keys, is_mapping = named(weights, "weights", op)
         K = num_clients
         entries = []
         for key in keys:
-            r = _per_tensor(rows, key, is_mapping, op, "rows")
-            c = _per_tensor(cols, key, is_mapping, op, "cols")
-            n = _num_clients(op, rows=r, cols=c)
+            r = per_tensor(rows, key, is_mapping, op, "rows")
+            c = per_tensor(cols, key, is_mapping, op, "cols")
+            n = count_clients(op, rows=r, cols=c)
             if n is not None:
                 if K is not None and n != K:
                     raise ValueError(f"{op}: the keep sets of {key!r} describe {n} clients, others {K}")
                 K = n
             entries.append((key, r, c))
         if K is None or K < 1:
-            raise ValueError(f"{op}: the number of clients is unknown or zero; pass per-client keep sets or num_clients")
+            raise ValueError(
+                f"{op}: the number of clients is unknown or zero; pass per-client keep sets or num_clients"
+            )
         device = None
         groups: dict[tuple, int] = {}
         pinned: list = []  # keeps each keyed object alive while its id is a key
@@ -449,7 +454,7 @@ class PackedModel(Mapping):
 
     def _all_views(self) -> dict:
         if self._views is None:
-            views = packed_views(self.buffer, self.layout.compact_shapes(self.client))
+            views = packed_views(self.buffer, self.layout.compact_shapes(self.client), self.buffer.storage_offset())
             self._views = dict(zip(self.names, views))
         return self._views
 

@@ -24,13 +24,16 @@ from ._inputs import (
     canonical_keep,
     check_floating,
     check_same_device,
+    count_clients,
     is_int,
     is_per_client,
     kept_counts,
-    reject_flat_ints,
+    named,
+    per_tensor,
 )
 from ._validation import validation_enabled
 from ._views import packed_views
+from .layout import PackedModel, RoundLayout, aggregate_packed, slice_packed
 
 Clients = Union[Tensor, Sequence[Tensor]]
 #: The aggregation modes: CA-HFP reconstruction and HeteroFL-style overlap averaging.
@@ -185,19 +188,6 @@ def _weight_keep(
     return padded_rows, padded_cols
 
 
-def _num_clients(op: str, **keep_sets: KeepSets) -> int | None:
-    """K from the per-client keep-set arguments (None when all are single keep sets)."""
-    K = None
-    for name, keep in keep_sets.items():
-        reject_flat_ints(op, name, keep)
-        if is_per_client(keep):
-            n = len(keep) if isinstance(keep, (list, tuple)) else keep.shape[0]
-            if K is not None and n != K:
-                raise ValueError(f"{op}: {name} has {n} keep sets but another argument has {K}")
-            K = n
-    return K
-
-
 def slice_channels(weight: Tensor, rows: KeepSets = None, cols: KeepSets = None) -> Tensor | list[Tensor]:
     """Physically slice kept channels out of ``weight``.
 
@@ -210,7 +200,7 @@ def slice_channels(weight: Tensor, rows: KeepSets = None, cols: KeepSets = None)
     """
     op = "slice_channels"
     weight = check_floating(op, "weight", weight)
-    K = _num_clients(op, rows=rows, cols=cols)
+    K = count_clients(op, rows=rows, cols=cols)
     per_client = K is not None
     if per_client and K == 0:
         raise ValueError(f"{op}: the per-client keep sets are empty (no clients)")
@@ -312,26 +302,52 @@ def _prepare_aggregate(
     return weight, client_list, padded_rows, padded_cols
 
 
-def _named(container: object, what: str, op: str) -> tuple[list, bool]:
-    """(keys, is_mapping) of a list of tensors or a name -> tensor mapping."""
-    if isinstance(container, Mapping):
-        return list(container.keys()), True
-    if isinstance(container, (list, tuple)):
-        return list(range(len(container))), False
-    raise TypeError(f"{op}: {what} must be a sequence of tensors or a mapping (a state_dict)")
-
-
-def _per_tensor(arg: object, key: object, is_mapping: bool, op: str, name: str) -> object:
-    """The per-tensor entry of a rows / cols argument of a whole-model op (None when absent)."""
+def _subset(arg: object, keys: list, is_mapping: bool, op: str, name: str) -> dict | None:
+    """The per-tensor entries of a rows / cols argument for ``keys``, as a dict (None: all absent)."""
     if arg is None:
         return None
-    if isinstance(arg, Mapping):
-        return arg.get(key)
-    if isinstance(arg, (list, tuple)):
-        if is_mapping:
-            raise TypeError(f"{op}: {name} must be a mapping by tensor name when weights is a mapping")
-        return arg[key]
-    raise TypeError(f"{op}: {name} must be None, a sequence (one entry per tensor) or a mapping by name")
+    return {key: per_tensor(arg, key, is_mapping, op, name) for key in keys}
+
+
+def _dtype_groups(weights: object, keys: list, op: str) -> dict[tuple, list]:
+    """Tensor keys grouped by (device, dtype), in order."""
+    groups: dict[tuple, list] = {}
+    for key in keys:
+        w = check_floating(op, f"weights[{key!r}]", weights[key])
+        groups.setdefault((w.device, w.dtype), []).append(key)
+    return groups
+
+
+def _client_tensors(
+    op: str, model: object, k: int, keys: list, layout: RoundLayout, is_mapping: bool
+) -> Tensor | list[Tensor]:
+    """Client k's part of the op: its packed buffer when ``model`` is a :class:`PackedModel`
+    laid out as ``layout`` lays out client k, else its tensors for ``keys`` (checked)."""
+    if isinstance(model, PackedModel) and model.matches(layout, k, keys if is_mapping else None):
+        return model.buffer
+    try:
+        tensors = [model[key] for key in keys]
+    except (KeyError, IndexError, TypeError):
+        missing = next(key for key in keys if not _has(model, key))
+        raise ValueError(f"{op}: clients[{k}] has no tensor {missing!r}") from None
+    if validation_enabled():
+        device = layout.device
+        for key, t, want in zip(keys, tensors, layout.compact_shapes(k)):
+            where = f" for {key!r}" if is_mapping else f"[{key}]"
+            check_floating(op, f"clients[{k}]{where}", t)
+            if t.device != device:
+                raise ValueError(f"{op}: clients[{k}]{where} is on {t.device} but weight is on {device}")
+            if t.shape != want:
+                raise ValueError(f"{op}: clients[{k}]{where} has shape {tuple(t.shape)} but its keep sets give {want}")
+    return tensors
+
+
+def _has(model: object, key: object) -> bool:
+    try:
+        model[key]
+    except (KeyError, IndexError, TypeError):
+        return False
+    return True
 
 
 def reconstruct_aggregate_many(
@@ -348,7 +364,9 @@ def reconstruct_aggregate_many(
     Args:
         weights: N global tensors, a list or a name -> tensor mapping (state_dict).
         clients: K client models; client k is a list aligned with ``weights`` or a
-            mapping with the same names, holding its compact tensors.
+            mapping with the same names, holding its compact tensors, or a
+            :class:`~cahfp_ops.layout.PackedModel` (one buffer; read without touching its
+            tensors one by one, e.g. what :func:`slice_channels_many` returns).
         rows, cols: per tensor (a list aligned with ``weights`` or a mapping by name;
             a missing entry means all channels), the per-client keep sets exactly as
             :func:`reconstruct_aggregate` takes them.
@@ -356,12 +374,112 @@ def reconstruct_aggregate_many(
 
     Returns:
         New tensors in the container type of ``weights``; entry n equals
-        ``reconstruct_aggregate(weights[n], [c[n] for c in clients], rows[n], cols[n], coef, mode=mode)``.
-        They are views into one packed buffer per (device, dtype) group.
+        ``reconstruct_aggregate(weights[n], [c[n] for c in clients], rows[n], cols[n], coef, mode=mode)``
+        bit for bit. They are views into one packed buffer per (device, dtype) group.
+
+    The keep sets become a :class:`~cahfp_ops.layout.RoundLayout` (one channel group per
+    distinct keep-set object) and each dtype group is one kernel call.
     """
     op = "reconstruct_aggregate_many"
     _check_mode(op, mode)
-    keys, is_mapping = _named(weights, "weights", op)
+    if torch.compiler.is_compiling():  # the layout is host-side bookkeeping: trace the per-tensor form
+        return _aggregate_many_per_tensor(weights, clients, rows, cols, coef, mode=mode)
+    keys, is_mapping = named(weights, "weights", op)
+    if not isinstance(clients, (list, tuple)) or not clients:
+        raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
+    K = len(clients)
+    results: dict = {}
+    for (device, _), members in _dtype_groups(weights, keys, op).items():
+        sub = {key: weights[key] for key in members}
+        layout = RoundLayout.from_keep_sets(
+            sub, _subset(rows, members, is_mapping, op, "rows"), _subset(cols, members, is_mapping, op, "cols"),
+            num_clients=K, op=op,
+        )  # fmt: skip
+        if layout.num_clients != K:
+            raise ValueError(f"{op}: the keep sets describe {layout.num_clients} clients but clients holds {K}")
+        if is_mapping:
+            layout.names = tuple(members)
+        per_client = [_client_tensors(op, model, k, members, layout, is_mapping) for k, model in enumerate(clients)]
+        dtypes = {c.dtype for c in per_client if isinstance(c, Tensor)}
+        dtypes.update(t.dtype for c in per_client if not isinstance(c, Tensor) for t in c)
+        if len(dtypes) > 1:  # mixed uploads: one dtype per kernel call, the global's
+            wd = sub[members[0]].dtype
+            per_client = [c.to(wd) if isinstance(c, Tensor) else [t.to(wd) for t in c] for c in per_client]
+        coef_t = canonical_coef(op, coef, K, device)
+        packed, _ = aggregate_packed(layout, list(sub.values()), per_client, coef_t, mode)
+        for key, part in zip(members, packed_views(packed, [tuple(sub[key].shape) for key in members])):
+            results[key] = part
+    out = [results[key] for key in keys]
+    return dict(zip(keys, out)) if is_mapping else out
+
+
+def slice_channels_many(
+    weights: Sequence[Tensor] | Mapping[str, Tensor],
+    rows: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
+    cols: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
+    *,
+    num_clients: int | None = None,
+) -> list[list[Tensor]] | list[Mapping[str, Tensor]]:
+    """Whole-model :func:`slice_channels`: every client's compact model in a constant number of launches.
+
+    Args:
+        weights: N global tensors, a list or a name -> tensor mapping (state_dict).
+        rows, cols: per tensor (list aligned with ``weights`` or mapping by name; a
+            missing entry means all channels), per-client keep sets as
+            :func:`slice_channels` takes them.
+        num_clients: K, needed only when no entry is per-client.
+
+    Returns:
+        K client models (client-major). For a mapping of one dtype: K
+        :class:`~cahfp_ops.layout.PackedModel` (a read-only mapping; client k's tensors are
+        views into one contiguous buffer, ``model.buffer``); for several dtypes, K dicts
+        of views; for a list, K lists of views. Buffers lie client after client.
+    """
+    op = "slice_channels_many"
+    if torch.compiler.is_compiling():  # the layout is host-side bookkeeping: trace the per-tensor form
+        return _slice_many_per_tensor(weights, rows, cols, num_clients=num_clients)
+    keys, is_mapping = named(weights, "weights", op)
+    groups = _dtype_groups(weights, keys, op)
+    models: list[dict] | None = None
+    packed_models: list[PackedModel] = []
+    for (_, _), members in groups.items():
+        sub = {key: weights[key] for key in members}
+        layout = RoundLayout.from_keep_sets(
+            sub, _subset(rows, members, is_mapping, op, "rows"), _subset(cols, members, is_mapping, op, "cols"),
+            num_clients=num_clients, op=op,
+        )  # fmt: skip
+        if num_clients is not None and layout.num_clients != num_clients:
+            raise ValueError(f"{op}: the keep sets describe {layout.num_clients} clients, num_clients is {num_clients}")
+        num_clients = layout.num_clients
+        buffers = slice_packed(layout, list(sub.values()))
+        if is_mapping and len(groups) == 1:
+            layout.names = tuple(members)
+            packed_models = [PackedModel(b, layout, k) for k, b in enumerate(buffers)]
+            break
+        if models is None:
+            models = [{} for _ in range(layout.num_clients)]
+        for k, b in enumerate(buffers):
+            models[k].update(zip(members, packed_views(b, layout.compact_shapes(k), b.storage_offset())))
+    if packed_models:
+        return packed_models
+    assert models is not None
+    if is_mapping:
+        return [{key: m[key] for key in keys} for m in models]
+    return [[m[key] for key in keys] for m in models]
+
+
+def _aggregate_many_per_tensor(
+    weights: Sequence[Tensor] | Mapping[str, Tensor],
+    clients: Sequence[Sequence[Tensor] | Mapping[str, Tensor]],
+    rows: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
+    cols: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
+    coef: Sequence[float] | Tensor | None = None,
+    *,
+    mode: str = "reconstruct",
+) -> list[Tensor] | dict[str, Tensor]:
+    """The per-tensor form (what ``torch.compile`` traces): canonical keep sets tensor by tensor."""
+    op = "reconstruct_aggregate_many"
+    keys, is_mapping = named(weights, "weights", op)
     if not isinstance(clients, (list, tuple)) or not clients:
         raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
     K = len(clients)
@@ -381,8 +499,8 @@ def reconstruct_aggregate_many(
                 where,
                 weights[key],
                 per_client,
-                _per_tensor(rows, key, is_mapping, op, "rows"),
-                _per_tensor(cols, key, is_mapping, op, "cols"),
+                per_tensor(rows, key, is_mapping, op, "rows"),
+                per_tensor(cols, key, is_mapping, op, "cols"),
                 memo,
             )
         )
@@ -406,35 +524,22 @@ def reconstruct_aggregate_many(
     return dict(zip(keys, out)) if is_mapping else out
 
 
-def slice_channels_many(
+def _slice_many_per_tensor(
     weights: Sequence[Tensor] | Mapping[str, Tensor],
     rows: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
     cols: Sequence[KeepSets] | Mapping[str, KeepSets] | None = None,
     *,
     num_clients: int | None = None,
 ) -> list[list[Tensor]] | list[dict[str, Tensor]]:
-    """Whole-model :func:`slice_channels`: every client's compact model in a constant number of launches.
-
-    Args:
-        weights: N global tensors, a list or a name -> tensor mapping (state_dict).
-        rows, cols: per tensor (list aligned with ``weights`` or mapping by name; a
-            missing entry means all channels), per-client keep sets as
-            :func:`slice_channels` takes them.
-        num_clients: K, needed only when no entry is per-client.
-
-    Returns:
-        K client models (client-major), each a list aligned with ``weights`` or a dict
-        with its names; client k's tensors are contiguous views into one packed
-        buffer, client after client.
-    """
+    """The per-tensor form (what ``torch.compile`` traces): canonical keep sets tensor by tensor."""
     op = "slice_channels_many"
-    keys, is_mapping = _named(weights, "weights", op)
+    keys, is_mapping = named(weights, "weights", op)
     K = num_clients
     entries = []
     for key in keys:
-        r = _per_tensor(rows, key, is_mapping, op, "rows")
-        c = _per_tensor(cols, key, is_mapping, op, "cols")
-        n = _num_clients(op, rows=r, cols=c)
+        r = per_tensor(rows, key, is_mapping, op, "rows")
+        c = per_tensor(cols, key, is_mapping, op, "cols")
+        n = count_clients(op, rows=r, cols=c)
         if n is not None:
             if K is not None and n != K:
                 raise ValueError(f"{op}: the keep sets of {key!r} describe {n} clients, others {K}")

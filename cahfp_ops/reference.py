@@ -196,7 +196,8 @@ def _client_tensors(clients: list[Tensor], parts: list[int], meta: Tensor, count
             out.append(clients[start][off : off + rc * cc * T].reshape(rc, cc, T))
         else:
             c = clients[start + n]
-            out.append(c.reshape(1, -1, 1)[:, :cc] if c.dim() == 1 else c.reshape(c.shape[0], c.shape[1], -1)[:rc, :cc])
+            c3 = c.reshape(1, c.shape[0], 1) if c.dim() == 1 else c.reshape(c.shape[0], c.shape[1], T)
+            out.append(c3[:rc, :cc])
     return out
 
 
