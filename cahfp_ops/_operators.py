@@ -164,6 +164,7 @@ def accumulate_packed_op(
     counts: Tensor,
     offsets: Tensor,
     weight: float,
+    max_ssq: float,
     mode: str,
     sums: Tensor,
     cover: Tensor,
@@ -171,10 +172,10 @@ def accumulate_packed_op(
 ) -> None:
     """Fold one client into the partial sums ``sums`` / ``cover``; ``stats`` (2,) as above."""
     backend_for(sums.device).accumulate_packed(
-        weights, client, meta, row_inv, col_keep, counts, offsets, weight, mode, sums, cover, stats
+        weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover, stats
     )
 
 
 @accumulate_packed_op.register_fake
-def _(weights, client, meta, row_inv, col_keep, counts, offsets, weight, mode, sums, cover, stats) -> None:
+def _(weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover, stats) -> None:
     return None

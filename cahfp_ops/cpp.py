@@ -382,11 +382,12 @@ def accumulate_packed(
     counts: Tensor,
     offsets: Tensor,
     weight: float,
+    max_ssq: float,
     mode: str,
     sums: Tensor,
     cover: Tensor,
     stats: Tensor,
 ) -> None:
     _kernels().accumulate_packed(
-        weights, client, meta, row_inv, col_keep, counts, offsets, weight, mode, sums, cover, poison_(stats)
+        weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover, poison_(stats)
     )

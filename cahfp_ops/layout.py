@@ -39,6 +39,16 @@ from . import _operators
 from ._inputs import canonical_keep, count_clients, kept_counts, named, per_tensor
 from ._views import packed_views
 
+__all__ = [
+    "PackedModel",
+    "RoundLayout",
+    "Workspace",
+    "accumulate_packed",
+    "aggregate_packed",
+    "packed_views",
+    "slice_packed",
+]
+
 #: A tensor dim's channel group: ``(group index, block)`` (channel c owns indices
 #: ``[c * block, (c + 1) * block)`` of the dim), or None when the dim is never pruned.
 DimSpec = "tuple[int, int] | None"
@@ -344,14 +354,14 @@ class RoundLayout:
         return hit
 
     def compact_shapes(self, k: int) -> list[tuple[int, ...]]:
-        """Client k's compact tensor shapes."""
+        """Client k's compact tensor shapes (all clients' are built at once, on first use)."""
         hit = self._shapes.get(k)
         if hit is None:
-            hit = []
-            for n, shape in enumerate(self.shapes):
-                rc, cc = (int(x) for x in self.counts_host[k, n])
-                hit.append((cc,) if len(shape) == 1 else (rc, cc, *shape[2:]))
-            self._shapes[k] = hit
+            tails = [tuple(s[2:]) for s in self.shapes]
+            one_d = [len(s) == 1 for s in self.shapes]
+            for j, row in enumerate(self.counts_host.tolist()):
+                self._shapes[j] = [(c[1],) if od else (c[0], c[1], *tl) for c, od, tl in zip(row, one_d, tails)]
+            hit = self._shapes[k]
         return hit
 
     def kept_elements(self) -> np.ndarray:
@@ -566,16 +576,21 @@ def accumulate_packed(
     mode: str,
     sums: Tensor,
     cover: Tensor,
+    *,
+    max_ssq: float = math.inf,
 ) -> Tensor:
-    """Fold one client (a one-client layout, :meth:`RoundLayout.client`) into ``sums`` / ``cover``
-    in place; returns its ``(2,)`` statistics as :func:`aggregate_packed` defines them."""
+    """Check one client (a one-client layout, :meth:`RoundLayout.client`), then fold it into
+    ``sums`` / ``cover`` in place, unless it holds a non-finite value or its squared delta
+    sum exceeds ``max_ssq`` (then nothing changes). Returns ``(3,)`` float64: non-finite
+    flag, squared delta sum, accepted. ``sums``: 1-D, the weights' total size; ``cover``:
+    1-D, the sum of every tensor's ``R * Cin``; both float32 (float64 for float64 weights)."""
     device = weights[0].device
-    stats = torch.empty(2, dtype=torch.float64, device=device)
+    stats = torch.empty(3, dtype=torch.float64, device=device)
     t = layout.tables(device)
     flat = [client] if isinstance(client, Tensor) else list(client)
     _operators.accumulate_packed_op(
         list(weights), flat, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
-        float(weight), mode, sums, cover, stats,
+        float(weight), float(max_ssq), mode, sums, cover, stats,
     )  # fmt: skip
     return stats
 

@@ -259,32 +259,41 @@ def accumulate_packed(
     counts: Tensor,
     offsets: Tensor,
     weight: float,
+    max_ssq: float,
     mode: str,
     sums: Tensor,
     cover: Tensor,
     stats: Tensor,
 ) -> None:
-    """Fold one client: ``sums += weight * (c - w)`` (reconstruct) or ``weight * c`` (overlap) at
-    its kept elements, ``cover += weight`` at its kept (row, column) pairs; ``stats`` as above."""
+    """Check one client, then fold it in: ``sums += weight * (c - w)`` (reconstruct) or
+    ``weight * c`` (overlap) at its kept elements, ``cover += weight`` at its kept (row,
+    column) pairs, only when it is finite and its squared delta sum is at most ``max_ssq``.
+    ``stats`` (3,): non-finite flag, squared delta sum, accepted."""
     parts = [len(client)]
     tensors = _client_tensors(client, parts, meta, counts, offsets, 0)
     acc = sums.dtype
+    entries = []
     bad, ssq = False, 0.0
-    offset = coffset = 0
     for n, w in enumerate(weights):
         R, Cin, T, roff, coff, rc, cc = _layout_entry(meta, counts, n, 0)
         w3 = w.reshape(R, Cin, T)
         r, c = _layout_keeps(row_inv, col_keep, 0, R, roff, coff, cc)
-        s3 = sums[offset : offset + w.numel()].view(R, Cin, T)
-        cov = cover[coffset : coffset + R * Cin].view(R, Cin)
-        compact = tensors[n]
-        b, q = _delta_stats(compact, w3[r][:, c], w.dtype)
+        b, q = _delta_stats(tensors[n], w3[r][:, c], w.dtype)
         bad, ssq = bad or b, ssq + q
-        value = compact.to(acc) - w3[r][:, c].to(acc) if mode == "reconstruct" else compact.to(acc)
-        idx = (r.view(-1, 1), c.view(1, -1))
-        s3.index_put_(idx, s3[idx] + torch.tensor(weight, dtype=acc) * value)
-        cov.index_put_(idx, cov[idx] + torch.tensor(weight, dtype=acc))
-        offset += w.numel()
-        coffset += R * Cin
+        entries.append((w3, r, c, R, Cin, T))
+    accept = not bad and ssq <= max_ssq
+    if accept and weight > 0:
+        offset = coffset = 0
+        for n, (w3, r, c, R, Cin, T) in enumerate(entries):
+            s3 = sums[offset : offset + R * Cin * T].view(R, Cin, T)
+            cov = cover[coffset : coffset + R * Cin].view(R, Cin)
+            compact = tensors[n]
+            value = compact.to(acc) - w3[r][:, c].to(acc) if mode == "reconstruct" else compact.to(acc)
+            idx = (r.view(-1, 1), c.view(1, -1))
+            s3.index_put_(idx, s3[idx] + torch.tensor(weight, dtype=acc) * value)
+            cov.index_put_(idx, cov[idx] + torch.tensor(weight, dtype=acc))
+            offset += R * Cin * T
+            coffset += R * Cin
     stats[0] = float(bad)
     stats[1] = ssq
+    stats[2] = float(accept)

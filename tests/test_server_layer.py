@@ -32,7 +32,7 @@ def test_streaming_matches_batch_and_merges(gen, mode):
     for name, v in sd.items():
         if v.is_floating_point():
             torch.testing.assert_close(single[name], batch[name], rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(merged[name], single[name], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(merged[name], single[name], rtol=1e-6, atol=1e-6)  # float32 partials
         else:  # num_batches_tracked: the largest count any client reports
             counted = [int(s[name]) for s, w in zip(states, weights) if w > 0]
             assert int(single[name]) == int(batch[name]) == max(counted + [int(v)])
@@ -56,12 +56,16 @@ def _retained_after(agg_cls, sd, clients: int) -> tuple[int, bool]:
 
 def test_streaming_memory_is_per_model(gen):
     """What the aggregator holds does not grow with the clients and holds no update:
-    the global state plus float64 sums and covers (and integer entries), O(model)."""
+    the global state plus float32 sums and covers (float64 for float64 entries) and integer
+    entries, O(model)."""
     _, _, _, sd, _ = fl_round_setup(gen)
     one, kept_one = _retained_after(StreamingAggregator, sd, 1)
     many, kept_many = _retained_after(StreamingAggregator, sd, 20)
     model = sum(v.untyped_storage().nbytes() for v in sd.values())
-    sums = sum(8 * v.numel() + 8 * v.shape[:2].numel() for v in sd.values() if v.is_floating_point())
+    def acc(v):
+        return 8 if v.dtype == torch.float64 else 4
+
+    sums = sum(acc(v) * (v.numel() + v.shape[:2].numel()) for v in sd.values() if v.is_floating_point())
     ints = sum(v.untyped_storage().nbytes() for v in sd.values() if not v.is_floating_point())
     assert one == many == model + sums + ints
     assert not kept_one and not kept_many

@@ -10,13 +10,15 @@ Floating entries (parameters, BatchNorm running stats) are aggregated alike; int
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from cahfp_ops import MODES, reconstruct_aggregate_many
+from cahfp_ops.layout import PackedModel, RoundLayout, accumulate_packed, packed_views
 
 KeepMap = Mapping[str, Tensor | None]
 
@@ -63,13 +65,17 @@ class AggregatePartials:
     """The partial sums of a streaming aggregation, as a value.
 
     Attributes:
-        sums: tensor name -> float64 tensor of the global's shape: weighted sums of
-            ``c_k - w`` (reconstruct) or of ``c_k`` (overlap) at each client's kept entries.
-        cover: tensor name -> float64 ``(R, Cin)`` (``(R,)`` for 1-D) sums of the weights of
-            the clients keeping each entry.
+        sums: tensor name -> tensor of the global's shape (float32; float64 for float64
+            entries): weighted sums of ``c_k - w`` (reconstruct) or of ``c_k`` (overlap) at
+            each client's kept entries.
+        cover: tensor name -> ``(R, Cin)`` (``(R,)`` for 1-D) sums of the weights of the
+            clients keeping each entry, same dtype.
         ints: integer entry name -> its value so far under :func:`largest_reported`.
-        weight_sum: the sum of the client weights (float).
-        count: clients folded in, weight 0 included.
+        weight_sum: the sum of the accepted clients' weights (float).
+        count: clients folded in (accepted, weight 0 included).
+        flats: per group of entries with one device and dtype (a tuple of their names), the
+            1-D ``(sums, cover)`` buffers the entries of ``sums`` / ``cover`` are views of
+            (what the accumulate kernel writes).
     """
 
     sums: dict[str, Tensor]
@@ -77,18 +83,29 @@ class AggregatePartials:
     ints: dict[str, Tensor]
     weight_sum: float = 0.0
     count: int = 0
+    flats: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @classmethod
     def zeros(cls, global_state: Mapping[str, Tensor]) -> AggregatePartials:
         """Empty partial sums for ``global_state`` (integer entries start at the global value)."""
-        sums, cover, ints = {}, {}, {}
+        groups: dict[tuple, list[str]] = {}
+        ints = {}
         for name, w in global_state.items():
             if w.is_floating_point():
-                sums[name] = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
-                cover[name] = torch.zeros(w.shape[:2], dtype=torch.float64, device=w.device)
+                groups.setdefault((w.device, w.dtype), []).append(name)
             else:
                 ints[name] = w.clone()
-        return cls(sums, cover, ints)
+        sums, cover, flats = {}, {}, {}
+        for (device, dtype), names in groups.items():
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            shapes = [tuple(global_state[n].shape) for n in names]
+            cover_shapes = [(s[0],) if len(s) == 1 else s[:2] for s in shapes]
+            flat_s = torch.zeros(sum(math.prod(s) for s in shapes), dtype=acc, device=device)
+            flat_c = torch.zeros(sum(math.prod(s) for s in cover_shapes), dtype=acc, device=device)
+            sums.update(zip(names, packed_views(flat_s, shapes)))
+            cover.update(zip(names, packed_views(flat_c, cover_shapes)))
+            flats[tuple(names)] = (flat_s, flat_c)
+        return cls(sums, cover, ints, flats=flats)
 
     def merge(self, other: AggregatePartials) -> None:
         """Add ``other``'s partial sums to these, in place (same tensors)."""
@@ -109,8 +126,8 @@ class AggregatePartials:
         names = sorted(self.sums)
         device = next(iter(self.sums.values())).device if names else torch.device("cpu")
         floats = torch.cat(
-            [self.sums[n].reshape(-1) for n in names]
-            + [self.cover[n].reshape(-1) for n in names]
+            [self.sums[n].reshape(-1).double() for n in names]
+            + [self.cover[n].reshape(-1).double() for n in names]
             + [torch.tensor([self.weight_sum, float(self.count)], dtype=torch.float64, device=device)]
         )
         int_names = sorted(self.ints)
@@ -120,35 +137,60 @@ class AggregatePartials:
 
     def unflatten(self, floats: Tensor, ints: Tensor) -> AggregatePartials:
         """New partial sums shaped like these, read from vectors laid out as :meth:`flatten` writes them."""
+        out = AggregatePartials(*self._empty_like())
         offset = 0
-        out = {}
         for store in ("sums", "cover"):
-            part = {}
             for n in sorted(self.sums):
-                t = getattr(self, store)[n]
-                part[n] = floats[offset : offset + t.numel()].view_as(t).clone()
+                t = getattr(out, store)[n]
+                t.copy_(floats[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
-            out[store] = part
-        int_values = {
-            n: v.to(device=self.ints[n].device, dtype=self.ints[n].dtype).reshape(self.ints[n].shape)
-            for n, v in zip(sorted(self.ints), ints)
-        }
-        return AggregatePartials(
-            out["sums"], out["cover"], int_values, float(floats[offset]), int(round(float(floats[offset + 1])))
-        )
+        for n, v in zip(sorted(self.ints), ints):
+            out.ints[n] = v.to(device=self.ints[n].device, dtype=self.ints[n].dtype).reshape(self.ints[n].shape)
+        out.weight_sum = float(floats[offset])
+        out.count = int(round(float(floats[offset + 1])))
+        return out
+
+    def _empty_like(self) -> tuple:
+        sums, cover, flats = {}, {}, {}
+        for names, (fs, fc) in self.flats.items():
+            new_s, new_c = torch.zeros_like(fs), torch.zeros_like(fc)
+            sums.update(zip(names, packed_views(new_s, [tuple(self.sums[n].shape) for n in names])))
+            cover.update(zip(names, packed_views(new_c, [tuple(self.cover[n].shape) for n in names])))
+            flats[names] = (new_s, new_c)
+        return sums, cover, {n: v.clone() for n, v in self.ints.items()}, 0.0, 0, flats
+
+
+@dataclass(frozen=True)
+class Fold:
+    """What :meth:`StreamingAggregator.add` did with one client.
+
+    ``accepted``: folded in (False: the partial sums are unchanged). ``nonfinite``: it held a
+    value that is not finite in the global dtype (or a delta not finite in the accumulation
+    dtype). ``update_size``: the root-mean-square of its delta ``c - w`` over its kept floating
+    entries. ``kept``: how many entries that is.
+    """
+
+    accepted: bool
+    nonfinite: bool
+    update_size: float
+    kept: int
 
 
 class StreamingAggregator:
     """Aggregate client updates as they arrive, in O(model) memory.
 
-    ``add(update, rows, cols, weight)`` folds in one client: its compact state_dict and, per
-    tensor name, its kept rows / cols (missing or None: all). ``result()`` returns the new
-    global state_dict: in ``reconstruct`` mode ``w + sum_k p_k E_k(c_k - w)``, in ``overlap``
-    mode the weighted mean over the clients keeping each element, exactly as the batch ops
-    define them. Sums are float64, so the result matches the batch path within float32
-    rounding and is deterministic for a fixed arrival order. ``partials()`` gives the partial
-    sums (:class:`AggregatePartials`); ``merge(other)`` adds another aggregator's; merged
-    partials give the single-aggregator result up to float64 rounding.
+    ``add(update, rows, cols, weight)`` checks and folds in one client: its compact
+    state_dict (or :class:`~cahfp_ops.layout.PackedModel`) and, per tensor name, its kept rows
+    / cols (missing or None: all); with ``layout=`` and ``client=`` (a round's
+    :class:`~cahfp_ops.layout.RoundLayout`) the keep sets come from the layout instead, which
+    is the fast path. One kernel call per client, all its tensors: a statistics pass, then
+    the accumulation, so a client holding a non-finite value (or with an update larger than
+    ``max_update``) is rejected without a trace. ``result()`` returns the new global
+    state_dict: in ``reconstruct`` mode ``w + sum_k p_k E_k(c_k - w)``, in ``overlap`` mode the
+    weighted mean over the clients keeping each element, as the batch ops define them. Sums
+    are float32 (float64 for float64 entries), deterministic for a fixed arrival order; they
+    match the batch path within float32 rounding. ``partials()`` gives the partial sums
+    (:class:`AggregatePartials`); ``merge(other)`` adds another aggregator's.
     """
 
     def __init__(self, global_state: Mapping[str, Tensor], mode: str = "reconstruct"):
@@ -173,35 +215,65 @@ class StreamingAggregator:
         rows: KeepMap | None = None,
         cols: KeepMap | None = None,
         weight: float = 1.0,
-    ) -> None:
-        """Fold in one client's compact state_dict with weight ``weight`` (>= 0)."""
-        if not weight >= 0:
-            raise ValueError(f"StreamingAggregator.add: weight must be >= 0, got {weight}")
+        *,
+        layout: RoundLayout | None = None,
+        client: int | None = None,
+        max_update: float | None = None,
+    ) -> Fold:
+        """Check one client's compact state_dict and fold it in with weight ``weight`` (>= 0).
+
+        ``max_update``: reject the client when its update size (RMS of its delta) exceeds it.
+        Returns a :class:`Fold`; a rejected client leaves the partial sums unchanged.
+        """
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"StreamingAggregator.add: weight must be a finite number >= 0, got {weight!r}")
+        if (layout is None) != (client is None):
+            raise ValueError("StreamingAggregator.add: pass layout and client together")
         rows, cols = rows or {}, cols or {}
         p = self._partials
-        p.count += 1
-        if weight == 0:
-            return
-        p.weight_sum += float(weight)
-        for name, w in self.global_state.items():
-            c = update[name]
-            if not w.is_floating_point():
-                p.ints[name] = largest_reported(p.ints[name], c)
-                continue
-            r = rows.get(name)
-            r = torch.arange(w.shape[0], device=w.device) if r is None else r.to(w.device)
-            if w.dim() == 1:
-                index: tuple = (r,)
+        groups = list(p.flats.items())
+        kept_total = 0
+        ssq_total = 0.0
+        calls = []
+        for names, (flat_s, flat_c) in groups:
+            weights = [self.global_state[n] for n in names]
+            if layout is not None:
+                if layout.names != names:
+                    raise ValueError("StreamingAggregator.add: the layout does not lay out this model's entries")
+                one = layout.client(client)
+                k = client
             else:
-                k = cols.get(name)
-                k = torch.arange(w.shape[1], device=w.device) if k is None else k.to(w.device)
-                index = (r.unsqueeze(1), k.unsqueeze(0))
-            value = c.to(torch.float64)
-            if self.mode == "reconstruct":
-                value = value - w[index].to(torch.float64)
-            p.sums[name].index_put_(index, weight * value, accumulate=True)
-            ones = torch.full(p.cover[name][index].shape, float(weight), dtype=torch.float64, device=w.device)
-            p.cover[name].index_put_(index, ones, accumulate=True)
+                sub = dict(zip(names, weights))
+                r = {n: [rows.get(n)] for n in names}
+                c = {n: [cols.get(n)] for n in names if self.global_state[n].dim() > 1}
+                one = RoundLayout.from_keep_sets(sub, r, c, num_clients=1, op="StreamingAggregator.add")
+                k = 0
+            data = _client_data(update, one, k, names, weights[0].dtype)
+            calls.append((one, weights, data, flat_s, flat_c))
+            kept_total += int(one.numels[0])
+        bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept_total, 1)
+        if len(calls) > 1:  # several dtype groups: check all before folding any
+            for one, weights, data, flat_s, flat_c in calls:
+                st = accumulate_packed(one, weights, data, 0.0, self.mode, flat_s, flat_c)
+                ssq_total += float(st[1])
+                if st[0]:
+                    return Fold(False, True, math.inf, kept_total)
+            if ssq_total > bound:
+                return Fold(False, False, math.sqrt(ssq_total / max(kept_total, 1)), kept_total)
+            bound = math.inf
+            ssq_total = 0.0
+        for one, weights, data, flat_s, flat_c in calls:
+            st = accumulate_packed(one, weights, data, float(weight), self.mode, flat_s, flat_c, max_ssq=bound)
+            ssq_total += float(st[1])
+            if not st[2]:
+                size = math.inf if st[0] else math.sqrt(ssq_total / max(kept_total, 1))
+                return Fold(False, bool(st[0]), size, kept_total)
+        p.count += 1
+        p.weight_sum += float(weight)
+        if weight > 0:
+            for name in p.ints:
+                p.ints[name] = largest_reported(p.ints[name], update[name])
+        return Fold(True, False, math.sqrt(ssq_total / max(kept_total, 1)), kept_total)
 
     def partials(self) -> AggregatePartials:
         """The partial sums so far (the live value: :meth:`AggregatePartials.merge` on it changes this aggregator)."""
@@ -228,11 +300,28 @@ class StreamingAggregator:
                 out[name] = p.ints[name].clone()
                 continue
             cover = p.cover[name]
+            acc = cover.dtype
             covered = (cover > 0).reshape(*cover.shape, *([1] * (w.dim() - cover.dim())))
             if self.mode == "reconstruct":
-                value = w.to(torch.float64) + p.sums[name] / max(p.weight_sum, 1e-300)
+                value = w.to(acc) + p.sums[name] / max(p.weight_sum, 1e-300)
             else:
-                den = cover.clamp(min=1e-300).reshape(covered.shape)
+                den = cover.clamp(min=torch.finfo(acc).tiny).reshape(covered.shape)
                 value = p.sums[name] / den
             out[name] = torch.where(covered, value.to(w.dtype), w)
         return out
+
+
+def _client_data(
+    update: Mapping[str, Tensor], layout: RoundLayout, k: int, names: tuple, dtype: torch.dtype
+) -> Tensor | list[Tensor]:
+    """The client's packed buffer when ``update`` is laid out as ``layout`` lays out client k,
+    else its tensors for ``names`` (cast to the global dtype when they mix dtypes)."""
+    if isinstance(update, PackedModel) and update.matches(layout, k, names):
+        return update.buffer
+    try:
+        tensors = [update[n] for n in names]
+    except KeyError as exc:
+        raise ValueError(f"StreamingAggregator.add: the update has no tensor {exc.args[0]!r}") from None
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.to(dtype) for t in tensors]
+    return tensors

@@ -250,8 +250,9 @@ inline void run_items(const std::vector<Job<wt, ct>>& jobs, const std::vector<st
 
 // One client folded into running partial sums (streaming): job.clients holds one
 // client; sums is (R, Cin, T) and cover (R, Cin) in the accumulation dtype. Rows
-// [r0, r1); each element of sums / cover is touched by one work item only.
-template <typename wt, typename ct, bool kOverlap>
+// [r0, r1); each element of sums / cover is touched by one work item only. Without
+// kAdd only the statistics are taken (the checking pass before an accumulation).
+template <typename wt, typename ct, bool kOverlap, bool kAdd>
 void accumulate_rows(const Job<wt, ct>& job, acc_t<wt>* sums, acc_t<wt>* cover, acc_t<wt> weight, int64_t r0,
                      int64_t r1, double& q, bool& b) {
   using acc = acc_t<wt>;
@@ -266,15 +267,17 @@ void accumulate_rows(const Job<wt, ct>& job, acc_t<wt>* sums, acc_t<wt>* cover, 
     acc* sp = sums + r * row_elems;
     for (int64_t j = 0; j < cv.cols; ++j) {
       const int64_t c = ck[j];
-      if constexpr (kOverlap) {
-        add_scaled<acc, ct, 0>(sp + c * T, crow + j * cv.stride1, weight, T);
+      if constexpr (!kAdd)
         delta_pass<acc, ct, wt, 0, false, true>(nullptr, crow + j * cv.stride1, wrow + c * T, weight, T, q, b);
-      } else {
-        delta_pass<acc, ct, wt, 0, true, true>(sp + c * T, crow + j * cv.stride1, wrow + c * T, weight, T, q, b);
-      }
+      else if constexpr (kOverlap)
+        add_scaled<acc, ct, 0>(sp + c * T, crow + j * cv.stride1, weight, T);
+      else
+        delta_pass<acc, ct, wt, 0, true, false>(sp + c * T, crow + j * cv.stride1, wrow + c * T, weight, T, q, b);
     }
-    acc* cov = cover + r * Cin;
-    for (int64_t j = 0; j < cv.cols; ++j) cov[ck[j]] += weight;
+    if constexpr (kAdd) {
+      acc* cov = cover + r * Cin;
+      for (int64_t j = 0; j < cv.cols; ++j) cov[ck[j]] += weight;
+    }
   }
 }
 
@@ -282,19 +285,21 @@ template <typename wt, typename ct>
 inline void accumulate_items(const std::vector<Job<wt, ct>>& jobs,
                              const std::vector<std::pair<int32_t, int64_t>>& items,
                              const std::vector<acc_t<wt>*>& sums, const std::vector<acc_t<wt>*>& cover,
-                             acc_t<wt> weight, bool overlap, double* ssq, uint8_t* bad, int64_t i0, int64_t i1) {
+                             acc_t<wt> weight, bool overlap, bool add, double* ssq, uint8_t* bad, int64_t i0,
+                             int64_t i1) {
   for (int64_t it = i0; it < i1; ++it) {
     const int32_t n = items[it].first;
     const auto& job = jobs[n];
     const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
     double q = 0.0;
     bool b = false;
-    if (overlap)
-      accumulate_rows<wt, ct, true>(job, sums[n], cover[n], weight, r0, r1, q, b);
+    if (!add)
+      accumulate_rows<wt, ct, false, false>(job, sums[n], cover[n], weight, r0, r1, q, b);
+    else if (overlap)
+      accumulate_rows<wt, ct, true, true>(job, sums[n], cover[n], weight, r0, r1, q, b);
     else
-      accumulate_rows<wt, ct, false>(job, sums[n], cover[n], weight, r0, r1, q, b);
-    ssq[it] = q;
-    bad[it] = b ? 1 : 0;
+      accumulate_rows<wt, ct, false, true>(job, sums[n], cover[n], weight, r0, r1, q, b);
+    if (ssq) ssq[it] = q, bad[it] = b ? 1 : 0;
   }
 }
 

@@ -32,8 +32,8 @@ void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clien
                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
                           std::string mode, Tensor out, Tensor stats);
 void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, Tensor meta, Tensor row_inv,
-                           Tensor col_keep, Tensor counts, Tensor offsets, double weight, std::string mode, Tensor sums,
-                           Tensor cover, Tensor stats);
+                           Tensor col_keep, Tensor counts, Tensor offsets, double weight, double max_ssq,
+                           std::string mode, Tensor sums, Tensor cover, Tensor stats);
 std::tuple<Tensor, Tensor> topk_channel_masks_cpu(Tensor scores, Tensor keep, int64_t max_keep);
 Tensor curvature_scores_cpu(Tensor weight, std::optional<Tensor> grad, std::optional<Tensor> hess, int64_t dim);
 
@@ -72,7 +72,7 @@ STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
       "Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef, str mode, Tensor(a!) out, Tensor(b!) stats) -> ()");
   m.def(
       "accumulate_packed(Tensor[] weights, Tensor[] client, Tensor meta, Tensor row_inv, Tensor col_keep, "
-      "Tensor counts, Tensor offsets, float weight, str mode, Tensor(a!) sums, Tensor(b!) cover, "
+      "Tensor counts, Tensor offsets, float weight, float max_ssq, str mode, Tensor(a!) sums, Tensor(b!) cover, "
       "Tensor(c!) stats) -> ()");
 }
 

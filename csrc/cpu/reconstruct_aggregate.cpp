@@ -68,8 +68,9 @@ CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, accumulate_items_isa,
                              (const std::vector<Job<wt, ct>>& jobs,
                               const std::vector<std::pair<int32_t, int64_t>>& items,
                               const std::vector<acc_t<wt>*>& sums, const std::vector<acc_t<wt>*>& cover,
-                              acc_t<wt> weight, bool overlap, double* ssq, uint8_t* bad, int64_t i0, int64_t i1),
-                             (jobs, items, sums, cover, weight, overlap, ssq, bad, i0, i1))
+                              acc_t<wt> weight, bool overlap, bool add, double* ssq, uint8_t* bad, int64_t i0,
+                              int64_t i1),
+                             (jobs, items, sums, cover, weight, overlap, add, ssq, bad, i0, i1))
 
 // Work items: (job, first row) for every tile of every tensor.
 template <typename wt, typename ct>
@@ -447,14 +448,17 @@ void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clien
   });
 }
 
-// Streaming: fold one client (layout with K = 1) with weight `weight` into running
-// partial sums. sums (1-D, the weights' total size) and cover (1-D, sum of R * Cin) are
-// in the accumulation dtype (float32; float64 for float64 weights). reconstruct: sums +=
-// weight * (c - w) at the kept elements; overlap: sums += weight * c; both: cover +=
-// weight at the kept (row, column) pairs. stats ((2,) float64) as in aggregate_packed.
+// Streaming: check one client (layout with K = 1), then fold it with weight `weight`
+// into running partial sums, in two passes: the first takes its statistics (as in
+// aggregate_packed); the second runs only when the client is finite and its squared
+// delta sum is at most max_ssq, so a rejected client leaves no trace. sums (1-D, the
+// weights' total size) and cover (1-D, sum of R * Cin) are in the accumulation dtype
+// (float32; float64 for float64 weights). reconstruct: sums += weight * (c - w) at the
+// kept elements; overlap: sums += weight * c; both: cover += weight at the kept (row,
+// column) pairs. stats ((3,) float64): non-finite flag, squared delta sum, accepted.
 void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, Tensor meta, Tensor row_inv,
-                           Tensor col_keep, Tensor counts, Tensor offsets, double weight, std::string mode, Tensor sums,
-                           Tensor cover, Tensor stats) {
+                           Tensor col_keep, Tensor counts, Tensor offsets, double weight, double max_ssq,
+                           std::string mode, Tensor sums, Tensor cover, Tensor stats) {
   const int64_t N = static_cast<int64_t>(weights.size());
   STD_TORCH_CHECK(N > 0, "weights must not be empty");
   const LayoutTables lt = check_layout(N, meta, row_inv, col_keep, counts, offsets);
@@ -481,9 +485,9 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
                       cover.numel() == total_cover && cover.is_contiguous(),
                   "cover must be a contiguous 1-D CPU tensor of ", total_cover, " elements of dtype ",
                   dtype_name(adtype));
-  STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.numel() == 2 &&
+  STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.numel() == 3 &&
                       stats.is_contiguous(),
-                  "stats must be a contiguous (2,) float64 CPU tensor");
+                  "stats must be a contiguous (3,) float64 CPU tensor");
   CAHFP_DISPATCH_FLOATING(wdtype, "accumulate_packed", [&] {
     using wt = scalar_t;
     using acc = acc_t<wt>;
@@ -507,14 +511,20 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
       const auto run = accumulate_items_isa_pick<wt, ct>();
       const acc wk = static_cast<acc>(weight);
       torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
-        run(jobs, items, sum_ptr, cover_ptr, wk, overlap, ssq.data(), bad.data(), i0, i1);
+        run(jobs, items, sum_ptr, cover_ptr, wk, overlap, false, ssq.data(), bad.data(), i0, i1);
       });
       double q = 0.0;
       bool b = false;
       for (int64_t it = 0; it < n_items; ++it) q += ssq[it], b |= bad[it] != 0;
       if constexpr (std::is_same_v<acc, float>) b |= !std::isfinite(q);
+      const bool accept = !b && q <= max_ssq;
+      if (accept && weight > 0)
+        torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
+          run(jobs, items, sum_ptr, cover_ptr, wk, overlap, true, nullptr, nullptr, i0, i1);
+        });
       mdata<double>(stats)[0] = b ? 1.0 : 0.0;
       mdata<double>(stats)[1] = q;
+      mdata<double>(stats)[2] = accept ? 1.0 : 0.0;
     });
   });
 }
