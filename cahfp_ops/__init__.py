@@ -17,6 +17,7 @@ from ._dispatch import BACKENDS, get_backend, resolve_backend, use_backend
 from ._dtypes import DTypeError
 from ._validation import set_validation, validation, validation_enabled
 from .cpp import load_cpp
+from .layout import PackedModel, RoundLayout, Workspace, accumulate_packed, aggregate_packed, slice_packed
 from .ops import (
     MODES,
     curvature_scores,
@@ -33,6 +34,11 @@ __all__ = [
     "BACKENDS",
     "MODES",
     "DTypeError",
+    "PackedModel",
+    "RoundLayout",
+    "Workspace",
+    "accumulate_packed",
+    "aggregate_packed",
     "curvature_scores",
     "get_backend",
     "load_cpp",
@@ -42,6 +48,7 @@ __all__ = [
     "resolve_backend",
     "set_validation",
     "slice_channels",
+    "slice_packed",
     "slice_channels_many",
     "topk_channel_masks",
     "use_backend",

@@ -252,6 +252,33 @@ class RoundLayout:
         return cls(st, shapes_t, tuple(names) if names is not None else None, device, row_inv, col_inv, counts)
 
     @classmethod
+    def from_groups(
+        cls,
+        shapes: Sequence[Sequence[int]],
+        rows: Sequence[tuple[int, int] | None],
+        cols: Sequence[tuple[int, int] | None],
+        group_sizes: Sequence[int],
+        group_keeps: Sequence[Sequence[Tensor | None]],
+        num_clients: int,
+        *,
+        names: Sequence | None = None,
+        device: torch.device | str = "cpu",
+        op: str = "RoundLayout.from_groups",
+    ) -> RoundLayout:
+        """:meth:`build` from raw keep sets: ``group_keeps[g][k]`` is client k's kept channels of
+        group g (a 1-D integer tensor, ascending) or None for all, for ``num_clients`` clients;
+        each group is checked once."""
+        device = torch.device(device)
+        K = int(num_clients)
+        keeps, counts = [], []
+        for g, (size, per_client) in enumerate(zip(group_sizes, group_keeps)):
+            padded = canonical_keep(op, f"group_keeps[{g}]", list(per_client), int(size), K, device)
+            keeps.append(padded)
+            counts.append(kept_counts(list(per_client), padded))
+        gcounts = np.asarray(counts, np.int64).T.reshape(K, len(keeps)) if keeps else np.zeros((K, 0), np.int64)
+        return cls.build(shapes, rows, cols, group_sizes, keeps, gcounts, names=names, device=device)
+
+    @classmethod
     def from_keep_sets(
         cls,
         weights: Sequence[Tensor] | Mapping[str, Tensor],
@@ -364,6 +391,10 @@ class RoundLayout:
             hit = self._shapes[k]
         return hit
 
+    def full_views(self, packed: Tensor) -> list[Tensor]:
+        """Views of the N full-size tensors laid end to end in ``packed`` (an aggregation result)."""
+        return packed_views(packed, list(self.shapes), packed.storage_offset())
+
     def kept_elements(self) -> np.ndarray:
         """``(K,)`` elements each client keeps (the size of its buffer)."""
         return self.numels.copy()
@@ -383,6 +414,24 @@ class RoundLayout:
         view.numels = self.numels[k : k + 1]
         view._tables = {}
         view._shapes = {0: self.compact_shapes(k)}
+        return view
+
+    def subset(self, clients: Sequence[int]) -> RoundLayout:
+        """The layout of some of the clients (in the given order)."""
+        idx = list(clients)
+        view = RoundLayout.__new__(RoundLayout)
+        view._st = self._st
+        view.shapes, view.names, view.device = self.shapes, self.names, self.device
+        view.num_clients = len(idx)
+        sel = torch.tensor(idx, dtype=torch.int64, device=self.row_inv.device)
+        view.row_inv = self.row_inv.index_select(0, sel)
+        view.col_inv = self.col_inv.index_select(0, sel)
+        view.counts_host = self.counts_host[idx]
+        view.sizes_host = self.sizes_host[idx]
+        view.offsets_host = self.offsets_host[idx]
+        view.numels = self.numels[idx]
+        view._tables = {}
+        view._shapes = {j: self.compact_shapes(k) for j, k in enumerate(idx)}
         return view
 
     # ------------------------------------------------------------------ ops

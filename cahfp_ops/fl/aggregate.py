@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cahfp_ops import MODES, reconstruct_aggregate_many
-from cahfp_ops.layout import PackedModel, RoundLayout, accumulate_packed, packed_views
+from cahfp_ops import MODES, PackedModel, RoundLayout, accumulate_packed, reconstruct_aggregate_many
 
 KeepMap = Mapping[str, Tensor | None]
+
+
+def _split(flat: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+    """Views of ``shapes`` laid end to end in the 1-D ``flat``."""
+    return [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
 
 
 def largest_reported(current: Tensor, reported: Tensor) -> Tensor:
@@ -102,8 +106,8 @@ class AggregatePartials:
             cover_shapes = [(s[0],) if len(s) == 1 else s[:2] for s in shapes]
             flat_s = torch.zeros(sum(math.prod(s) for s in shapes), dtype=acc, device=device)
             flat_c = torch.zeros(sum(math.prod(s) for s in cover_shapes), dtype=acc, device=device)
-            sums.update(zip(names, packed_views(flat_s, shapes)))
-            cover.update(zip(names, packed_views(flat_c, cover_shapes)))
+            sums.update(zip(names, _split(flat_s, shapes)))
+            cover.update(zip(names, _split(flat_c, cover_shapes)))
             flats[tuple(names)] = (flat_s, flat_c)
         return cls(sums, cover, ints, flats=flats)
 
@@ -154,8 +158,8 @@ class AggregatePartials:
         sums, cover, flats = {}, {}, {}
         for names, (fs, fc) in self.flats.items():
             new_s, new_c = torch.zeros_like(fs), torch.zeros_like(fc)
-            sums.update(zip(names, packed_views(new_s, [tuple(self.sums[n].shape) for n in names])))
-            cover.update(zip(names, packed_views(new_c, [tuple(self.cover[n].shape) for n in names])))
+            sums.update(zip(names, _split(new_s, [tuple(self.sums[n].shape) for n in names])))
+            cover.update(zip(names, _split(new_c, [tuple(self.cover[n].shape) for n in names])))
             flats[names] = (new_s, new_c)
         return sums, cover, {n: v.clone() for n, v in self.ints.items()}, 0.0, 0, flats
 

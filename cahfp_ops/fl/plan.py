@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cahfp_ops import RoundLayout
+
 RESIDUAL_MODES = ("internal", "tie")
 
 
@@ -118,6 +120,39 @@ class ChannelPlan:
                 target = rows if m.dim == 0 else cols
                 target[m.name] = by_block[m.block]
         return rows, cols
+
+    def layout(
+        self, state: Mapping[str, Tensor], group_keeps: Sequence[Mapping[str, Tensor | None]]
+    ) -> RoundLayout:
+        """The round's :class:`~cahfp_ops.layout.RoundLayout` for ``state``'s floating entries
+        (in ``state``'s order), built by channel group: each group's K keep sets are checked
+        and mapped once, whatever the number of tensors they prune.
+
+        ``group_keeps[k][group]``: client k's kept channels of ``group`` (ascending int64), or
+        missing / None for all channels.
+        """
+        K = len(group_keeps)
+        if K == 0:
+            raise ValueError("ChannelPlan.layout: no clients")
+        floats = [(n, t) for n, t in state.items() if t.is_floating_point()]
+        if not floats:
+            raise ValueError("ChannelPlan.layout: the state has no floating entries")
+        spec: dict[tuple[str, int], tuple[int, int]] = {}
+        sizes, keeps = [], []
+        for g in self.groups:
+            per_client = [gk.get(g.name) for gk in group_keeps]
+            if all(k is None for k in per_client):
+                continue
+            for m in g.members:
+                spec[(m.name, m.dim)] = (len(sizes), m.block)
+            sizes.append(g.size)
+            keeps.append(per_client)
+        return RoundLayout.from_groups(
+            [tuple(t.shape) for _, t in floats],
+            [spec.get((n, 0)) for n, _ in floats],
+            [spec.get((n, 1)) for n, _ in floats],
+            sizes, keeps, K, names=[n for n, _ in floats], device=floats[0][1].device, op="ChannelPlan.layout",
+        )  # fmt: skip
 
 
 # Ops and modules through which a channel passes unchanged (elementwise, pooling, dropout).

@@ -12,9 +12,24 @@ from collections.abc import Hashable, Mapping
 import torch
 from torch import Tensor
 
+from cahfp_ops import PackedModel
 
-def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object) -> str | None:
-    """Why client ``cid``'s reply ``update`` does not match its compact state ``expected``, or None."""
+
+def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object, *, finite: bool = True) -> str | None:
+    """Why client ``cid``'s reply ``update`` does not match its compact state ``expected``, or None.
+
+    ``finite=False`` leaves the values unread (the server checks finiteness in the same pass
+    as its aggregation kernel). A :class:`~cahfp_ops.layout.PackedModel` laid out as
+    ``expected`` is checked as one buffer.
+    """
+    if isinstance(update, PackedModel) and isinstance(expected, PackedModel):
+        if update.matches(expected.layout, expected.client, expected.names) and set(update.extras) == set(
+            expected.extras
+        ):
+            if update.buffer.is_floating_point() and (
+                not finite or bool(torch.isfinite(update.buffer.to(expected.buffer.dtype)).all())
+            ):
+                return None
     if not isinstance(update, Mapping):
         return f"client {cid!r} sent a {type(update).__name__}, not a state_dict"
     missing = [k for k in expected if k not in update]
@@ -31,7 +46,7 @@ def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object) -
             return f"client {cid!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
         if t.is_floating_point() != ref.is_floating_point():
             return f"client {cid!r}: {k!r} has dtype {t.dtype}, expected {ref.dtype}"
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t.to(ref.dtype)).all()):
             return f"client {cid!r}: {k!r} holds non-finite values"
     return None
 

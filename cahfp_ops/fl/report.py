@@ -23,6 +23,7 @@ class ClientRecord:
     params_up: int = 0
     bytes_up: int = 0
     training_flops: int = 0
+    update_size: float | None = None  # RMS of its delta over its kept entries (checked replies)
 
 
 @dataclass
@@ -33,6 +34,8 @@ class RoundReport:
     clients: dict[Hashable, ClientRecord] = field(default_factory=dict)
     full_params: int = 0
     full_training_flops: int = 0
+    update_median: float | None = None  # median update size the bound is taken from
+    update_bound: float | None = None  # the bound applied (None: none)
 
     @property
     def accepted(self) -> list:

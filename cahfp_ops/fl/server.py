@@ -17,16 +17,18 @@ bit-identical next rounds.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import statistics
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from cahfp_ops import MODES, load_cpp
+from cahfp_ops import MODES, PackedModel, RoundLayout, aggregate_packed, load_cpp
 
-from .aggregate import StreamingAggregator, aggregate_state
+from .aggregate import StreamingAggregator, aggregate_state, largest_reported
 from .checkpoint import load_checkpoint, save_atomic
 from .compact import build_compact, count_flops, count_params, extract
 from .importance import Importance, make_importance, random_scores
@@ -64,6 +66,9 @@ class Server:
             not ready yet, e.g. curvature without two rounds of history, also gets random masks).
         lr, local_steps: the clients' SGD step size and steps per round (scale of ``g``).
         seed: seeds the server's generator (random masks).
+        update_bound: reject a reply whose update size (RMS of its delta over its kept
+            entries) exceeds this multiple of the round's median (None: no bound); see
+            :meth:`aggregate`.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class Server:
         local_steps: int = 1,
         seed: int = 0,
         personalized: bool = False,
+        update_bound: float | None = 10.0,
     ):
         if mode not in MODES:
             raise ValueError(f"Server: mode must be one of {MODES}, got {mode!r}")
@@ -98,7 +104,12 @@ class Server:
         self.round = 0
         self.assignments: dict[Hashable, Assignment] = {}
         self._full_flops = count_flops(model, example_input)["training_flops"]
-        self._flops_cache: dict[tuple, int] = {}
+        self._full_params = count_params(self.state)
+        self._flops_cache: dict = {}
+        self.update_bound = update_bound
+        self.layout: RoundLayout | None = None
+        self._slots: dict[Hashable, int] = {}
+        self._previous_sizes: list[float] = []
 
     # ------------------------------------------------------------------ assign / extract
     def scores(self, ids: list[Hashable]) -> dict[str, Tensor]:
@@ -109,19 +120,46 @@ class Server:
         return self.criterion.scores(self.plan, self.state, ids, self.generator)
 
     def assign(self, ratios: Mapping[Hashable, Ratio]) -> dict[Hashable, Assignment]:
-        """Keep sets and compact state_dicts for the clients of this round."""
+        """Keep sets and compact state_dicts for the clients of this round.
+
+        The round's :class:`~cahfp_ops.layout.RoundLayout` (``self.layout``) is built once from
+        the channel plan and the keep sets; one slicing call gives every client's compact model
+        as one contiguous buffer (:class:`~cahfp_ops.layout.PackedModel`, ``Assignment.state``).
+        """
         ids = list(ratios)
         keeps = assign_keep_sets(self.plan, [ratios[c] for c in ids], self.scores(ids))
-        states = extract(self.state, self.plan, keeps)
         self.assignments = {}
-        for cid, keep, st in zip(ids, keeps, states):
-            nbytes = sum(v.numel() * v.element_size() for v in st.values() if v.is_floating_point())
-            self.assignments[cid] = Assignment(keep, st, count_params(st), nbytes, self._training_flops(st))
+        self.layout = None
+        self._slots = {}
+        if not ids:
+            return self.assignments
+        floats = [v for v in self.state.values() if v.is_floating_point()]
+        if len({(v.dtype, v.device) for v in floats}) == 1:
+            self.layout = self.plan.layout(self.state, keeps)
+            buffers = self.layout.slice(floats)
+            extras = {k: v for k, v in self.state.items() if not v.is_floating_point()}
+            states = [
+                PackedModel(b, self.layout, j, extras={k: v.clone() for k, v in extras.items()})
+                for j, b in enumerate(buffers)
+            ]
+            sizes = [(int(b.numel()), int(b.numel()) * b.element_size()) for b in buffers]
+        else:  # several floating dtypes: one buffer per client cannot hold them
+            states = extract(self.state, self.plan, keeps)
+            sizes = [
+                (count_params(st), sum(v.numel() * v.element_size() for v in st.values() if v.is_floating_point()))
+                for st in states
+            ]
+        for j, (cid, keep, st) in enumerate(zip(ids, keeps, states)):
+            self._slots[cid] = j
+            self.assignments[cid] = Assignment(keep, st, sizes[j][0], sizes[j][1], self._training_flops(st, j))
         return self.assignments
 
-    def _training_flops(self, compact_state: Mapping[str, Tensor]) -> int:
+    def _training_flops(self, compact_state: Mapping[str, Tensor], j: int) -> int:
         """Per-sample training FLOPs of a compact model (they depend on its shapes only)."""
-        shapes = tuple((k, tuple(v.shape)) for k, v in compact_state.items())
+        if self.layout is not None:
+            shapes = self.layout.counts_host[j].tobytes()
+        else:
+            shapes = tuple((k, tuple(v.shape)) for k, v in compact_state.items())
         if shapes not in self._flops_cache:
             compact = build_compact(self.model, compact_state)
             self._flops_cache[shapes] = count_flops(compact, self.example_input)["training_flops"]
@@ -132,11 +170,12 @@ class Server:
         return build_compact(self.model, self.assignments[cid].state)
 
     # ------------------------------------------------------------------ aggregate
-    def check_update(self, cid: Hashable, update: Mapping[str, Tensor]) -> str | None:
-        """Why client ``cid``'s reply cannot be used, or None when it is well formed."""
+    def check_update(self, cid: Hashable, update: Mapping[str, Tensor], *, finite: bool = True) -> str | None:
+        """Why client ``cid``'s reply cannot be used, or None when it is well formed
+        (``finite=False``: values unread; the aggregation pass checks them)."""
         if cid not in self.assignments:
             return f"client {cid!r} was not assigned this round"
-        return check_reply(cid, self.assignments[cid].state, update)
+        return check_reply(cid, self.assignments[cid].state, update, finite=finite)
 
     def aggregate(
         self,
@@ -147,33 +186,159 @@ class Server:
     ) -> RoundReport:
         """Fold the replies of this round into the global model; bad replies are rejected.
 
+        Each reply's structure is checked first; its finiteness (in the global dtype) and its
+        update size (RMS of ``c - w`` over its kept entries) come from the aggregation kernel's
+        own pass over the data. A reply that is not finite, or whose size exceeds
+        ``update_bound`` times the round's median (at least 3 clients with positive weight;
+        streaming: the previous round's median), is rejected, and the round is recomputed
+        without it, so the new model equals the aggregation of the accepted replies alone.
         ``streaming=True`` folds the clients in one at a time (:class:`StreamingAggregator`,
-        O(model) memory whatever the number of clients) instead of one batch call."""
-        report = self._check_round(updates, weights)
+        O(model) memory whatever the number of clients) instead of one batch call.
+        """
+        fused = self.layout is not None
+        report = self._check_round(updates, weights, finite=not fused)
         good = report.accepted
         w = [report.clients[c].weight for c in good]
         if good and sum(w) > 0:
-            rows, cols = self.plan.tensor_keep_sets([self.assignments[c].keeps for c in good])
-            replies = [updates[c] for c in good]
-            self.criterion.observe_replies(self.state, good, replies, rows, cols, self.lr, self.local_steps)
-            if streaming:
-                agg = StreamingAggregator(self.state, self.mode)
-                for j, reply in enumerate(replies):
-                    agg.add(reply, {n: v[j] for n, v in rows.items()}, {n: v[j] for n, v in cols.items()}, w[j])
-                self.state = agg.result()
+            if not fused:
+                self._aggregate_unfused(report, updates, good, w, streaming)
+            elif streaming:
+                self._aggregate_streaming(report, updates, good, w)
             else:
-                self.state = aggregate_state(self.state, replies, rows, cols, w, self.mode)
+                self._aggregate_batch(report, updates, good, w)
         self.criterion.observe(self.state, self.lr, self.local_steps)
         self.round += 1
         return report
 
+    def _observe_replies(self, good: list, updates: Mapping) -> None:
+        if type(self.criterion).observe_replies is Importance.observe_replies or not good:
+            return
+        rows, cols = self.plan.tensor_keep_sets([self.assignments[c].keeps for c in good])
+        self.criterion.observe_replies(
+            self.state, good, [updates[c] for c in good], rows, cols, self.lr, self.local_steps
+        )
+
+    def _client_data(self, cid: Hashable, update: Mapping[str, Tensor], j: int, layout) -> Tensor | list[Tensor]:
+        if isinstance(update, PackedModel) and update.matches(layout, j, layout.names):
+            return update.buffer
+        return [update[n] for n in layout.names]
+
+    def _aggregate_batch(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
+        names = self.layout.names
+        floats = [self.state[n] for n in names]
+        sub = self.layout.subset([self._slots[c] for c in good])
+        data = [self._client_data(c, updates[c], j, sub) for j, c in enumerate(good)]
+        dtypes = {d.dtype for d in data if isinstance(d, Tensor)}
+        dtypes.update(t.dtype for d in data if not isinstance(d, Tensor) for t in d)
+        if len(dtypes) > 1:
+            wd = floats[0].dtype
+            data = [d.to(wd) if isinstance(d, Tensor) else [t.to(wd) for t in d] for d in data]
+        coef = torch.tensor(w, dtype=torch.float64, device=floats[0].device)
+        out, stats = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
+        stats = stats.cpu().tolist()
+        kept = sub.numels.tolist()
+        sizes = [math.inf if bad else math.sqrt(q / max(n, 1)) for (bad, q), n in zip(stats, kept)]
+        bound = self._round_bound(report, good, w, sizes)
+        keep = []
+        for j, c in enumerate(good):
+            report.clients[c].update_size = sizes[j]
+            if stats[j][0]:
+                report.reject(c, f"client {c!r} holds non-finite values (in the global dtype or its update)")
+            elif bound is not None and sizes[j] > bound:
+                report.reject(c, f"client {c!r}: update size {sizes[j]:.4g} exceeds the bound {bound:.4g}")
+            else:
+                keep.append(j)
+        if len(keep) < len(good):  # recompute without the rejected: bit for bit their absence
+            w_kept = [w[j] if j in keep else 0.0 for j in range(len(good))]
+            if sum(w_kept) <= 0:
+                return
+            coef = torch.tensor(w_kept, dtype=torch.float64, device=floats[0].device)
+            out, _ = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
+        accepted = [good[j] for j in keep]
+        self._observe_replies(accepted, updates)
+        new = dict(zip(names, sub.full_views(out)))
+        counted = [updates[c] for j, c in enumerate(good) if j in keep and w[j] > 0]
+        self.state = self._with_ints(new, counted)
+
+    def _aggregate_streaming(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
+        agg = StreamingAggregator(self.state, self.mode)
+        bound = self._streaming_bound(report)
+        accepted, sizes = [], []
+        for c, wc in zip(good, w):
+            fold = agg.add(updates[c], weight=wc, layout=self.layout, client=self._slots[c], max_update=bound)
+            report.clients[c].update_size = fold.update_size
+            if fold.nonfinite:
+                report.reject(c, f"client {c!r} holds non-finite values (in the global dtype or its update)")
+            elif not fold.accepted:
+                report.reject(c, f"client {c!r}: update size {fold.update_size:.4g} exceeds the bound {bound:.4g}")
+            else:
+                accepted.append(c)
+                if wc > 0:
+                    sizes.append(fold.update_size)
+        self._previous_sizes = sizes
+        if agg.weight_sum > 0:
+            self._observe_replies(accepted, updates)
+            self.state = agg.result()
+
+    def _aggregate_unfused(self, report: RoundReport, updates: Mapping, good: list, w: list[float], streaming) -> None:
+        """Models with several floating dtypes: per-tensor replies, checked beforehand."""
+        rows, cols = self.plan.tensor_keep_sets([self.assignments[c].keeps for c in good])
+        replies = [updates[c] for c in good]
+        self.criterion.observe_replies(self.state, good, replies, rows, cols, self.lr, self.local_steps)
+        if streaming:
+            agg = StreamingAggregator(self.state, self.mode)
+            for j, reply in enumerate(replies):
+                agg.add(reply, {n: v[j] for n, v in rows.items()}, {n: v[j] for n, v in cols.items()}, w[j])
+            self.state = agg.result()
+        else:
+            self.state = aggregate_state(self.state, replies, rows, cols, w, self.mode)
+
+    def _with_ints(self, floats: dict[str, Tensor], counted: list) -> dict[str, Tensor]:
+        out = {}
+        for name, v in self.state.items():
+            if name in floats:
+                out[name] = floats[name]
+            elif counted:
+                reported = torch.stack([torch.as_tensor(c[name]).to(v.dtype) for c in counted]).amax(0)
+                out[name] = largest_reported(v, reported)
+            else:
+                out[name] = v.clone()
+        return out
+
+    def _round_bound(self, report: RoundReport, good: list, w: list[float], sizes: list[float]) -> float | None:
+        """``update_bound`` x the median size of the round's finite clients with positive weight
+        (at least 3 of them and a positive median), recorded in the report."""
+        finite = sorted(s for s, wc in zip(sizes, w) if wc > 0 and math.isfinite(s))
+        median = statistics.median(finite) if finite else None
+        report.update_median = median
+        bound = None
+        if self.update_bound is not None and len(finite) >= 3 and median and median > 0:
+            bound = self.update_bound * median
+        report.update_bound = bound
+        return bound
+
+    def _streaming_bound(self, report: RoundReport) -> float | None:
+        """Streaming: ``update_bound`` x the previous round's median (no bound in a first round)."""
+        prev = [s for s in self._previous_sizes if math.isfinite(s)]
+        median = statistics.median(prev) if prev else None
+        report.update_median = median
+        bound = None
+        if self.update_bound is not None and len(prev) >= 3 and median and median > 0:
+            bound = self.update_bound * median
+        report.update_bound = bound
+        return bound
+
     def _check_round(
-        self, updates: Mapping[Hashable, Mapping[str, Tensor]], weights: Mapping[Hashable, float] | None
+        self,
+        updates: Mapping[Hashable, Mapping[str, Tensor]],
+        weights: Mapping[Hashable, float] | None,
+        *,
+        finite: bool = True,
     ) -> RoundReport:
         """One record per client: each reply checked (then its weight), each silent assignee absent."""
-        report = RoundReport(self.round, full_params=count_params(self.state), full_training_flops=self._full_flops)
+        report = RoundReport(self.round, full_params=self._full_params, full_training_flops=self._full_flops)
         for cid, update in updates.items():
-            why = self.check_update(cid, update) or check_weight(cid, weights)
+            why = self.check_update(cid, update, finite=finite) or check_weight(cid, weights)
             a = self.assignments.get(cid)
             record = ClientRecord(cid, "rejected" if why else "accepted", why)
             if a is not None:
@@ -259,3 +424,5 @@ class Server:
         self.generator.set_state(payload["generator"])
         self.mode = payload["mode"]
         self.assignments = {}
+        self.layout = None
+        self._slots = {}

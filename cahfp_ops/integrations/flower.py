@@ -95,7 +95,7 @@ class CAHFPStrategy(FedAvg):
             cfg["cahfp-ratio"] = ratios[node_id]
             content = RecordDict(
                 {
-                    self.arrayrecord_key: ArrayRecord(a.state),
+                    self.arrayrecord_key: ArrayRecord(dict(a.state)),
                     self.configrecord_key: cfg,
                     KEEP_KEY: ArrayRecord(dict(a.keeps)),
                 }
