@@ -139,18 +139,18 @@ def aggregate_packed_op(
     counts: Tensor,
     offsets: Tensor,
     coef: Tensor,
-    mode: str,
+    agg_mode: str,
     out: Tensor,
     stats: Tensor,
 ) -> None:
     """Aggregate into ``out`` (N results packed); ``stats`` (K, 2): non-finite flag, sum of squared deltas."""
     backend_for(out.device).aggregate_packed(
-        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, out, stats
+        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, out, stats
     )
 
 
 @aggregate_packed_op.register_fake
-def _(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, out, stats) -> None:
+def _(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, out, stats) -> None:
     return None
 
 
@@ -165,17 +165,17 @@ def accumulate_packed_op(
     offsets: Tensor,
     weight: float,
     max_ssq: float,
-    mode: str,
+    agg_mode: str,
     sums: Tensor,
     cover: Tensor,
     stats: Tensor,
 ) -> None:
     """Fold one client into the partial sums ``sums`` / ``cover``; ``stats`` (2,) as above."""
     backend_for(sums.device).accumulate_packed(
-        weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover, stats
+        weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, agg_mode, sums, cover, stats
     )
 
 
 @accumulate_packed_op.register_fake
-def _(weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover, stats) -> None:
+def _(weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, agg_mode, sums, cover, stats) -> None:
     return None

@@ -177,11 +177,11 @@ class RoundLayout:
         self.num_clients = int(counts.shape[0])
         self.row_inv = row_inv
         self.col_inv = col_inv
-        self.counts_host = counts
+        self.counts_host = np.ascontiguousarray(counts)
         T = np.asarray([v[2] for v in structure.views], np.int64)
-        sizes = counts[:, :, 0] * counts[:, :, 1] * T
+        sizes = np.ascontiguousarray(counts[:, :, 0] * counts[:, :, 1] * T)
         self.sizes_host = sizes  # (K, N) elements of each compact tensor
-        self.offsets_host = np.cumsum(sizes, axis=1) - sizes
+        self.offsets_host = np.ascontiguousarray(np.cumsum(sizes, axis=1) - sizes)
         self.numels = sizes.sum(axis=1)
         self._tables: dict = {}
         self._shapes: dict[int, list[tuple[int, ...]]] = {}

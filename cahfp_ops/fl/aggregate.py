@@ -245,7 +245,7 @@ class StreamingAggregator:
                 if layout.names != names:
                     raise ValueError("StreamingAggregator.add: the layout does not lay out this model's entries")
                 one = layout.client(client)
-                k = client
+                k = 0
             else:
                 sub = dict(zip(names, weights))
                 r = {n: [rows.get(n)] for n in names}

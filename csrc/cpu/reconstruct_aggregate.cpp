@@ -29,6 +29,8 @@ using engine::Job;
 // Accumulator elements per tile (64 KB of float32): measured neutral between one row
 // and 256 KB on VGG-16; results never depend on it.
 constexpr int64_t kTileElems = 16384;
+// Work items a call is split into at least (enough for 16 threads, 4 each).
+constexpr int64_t kMinItems = 64;
 
 // (R, Cin, T) view sizes of an N-D tensor; 1-D tensors become (1, R, 1).
 struct View3 {
@@ -81,8 +83,9 @@ std::vector<std::pair<int32_t, int64_t>> work_items(const std::vector<Job<wt, ct
   return items;
 }
 
-// Tile sizes: ~kTileElems accumulator elements, split further when a model has too few
-// tiles for every thread.
+// Tile sizes: ~kTileElems accumulator elements, split further when a model has few
+// tiles (fewer than kMinItems, a constant: the split, and with it the order in which the
+// reply statistics are summed, must not depend on the thread count).
 template <typename wt, typename ct>
 void size_tiles(std::vector<Job<wt, ct>>& jobs) {
   int64_t n_items = 0;
@@ -90,7 +93,7 @@ void size_tiles(std::vector<Job<wt, ct>>& jobs) {
     job.tile = std::max<int64_t>(1, std::min<int64_t>(job.R, kTileElems / std::max<int64_t>(1, job.Cin * job.T)));
     n_items += (job.R + job.tile - 1) / job.tile;
   }
-  const int64_t want = 4 * static_cast<int64_t>(torch::stable::get_num_threads());
+  const int64_t want = kMinItems;
   if (n_items < want)
     for (auto& job : jobs) job.tile = std::max<int64_t>(1, job.tile * n_items / want);
 }

@@ -1,0 +1,251 @@
+"""The per-round layout: packed slicing, aggregation with fused reply statistics, streaming
+accumulation; each against the per-tensor ops and the reference, on every backend."""
+
+import math
+
+import pytest
+import torch
+
+import cahfp_ops
+from cahfp_ops import PackedModel, RoundLayout, accumulate_packed, aggregate_packed
+from cahfp_ops._debug import poison_outputs
+from cahfp_ops.fl import Server, StreamingAggregator
+from helpers import compact_models, fl_round_setup, random_model, random_plan
+
+
+def _case(gen, K, dtype=torch.float32):
+    model = random_model(gen, dtype)
+    rows, cols = random_plan(gen, K)
+    layout = RoundLayout.from_keep_sets(model, rows, cols)
+    return model, rows, cols, layout
+
+
+@pytest.mark.parametrize("K", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_slice_packed_equals_per_tensor_slicing(backend, gen, K, dtype):
+    model, rows, cols, layout = _case(gen, K, dtype)
+    with poison_outputs():
+        buffers = layout.slice(list(model.values()))
+    assert [b.numel() for b in buffers] == layout.numels.tolist()
+    for k, buf in enumerate(buffers):
+        packed = PackedModel(buf, layout, k)
+        for name, w in model.items():
+            expected = cahfp_ops.slice_channels(w, rows.get(name, [None] * K), cols.get(name) if w.dim() > 1 else None)
+            assert torch.equal(packed[name], expected[k]), (k, name)
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+@pytest.mark.parametrize("form", ["packed", "separate", "mixed"])
+def test_aggregate_packed_equals_the_many_op_bit_for_bit(backend, gen, mode, form):
+    K = 4
+    model, rows, cols, layout = _case(gen, K)
+    clients = compact_models(gen, model, rows, cols, K)
+    packed = [torch.cat([c[n].reshape(-1) for n in model]) for c in clients]
+    data = {
+        "packed": packed,
+        "separate": [list(c.values()) for c in clients],
+        "mixed": [packed[0], *[list(c.values()) for c in clients[1:]]],
+    }[form]
+    coef = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    with poison_outputs():
+        out, stats = aggregate_packed(layout, list(model.values()), data, coef / coef.sum(), mode)
+    expected = cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, coef, mode=mode)
+    for name, view in zip(model, layout.full_views(out)):
+        assert torch.equal(view, expected[name]), name
+    # statistics: the squared deltas over each client's kept entries (the global sliced alike)
+    with cahfp_ops.use_backend("torch"):
+        kept = layout.slice(list(model.values()))
+    for k, _c in enumerate(clients):
+        want = float((packed[k].double() - kept[k].double()).square().sum())
+        assert stats[k, 0] == 0
+        assert math.isclose(float(stats[k, 1]), want, rel_tol=1e-6), k
+
+
+def test_fused_statistics_flag_nonfinite_and_narrowing(backend, gen):
+    K = 3
+    model, rows, cols, layout = _case(gen, K, torch.float16)
+    clients = compact_models(gen, model, rows, cols, K, dtype=torch.float32)
+    first = next(n for n in model if clients[1][n].numel())
+    clients[1][first].view(-1)[0] = 1e6  # finite in float32, inf in the float16 global
+    last = [n for n in model if clients[2][n].numel()][-1]
+    clients[2][last].view(-1)[-1] = float("nan")
+    coef = torch.full((K,), 1 / K, dtype=torch.float64)
+    _, stats = aggregate_packed(layout, list(model.values()), [list(c.values()) for c in clients], coef)
+    assert stats[:, 0].tolist() == [0.0, 1.0, 1.0]
+
+
+def test_zero_coefficient_equals_leaving_the_client_out(backend, gen):
+    """What the server's recomputation relies on: coefficient 0 is bit for bit absence."""
+    K = 4
+    model, rows, cols, layout = _case(gen, K)
+    clients = compact_models(gen, model, rows, cols, K)
+    clients[2] = {n: torch.full_like(t, float("nan")) for n, t in clients[2].items()}
+    coef = torch.tensor([1.0, 2.0, 0.0, 3.0], dtype=torch.float64)
+    out, _ = aggregate_packed(layout, list(model.values()), [list(c.values()) for c in clients], coef / coef.sum())
+    sub = layout.subset([0, 1, 3])
+    keep = [clients[k] for k in (0, 1, 3)]
+    coef3 = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    out3, _ = aggregate_packed(sub, list(model.values()), [list(c.values()) for c in keep], coef3 / coef3.sum())
+    assert torch.equal(out, out3) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+def test_accumulate_packed_matches_reference_and_rejects_without_trace(backend, gen, mode):
+    K = 3
+    model, rows, cols, layout = _case(gen, K)
+    clients = compact_models(gen, model, rows, cols, K)
+    weights = list(model.values())
+    total = sum(w.numel() for w in weights)
+    cover_n = sum(1 * w.shape[0] if w.dim() == 1 else w.shape[0] * w.shape[1] for w in weights)
+    sums, cover = torch.zeros(total), torch.zeros(cover_n)
+    with cahfp_ops.use_backend("torch"):
+        ref_s, ref_c = torch.zeros(total), torch.zeros(cover_n)
+        for k in range(K):
+            accumulate_packed(layout.client(k), weights, list(clients[k].values()), k + 1.0, mode, ref_s, ref_c)
+    for k in range(K):
+        st = accumulate_packed(layout.client(k), weights, list(clients[k].values()), k + 1.0, mode, sums, cover)
+        assert st[2] == 1
+    torch.testing.assert_close(sums, ref_s, rtol=1e-6, atol=1e-6)
+    assert torch.equal(cover, ref_c)
+    before = (sums.clone(), cover.clone())
+    bad = {n: t.clone() for n, t in clients[0].items()}
+    name = next(n for n in model if bad[n].numel())
+    bad[name].view(-1)[-1] = float("inf")
+    st = accumulate_packed(layout.client(0), weights, list(bad.values()), 1.0, mode, sums, cover)
+    assert st[0] == 1 and st[2] == 0
+    st = accumulate_packed(layout.client(1), weights, list(clients[1].values()), 1.0, mode, sums, cover, max_ssq=0.0)
+    assert st[0] == 0 and st[2] == 0
+    assert torch.equal(sums, before[0]) and torch.equal(cover, before[1])
+
+
+def test_layout_ops_opcheck_and_compile(backend, gen):
+    K = 3
+    model, rows, cols, layout = _case(gen, K)
+    clients = compact_models(gen, model, rows, cols, K)
+    weights = list(model.values())
+    t = layout.tables()
+    import numpy as np
+
+    starts = torch.from_numpy(layout.offsets_host + (np.cumsum(layout.numels) - layout.numels)[:, None])
+    out = torch.empty(int(layout.numels.sum()))
+    torch.library.opcheck(
+        torch.ops.cahfp.slice_packed, (weights, t["meta"], t["row_inv"], t["col_keep"], t["counts"], starts, out)
+    )
+    coef = torch.full((K,), 1 / K, dtype=torch.float64)
+    flat = [x for c in clients for x in c.values()]
+    args = (weights, flat, [len(model)] * K, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"])
+    res = torch.empty(sum(w.numel() for w in weights))
+    stats = torch.empty(K, 2, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.cahfp.aggregate_packed, (*args, coef, "reconstruct", res, stats))
+
+    def fn(ws, cl):
+        o = torch.empty(sum(w.numel() for w in ws))
+        s = torch.empty(K, 2, dtype=torch.float64)
+        torch.ops.cahfp.aggregate_packed(ws, cl, [len(model)] * K, *args[3:], coef, "reconstruct", o, s)
+        return o, s
+
+    eager = fn(weights, flat)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(weights, flat)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+def test_layout_ops_deterministic_across_threads(gen):
+    K = 6
+    model, rows, cols, layout = _case(gen, K)
+    clients = compact_models(gen, model, rows, cols, K)
+    coef = torch.full((K,), 1 / K, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(aggregate_packed(layout, list(model.values()), [list(c.values()) for c in clients], coef))
+    finally:
+        torch.set_num_threads(threads)
+    for out, stats in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(stats, results[0][1])
+
+
+def test_hand_made_layout_tables_cannot_reach_out_of_bounds(gen):
+    K = 2
+    model, rows, cols, layout = _case(gen, K)
+    weights = list(model.values())
+    t = dict(layout.tables())
+    bad_keep = t["col_keep"].clone()
+    bad_keep[0, 0] = 10_000
+    coef = torch.full((K,), 0.5, dtype=torch.float64)
+    clients = [torch.zeros(int(n)) for n in layout.numels]
+    out = torch.empty(sum(w.numel() for w in weights))
+    stats = torch.empty(K, 2, dtype=torch.float64)
+    with cahfp_ops.use_backend("cpp"), pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.cahfp.aggregate_packed(
+            weights, clients, [1] * K, t["meta"], t["row_inv"], bad_keep, t["counts"], t["offsets"], coef,
+            "reconstruct", out, stats,
+        )  # fmt: skip
+    with cahfp_ops.use_backend("cpp"), pytest.raises(RuntimeError, match="too few"):
+        short = [clients[0][:-1] if clients[0].numel() else clients[0], clients[1][: max(0, clients[1].numel() - 1)]]
+        torch.ops.cahfp.aggregate_packed(
+            weights, short, [1] * K, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"], coef,
+            "reconstruct", out, stats,
+        )  # fmt: skip
+
+
+def test_server_rejects_nonfinite_and_oversized_replies_bit_for_bit(gen):
+    model, *_ = fl_round_setup(gen, K=4)
+    x = torch.randn(2, 1, 8, 8, generator=gen)
+    server = Server(model, x, criterion="random", update_bound=10.0)
+    assigned = server.assign({c: 0.5 for c in range(5)})
+    assert isinstance(assigned[0].state, PackedModel)
+    replies = {c: {n: t.clone() + 0.01 * torch.randn(t.shape, generator=gen) if t.is_floating_point() else t.clone()
+                   for n, t in a.state.items()} for c, a in assigned.items()}  # fmt: skip
+    name = next(n for n, t in replies[1].items() if t.is_floating_point() and t.numel())
+    replies[1][name].view(-1)[0] = float("nan")
+    for t in replies[2].values():
+        if t.is_floating_point():
+            t.add_(1e3)
+    state0 = {k: v.clone() for k, v in server.state.items()}
+    report = server.aggregate(replies)
+    assert "non-finite" in report.rejected[1] and "exceeds the bound" in report.rejected[2]
+    assert report.update_bound is not None and report.clients[0].update_size > 0
+    # the same round with only the accepted replies
+    other = Server(model, x, criterion="random", update_bound=None)
+    other.state = state0
+    other.assign({c: 0.5 for c in range(5)})
+    other.assignments = server.assignments  # the same keep sets
+    other.layout, other._slots = server.layout, server._slots
+    alone = other.aggregate({c: replies[c] for c in (0, 3, 4)})
+    assert alone.accepted == [0, 3, 4]
+    for n in server.state:
+        assert torch.equal(server.state[n], other.state[n]), n
+
+
+def test_streaming_server_round_matches_batch(gen):
+    model, *_ = fl_round_setup(gen, K=4)
+    x = torch.randn(2, 1, 8, 8, generator=gen)
+    results = []
+    for streaming in (False, True):
+        server = Server(model, x, criterion="random")
+        assigned = server.assign({c: 0.5 for c in range(4)})
+        replies = {c: a.state for c, a in assigned.items()}
+        server.aggregate(replies, {c: float(c + 1) for c in range(4)}, streaming=streaming)
+        results.append(server.state)
+    for n, t in results[0].items():
+        torch.testing.assert_close(results[1][n], t, rtol=1e-5, atol=1e-6)
+
+
+def test_streaming_aggregator_layout_path_equals_keep_set_path(gen):
+    K = 3
+    model, rows, cols, layout = _case(gen, K)
+    clients = compact_models(gen, model, rows, cols, K)
+    a, b = StreamingAggregator(model), StreamingAggregator(model)
+    for k, c in enumerate(clients):
+        def one(v):
+            x = v[k]
+            return x[x >= 0] if isinstance(x, torch.Tensor) else x
+
+        r = {n: one(v) for n, v in rows.items()}
+        cc = {n: one(v) for n, v in cols.items()}
+        assert a.add(c, r, cc, weight=k + 1.0).accepted
+        assert b.add(c, weight=k + 1.0, layout=layout, client=k).accepted
+    for n, t in a.result().items():
+        assert torch.equal(t, b.result()[n])
