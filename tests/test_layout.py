@@ -239,7 +239,7 @@ def test_streaming_aggregator_layout_path_equals_keep_set_path(gen):
     clients = compact_models(gen, model, rows, cols, K)
     a, b = StreamingAggregator(model), StreamingAggregator(model)
     for k, c in enumerate(clients):
-        def one(v):
+        def one(v, k=k):
             x = v[k]
             return x[x >= 0] if isinstance(x, torch.Tensor) else x
 
