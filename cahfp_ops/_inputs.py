@@ -239,3 +239,27 @@ def count_clients(op: str, **keep_sets: KeepSets) -> int | None:
                 raise ValueError(f"{op}: {name} has {n} keep sets but another argument has {K}")
             K = n
     return K
+
+
+def keep_set_entries(
+    op: str, weights: object, rows: object, cols: object, num_clients: int | None
+) -> tuple[list, bool, list[tuple], int]:
+    """The whole-model ops' per-tensor keep sets: ``(keys, is_mapping, [(key, rows, cols)], K)``.
+
+    K comes from the per-client entries (they must agree) or from ``num_clients``.
+    """
+    keys, is_mapping = named(weights, "weights", op)
+    K = num_clients
+    entries = []
+    for key in keys:
+        r = per_tensor(rows, key, is_mapping, op, "rows")
+        c = per_tensor(cols, key, is_mapping, op, "cols")
+        n = count_clients(op, rows=r, cols=c)
+        if n is not None:
+            if K is not None and n != K:
+                raise ValueError(f"{op}: the keep sets of {key!r} describe {n} clients, others {K}")
+            K = n
+        entries.append((key, r, c))
+    if K is None or K < 1:
+        raise ValueError(f"{op}: the number of clients is unknown or zero; pass per-client keep sets or num_clients")
+    return keys, is_mapping, entries, K

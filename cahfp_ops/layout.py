@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _operators
-from ._inputs import canonical_keep, count_clients, kept_counts, named, per_tensor
+from ._inputs import KeepSets, canonical_keep, keep_set_entries, kept_counts
 from ._views import packed_views
 
 __all__ = [
@@ -258,23 +258,26 @@ class RoundLayout:
         rows: Sequence[tuple[int, int] | None],
         cols: Sequence[tuple[int, int] | None],
         group_sizes: Sequence[int],
-        group_keeps: Sequence[Sequence[Tensor | None]],
+        group_keeps: Sequence[KeepSets],
         num_clients: int,
         *,
         names: Sequence | None = None,
         device: torch.device | str = "cpu",
         op: str = "RoundLayout.from_groups",
+        group_names: Sequence[str] | None = None,
     ) -> RoundLayout:
-        """:meth:`build` from raw keep sets: ``group_keeps[g][k]`` is client k's kept channels of
-        group g (a 1-D integer tensor, ascending) or None for all, for ``num_clients`` clients;
-        each group is checked once."""
+        """:meth:`build` from raw keep sets: ``group_keeps[g]`` holds the ``num_clients`` clients'
+        kept channels of group g in any form the ops take (a sequence of 1-D integer tensors or
+        None, a padded ``(K, m)`` tensor, one shared 1-D keep set); each group is checked once,
+        its errors naming it ``group_names[g]`` (default ``group_keeps[g]``)."""
         device = torch.device(device)
         K = int(num_clients)
         keeps, counts = [], []
-        for g, (size, per_client) in enumerate(zip(group_sizes, group_keeps)):
-            padded = canonical_keep(op, f"group_keeps[{g}]", list(per_client), int(size), K, device)
+        for g, (size, keep) in enumerate(zip(group_sizes, group_keeps)):
+            name = group_names[g] if group_names is not None else f"group_keeps[{g}]"
+            padded = canonical_keep(op, name, keep, int(size), K, device)
             keeps.append(padded)
-            counts.append(kept_counts(list(per_client), padded))
+            counts.append(kept_counts(keep, padded))
         gcounts = np.asarray(counts, np.int64).T.reshape(K, len(keeps)) if keeps else np.zeros((K, 0), np.int64)
         return cls.build(shapes, rows, cols, group_sizes, keeps, gcounts, names=names, device=device)
 
@@ -294,42 +297,22 @@ class RoundLayout:
         so keep sets shared by several tensors (``ChannelPlan.tensor_keep_sets`` shares them)
         are checked and mapped once.
         """
-
-        keys, is_mapping = named(weights, "weights", op)
-        K = num_clients
-        entries = []
-        for key in keys:
-            r = per_tensor(rows, key, is_mapping, op, "rows")
-            c = per_tensor(cols, key, is_mapping, op, "cols")
-            n = count_clients(op, rows=r, cols=c)
-            if n is not None:
-                if K is not None and n != K:
-                    raise ValueError(f"{op}: the keep sets of {key!r} describe {n} clients, others {K}")
-                K = n
-            entries.append((key, r, c))
-        if K is None or K < 1:
-            raise ValueError(
-                f"{op}: the number of clients is unknown or zero; pass per-client keep sets or num_clients"
-            )
+        keys, is_mapping, entries, K = keep_set_entries(op, weights, rows, cols, num_clients)
         device = None
         groups: dict[tuple, int] = {}
-        pinned: list = []  # keeps each keyed object alive while its id is a key
-        sizes, keeps, counts = [], [], []
+        sizes, keeps, group_names = [], [], []  # ``keeps`` also pins each keyed object while its id is a key
         shapes, row_specs, col_specs = [], [], []
 
         def group(name: str, keep: object, size: int) -> tuple[int, int] | None:
             if keep is None:
                 return None
             gkey = (id(keep), size)
-            g = groups.get(gkey)
-            if g is None:
-                padded = canonical_keep(op, name, keep, size, K, device)
-                g = groups[gkey] = len(sizes)
-                pinned.append(keep)
+            if gkey not in groups:
+                groups[gkey] = len(sizes)
                 sizes.append(size)
-                keeps.append(padded)
-                counts.append(kept_counts(keep, padded))
-            return (g, 1)
+                keeps.append(keep)
+                group_names.append(name)
+            return (groups[gkey], 1)
 
         for key, r, c in entries:
             w = weights[key]
@@ -344,10 +327,9 @@ class RoundLayout:
             shapes.append(tuple(w.shape))
             row_specs.append(group(f"rows[{key!r}]", r, w.shape[0]))
             col_specs.append(None if w.dim() == 1 else group(f"cols[{key!r}]", c, w.shape[1]))
-        gcounts = np.asarray(counts, np.int64).T.reshape(K, len(sizes)) if sizes else np.zeros((K, 0), np.int64)
-        return cls.build(
-            shapes, row_specs, col_specs, sizes, keeps, gcounts,
-            names=keys if is_mapping else None, device=device or "cpu",
+        return cls.from_groups(
+            shapes, row_specs, col_specs, sizes, keeps, K,
+            names=keys if is_mapping else None, device=device or "cpu", op=op, group_names=group_names,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ tables
@@ -484,7 +466,7 @@ class PackedModel(Mapping):
     ``num_batches_tracked``). Iteration follows the layout's names, then the extras.
     """
 
-    __slots__ = ("buffer", "layout", "client", "names", "extras", "_views")
+    __slots__ = ("buffer", "layout", "client", "names", "extras", "_views", "_name_set")
 
     def __init__(
         self,
@@ -508,6 +490,7 @@ class PackedModel(Mapping):
         self.layout = layout
         self.client = client
         self.names = names
+        self._name_set = frozenset(names)  # membership without a scan: replies are checked name by name
         self.extras = dict(extras or {})
         self._views: dict | None = None
 
@@ -524,16 +507,13 @@ class PackedModel(Mapping):
 
     def __iter__(self) -> Iterator:
         yield from self.names
-        yield from (k for k in self.extras if k not in self._name_set())
-
-    def _name_set(self) -> set:
-        return set(self.names)
+        yield from (k for k in self.extras if k not in self._name_set)
 
     def __len__(self) -> int:
-        return len(self.names) + sum(1 for k in self.extras if k not in self._name_set())
+        return len(self.names) + sum(1 for k in self.extras if k not in self._name_set)
 
     def __contains__(self, name) -> bool:
-        return name in self.extras or name in self._name_set()
+        return name in self.extras or name in self._name_set
 
     def copy(self) -> dict:
         """A plain dict of the entries (views stay views)."""

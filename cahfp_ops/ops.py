@@ -27,6 +27,7 @@ from ._inputs import (
     count_clients,
     is_int,
     is_per_client,
+    keep_set_entries,
     kept_counts,
     named,
     per_tensor,
@@ -533,20 +534,7 @@ def _slice_many_per_tensor(
 ) -> list[list[Tensor]] | list[dict[str, Tensor]]:
     """The per-tensor form (what ``torch.compile`` traces): canonical keep sets tensor by tensor."""
     op = "slice_channels_many"
-    keys, is_mapping = named(weights, "weights", op)
-    K = num_clients
-    entries = []
-    for key in keys:
-        r = per_tensor(rows, key, is_mapping, op, "rows")
-        c = per_tensor(cols, key, is_mapping, op, "cols")
-        n = count_clients(op, rows=r, cols=c)
-        if n is not None:
-            if K is not None and n != K:
-                raise ValueError(f"{op}: the keep sets of {key!r} describe {n} clients, others {K}")
-            K = n
-        entries.append((key, r, c))
-    if K is None or K < 1:
-        raise ValueError(f"{op}: the number of clients is unknown or zero; pass per-client keep sets or num_clients")
+    keys, is_mapping, entries, K = keep_set_entries(op, weights, rows, cols, num_clients)
     canon = []
     memo: dict = {}
     for key, r, c in entries:

@@ -252,7 +252,7 @@ class StreamingAggregator:
                 c = {n: [cols.get(n)] for n in names if self.global_state[n].dim() > 1}
                 one = RoundLayout.from_keep_sets(sub, r, c, num_clients=1, op="StreamingAggregator.add")
                 k = 0
-            data = _client_data(update, one, k, names, weights[0].dtype)
+            data = client_data(update, one, k, names, weights[0].dtype)
             calls.append((one, weights, data, flat_s, flat_c))
             kept_total += int(one.numels[0])
         bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept_total, 1)
@@ -315,7 +315,7 @@ class StreamingAggregator:
         return out
 
 
-def _client_data(
+def client_data(
     update: Mapping[str, Tensor], layout: RoundLayout, k: int, names: tuple, dtype: torch.dtype
 ) -> Tensor | list[Tensor]:
     """The client's packed buffer when ``update`` is laid out as ``layout`` lays out client k,

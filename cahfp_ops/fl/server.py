@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from cahfp_ops import MODES, PackedModel, RoundLayout, aggregate_packed, load_cpp
 
-from .aggregate import StreamingAggregator, aggregate_state, largest_reported
+from .aggregate import StreamingAggregator, aggregate_state, client_data, largest_reported
 from .checkpoint import load_checkpoint, save_atomic
 from .compact import build_compact, count_flops, count_params, extract
 from .importance import Importance, make_importance, random_scores
@@ -218,16 +218,11 @@ class Server:
             self.state, good, [updates[c] for c in good], rows, cols, self.lr, self.local_steps
         )
 
-    def _client_data(self, cid: Hashable, update: Mapping[str, Tensor], j: int, layout) -> Tensor | list[Tensor]:
-        if isinstance(update, PackedModel) and update.matches(layout, j, layout.names):
-            return update.buffer
-        return [update[n] for n in layout.names]
-
     def _aggregate_batch(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
         names = self.layout.names
         floats = [self.state[n] for n in names]
         sub = self.layout.subset([self._slots[c] for c in good])
-        data = [self._client_data(c, updates[c], j, sub) for j, c in enumerate(good)]
+        data = [client_data(updates[c], sub, j, names, floats[0].dtype) for j, c in enumerate(good)]
         dtypes = {d.dtype for d in data if isinstance(d, Tensor)}
         dtypes.update(t.dtype for d in data if not isinstance(d, Tensor) for t in d)
         if len(dtypes) > 1:
@@ -238,7 +233,7 @@ class Server:
         stats = stats.cpu().tolist()
         kept = sub.numels.tolist()
         sizes = [math.inf if bad else math.sqrt(q / max(n, 1)) for (bad, q), n in zip(stats, kept)]
-        bound = self._round_bound(report, good, w, sizes)
+        bound = self._bound(report, [x for x, wc in zip(sizes, w) if wc > 0])  # positive-weight clients
         keep = []
         for j, c in enumerate(good):
             report.clients[c].update_size = sizes[j]
@@ -262,7 +257,7 @@ class Server:
 
     def _aggregate_streaming(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
         agg = StreamingAggregator(self.state, self.mode)
-        bound = self._streaming_bound(report)
+        bound = self._bound(report, self._previous_sizes)  # streaming: the previous round's accepted
         accepted, sizes = [], []
         for c, wc in zip(good, w):
             fold = agg.add(updates[c], weight=wc, layout=self.layout, client=self._slots[c], max_update=bound)
@@ -305,25 +300,14 @@ class Server:
                 out[name] = v.clone()
         return out
 
-    def _round_bound(self, report: RoundReport, good: list, w: list[float], sizes: list[float]) -> float | None:
-        """``update_bound`` x the median size of the round's finite clients with positive weight
-        (at least 3 of them and a positive median), recorded in the report."""
-        finite = sorted(s for s, wc in zip(sizes, w) if wc > 0 and math.isfinite(s))
+    def _bound(self, report: RoundReport, sizes: list[float]) -> float | None:
+        """``update_bound`` x the median of the finite ``sizes`` (at least 3 of them and a positive
+        median; else no bound), both recorded in the report."""
+        finite = [x for x in sizes if math.isfinite(x)]
         median = statistics.median(finite) if finite else None
         report.update_median = median
         bound = None
         if self.update_bound is not None and len(finite) >= 3 and median and median > 0:
-            bound = self.update_bound * median
-        report.update_bound = bound
-        return bound
-
-    def _streaming_bound(self, report: RoundReport) -> float | None:
-        """Streaming: ``update_bound`` x the previous round's median (no bound in a first round)."""
-        prev = [s for s in self._previous_sizes if math.isfinite(s)]
-        median = statistics.median(prev) if prev else None
-        report.update_median = median
-        bound = None
-        if self.update_bound is not None and len(prev) >= 3 and median and median > 0:
             bound = self.update_bound * median
         report.update_bound = bound
         return bound

@@ -9,6 +9,7 @@
 // caller-given buffer at the layout's offsets: one contiguous buffer per client).
 #include "common.h"
 #include "isa.h"
+#include "layout_tables.h"
 
 #include <algorithm>
 #include <utility>
@@ -147,7 +148,8 @@ Tensor slice_channels_cpu(Tensor weight, Tensor rows, Tensor cols, int64_t total
   return slice_channels_many_cpu({weight}, {rows}, {cols}, total);
 }
 
-// Whole-model slicing on the per-round layout (tables as in aggregate_packed):
+// Whole-model slicing on the per-round layout (tables as in layout_tables.h, `starts` in
+// the place of offsets):
 // client k's tensor n goes to out[starts[k, n] : + kept rows * kept cols * T]
 // (starts: (K, N) int64, absolute offsets into the 1-D out). Every range is checked
 // against out's size, so a hand-made layout cannot write out of bounds.
@@ -155,67 +157,38 @@ void slice_packed_cpu(std::vector<Tensor> weights, Tensor meta, Tensor row_inv, 
                       Tensor starts, Tensor out) {
   const int64_t N = static_cast<int64_t>(weights.size());
   STD_TORCH_CHECK(N > 0, "weights must not be empty");
-  STD_TORCH_CHECK(meta.is_cpu() && meta.scalar_type() == ScalarType::Long && meta.dim() == 2 && meta.size(0) == N &&
-                      meta.size(1) == 5 && meta.is_contiguous(),
-                  "layout meta must be a contiguous (N, 5) int64 CPU tensor with N = ", N);
-  STD_TORCH_CHECK(row_inv.is_cpu() && row_inv.scalar_type() == ScalarType::Int && row_inv.dim() == 2 &&
-                      row_inv.is_contiguous(),
-                  "layout row_inv must be a contiguous (K, SR) int32 CPU tensor");
-  const int64_t K = row_inv.size(0), SR = row_inv.size(1);
-  STD_TORCH_CHECK(col_keep.is_cpu() && col_keep.scalar_type() == ScalarType::Int && col_keep.dim() == 2 &&
-                      col_keep.size(0) == K && col_keep.is_contiguous(),
-                  "layout col_keep must be a contiguous (K, SC) int32 CPU tensor");
-  const int64_t SC = col_keep.size(1);
-  STD_TORCH_CHECK(counts.is_cpu() && counts.scalar_type() == ScalarType::Long && counts.dim() == 3 &&
-                      counts.size(0) == K && counts.size(1) == N && counts.size(2) == 2 && counts.is_contiguous(),
-                  "layout counts must be a contiguous (K, N, 2) int64 CPU tensor");
-  STD_TORCH_CHECK(starts.is_cpu() && starts.scalar_type() == ScalarType::Long && starts.dim() == 2 &&
-                      starts.size(0) == K && starts.size(1) == N && starts.is_contiguous(),
-                  "starts must be a contiguous (K, N) int64 CPU tensor");
+  const LayoutTables lt = check_layout(N, meta, row_inv, col_keep, counts, starts);
+  const int64_t K = lt.K;
   const auto dtype = weights[0].scalar_type();
   STD_TORCH_CHECK(is_floating(dtype), "weights must be floating");
   STD_TORCH_CHECK(out.is_cpu() && out.scalar_type() == dtype && out.dim() == 1 && out.is_contiguous(),
                   "out must be a contiguous 1-D CPU tensor of dtype ", dtype_name(dtype));
-  const int64_t* m = cdata<int64_t>(meta);
-  const int32_t* inv = cdata<int32_t>(row_inv);
-  const int32_t* ck = cdata<int32_t>(col_keep);
-  const int64_t* cnt = cdata<int64_t>(counts);
-  const int64_t* st = cdata<int64_t>(starts);
   std::vector<Tensor> ws(N);
   std::vector<Part> parts(N);
   for (int64_t n = 0; n < N; ++n) {
     STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == dtype && weights[n].dim() >= 1, "weights[",
                     n, "] must be a CPU tensor of dtype ", dtype_name(dtype));
-    const int64_t* mn = m + 5 * n;
-    STD_TORCH_CHECK(mn[0] >= 0 && mn[1] >= 0 && mn[2] >= 0 && mn[3] >= 0 && mn[4] >= 0 && mn[3] + mn[0] <= SR &&
-                        mn[4] + mn[1] <= SC,
-                    "layout meta row ", n, " is out of range");
+    const int64_t* mn = lt.meta + 5 * n;
     ws[n] = torch::stable::contiguous(weights[n]);
     STD_TORCH_CHECK(ws[n].numel() == mn[0] * mn[1] * mn[2], "weights[", n, "] has ", ws[n].numel(),
                     " elements but the layout says ", mn[0], " x ", mn[1], " x ", mn[2]);
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t rc = cnt[2 * (k * N + n)], cc = cnt[2 * (k * N + n) + 1], s = st[k * N + n];
-      STD_TORCH_CHECK(rc >= 0 && rc <= mn[0] && cc >= 0 && cc <= mn[1] && s >= 0 && s + rc * cc * mn[2] <= out.numel(),
-                      "layout counts or starts of client ", k, ", tensor ", n, " are out of range");
-      const int32_t* iv = inv + k * SR + mn[3];
-      for (int64_t r = 0; r < mn[0]; ++r)
-        STD_TORCH_CHECK(iv[r] >= -1 && iv[r] < rc, "layout row_inv of client ", k, ", tensor ", n, " is out of range");
-      const int32_t* c = ck + k * SC + mn[4];
-      for (int64_t j = 0; j < cc; ++j)
-        STD_TORCH_CHECK(c[j] >= 0 && c[j] < mn[1], "layout col_keep of client ", k, ", tensor ", n, " is out of range");
+      const int64_t* c = lt.counts + 2 * (k * N + n);
+      STD_TORCH_CHECK(lt.offsets[k * N + n] + c[0] * c[1] * mn[2] <= out.numel(), "layout starts of client ", k,
+                      ", tensor ", n, " are out of range");
     }
     Part& part = parts[n];
     part.w = ws[n].const_data_ptr();
     part.R = mn[0];
     part.Cin = mn[1];
     part.T = mn[2];
-    part.inv_rows = inv + mn[3];
-    part.inv_stride = SR;
-    part.cols = ck + mn[4];
-    part.col_stride = SC;
-    part.cc = cnt + 2 * n + 1;
+    part.inv_rows = lt.row_inv + mn[3];
+    part.inv_stride = lt.SR;
+    part.cols = lt.col_keep + mn[4];
+    part.col_stride = lt.SC;
+    part.cc = lt.counts + 2 * n + 1;
     part.cc_stride = 2 * N;
-    part.dst = st + n;
+    part.dst = lt.offsets + n;
     part.dst_stride = N;
   }
   if (out.numel() > 0) run_parts(parts, K, out);
