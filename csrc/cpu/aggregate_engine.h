@@ -53,8 +53,6 @@ struct Job {
 // Eight float32 lanes and four float64 lanes (GCC/Clang vector extensions: AVX when the
 // variant enables it, SSE pairs otherwise). Unaligned loads and stores go through memcpy.
 typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef double f64x4 __attribute__((vector_size(32)));
 inline f32x8 load8(const float* p) {
   f32x8 v;
   std::memcpy(&v, p, sizeof(v));
@@ -74,39 +72,70 @@ inline bool narrowing_overflow(const ct* src, int64_t T) {
   return bad;
 }
 
-// s[t] += pk * (src[t] - w[t]) for t < T (kAdd), and, with kStats, q += (src[t] - w[t])^2
-// in float64. Which lanes handle which t depends only on T, never on threads.
-template <typename acc, typename ct, typename wt, int kTaps, bool kAdd, bool kStats>
+// Running sum of squared deltas. All-float32 data square and add in float32 lanes, over
+// the whole of a client's part of a tile (no horizontal sum per block), turned into
+// float64 once at the end; a partial that overflows float32 is counted again exactly
+// (kExact), so only non-finite deltas make the statistic non-finite. Other dtypes add in
+// float64 throughout. Which lane takes which element depends only on block lengths,
+// never on threads.
+struct SsqAcc {
+  f32x8 v = {0, 0, 0, 0, 0, 0, 0, 0};
+  float t = 0.0f;
+  double s = 0.0;
+  double total() const {
+    const double lanes = ((static_cast<double>(v[0]) + static_cast<double>(v[1])) +
+                          (static_cast<double>(v[2]) + static_cast<double>(v[3]))) +
+                         ((static_cast<double>(v[4]) + static_cast<double>(v[5])) +
+                          (static_cast<double>(v[6]) + static_cast<double>(v[7])));
+    return (lanes + static_cast<double>(t)) + s;
+  }
+};
+
+template <typename acc, typename ct, typename wt>
+constexpr bool kAllFloat = std::is_same_v<acc, float> && std::is_same_v<ct, float> && std::is_same_v<wt, float>;
+
+// s[t] += pk * (src[t] - w[t]) for t < n (kAdd), and, with kStats, q += (src[t] - w[t])^2
+// (float32 lanes for all-float32 data unless kExact, else float64). n: kTaps when known
+// at compile time, else n_runtime.
+template <typename acc, typename ct, typename wt, int kTaps, bool kAdd, bool kStats, bool kExact = false>
 inline void delta_pass(acc* __restrict__ s, const ct* __restrict__ src, const wt* __restrict__ w, acc pk,
-                       int64_t T_runtime, double& q, bool& bad) {
-  const int64_t T = kTaps > 0 ? kTaps : T_runtime;
+                       int64_t n_runtime, SsqAcc& q, bool& bad) {
+  const int64_t T = kTaps > 0 ? kTaps : n_runtime;
+  constexpr bool kFast = kAllFloat<acc, ct, wt> && !kExact;
   int64_t t = 0;
-  if constexpr (std::is_same_v<acc, float> && std::is_same_v<ct, float> && std::is_same_v<wt, float>) {
-    f64x4 q0 = {0, 0, 0, 0}, q1 = {0, 0, 0, 0};
+  if constexpr (kFast) {
     for (; t + 8 <= T; t += 8) {
       const f32x8 d = load8(src + t) - load8(w + t);
       if constexpr (kAdd) store8(s + t, load8(s + t) + pk * d);
-      if constexpr (kStats) {
-        const f32x4 lo = {d[0], d[1], d[2], d[3]}, hi = {d[4], d[5], d[6], d[7]};
-        const f64x4 a = __builtin_convertvector(lo, f64x4), b = __builtin_convertvector(hi, f64x4);
-        q0 += a * a;
-        q1 += b * b;
-      }
-    }
-    if constexpr (kStats) {
-      const f64x4 qs = q0 + q1;
-      q += (qs[0] + qs[1]) + (qs[2] + qs[3]);
+      if constexpr (kStats) q.v += d * d;
     }
   }
   for (; t < T; ++t) {
     const acc d = static_cast<acc>(src[t]) - static_cast<acc>(w[t]);
     if constexpr (kAdd) s[t] += pk * d;
-    if constexpr (kStats) {
-      q += static_cast<double>(d) * static_cast<double>(d);
+    if constexpr (kStats && kFast) q.t += d * d;
+    if constexpr (kStats && !kFast) {
+      q.s += static_cast<double>(d) * static_cast<double>(d);
       if constexpr (std::is_same_v<acc, double>) bad |= !std::isfinite(d);
     }
   }
   if constexpr (kStats && kNarrowingCheck<wt, ct>) bad |= narrowing_overflow<wt>(src, T);
+}
+
+// Bytes read ahead of a client's current row.
+#ifndef PFAHEAD
+#define PFAHEAD 1024
+#endif
+#ifndef PFLOC
+#define PFLOC 3
+#endif
+constexpr int64_t kPrefetchAhead = PFAHEAD;
+
+// Length of the run of consecutive kept columns starting at ck[j] (ck ascending).
+inline int64_t run_length(const int32_t* ck, int64_t j, int64_t cols) {
+  int64_t L = 1;
+  while (j + L < cols && ck[j + L] == ck[j] + L) ++L;
+  return L;
 }
 
 // s[t] += pk * src[t] for t < T.
@@ -118,6 +147,48 @@ inline void add_scaled(acc* __restrict__ s, const ct* __restrict__ src, acc pk, 
     for (; t + 8 <= T; t += 8) store8(s + t, load8(s + t) + pk * load8(src + t));
   }
   for (; t < T; ++t) s[t] += pk * static_cast<acc>(src[t]);
+}
+
+// o[t] = w[t] + s[t] for t < n.
+template <typename wt, typename acc>
+inline void finish_sum(wt* __restrict__ o, const wt* __restrict__ w, const acc* __restrict__ s, int64_t n) {
+  int64_t t = 0;
+  if constexpr (std::is_same_v<wt, float> && std::is_same_v<acc, float>)
+    for (; t + 8 <= n; t += 8) store8(o + t, load8(w + t) + load8(s + t));
+  for (; t < n; ++t) o[t] = static_cast<wt>(static_cast<acc>(w[t]) + s[t]);
+}
+
+// Prefetch the start of client k's rows in [r0, r1) (its next stream).
+template <typename wt, typename ct>
+inline void prefetch_segment(const Job<wt, ct>& job, int64_t k, int64_t r0, int64_t r1) {
+  const int32_t* pos = job.inv_rows + k * job.inv_stride;
+  for (int64_t r = r0; r < r1; ++r)
+    if (pos[r] >= 0) {
+      const char* p = reinterpret_cast<const char*>(job.clients[k].data + pos[r] * job.clients[k].stride0);
+      for (int64_t b = 0; b < kPrefetchAhead; b += 64) __builtin_prefetch(p + b, 0, PFLOC);
+      return;
+    }
+}
+
+// Client k's squared deltas over rows [r0, r1), counted in float64 (after the float32
+// count overflowed).
+template <typename wt, typename ct>
+SsqAcc exact_stats(const Job<wt, ct>& job, int64_t k, int64_t r0, int64_t r1) {
+  using acc = acc_t<wt>;
+  const ClientView<ct>& cv = job.clients[k];
+  const int32_t* pos = job.inv_rows + k * job.inv_stride;
+  const int32_t* ck = job.cols + k * job.col_stride;
+  const int64_t T = job.T, row_elems = job.Cin * T;
+  SsqAcc q;
+  bool b = false;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t i = pos[r];
+    if (i < 0) continue;
+    for (int64_t j = 0; j < cv.cols; ++j)
+      delta_pass<acc, ct, wt, 0, false, true, true>(nullptr, cv.data + i * cv.stride0 + j * cv.stride1,
+                                                    job.W + r * row_elems + ck[j] * T, acc(0), T, q, b);
+  }
+  return q;
 }
 
 // Thread-local scratch for one tile.
@@ -157,61 +228,86 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
     const ClientView<ct>& cv = job.clients[k];
     const int32_t* pos = job.inv_rows + k * job.inv_stride;
     const int32_t* ck = job.cols + k * job.col_stride;
-    double q = 0.0;
+    // Kept columns come in runs of consecutive indices; when a client's columns are dense
+    // (stride T) a run is one contiguous block in the client, the sums and the weights.
+    const bool dense = cv.stride1 == T;
+    const int64_t ncols = cv.cols;  // a local: the coverage byte stores may alias cv
+    SsqAcc q;
     bool b = false;
+    // Software prefetch: this client's rows of the tile are read front to back, one short
+    // stream per client; the hardware prefetcher would retrain on every one of them.
+    const char* pf = nullptr;
+    if (k + 1 < K) prefetch_segment(job, k + 1, r0, r1);
     for (int64_t r = r0; r < r1; ++r) {
       const int32_t i = pos[r];
       if (i < 0) continue;
       const ct* crow = cv.data + i * cv.stride0;
+      if (pf < reinterpret_cast<const char*>(crow)) pf = reinterpret_cast<const char*>(crow);
       const wt* wrow = job.W + r * row_elems;
       acc* const sp = sum.data() + (r - r0) * row_elems;
-      if (pk != acc(0)) {
-        for (int64_t j = 0; j < cv.cols; ++j) {
-          const int64_t c = ck[j];
+      uint8_t* const cov = covered.data() + (r - r0) * Cin;
+      acc* const dn = kOverlap ? den.data() + (r - r0) * Cin : nullptr;
+      for (int64_t j = 0; j < cv.cols;) {
+        const int64_t c = ck[j];
+        const int64_t L = dense ? run_length(ck, j, cv.cols) : 1;
+        const ct* src = crow + j * cv.stride1;
+        if (dense)
+          for (const char* want = reinterpret_cast<const char*>(src + L * T) + kPrefetchAhead; pf < want; pf += 64)
+            __builtin_prefetch(pf, 0, PFLOC);
+        if (pk != acc(0)) {
           if constexpr (kOverlap) {
-            add_scaled<acc, ct, kTaps>(sp + c * T, crow + j * cv.stride1, pk, T);
-            if constexpr (kStats)
-              delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, crow + j * cv.stride1, wrow + c * T, pk, T, q, b);
-          } else {
-            delta_pass<acc, ct, wt, kTaps, true, kStats>(sp + c * T, crow + j * cv.stride1, wrow + c * T, pk, T, q,
-                                                         b);
+            if (L == 1) add_scaled<acc, ct, kTaps>(sp + c * T, src, pk, T);
+            else add_scaled<acc, ct, 0>(sp + c * T, src, pk, L * T);
           }
+          constexpr bool kAdd = !kOverlap;
+          if constexpr (kAdd || kStats) {
+            if (L == 1) delta_pass<acc, ct, wt, kTaps, kAdd, kStats>(sp + c * T, src, wrow + c * T, pk, T, q, b);
+            else delta_pass<acc, ct, wt, 0, kAdd, kStats>(sp + c * T, src, wrow + c * T, pk, L * T, q, b);
+          }
+          if constexpr (kOverlap)
+            for (int64_t l = 0; l < L; ++l) dn[c + l] += pk;
+        } else if constexpr (kStats) {
+          if (L == 1) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + c * T, pk, T, q, b);
+          else delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + c * T, pk, L * T, q, b);
         }
-        // Coverage (and overlap weights) in a separate pass: a byte store inside the
-        // loop above would alias every pointer and block vectorisation.
-        uint8_t* cov = covered.data() + (r - r0) * Cin;
-        for (int64_t j = 0; j < cv.cols; ++j) cov[ck[j]] = 1;
-        if constexpr (kOverlap) {
-          acc* d = den.data() + (r - r0) * Cin;
-          for (int64_t j = 0; j < cv.cols; ++j) d[ck[j]] += pk;
-        }
-      } else if constexpr (kStats) {
-        for (int64_t j = 0; j < cv.cols; ++j)
-          delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, crow + j * cv.stride1, wrow + ck[j] * T, pk, T, q, b);
+        j += L;
       }
+      // Coverage in a pass of its own: a byte store in the loop above aliases every
+      // pointer there (and a run of them becomes a memset call that spills q).
+      if (pk != acc(0))
+        for (int64_t j = 0; j < ncols; ++j) cov[ck[j]] = 1;
     }
     if constexpr (kStats) {
-      ssq[k] = q;
+      if constexpr (kAllFloat<acc, ct, wt>)
+        if (!std::isfinite(q.total())) q = exact_stats(job, k, r0, r1);
+      ssq[k] = q.total();
       bad[k] = b ? 1 : 0;
     }
   }
+  // Write out: runs of columns nobody kept are copied bit for bit, covered runs get the
+  // weight plus the sum (reconstruct) or the weighted mean (overlap).
   for (int64_t r = r0; r < r1; ++r) {
     const wt* wrow = job.W + r * row_elems;
     wt* orow = job.out + r * row_elems;
     const acc* srow = sum.data() + (r - r0) * row_elems;
     const uint8_t* cov = covered.data() + (r - r0) * Cin;
-    for (int64_t c = 0; c < Cin; ++c) {
+    for (int64_t c = 0; c < Cin;) {
+      int64_t e = c + 1;
+      while (e < Cin && cov[e] == cov[c]) ++e;
       const wt* w = wrow + c * T;
       wt* o = orow + c * T;
-      const acc* s = srow + c * T;
+      const acc* sc = srow + c * T;
+      const int64_t n = (e - c) * T;
       if (!cov[c]) {
-        std::memcpy(o, w, sizeof(wt) * T);
+        std::memcpy(o, w, sizeof(wt) * n);
       } else if constexpr (kOverlap) {
-        const acc d = den[(r - r0) * Cin + c];
-        for (int64_t t = 0; t < T; ++t) o[t] = static_cast<wt>(s[t] / d);
+        const acc* d = den.data() + (r - r0) * Cin;
+        for (int64_t cc = c; cc < e; ++cc)
+          for (int64_t t = 0; t < T; ++t) orow[cc * T + t] = static_cast<wt>(srow[cc * T + t] / d[cc]);
       } else {
-        for (int64_t t = 0; t < T; ++t) o[t] = static_cast<wt>(static_cast<acc>(w[t]) + s[t]);
+        finish_sum(o, w, sc, n);
       }
+      c = e;
     }
   }
 }
@@ -254,29 +350,32 @@ inline void run_items(const std::vector<Job<wt, ct>>& jobs, const std::vector<st
 // kAdd only the statistics are taken (the checking pass before an accumulation).
 template <typename wt, typename ct, bool kOverlap, bool kAdd>
 void accumulate_rows(const Job<wt, ct>& job, acc_t<wt>* sums, acc_t<wt>* cover, acc_t<wt> weight, int64_t r0,
-                     int64_t r1, double& q, bool& b) {
+                     int64_t r1, SsqAcc& q, bool& b) {
   using acc = acc_t<wt>;
   const int64_t T = job.T, Cin = job.Cin, row_elems = Cin * T;
   const ClientView<ct>& cv = job.clients[0];
   const int32_t* ck = job.cols;
+  const bool dense = cv.stride1 == T;
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t i = job.inv_rows[r];
     if (i < 0) continue;
     const ct* crow = cv.data + i * cv.stride0;
     const wt* wrow = job.W + r * row_elems;
     acc* sp = sums + r * row_elems;
-    for (int64_t j = 0; j < cv.cols; ++j) {
+    acc* cov = cover + r * Cin;
+    for (int64_t j = 0; j < cv.cols;) {
       const int64_t c = ck[j];
+      const int64_t L = dense ? run_length(ck, j, cv.cols) : 1;
+      const ct* src = crow + j * cv.stride1;
       if constexpr (!kAdd)
-        delta_pass<acc, ct, wt, 0, false, true>(nullptr, crow + j * cv.stride1, wrow + c * T, weight, T, q, b);
+        delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + c * T, weight, L * T, q, b);
       else if constexpr (kOverlap)
-        add_scaled<acc, ct, 0>(sp + c * T, crow + j * cv.stride1, weight, T);
+        add_scaled<acc, ct, 0>(sp + c * T, src, weight, L * T);
       else
-        delta_pass<acc, ct, wt, 0, true, false>(sp + c * T, crow + j * cv.stride1, wrow + c * T, weight, T, q, b);
-    }
-    if constexpr (kAdd) {
-      acc* cov = cover + r * Cin;
-      for (int64_t j = 0; j < cv.cols; ++j) cov[ck[j]] += weight;
+        delta_pass<acc, ct, wt, 0, true, false>(sp + c * T, src, wrow + c * T, weight, L * T, q, b);
+      if constexpr (kAdd)
+        for (int64_t l = 0; l < L; ++l) cov[c + l] += weight;
+      j += L;
     }
   }
 }
@@ -291,15 +390,18 @@ inline void accumulate_items(const std::vector<Job<wt, ct>>& jobs,
     const int32_t n = items[it].first;
     const auto& job = jobs[n];
     const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
-    double q = 0.0;
+    SsqAcc q;
     bool b = false;
-    if (!add)
+    if (!add) {
       accumulate_rows<wt, ct, false, false>(job, sums[n], cover[n], weight, r0, r1, q, b);
-    else if (overlap)
+      if constexpr (kAllFloat<acc_t<wt>, ct, wt>)
+        if (!std::isfinite(q.total())) q = exact_stats(job, 0, r0, r1);
+    } else if (overlap) {
       accumulate_rows<wt, ct, true, true>(job, sums[n], cover[n], weight, r0, r1, q, b);
-    else
+    } else {
       accumulate_rows<wt, ct, false, true>(job, sums[n], cover[n], weight, r0, r1, q, b);
-    if (ssq) ssq[it] = q, bad[it] = b ? 1 : 0;
+    }
+    if (ssq) ssq[it] = q.total(), bad[it] = b ? 1 : 0;
   }
 }
 
