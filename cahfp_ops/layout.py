@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _operators
+from . import _hugepages, _operators
 from ._inputs import KeepSets, canonical_keep, keep_set_entries, kept_counts
+from ._validation import validation_enabled
 from ._views import packed_views
 
 __all__ = [
@@ -272,6 +273,16 @@ class RoundLayout:
         its errors naming it ``group_names[g]`` (default ``group_keeps[g]``)."""
         device = torch.device(device)
         K = int(num_clients)
+        fingerprint = _keep_fingerprint(group_keeps, K, device)
+        if fingerprint is not None:
+            key = (
+                tuple(tuple(s) for s in shapes), tuple(rows), tuple(cols), tuple(int(g) for g in group_sizes), K,
+                tuple(names) if names is not None else None, str(device), validation_enabled(), fingerprint[0],
+            )  # fmt: skip
+            hit = _LAYOUTS.get(key)
+            if hit is not None and torch.equal(hit[0], fingerprint[1]):
+                _LAYOUTS.move_to_end(key)
+                return hit[1]
         keeps, counts = [], []
         for g, (size, keep) in enumerate(zip(group_sizes, group_keeps)):
             name = group_names[g] if group_names is not None else f"group_keeps[{g}]"
@@ -279,7 +290,12 @@ class RoundLayout:
             keeps.append(padded)
             counts.append(kept_counts(keep, padded))
         gcounts = np.asarray(counts, np.int64).T.reshape(K, len(keeps)) if keeps else np.zeros((K, 0), np.int64)
-        return cls.build(shapes, rows, cols, group_sizes, keeps, gcounts, names=names, device=device)
+        layout = cls.build(shapes, rows, cols, group_sizes, keeps, gcounts, names=names, device=device)
+        if fingerprint is not None:
+            _LAYOUTS[key] = (fingerprint[1], layout)
+            if len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
+                _LAYOUTS.popitem(last=False)
+        return layout
 
     @classmethod
     def from_keep_sets(
@@ -534,6 +550,36 @@ class PackedModel(Mapping):
         return f"PackedModel({len(self.names)} tensors in one {self.buffer.dtype} buffer of {self.buffer.numel()})"
 
 
+# ------------------------------------------------------------------ layouts by content
+# Layouts recently built from keep-set sequences, keyed by the structure and the keep sets'
+# lengths and checked against their contents: slicing a round and aggregating it later with
+# the same keep sets (fresh objects every round, as users pass them) builds the layout once.
+# A hit compares contents (one concatenation and one comparison), never object identity,
+# so a keep set changed in place is a miss. Validation state is part of the key: a layout
+# built with validation off is never handed to a call with it on.
+_LAYOUTS: OrderedDict = OrderedDict()
+_LAYOUT_CACHE_SIZE = 4
+
+
+def _keep_fingerprint(group_keeps: Sequence[KeepSets], K: int, device: torch.device) -> tuple[tuple, Tensor] | None:
+    """(lengths, int64 contents) of keep sets given as sequences of K 1-D integer tensors on
+    ``device``; None for any other form (those layouts are built, not looked up)."""
+    parts = []
+    for keep in group_keeps:
+        if not isinstance(keep, (list, tuple)) or len(keep) != K:
+            return None
+        for t in keep:
+            if (
+                not isinstance(t, Tensor) or t.dim() != 1 or t.device != device
+                or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+            ):  # fmt: skip
+                return None
+            parts.append(t)
+    if not parts:
+        return None
+    return tuple(t.numel() for t in parts), torch.cat(parts).to(torch.int64)  # cat promotes mixed int dtypes
+
+
 # ---------------------------------------------------------------------- kernel calls
 def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor | None = None) -> list[Tensor]:
     """K client buffers (views of one allocation ``out``); see :meth:`RoundLayout.slice`."""
@@ -543,7 +589,7 @@ def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor 
     dtype = weights[0].dtype
     device = weights[0].device
     if out is None:
-        out = torch.empty(total, dtype=dtype, device=device)
+        out = _hugepages.empty(total, dtype, device)
     elif out.shape != (total,) or out.dtype != dtype or out.device != device:
         raise ValueError(f"slice_packed: out must be a ({total},) {dtype} tensor on {device}")
     t = layout.tables(device)

@@ -270,3 +270,48 @@ def test_streaming_aggregator_layout_path_equals_keep_set_path(gen):
         assert b.add(c, weight=k + 1.0, layout=layout, client=k).accepted
     for n, t in a.result().items():
         assert torch.equal(t, b.result()[n])
+
+
+def _list_plan(gen, K):
+    def keeps(size):
+        return [torch.sort(torch.randperm(size, generator=gen)[: 1 + k % size]).values for k in range(K)]
+
+    model = {"a.weight": torch.randn(7, 5, 3, 3, generator=gen), "a.bias": torch.randn(7, generator=gen),
+             "b.weight": torch.randn(4, 7, generator=gen)}  # fmt: skip
+    r, c = keeps(7), keeps(5)
+    return model, {"a.weight": r, "a.bias": r}, {"a.weight": c, "b.weight": [t.clone() for t in r]}
+
+
+def test_layouts_are_reused_for_equal_keep_sets_and_rebuilt_when_they_change(gen):
+    """Fresh keep-set objects with the same contents give the same layout (sliced in one
+    call, aggregated in another); a keep set changed in place, or validation switched on,
+    does not reuse it."""
+    K = 3
+    model, rows, cols = _list_plan(gen, K)
+    first = RoundLayout.from_keep_sets(model, rows, cols)
+    memo: dict = {}
+
+    def copy(d):  # fresh objects, the same sharing between tensors (as ChannelPlan.tensor_keep_sets gives)
+        return {n: memo.setdefault((id(d), id(v)), [t.clone() for t in v]) for n, v in d.items()}
+
+    again = RoundLayout.from_keep_sets(model, copy(rows), copy(cols))
+    assert again is first
+    memo.clear()
+    changed = copy(cols)
+    changed["a.weight"][1][0] = (changed["a.weight"][1][0] + 1) % 5 if changed["a.weight"][1].numel() == 1 else 4
+    changed["a.weight"][1] = torch.unique(changed["a.weight"][1])
+    other = RoundLayout.from_keep_sets(model, rows, changed)
+    assert other is not first
+    # results follow the contents: slicing on the rebuilt layout equals the per-tensor op
+    buf = other.slice(list(model.values()))[1]
+    expected = cahfp_ops.slice_channels(model["a.weight"], rows["a.weight"], changed["a.weight"])[1]
+    assert torch.equal(PackedModel(buf, other, 1)["a.weight"], expected)
+    memo.clear()
+    with cahfp_ops.validation(False):
+        unchecked = RoundLayout.from_keep_sets(model, copy(rows), copy(cols))
+    assert unchecked is not first
+    memo.clear()
+    bad = copy(cols)
+    bad["b.weight"][0] = torch.tensor([3, 1])  # not ascending: must raise although equal-length sets were seen
+    with pytest.raises(ValueError, match="ascending"):
+        RoundLayout.from_keep_sets(model, rows, bad)
