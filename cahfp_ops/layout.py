@@ -266,14 +266,17 @@ class RoundLayout:
         device: torch.device | str = "cpu",
         op: str = "RoundLayout.from_groups",
         group_names: Sequence[str] | None = None,
+        reuse: bool = True,
     ) -> RoundLayout:
         """:meth:`build` from raw keep sets: ``group_keeps[g]`` holds the ``num_clients`` clients'
         kept channels of group g in any form the ops take (a sequence of 1-D integer tensors or
         None, a padded ``(K, m)`` tensor, one shared 1-D keep set); each group is checked once,
-        its errors naming it ``group_names[g]`` (default ``group_keeps[g]``)."""
+        its errors naming it ``group_names[g]`` (default ``group_keeps[g]``). With ``reuse``, a
+        layout recently built from keep sets of equal contents is returned instead of a new one
+        (see ``_LAYOUTS``)."""
         device = torch.device(device)
         K = int(num_clients)
-        fingerprint = _keep_fingerprint(group_keeps, K, device)
+        fingerprint = _keep_fingerprint(group_keeps, K, device) if reuse else None
         if fingerprint is not None:
             key = (
                 tuple(tuple(s) for s in shapes), tuple(rows), tuple(cols), tuple(int(g) for g in group_sizes), K,
@@ -415,8 +418,11 @@ class RoundLayout:
         return view
 
     def subset(self, clients: Sequence[int]) -> RoundLayout:
-        """The layout of some of the clients (in the given order)."""
+        """The layout of some of the clients (in the given order); this layout itself when
+        that is all of them in order (its tables stay cached)."""
         idx = list(clients)
+        if idx == list(range(self.num_clients)):
+            return self
         view = RoundLayout.__new__(RoundLayout)
         view._st = self._st
         view.shapes, view.names, view.device = self.shapes, self.names, self.device
@@ -429,7 +435,7 @@ class RoundLayout:
         view.offsets_host = self.offsets_host[idx]
         view.numels = self.numels[idx]
         view._tables = {}
-        view._shapes = {j: self.compact_shapes(k) for j, k in enumerate(idx)}
+        view._shapes = {j: self._shapes[k] for j, k in enumerate(idx) if k in self._shapes}
         return view
 
     # ------------------------------------------------------------------ ops

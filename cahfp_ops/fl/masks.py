@@ -44,8 +44,8 @@ def assign_keep_sets(
         s = scores[g.name]
         s = s.expand(K, -1) if s.dim() == 1 else s
         rows = s[pruned]
-        _, idx = topk_channel_masks(rows, [kept_count(r[k], g.size) for k in pruned])
-        for j, k in enumerate(pruned):
-            kept = idx[j]
-            out[k][g.name] = kept[kept >= 0]
+        counts = [kept_count(r[k], g.size) for k in pruned]
+        _, idx = topk_channel_masks(rows, counts)
+        for j, k in enumerate(pruned):  # row j: its counts[j] kept channels, then -1 padding
+            out[k][g.name] = idx[j, : counts[j]]
     return out

@@ -152,6 +152,7 @@ class ChannelPlan:
             [spec.get((n, 0)) for n, _ in floats],
             [spec.get((n, 1)) for n, _ in floats],
             sizes, keeps, K, names=[n for n, _ in floats], device=floats[0][1].device, op="ChannelPlan.layout",
+            reuse=False,  # a round's keep sets are new: no lookup among recent layouts
         )  # fmt: skip
 
 

@@ -137,11 +137,8 @@ class Server:
         if len({(v.dtype, v.device) for v in floats}) == 1:
             self.layout = self.plan.layout(self.state, keeps)
             buffers = self.layout.slice(floats)
-            extras = {k: v for k, v in self.state.items() if not v.is_floating_point()}
-            states = [
-                PackedModel(b, self.layout, j, extras={k: v.clone() for k, v in extras.items()})
-                for j, b in enumerate(buffers)
-            ]
+            extras = _extras_copies({k: v for k, v in self.state.items() if not v.is_floating_point()}, len(ids))
+            states = [PackedModel(b, self.layout, j, extras=extras[j]) for j, b in enumerate(buffers)]
             sizes = [(int(b.numel()), int(b.numel()) * b.element_size()) for b in buffers]
         else:  # several floating dtypes: one buffer per client cannot hold them
             states = extract(self.state, self.plan, keeps)
@@ -289,13 +286,14 @@ class Server:
             self.state = aggregate_state(self.state, replies, rows, cols, w, self.mode)
 
     def _with_ints(self, floats: dict[str, Tensor], counted: list) -> dict[str, Tensor]:
+        ints = [(n, v) for n, v in self.state.items() if n not in floats]
+        reported = _largest_ints(ints, counted)
         out = {}
         for name, v in self.state.items():
             if name in floats:
                 out[name] = floats[name]
             elif counted:
-                reported = torch.stack([torch.as_tensor(c[name]).to(v.dtype) for c in counted]).amax(0)
-                out[name] = largest_reported(v, reported)
+                out[name] = largest_reported(v, reported[name])
             else:
                 out[name] = v.clone()
         return out
@@ -410,3 +408,32 @@ class Server:
         self.assignments = {}
         self.layout = None
         self._slots = {}
+
+
+def _extras_copies(extras: dict[str, Tensor], K: int) -> list[dict[str, Tensor]]:
+    """K private copies of the non-floating entries (each client may change its own). Scalars
+    of one dtype (BatchNorm's ``num_batches_tracked``) are copied as one tensor per client
+    and handed out as its views: one copy per client instead of one per entry."""
+    if not extras:
+        return [{} for _ in range(K)]
+    values = list(extras.values())
+    if all(v.dim() == 0 for v in values) and len({(v.dtype, v.device) for v in values}) == 1:
+        stacked = torch.stack(values)
+        return [dict(zip(extras, stacked.clone().unbind(0))) for _ in range(K)]
+    return [{k: v.clone() for k, v in extras.items()} for _ in range(K)]
+
+
+def _largest_ints(ints: list[tuple[str, Tensor]], counted: list) -> dict[str, Tensor]:
+    """Per non-floating entry, the element-wise largest value the counted replies report (in the
+    global entry's dtype). Scalars of one dtype: one stack per reply, not one per entry."""
+    if not counted or not ints:
+        return {}
+    names = [n for n, _ in ints]
+    dtypes = {v.dtype for _, v in ints}
+    if all(v.dim() == 0 for _, v in ints) and len(dtypes) == 1:
+        dtype = dtypes.pop()
+        rows = [torch.stack([torch.as_tensor(c[n]) for n in names]) for c in counted]
+        if all(r.shape == (len(names),) for r in rows):
+            best = torch.stack(rows).to(dtype).amax(0)
+            return dict(zip(names, best.unbind(0)))
+    return {n: torch.stack([torch.as_tensor(c[n]).to(v.dtype) for c in counted]).amax(0) for n, v in ints}
