@@ -14,7 +14,14 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from cahfp_ops.fl import zoo  # noqa: E402
 from cahfp_ops.fl.compact import build_compact  # noqa: E402
 from cahfp_ops.fl.server import Server  # noqa: E402
-from cahfp_ops.integrations.flower import KEEP_KEY, CAHFPStrategy, compact_model, reply_content  # noqa: E402
+from cahfp_ops.integrations.flower import (  # noqa: E402
+    KEEP_KEY,
+    PACKED_KEY,
+    CAHFPStrategy,
+    compact_model,
+    compact_state,
+    reply_content,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -78,10 +85,14 @@ def make_node(base, data, behaviour="good"):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        content = reply_content(model, len(y), {"train_loss": float(loss)})
+        content = reply_content(model, len(y), {"train_loss": float(loss)}, received=msg.content)
         if behaviour == "nan":
             arrays = content["arrays"].to_torch_state_dict()
-            arrays["fc2.bias"][0] = float("nan")
+            arrays[PACKED_KEY if PACKED_KEY in arrays else "fc2.bias"][-1] = float("nan")
+            content["arrays"] = ArrayRecord(arrays)
+        if behaviour == "short":  # a packed buffer one element short
+            arrays = content["arrays"].to_torch_state_dict()
+            arrays[PACKED_KEY] = arrays[PACKED_KEY][:-1].clone()
             content["arrays"] = ArrayRecord(arrays)
         if behaviour == "no-count":
             content["metrics"] = MetricRecord({"train_loss": float(loss)})
@@ -129,9 +140,7 @@ def test_aggregate_train_handles_errors_drops_and_bad_arrays(gen):
     twin.state = {k: v.clone() for k, v in server.state.items()}
     twin.assignments = dict(server.assignments)
     good = {r.metadata.src_node_id: r for r in replies if r.metadata.src_node_id in (1, 2)}
-    expected = twin.aggregate(
-        {n: r.content["arrays"].to_torch_state_dict() for n, r in good.items()}, {n: 12.0 for n in good}
-    )
+    expected = twin.aggregate({n: strategy.reply_state(n, r.content) for n, r in good.items()}, {n: 12.0 for n in good})
     arrays, metrics = strategy.aggregate_train(1, replies)
     report = strategy.reports[-1]
     assert report.accepted == [1, 2] and expected.accepted == [1, 2]
@@ -179,7 +188,7 @@ def test_strategy_is_a_fedavg_overriding_only_the_train_side():
 
     assert issubclass(CAHFPStrategy, FedAvg)
     own = {k for k, v in vars(CAHFPStrategy).items() if callable(v) and not k.startswith("__")}
-    assert own == {"configure_train", "aggregate_train", "node_ratio", "summary"}
+    assert own == {"configure_train", "aggregate_train", "node_ratio", "reply_state", "summary"}
     for inherited in ("configure_evaluate", "aggregate_evaluate"):
         assert getattr(CAHFPStrategy, inherited) is getattr(FedAvg, inherited)
 
@@ -200,3 +209,32 @@ def test_fedavg_arguments_pass_through(gen):
     msgs = strategy.configure_train(1, ArrayRecord(server.state), ConfigRecord(), grid)
     _, metrics = strategy.aggregate_train(1, grid.send_and_receive(msgs))
     assert calls == [2] and metrics["custom"] == 1.0 and metrics["accepted"] == 2
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_wire_format_one_array_per_message_or_named_arrays(gen, packed):
+    """Packed: each configure message and each reply carries its floating tensors as one array
+    (the server reads it as one buffer); a short buffer is rejected as malformed. Named
+    arrays (packed=False) give the same global model."""
+    behaviours = {1: "good", 2: "good", 3: "good", 4: "short"} if packed else {1: "good", 2: "good", 3: "good"}
+    server, grid = _setup(gen, behaviours)
+    strategy = CAHFPStrategy(server, ratio={1: 0.0, 2: 0.5, 3: 0.75, 4: 0.5}, packed=packed, streaming=False)
+    msgs = list(strategy.configure_train(1, ArrayRecord(server.state), ConfigRecord(), grid))
+    for m in msgs:
+        arrays = m.content["arrays"].to_torch_state_dict()
+        floats = [k for k, v in arrays.items() if v.is_floating_point()]
+        assert floats == ([PACKED_KEY] if packed else [k for k, v in server.state.items() if v.is_floating_point()])
+        state = compact_state(m.content)
+        assignment = server.assignments[m.metadata.dst_node_id].state
+        assert list(state) == list(assignment) and all(torch.equal(state[k], assignment[k]) for k in state)
+    replies = grid.send_and_receive(msgs)
+    if packed:
+        from cahfp_ops import PackedModel
+
+        assert isinstance(strategy.reply_state(1, replies[0].content), PackedModel)
+    strategy.aggregate_train(1, replies)
+    report = strategy.reports[-1]
+    assert report.accepted == [1, 2, 3]
+    if packed:
+        assert set(report.rejected) == {4} and "malformed" in report.rejected[4]
+    assert all(torch.isfinite(v).all() for v in server.state.values() if v.is_floating_point())

@@ -17,6 +17,17 @@ Node sampling, evaluation (the full global model) and evaluation metrics are ``F
 Client side: :func:`compact_model` builds the compact module from a received message's
 content, :func:`reply_content` packs the trained arrays and metrics.
 
+Wire format (``packed=True``, the default): a node's floating compact tensors travel as **one
+array** (``"cahfp-packed"``: the tensors flattened end to end, in the global model's order),
+with integer entries (``num_batches_tracked``) as arrays of their own; the config record
+names the packed tensors (``"cahfp-packed-names"``) and gives their shapes
+(``"cahfp-packed-shapes"``: per tensor its number of dims, then the dims). A 277-tensor
+ResNet-56 is then one array per message instead of 277, and the server aggregates the reply
+as one buffer. :func:`compact_model` and :func:`reply_content` read and write both formats
+(``reply_content`` answers in the format it was sent); a node with its own client code can
+unpack with :func:`compact_state`, or the strategy can send named arrays (``packed=False``).
+A packed reply whose buffer does not have its assignment's size is rejected as malformed.
+
 Install with ``pip install "cahfp-ops[flower]"``; this module imports flwr, the rest of
 cahfp_ops never does.
 """
@@ -26,7 +37,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -37,8 +49,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without flwr
     raise ImportError("cahfp_ops.integrations.flower needs Flower: pip install 'cahfp-ops[flower]'") from exc
 
 from ..fl import RoundReport, Server, build_compact
+from ..layout import PackedModel
 
 KEEP_KEY = "cahfp-keep-sets"
+PACKED_KEY = "cahfp-packed"
+NAMES_KEY = "cahfp-packed-names"
+SHAPES_KEY = "cahfp-packed-shapes"
 
 Ratio = float | Mapping[int, float] | Callable[[int], float]
 
@@ -51,6 +67,8 @@ class CAHFPStrategy(FedAvg):
         ratio: the nodes' pruning ratios: one for all, a mapping node id -> ratio (missing
             nodes: 0), or a function of the node id.
         streaming: fold replies in one at a time (O(model) memory) rather than in one batch.
+        packed: send each node its floating tensors as one array (see the module docs); False
+            sends one named array per tensor.
         **fedavg: ``FedAvg``'s arguments (``fraction_train``, ``min_train_nodes``,
             ``fraction_evaluate``, ``min_evaluate_nodes``, ``min_available_nodes``,
             ``weighted_by_key``, ``arrayrecord_key``, ``configrecord_key``,
@@ -60,11 +78,12 @@ class CAHFPStrategy(FedAvg):
     Python's ``random`` module (seed it for reproducible sampling).
     """
 
-    def __init__(self, server: Server, ratio: Ratio = 0.5, *, streaming: bool = True, **fedavg):
+    def __init__(self, server: Server, ratio: Ratio = 0.5, *, streaming: bool = True, packed: bool = True, **fedavg):
         super().__init__(**fedavg)
         self.server = server
         self.ratio = ratio
         self.streaming = streaming
+        self.packed = packed
         self.reports: list[RoundReport] = []
 
     def node_ratio(self, node_id: int) -> float:
@@ -93,12 +112,15 @@ class CAHFPStrategy(FedAvg):
             a = assignments[node_id]
             cfg = ConfigRecord(dict(msg.content[self.configrecord_key]))
             cfg["cahfp-ratio"] = ratios[node_id]
+            if self.packed and isinstance(a.state, PackedModel):
+                arrays = ArrayRecord({PACKED_KEY: a.state.buffer, **a.state.extras})
+                cfg[NAMES_KEY] = [str(n) for n in a.state.names]
+                shapes = a.state.layout.compact_shapes(a.state.client)
+                cfg[SHAPES_KEY] = [d for shape in shapes for d in (len(shape), *shape)]
+            else:
+                arrays = ArrayRecord(dict(a.state))
             content = RecordDict(
-                {
-                    self.arrayrecord_key: ArrayRecord(dict(a.state)),
-                    self.configrecord_key: cfg,
-                    KEEP_KEY: ArrayRecord(dict(a.keeps)),
-                }
+                {self.arrayrecord_key: arrays, self.configrecord_key: cfg, KEEP_KEY: ArrayRecord(dict(a.keeps))}
             )
             out.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node_id))
         log(INFO, "configure_train: compact models of %s", sorted({a.params for a in assignments.values()}))
@@ -115,7 +137,7 @@ class CAHFPStrategy(FedAvg):
                 failed[node_id] = f"node {node_id} replied with an error: {msg.error.reason}"
                 continue
             try:
-                update = msg.content[self.arrayrecord_key].to_torch_state_dict()
+                update = self.reply_state(node_id, msg.content)
                 record = next(iter(msg.content.metric_records.values()))
                 weight = float(record[self.weighted_by_key])
             except Exception as exc:  # a reply without arrays or without its example count
@@ -134,6 +156,20 @@ class CAHFPStrategy(FedAvg):
             metrics.update(dict(self.train_metrics_aggr_fn(accepted, self.weighted_by_key)))
         return ArrayRecord(self.server.state), MetricRecord(metrics)
 
+    def reply_state(self, node_id: int, content: RecordDict) -> Mapping[str, Tensor]:
+        """A reply's compact state: named arrays as they came, or a packed reply as a
+        :class:`~cahfp_ops.layout.PackedModel` laid out as the node's assignment (so the
+        server reads it as one buffer). Raises ValueError for a packed reply that cannot be
+        laid out so (wrong size or shape, or a node without a packed assignment)."""
+        state = content[self.arrayrecord_key].to_torch_state_dict()
+        if PACKED_KEY not in state:
+            return state
+        buffer = state.pop(PACKED_KEY)
+        a = self.server.assignments.get(node_id)
+        if a is None or not isinstance(a.state, PackedModel):
+            raise ValueError(f"node {node_id} sent a packed reply without a packed assignment")
+        return PackedModel(buffer, a.state.layout, a.state.client, a.state.names, extras=state)
+
     def summary(self) -> None:
         s = self.server
         log(
@@ -148,9 +184,38 @@ class CAHFPStrategy(FedAvg):
 
 
 # ---------------------------------------------------------------------- client side
-def compact_model(model: nn.Module, content: RecordDict, arrayrecord_key: str = "arrays") -> nn.Module:
+def compact_state(content: RecordDict, arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> dict:
+    """The compact state_dict a message carries, whether packed or as named arrays (packed
+    tensors come back as views of the received buffer)."""
+    state = content[arrayrecord_key].to_torch_state_dict()
+    if PACKED_KEY not in state:
+        return state
+    cfg = content[configrecord_key]
+    names, dims = list(cfg[NAMES_KEY]), list(cfg[SHAPES_KEY])
+    shapes, i = [], 0
+    while i < len(dims):
+        shapes.append(tuple(int(d) for d in dims[i + 1 : i + 1 + int(dims[i])]))
+        i += 1 + int(dims[i])
+    buffer = state.pop(PACKED_KEY)
+    sizes = [_numel(s) for s in shapes]
+    if len(shapes) != len(names) or buffer.dim() != 1 or sum(sizes) != buffer.numel():
+        raise ValueError(f"the packed arrays do not match their {len(names)} names and shapes")
+    packed = {n: part.view(s) for n, part, s in zip(names, torch.split(buffer, sizes), shapes)}
+    return {**packed, **state}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def compact_model(
+    model: nn.Module, content: RecordDict, arrayrecord_key: str = "arrays", configrecord_key: str = "config"
+) -> nn.Module:
     """The compact module a node trains: ``model``'s architecture resized to the received arrays."""
-    return build_compact(model, content[arrayrecord_key].to_torch_state_dict())
+    return build_compact(model, compact_state(content, arrayrecord_key, configrecord_key))
 
 
 def reply_content(
@@ -159,7 +224,22 @@ def reply_content(
     metrics: Mapping[str, float] | None = None,
     weighted_by_key: str = "num-examples",
     arrayrecord_key: str = "arrays",
+    *,
+    received: RecordDict | None = None,
+    configrecord_key: str = "config",
 ) -> RecordDict:
-    """A node's training reply: its trained compact arrays and metrics (with the example count)."""
+    """A node's training reply: its trained compact arrays and metrics (with the example count).
+
+    ``received``: the content the node was sent; when it came packed, the reply is packed the
+    same way (one array, in the sent order), else the arrays are named.
+    """
     record = MetricRecord({weighted_by_key: int(num_examples), **dict(metrics or {})})
-    return RecordDict({arrayrecord_key: ArrayRecord(model.state_dict()), "metrics": record})
+    state = model.state_dict()
+    cfg = received[configrecord_key] if received is not None and configrecord_key in received else None
+    if cfg is not None and NAMES_KEY in cfg:
+        names = list(cfg[NAMES_KEY])
+        buffer = torch.cat([state[n].detach().reshape(-1) for n in names])
+        arrays = ArrayRecord({PACKED_KEY: buffer, **{k: v for k, v in state.items() if k not in set(names)}})
+    else:
+        arrays = ArrayRecord(state)
+    return RecordDict({arrayrecord_key: arrays, "metrics": record})

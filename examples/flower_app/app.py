@@ -68,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
         loss.backward()
         opt.step()
         total += loss.item() * len(b)
-    return Message(reply_content(model, len(y), {"train_loss": total / len(y)}), reply_to=msg)
+    return Message(reply_content(model, len(y), {"train_loss": total / len(y)}, received=msg.content), reply_to=msg)
 
 
 @client.evaluate()
