@@ -10,7 +10,7 @@ import cahfp_ops
 from cahfp_ops import PackedModel, RoundLayout, accumulate_packed, aggregate_packed
 from cahfp_ops._debug import poison_outputs
 from cahfp_ops.fl import Server, StreamingAggregator
-from helpers import compact_models, fl_round_setup, random_model, random_plan
+from helpers import backends_under_test, compact_models, fl_round_setup, random_model, random_plan
 
 
 def _case(gen, K, dtype=torch.float32):
@@ -209,6 +209,56 @@ def test_hand_made_layout_tables_cannot_reach_out_of_bounds(gen):
             weights, short, [1] * K, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"], coef,
             "reconstruct", out, stats,
         )  # fmt: skip
+
+
+@pytest.mark.skipif("triton" not in backends_under_test(), reason="the Triton kernels cannot run here")
+def test_triton_layout_kernels_stay_in_bounds_with_corrupted_tables(gen):
+    """Every table entry the Triton kernels follow is masked against what it indexes: with
+    scrambled tables, nothing outside the weights, the client buffers and the output is read
+    or written (all of them sit inside NaN guard regions that must stay untouched and unread)."""
+    K = 3
+    model, rows, cols, layout = _case(gen, K)
+    t = layout.tables()
+    guard = 64
+
+    def guarded(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        whole = torch.full((values.numel() + 2 * guard,), float("nan"), dtype=values.dtype)
+        inner = whole[guard : guard + values.numel()]
+        inner.copy_(values.reshape(-1))
+        return whole, inner
+
+    w_whole, w_flat = guarded(torch.cat([w.reshape(-1) for w in model.values()]))
+    weights, at = [], 0
+    for w in model.values():
+        weights.append(w_flat[at : at + w.numel()].view(w.shape))
+        at += w.numel()
+    scrambled = {
+        "meta": t["meta"].clone(),
+        "row_inv": torch.randint(-2, 40, t["row_inv"].shape, generator=gen, dtype=torch.int32),
+        "col_keep": torch.randint(-2, 60, t["col_keep"].shape, generator=gen, dtype=torch.int32),
+        "counts": torch.randint(0, 50, t["counts"].shape, generator=gen),
+        "offsets": torch.randint(-5, 3000, t["offsets"].shape, generator=gen),
+    }
+    scrambled["meta"][:, 3:] += torch.randint(-3, 4, scrambled["meta"][:, 3:].shape, generator=gen)
+    clients = [guarded(torch.randn(int(n), generator=gen)) for n in layout.numels]
+    out_whole, out = guarded(torch.zeros(int(layout.numels.sum())))
+    with cahfp_ops.use_backend("triton"):
+        torch.ops.cahfp.slice_packed(
+            weights, scrambled["meta"], scrambled["row_inv"], scrambled["col_keep"], scrambled["counts"],
+            scrambled["offsets"], out,
+        )  # fmt: skip
+        agg_whole, agg = guarded(torch.zeros(w_flat.numel()))
+        stats = torch.zeros(K, 2, dtype=torch.float64)
+        torch.ops.cahfp.aggregate_packed(
+            weights, [c[1] for c in clients], [1] * K, scrambled["meta"], scrambled["row_inv"],
+            scrambled["col_keep"], scrambled["counts"], scrambled["offsets"],
+            torch.full((K,), 1 / K, dtype=torch.float64), "reconstruct", agg, stats,
+        )  # fmt: skip
+    assert torch.isnan(out_whole[:guard]).all() and torch.isnan(out_whole[-guard:]).all()
+    assert torch.isnan(agg_whole[:guard]).all() and torch.isnan(agg_whole[-guard:]).all()
+    assert not torch.isnan(out).any()
+    assert torch.isfinite(agg).all() and torch.isfinite(stats).all() and stats[:, 0].eq(0).all()
+    assert torch.isnan(w_whole[:guard]).all() and all(torch.isnan(c[0][:guard]).all() for c in clients)
 
 
 def test_server_rejects_nonfinite_and_oversized_replies_bit_for_bit(gen):

@@ -1,14 +1,369 @@
-"""The per-round layout ops on the Triton backend.
+"""The per-round layout ops on the Triton backend: slicing every client's compact model into
+one buffer per client, and the batch aggregation with fused reply statistics.
 
-Not yet Triton kernels: these run the pure-PyTorch definitions (:mod:`cahfp_ops.reference`)
-on the data's device, so the layout API, the Server and the Flower strategy work on CUDA
-tensors with the same results. They cost a Python loop over tensors and clients and
-synchronise with the host; the fused Triton versions (a constant number of launches per
-round, capturable in a CUDA graph) are still to be written.
+Both take the layout's tables as they are on the device (``meta`` (N, 5): R, Cin, T, row
+offset, column offset; ``row_inv`` (K, SR); ``col_keep`` (K, SC); ``counts`` (K, N, 2);
+``starts`` / ``offsets`` (K, N)) and launch a constant number of kernels and table ops,
+whatever N and K, with no host synchronisation: the launch grids come from the weights'
+shapes (host values), never from table contents. Every table entry a kernel follows is
+masked against the extent it indexes (the tables' shapes, the weights' sizes, each client
+buffer's or tensor's extent), so hand-made or stale tables cannot make a kernel read or write
+out of bounds, whatever the validation switch says.
+
+- ``slice_packed``: one program per (tensor, full row, block of the row's ``Cin * T``
+  elements) and client (a 2-D grid); a program whose client does not keep the row exits.
+- ``aggregate_packed``: one program per (tensor, output row, block), walking the clients in
+  order 0..K-1 as the many-op kernel does (float32 accumulation, float64 for float64, no
+  atomics: deterministic). Clients are one packed buffer or N separate tensors each, read in
+  place as ``base + offset`` from one pointer. Each program writes its per-client partial
+  statistics (squared deltas in float64, a non-finite flag) to a ``(programs, K)`` table,
+  reduced afterwards in a fixed order; a client with coefficient 0 is read for its statistics
+  and adds nothing, so recomputing with a rejected client's coefficient set to 0 is its
+  absence, bit for bit, and a checked round stays capturable in a CUDA graph.
+
+``accumulate_packed`` (streaming, one client per call) still runs the pure-PyTorch
+definition on the device.
 """
 
 from __future__ import annotations
 
-from ..reference import accumulate_packed, aggregate_packed, slice_packed
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._dtypes import acc_dtype
+from ..reference import accumulate_packed
+from ._common import block_size, element_offsets, to_device_table
+from .reconstruct_aggregate import _cached, _work_table
 
 __all__ = ["accumulate_packed", "aggregate_packed", "slice_packed"]
+
+
+@triton.jit
+def _in_range(idx, hi):
+    return (idx >= 0) & (idx < hi)
+
+
+@triton.jit
+def _slice_packed_kernel(
+    w_base,
+    w_meta,
+    meta,
+    row_inv,
+    col_keep,
+    counts,
+    starts,
+    out,
+    work,
+    N,
+    SR,
+    SC,
+    out_numel,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    k = tl.program_id(1).to(tl.int64)
+    n = tl.load(work + pid * 3)
+    r = tl.load(work + pid * 3 + 1).to(tl.int64)
+    b = tl.load(work + pid * 3 + 2)
+    w_off = tl.load(w_meta + n * 4)
+    Cin = tl.load(w_meta + n * 4 + 1)
+    T = tl.load(w_meta + n * 4 + 2)
+    w_numel = tl.load(w_meta + n * 4 + 3)
+    roff = tl.load(meta + n * 5 + 3)
+    coff = tl.load(meta + n * 5 + 4)
+    rpos = roff + r
+    i = tl.load(row_inv + k * SR + tl.where(_in_range(rpos, SR), rpos, 0)).to(tl.int64)
+    i = tl.where(_in_range(rpos, SR), i, -1)
+    rc = tl.load(counts + (k * N + n) * 2)
+    cc = tl.load(counts + (k * N + n) * 2 + 1)
+    if (i >= 0) & (i < rc):
+        e = b * BLOCK + tl.arange(0, BLOCK)
+        m = (e < cc * T) & (e < Cin * T)
+        j = e // T
+        t = e % T
+        cpos = coff + j
+        m = m & _in_range(cpos, SC)
+        c = tl.load(col_keep + k * SC + cpos, mask=m, other=-1).to(tl.int64)
+        m = m & _in_range(c, Cin)
+        src = r * Cin * T + c * T + t
+        m = m & _in_range(src, w_numel)
+        x = tl.load(w_base + w_off + src, mask=m)
+        dst = tl.load(starts + k * N + n) + i * cc * T + e
+        m = m & _in_range(dst, out_numel)
+        tl.store(out + dst, x, mask=m)
+
+
+@triton.jit
+def _aggregate_packed_kernel(
+    w_base,
+    w_meta,
+    meta,
+    out,
+    c_base,
+    c_meta,
+    work,
+    row_inv,
+    col_inv,
+    p_ptr,
+    ssq_part,
+    bad_part,
+    K,
+    SR,
+    SC,
+    OVERLAP: tl.constexpr,
+    ACC64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = tl.load(work + pid * 3)
+    r = tl.load(work + pid * 3 + 1).to(tl.int64)
+    b = tl.load(work + pid * 3 + 2)
+    w_off = tl.load(w_meta + n * 4)
+    Cin = tl.load(w_meta + n * 4 + 1)
+    T = tl.load(w_meta + n * 4 + 2)
+    o_off = tl.load(w_meta + n * 4 + 3)
+    roff = tl.load(meta + n * 5 + 3)
+    coff = tl.load(meta + n * 5 + 4)
+    CT = Cin * T
+    e = b * BLOCK + tl.arange(0, BLOCK)
+    em = e < CT
+    c = e // T
+    t = e % T
+    w_raw = tl.load(w_base + w_off + r * CT + e, mask=em, other=0.0)
+    if ACC64:
+        w = w_raw.to(tl.float64)
+    else:
+        w = w_raw.to(tl.float32)
+    s = tl.zeros_like(w)
+    den = tl.zeros_like(w)
+    cov = e < 0
+    rpos = roff + r
+    r_ok = _in_range(rpos, SR)
+    cpos = coff + c
+    c_ok = em & _in_range(cpos, SC)
+    for k in range(K):
+        i = tl.load(row_inv + k * SR + tl.where(r_ok, rpos, 0)).to(tl.int64)
+        i = tl.where(r_ok, i, -1)
+        cm = c_meta + (n * K + k) * 6
+        off = tl.load(cm)
+        s0 = tl.load(cm + 1)
+        s1 = tl.load(cm + 2)
+        n0 = tl.load(cm + 3)
+        n1 = tl.load(cm + 4)
+        end = tl.load(cm + 5)
+        if (i >= 0) & (i < n0):
+            pk = tl.load(p_ptr + k)
+            j = tl.load(col_inv + k * (SC + 1) + cpos, mask=c_ok, other=-1).to(tl.int64)
+            src = off + i * s0 + j * s1 + t
+            m = c_ok & (j >= 0) & (j < n1) & (src < end)
+            x_raw = tl.load(c_base + src, mask=m, other=0.0)
+            x = x_raw.to(w.dtype)
+            d = x - w
+            dd = tl.where(m, d.to(tl.float64), 0.0)
+            q = tl.sum(dd * dd, axis=0)
+            xw = x_raw.to(w_raw.dtype).to(w.dtype)  # a value not finite once in the global dtype
+            nonfinite = (d != d) | (tl.abs(d) == float("inf")) | (xw != xw) | (tl.abs(xw) == float("inf"))
+            bad = tl.max(tl.where(m & nonfinite, 1, 0), axis=0)
+            tl.store(ssq_part + pid * K + k, q)  # untouched (zero) where the client keeps nothing here
+            tl.store(bad_part + pid * K + k, bad.to(tl.int8))
+            if pk != 0:
+                if OVERLAP:
+                    s += tl.where(m, pk * x, 0.0)
+                    den += tl.where(m, pk, 0.0)
+                else:
+                    s += tl.where(m, pk * d, 0.0)
+                cov = cov | m
+    if OVERLAP:
+        res = s / tl.where(cov, den, 1.0)
+    else:
+        res = w + s
+    tl.store(out + o_off + r * CT + e, tl.where(cov, res.to(w_raw.dtype), w_raw), mask=em)
+
+
+def _view3(w: Tensor) -> tuple[int, int, int]:
+    """The ``(R, Cin, T)`` view a layout gives a weight (1-D: one row of channels)."""
+    if w.dim() == 1:
+        return 1, int(w.shape[0]), 1
+    T = 1
+    for d in w.shape[2:]:
+        T *= int(d)
+    return int(w.shape[0]), int(w.shape[1]), T
+
+
+def _trailing_dense(c: Tensor) -> bool:
+    """Whether dims 2.. of ``c`` are packed densely (a (row, column) block is contiguous)."""
+    expected = 1
+    for d in range(c.dim() - 1, 1, -1):
+        if c.shape[d] != 1 and c.stride(d) != expected:
+            return False
+        expected *= c.shape[d]
+    return True
+
+
+def _weights_meta(ws: list[Tensor], out_offsets: list[int], device: torch.device) -> Tensor:
+    """(N, 4) int64: per weight its offset from ``ws[0]``, Cin, T and the 4th column given."""
+    offs = element_offsets(ws, ws[0])
+    rows = []
+    for w, off, last in zip(ws, offs, out_offsets):
+        _, Cin, T = _view3(w)
+        rows += [off, Cin, T, last]
+    key = ("packed-wmeta", tuple(rows), ws[0].data_ptr(), str(device))
+    return _cached(key, lambda: to_device_table(rows, device))
+
+
+def slice_packed(
+    weights: Sequence[Tensor],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    starts: Tensor,
+    out: Tensor,
+) -> None:
+    """Client k's compact tensor n -> ``out[starts[k, n]:]``; see the module docs."""
+    ws = [w.contiguous() for w in weights]
+    if not ws or out.numel() == 0:
+        return
+    device = out.device
+    K, SR = row_inv.shape
+    SC = col_keep.shape[1]
+    shapes = tuple((_view3(w)[0], _view3(w)[1] * _view3(w)[2]) for w in ws)
+    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
+    work = _work_table(shapes, block, device)
+    grid = (work.shape[0] // 3, K)
+    if grid[0] and K:
+        w_meta = _weights_meta(ws, [w.numel() for w in ws], device)
+        _slice_packed_kernel[grid](
+            ws[0], w_meta, meta, row_inv, col_keep, counts, starts, out, work,
+            len(ws), SR, SC, out.numel(), BLOCK=block,
+        )  # fmt: skip
+
+
+def _col_inverse(meta: Tensor, col_keep: Tensor, counts: Tensor, cins: tuple[int, ...]) -> Tensor:
+    """(K, SC + 1) int32: client k's compact position of column ``meta[n, 4] + c`` (or -1);
+    column SC collects entries that point nowhere. Device ops only (no host sync)."""
+    K, SC = col_keep.shape
+    device = col_keep.device
+    N = len(cins)
+
+    def build():
+        seg = np.repeat(np.arange(N), cins)
+        local = np.concatenate([np.arange(c) for c in cins]) if cins else np.zeros(0, np.int64)
+        table = to_device_table(np.concatenate([seg, local]).astype(np.int64).tolist(), device)
+        return table.view(2, -1)
+
+    seg, local = _cached(("packed-colseg", cins, str(device)), build)
+    inv = torch.full((K, SC + 1), -1, dtype=torch.int32, device=device)
+    if seg.numel() == 0:
+        return inv
+    pos = meta[:, 4].index_select(0, seg) + local  # column position of (n, local)
+    pos_ok = (pos >= 0) & (pos < SC)
+    safe = torch.where(pos_ok, pos, torch.zeros_like(pos))
+    kept = col_keep.index_select(1, safe).to(torch.int64)  # (K, sum Cin): col_keep[k, pos]
+    cc = counts[:, :, 1].index_select(1, seg)  # (K, sum Cin)
+    cin = _cached(("packed-cin", cins, str(device)), lambda: to_device_table(list(cins), device)).index_select(0, seg)
+    ok = pos_ok & (local < cc) & (kept >= 0) & (kept < cin)
+    target = torch.where(ok, meta[:, 4].index_select(0, seg) + kept, torch.full_like(kept, SC))
+    inv.scatter_(1, target, local.to(torch.int32).expand(K, -1).contiguous())
+    inv[:, SC] = -1
+    return inv
+
+
+def _client_meta(
+    clients: list[Tensor], parts: list[int], ws: list[Tensor], counts: Tensor, offsets: Tensor, base: Tensor
+) -> Tensor:
+    """(N * K, 6) int64 rows (n, k): offset from ``base``, row stride, column stride, rows,
+    columns, end (one past the last readable element). Packed clients' rows come from the
+    device tables; separate tensors' from their shapes and strides."""
+    N, K = len(ws), len(parts)
+    device = counts.device
+    Ts = [_view3(w)[2] for w in ws]
+    starts, packed = [], []
+    i = 0
+    for k in range(K):
+        starts.append(i)
+        packed.append(parts[k] == 1)
+        i += parts[k]
+    host = []
+    for n in range(N):
+        for k in range(K):
+            if packed[k]:
+                host += [0, 0, 0, 0, 0, 0]
+                continue
+            c = clients[starts[k] + n]
+            off = element_offsets([c], base)[0]
+            if c.dim() == 1:
+                host += [off, 0, c.stride(0), 1, c.shape[0], off + (c.shape[0] - 1) * c.stride(0) + 1]
+            else:
+                span = 1 + sum((s - 1) * st for s, st in zip(c.shape, c.stride()))
+                host += [off, c.stride(0), c.stride(1), c.shape[0], c.shape[1], off + span]
+    table = to_device_table(host, device).view(N, K, 6)
+    if any(packed):
+        pk = [k for k in range(K) if packed[k]]
+        bufs = [clients[starts[k]] for k in pk]
+        buf_off = to_device_table(element_offsets(bufs, base), device)  # (P,)
+        buf_end = buf_off + to_device_table([b.numel() for b in bufs], device)
+        sel = to_device_table(pk, device)
+        T = to_device_table(Ts, device)  # (N,)
+        rc = counts[:, :, 0].index_select(0, sel).T  # (N, P)
+        cc = counts[:, :, 1].index_select(0, sel).T
+        off = buf_off.unsqueeze(0) + offsets.index_select(0, sel).T
+        rows = torch.stack(
+            [off, cc * T.unsqueeze(1), T.unsqueeze(1).expand_as(cc), rc, cc, buf_end.unsqueeze(0).expand_as(cc)], dim=2
+        )
+        table[:, sel] = rows
+    return table.view(N * K, 6)
+
+
+def aggregate_packed(
+    weights: Sequence[Tensor],
+    clients: Sequence[Tensor],
+    parts: Sequence[int],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    coef: Tensor,
+    mode: str,
+    out: Tensor,
+    stats: Tensor,
+) -> None:
+    """Aggregate into ``out`` (the N results packed); ``stats`` (K, 2): non-finite flag, sum of
+    squared deltas. See the module docs."""
+    ws = [w.contiguous() for w in weights]
+    device = out.device
+    K, SR = row_inv.shape
+    SC = col_keep.shape[1]
+    N = len(ws)
+    parts = list(parts)
+    flat = [c if _trailing_dense(c) else c.contiguous() for c in clients]  # a (row, column) block is contiguous
+    cdtype = flat[0].dtype
+    if any(c.dtype != cdtype for c in flat):
+        raise ValueError("aggregate_packed: all client data must share one dtype")
+    base = min(flat, key=lambda c: c.data_ptr())
+    c_meta = _client_meta(flat, parts, ws, counts, offsets, base)
+    shapes = tuple((_view3(w)[0], _view3(w)[1] * _view3(w)[2]) for w in ws)
+    numels = [w.numel() for w in ws]
+    o_offs = np.concatenate([[0], np.cumsum(numels)[:-1]]).astype(np.int64).tolist() if N else []
+    w_meta = _weights_meta(ws, o_offs, device)
+    col_inv = _col_inverse(meta, col_keep, counts, tuple(_view3(w)[1] for w in ws))
+    acc = acc_dtype(ws[0].dtype)
+    p = coef.to(device=device, dtype=acc)
+    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
+    work = _work_table(shapes, block, device)
+    P = work.shape[0] // 3
+    ssq_part = torch.zeros((P, K), dtype=torch.float64, device=device)
+    bad_part = torch.zeros((P, K), dtype=torch.int8, device=device)
+    if P and K:
+        _aggregate_packed_kernel[(P,)](
+            ws[0], w_meta, meta, out, base.view(cdtype), c_meta, work, row_inv, col_inv, p, ssq_part, bad_part,
+            K, SR, SC, OVERLAP=mode == "overlap", ACC64=acc == torch.float64, BLOCK=block,
+        )  # fmt: skip
+    stats[:, 0] = bad_part.amax(0).to(torch.float64) if P else 0.0
+    stats[:, 1] = ssq_part.sum(0) if P else 0.0
