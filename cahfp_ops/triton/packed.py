@@ -21,8 +21,10 @@ out of bounds, whatever the validation switch says.
   and adds nothing, so recomputing with a rejected client's coefficient set to 0 is its
   absence, bit for bit, and a checked round stays capturable in a CUDA graph.
 
-``accumulate_packed`` (streaming, one client per call) still runs the pure-PyTorch
-definition on the device.
+- ``accumulate_packed`` (streaming, one client per call): a statistics launch, its
+  reduction and the accept decision on the device (finite and within ``max_ssq``), then an
+  accumulation launch that reads the decision and adds nothing when it is false: a rejected
+  client leaves no trace, and nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .._dtypes import acc_dtype
-from ..reference import accumulate_packed
 from ._common import block_size, element_offsets, to_device_table
 from .reconstruct_aggregate import _cached, _work_table
 
@@ -183,6 +184,92 @@ def _aggregate_packed_kernel(
     else:
         res = w + s
     tl.store(out + o_off + r * CT + e, tl.where(cov, res.to(w_raw.dtype), w_raw), mask=em)
+
+
+@triton.jit
+def _accumulate_packed_kernel(
+    w_base,
+    w_meta,
+    meta,
+    c_base,
+    c_meta,
+    work,
+    row_inv,
+    col_inv,
+    sums,
+    cover,
+    accept,
+    weight,
+    ssq_part,
+    bad_part,
+    SR,
+    SC,
+    ADD: tl.constexpr,
+    OVERLAP: tl.constexpr,
+    ACC64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """ADD False: client 0's statistics partials; ADD True: fold it in when ``accept`` holds."""
+    pid = tl.program_id(0)
+    n = tl.load(work + pid * 3)
+    r = tl.load(work + pid * 3 + 1).to(tl.int64)
+    b = tl.load(work + pid * 3 + 2)
+    w_off = tl.load(w_meta + n * 6)
+    Cin = tl.load(w_meta + n * 6 + 1)
+    T = tl.load(w_meta + n * 6 + 2)
+    s_off = tl.load(w_meta + n * 6 + 3)
+    v_off = tl.load(w_meta + n * 6 + 4)
+    roff = tl.load(meta + n * 5 + 3)
+    coff = tl.load(meta + n * 5 + 4)
+    CT = Cin * T
+    e = b * BLOCK + tl.arange(0, BLOCK)
+    em = e < CT
+    c = e // T
+    t = e % T
+    rpos = roff + r
+    r_ok = _in_range(rpos, SR)
+    i = tl.load(row_inv + tl.where(r_ok, rpos, 0)).to(tl.int64)
+    i = tl.where(r_ok, i, -1)
+    cm = c_meta + n * 6
+    off = tl.load(cm)
+    s0 = tl.load(cm + 1)
+    s1 = tl.load(cm + 2)
+    n0 = tl.load(cm + 3)
+    n1 = tl.load(cm + 4)
+    end = tl.load(cm + 5)
+    go = (i >= 0) & (i < n0)
+    if ADD:
+        go = go & (tl.load(accept) != 0)
+    if go:
+        cpos = coff + c
+        c_ok = em & _in_range(cpos, SC)
+        j = tl.load(col_inv + cpos, mask=c_ok, other=-1).to(tl.int64)
+        src = off + i * s0 + j * s1 + t
+        m = c_ok & (j >= 0) & (j < n1) & (src < end)
+        w_raw = tl.load(w_base + w_off + r * CT + e, mask=m, other=0.0)
+        if ACC64:
+            w = w_raw.to(tl.float64)
+        else:
+            w = w_raw.to(tl.float32)
+        x_raw = tl.load(c_base + src, mask=m, other=0.0)
+        x = x_raw.to(w.dtype)
+        d = x - w
+        if ADD:
+            pk = tl.load(weight).to(w.dtype)
+            dst = sums + s_off + r * CT + e
+            if OVERLAP:
+                tl.store(dst, tl.load(dst, mask=m) + pk * x, mask=m)
+            else:
+                tl.store(dst, tl.load(dst, mask=m) + pk * d, mask=m)
+            first = m & (t == 0)  # one lane per (row, column): its cover weight
+            cdst = cover + v_off + r * Cin + c
+            tl.store(cdst, tl.load(cdst, mask=first) + pk, mask=first)
+        else:
+            dd = tl.where(m, d.to(tl.float64), 0.0)
+            tl.store(ssq_part + pid, tl.sum(dd * dd, axis=0))
+            xw = x_raw.to(w_raw.dtype).to(w.dtype)
+            nonfinite = (d != d) | (tl.abs(d) == float("inf")) | (xw != xw) | (tl.abs(xw) == float("inf"))
+            tl.store(bad_part + pid, tl.max(tl.where(m & nonfinite, 1, 0), axis=0).to(tl.int8))
 
 
 def _view3(w: Tensor) -> tuple[int, int, int]:
@@ -367,3 +454,66 @@ def aggregate_packed(
         )  # fmt: skip
     stats[:, 0] = bad_part.amax(0).to(torch.float64) if P else 0.0
     stats[:, 1] = ssq_part.sum(0) if P else 0.0
+
+
+def accumulate_packed(
+    weights: Sequence[Tensor],
+    client: Sequence[Tensor],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    weight: float,
+    max_ssq: float,
+    mode: str,
+    sums: Tensor,
+    cover: Tensor,
+    stats: Tensor,
+) -> None:
+    """Check client 0 of the layout, then fold it into ``sums`` / ``cover`` only when it is
+    finite and within ``max_ssq``; ``stats`` (3,): non-finite flag, squared delta sum,
+    accepted. See the module docs."""
+    ws = [w.contiguous() for w in weights]
+    device = sums.device
+    SR = row_inv.shape[1]
+    SC = col_keep.shape[1]
+    flat = [c if _trailing_dense(c) else c.contiguous() for c in client]
+    cdtype = flat[0].dtype
+    if any(c.dtype != cdtype for c in flat):
+        raise ValueError("accumulate_packed: all client data must share one dtype")
+    base = min(flat, key=lambda c: c.data_ptr())
+    c_meta = _client_meta(flat, [len(flat)], ws, counts, offsets, base)
+    views = [_view3(w) for w in ws]
+    shapes = tuple((R, Cin * T) for R, Cin, T in views)
+    s_offs = np.concatenate([[0], np.cumsum([w.numel() for w in ws])[:-1]]).astype(np.int64).tolist()
+    v_offs = np.concatenate([[0], np.cumsum([R * Cin for R, Cin, _ in views])[:-1]]).astype(np.int64).tolist()
+    if sums.numel() != sum(w.numel() for w in ws) or cover.numel() != sum(R * Cin for R, Cin, _ in views):
+        raise ValueError("accumulate_packed: sums / cover do not match the weights")
+    offs = element_offsets(ws, ws[0])
+    rows = [v for n, (R, Cin, T) in enumerate(views) for v in (offs[n], Cin, T, s_offs[n], v_offs[n], 0)]
+    w_meta = _cached(("packed-acc-wmeta", tuple(rows), ws[0].data_ptr(), str(device)),
+                     lambda: to_device_table(rows, device))  # fmt: skip
+    col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
+    acc = sums.dtype
+    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
+    work = _work_table(shapes, block, device)
+    P = work.shape[0] // 3
+    ssq_part = torch.zeros(P, dtype=torch.float64, device=device)
+    bad_part = torch.zeros(P, dtype=torch.int8, device=device)
+    accept = torch.zeros(1, dtype=torch.int8, device=device)
+    w_scalar = torch.tensor(float(weight), dtype=acc, device=device)
+    args = (ws[0], w_meta, meta, base, c_meta, work, row_inv, col_inv, sums, cover, accept, w_scalar, ssq_part,
+            bad_part, SR, SC)  # fmt: skip
+    flags = dict(OVERLAP=mode == "overlap", ACC64=acc == torch.float64, BLOCK=block)
+    if P:
+        _accumulate_packed_kernel[(P,)](*args, ADD=False, **flags)
+    bad = bad_part.amax().to(torch.float64) if P else torch.zeros((), dtype=torch.float64, device=device)
+    ssq = ssq_part.sum() if P else torch.zeros((), dtype=torch.float64, device=device)
+    ok = (bad == 0) & (ssq <= max_ssq)
+    accept.copy_(ok.to(torch.int8).reshape(1))
+    if P and weight > 0:
+        _accumulate_packed_kernel[(P,)](*args, ADD=True, **flags)
+    stats[0] = bad
+    stats[1] = ssq
+    stats[2] = ok.to(torch.float64)
