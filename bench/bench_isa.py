@@ -62,6 +62,7 @@ load(name="cahfp_old_build", sources=sorted(glob.glob({str(src / "csrc" / "cpu" 
 
 WORKER = r"""
 import json, statistics, sys, time
+from collections.abc import Mapping
 import torch
 config, library, threads, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
@@ -74,6 +75,12 @@ from cahfp_ops import cpp
 assert cpp.load_cpp(), cpp.load_error()
 if config in cpp.ISA_NAMES:
     cpp.set_cpu_isa(config)
+if config == "old":  # the old library has no per-round layout ops: its whole-model ops, as it shipped them
+    from cahfp_ops import ops
+    cahfp_ops.reconstruct_aggregate_many = lambda w, c, r, k, coef, mode="reconstruct": \
+        ops._aggregate_many_per_tensor(w, c, r, k, coef, mode=mode)
+    cahfp_ops.slice_channels_many = lambda w, r=None, c=None, *, num_clients=None: \
+        ops._slice_many_per_tensor(w, r, c, num_clients=num_clients)
 out = {"isa": cpp.cpu_isa() if config != "old" else "old build", "times": {}, "digest": {}}
 for op, model, K in json.loads(sys.argv[6]):
     case = workloads.SINGLE_OPS[op](K, torch.device("cpu")) if model is None else \
@@ -81,7 +88,7 @@ for op, model, K in json.loads(sys.argv[6]):
     fn = case.ours(novalidate=True)
     res = fn()
     def tensors(x):
-        if isinstance(x, dict):
+        if isinstance(x, Mapping):  # dicts and PackedModels
             x = list(x.values())
         return [t for item in x for t in tensors(item)] if isinstance(x, (list, tuple)) else [x]
     flat = tensors(res)
