@@ -16,7 +16,6 @@
 #include "isa.h"
 #include "layout_tables.h"
 
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -390,7 +389,7 @@ void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clien
         offset += ws[n].numel();
       }
       size_tiles(jobs);
-      run_jobs<wt, ct>(jobs, p, overlap, std::getenv("NOSTATS") ? nullptr : mdata<double>(stats));
+      run_jobs<wt, ct>(jobs, p, overlap, mdata<double>(stats));
     });
   });
 }
