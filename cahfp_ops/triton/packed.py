@@ -50,6 +50,34 @@ def _in_range(idx, hi):
 
 
 @triton.jit
+def _compact_row(row_inv_k, rpos, SR):
+    """A client's compact position of row ``rpos`` of the row space (its ``row_inv`` row
+    ``row_inv_k``), or -1: not kept, or ``rpos`` outside the table."""
+    ok = _in_range(rpos, SR)
+    i = tl.load(row_inv_k + tl.where(ok, rpos, 0)).to(tl.int64)
+    return tl.where(ok, i, -1)
+
+
+@triton.jit
+def _client_entry(cm):
+    """One row of the client address table: offset, row stride, column stride, rows, columns, end."""
+    return tl.load(cm), tl.load(cm + 1), tl.load(cm + 2), tl.load(cm + 3), tl.load(cm + 4), tl.load(cm + 5)
+
+
+@triton.jit
+def _to_acc(x, ACC64: tl.constexpr):
+    if ACC64:
+        return x.to(tl.float64)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _nonfinite(d, xw):
+    """A delta not finite in the accumulation dtype, or a value not finite once in the global dtype."""
+    return (d != d) | (tl.abs(d) == float("inf")) | (xw != xw) | (tl.abs(xw) == float("inf"))
+
+
+@triton.jit
 def _slice_packed_kernel(
     w_base,
     w_meta,
@@ -77,9 +105,7 @@ def _slice_packed_kernel(
     w_numel = tl.load(w_meta + n * 4 + 3)
     roff = tl.load(meta + n * 5 + 3)
     coff = tl.load(meta + n * 5 + 4)
-    rpos = roff + r
-    i = tl.load(row_inv + k * SR + tl.where(_in_range(rpos, SR), rpos, 0)).to(tl.int64)
-    i = tl.where(_in_range(rpos, SR), i, -1)
+    i = _compact_row(row_inv + k * SR, roff + r, SR)
     rc = tl.load(counts + (k * N + n) * 2)
     cc = tl.load(counts + (k * N + n) * 2 + 1)
     if (i >= 0) & (i < rc):
@@ -136,27 +162,15 @@ def _aggregate_packed_kernel(
     c = e // T
     t = e % T
     w_raw = tl.load(w_base + w_off + r * CT + e, mask=em, other=0.0)
-    if ACC64:
-        w = w_raw.to(tl.float64)
-    else:
-        w = w_raw.to(tl.float32)
+    w = _to_acc(w_raw, ACC64)
     s = tl.zeros_like(w)
     den = tl.zeros_like(w)
     cov = e < 0
-    rpos = roff + r
-    r_ok = _in_range(rpos, SR)
     cpos = coff + c
     c_ok = em & _in_range(cpos, SC)
     for k in range(K):
-        i = tl.load(row_inv + k * SR + tl.where(r_ok, rpos, 0)).to(tl.int64)
-        i = tl.where(r_ok, i, -1)
-        cm = c_meta + (n * K + k) * 6
-        off = tl.load(cm)
-        s0 = tl.load(cm + 1)
-        s1 = tl.load(cm + 2)
-        n0 = tl.load(cm + 3)
-        n1 = tl.load(cm + 4)
-        end = tl.load(cm + 5)
+        i = _compact_row(row_inv + k * SR, roff + r, SR)
+        off, s0, s1, n0, n1, end = _client_entry(c_meta + (n * K + k) * 6)
         if (i >= 0) & (i < n0):
             pk = tl.load(p_ptr + k)
             j = tl.load(col_inv + k * (SC + 1) + cpos, mask=c_ok, other=-1).to(tl.int64)
@@ -167,8 +181,7 @@ def _aggregate_packed_kernel(
             d = x - w
             dd = tl.where(m, d.to(tl.float64), 0.0)
             q = tl.sum(dd * dd, axis=0)
-            xw = x_raw.to(w_raw.dtype).to(w.dtype)  # a value not finite once in the global dtype
-            nonfinite = (d != d) | (tl.abs(d) == float("inf")) | (xw != xw) | (tl.abs(xw) == float("inf"))
+            nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
             bad = tl.max(tl.where(m & nonfinite, 1, 0), axis=0)
             tl.store(ssq_part + pid * K + k, q)  # untouched (zero) where the client keeps nothing here
             tl.store(bad_part + pid * K + k, bad.to(tl.int8))
@@ -214,11 +227,11 @@ def _accumulate_packed_kernel(
     n = tl.load(work + pid * 3)
     r = tl.load(work + pid * 3 + 1).to(tl.int64)
     b = tl.load(work + pid * 3 + 2)
-    w_off = tl.load(w_meta + n * 6)
-    Cin = tl.load(w_meta + n * 6 + 1)
-    T = tl.load(w_meta + n * 6 + 2)
-    s_off = tl.load(w_meta + n * 6 + 3)
-    v_off = tl.load(w_meta + n * 6 + 4)
+    w_off = tl.load(w_meta + n * 5)
+    Cin = tl.load(w_meta + n * 5 + 1)
+    T = tl.load(w_meta + n * 5 + 2)
+    s_off = tl.load(w_meta + n * 5 + 3)
+    v_off = tl.load(w_meta + n * 5 + 4)
     roff = tl.load(meta + n * 5 + 3)
     coff = tl.load(meta + n * 5 + 4)
     CT = Cin * T
@@ -226,17 +239,8 @@ def _accumulate_packed_kernel(
     em = e < CT
     c = e // T
     t = e % T
-    rpos = roff + r
-    r_ok = _in_range(rpos, SR)
-    i = tl.load(row_inv + tl.where(r_ok, rpos, 0)).to(tl.int64)
-    i = tl.where(r_ok, i, -1)
-    cm = c_meta + n * 6
-    off = tl.load(cm)
-    s0 = tl.load(cm + 1)
-    s1 = tl.load(cm + 2)
-    n0 = tl.load(cm + 3)
-    n1 = tl.load(cm + 4)
-    end = tl.load(cm + 5)
+    i = _compact_row(row_inv, roff + r, SR)
+    off, s0, s1, n0, n1, end = _client_entry(c_meta + n * 6)
     go = (i >= 0) & (i < n0)
     if ADD:
         go = go & (tl.load(accept) != 0)
@@ -247,10 +251,7 @@ def _accumulate_packed_kernel(
         src = off + i * s0 + j * s1 + t
         m = c_ok & (j >= 0) & (j < n1) & (src < end)
         w_raw = tl.load(w_base + w_off + r * CT + e, mask=m, other=0.0)
-        if ACC64:
-            w = w_raw.to(tl.float64)
-        else:
-            w = w_raw.to(tl.float32)
+        w = _to_acc(w_raw, ACC64)
         x_raw = tl.load(c_base + src, mask=m, other=0.0)
         x = x_raw.to(w.dtype)
         d = x - w
@@ -267,8 +268,7 @@ def _accumulate_packed_kernel(
         else:
             dd = tl.where(m, d.to(tl.float64), 0.0)
             tl.store(ssq_part + pid, tl.sum(dd * dd, axis=0))
-            xw = x_raw.to(w_raw.dtype).to(w.dtype)
-            nonfinite = (d != d) | (tl.abs(d) == float("inf")) | (xw != xw) | (tl.abs(xw) == float("inf"))
+            nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
             tl.store(bad_part + pid, tl.max(tl.where(m & nonfinite, 1, 0), axis=0).to(tl.int8))
 
 
@@ -292,15 +292,33 @@ def _trailing_dense(c: Tensor) -> bool:
     return True
 
 
-def _weights_meta(ws: list[Tensor], out_offsets: list[int], device: torch.device) -> Tensor:
-    """(N, 4) int64: per weight its offset from ``ws[0]``, Cin, T and the 4th column given."""
+def _weights_meta(
+    ws: list[Tensor], views: list[tuple[int, int, int]], extra: list[list[int]], device: torch.device
+) -> Tensor:
+    """(N, 3 + len(extra)) int64: per weight its offset from ``ws[0]``, Cin, T, then the
+    given columns (``extra[j][n]``)."""
     offs = element_offsets(ws, ws[0])
-    rows = []
-    for w, off, last in zip(ws, offs, out_offsets):
-        _, Cin, T = _view3(w)
-        rows += [off, Cin, T, last]
+    rows = [v for n, (_, Cin, T) in enumerate(views) for v in (offs[n], Cin, T, *(col[n] for col in extra))]
     key = ("packed-wmeta", tuple(rows), ws[0].data_ptr(), str(device))
     return _cached(key, lambda: to_device_table(rows, device))
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Where each of consecutive blocks of ``sizes`` starts."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist() if sizes else []
+
+
+def _clients_in_place(
+    op: str, clients: Sequence[Tensor], parts: list[int], views: list, counts: Tensor, offsets: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(base, c_meta)``: the lowest-addressed client tensor (the kernels read every client as
+    ``base + offset``) and the client address table; trailing dims made dense where they are not."""
+    flat = [c if _trailing_dense(c) else c.contiguous() for c in clients]
+    cdtype = flat[0].dtype
+    if any(c.dtype != cdtype for c in flat):
+        raise ValueError(f"{op}: all client data must share one dtype")
+    base = min(flat, key=lambda c: c.data_ptr())
+    return base, _client_meta(flat, parts, [T for _, _, T in views], counts, offsets, base)
 
 
 def slice_packed(
@@ -319,12 +337,13 @@ def slice_packed(
     device = out.device
     K, SR = row_inv.shape
     SC = col_keep.shape[1]
-    shapes = tuple((_view3(w)[0], _view3(w)[1] * _view3(w)[2]) for w in ws)
+    views = [_view3(w) for w in ws]
+    shapes = tuple((R, Cin * T) for R, Cin, T in views)
     block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
     work = _work_table(shapes, block, device)
     grid = (work.shape[0] // 3, K)
     if grid[0] and K:
-        w_meta = _weights_meta(ws, [w.numel() for w in ws], device)
+        w_meta = _weights_meta(ws, views, [[w.numel() for w in ws]], device)
         _slice_packed_kernel[grid](
             ws[0], w_meta, meta, row_inv, col_keep, counts, starts, out, work,
             len(ws), SR, SC, out.numel(), BLOCK=block,
@@ -362,14 +381,13 @@ def _col_inverse(meta: Tensor, col_keep: Tensor, counts: Tensor, cins: tuple[int
 
 
 def _client_meta(
-    clients: list[Tensor], parts: list[int], ws: list[Tensor], counts: Tensor, offsets: Tensor, base: Tensor
+    clients: list[Tensor], parts: list[int], Ts: list[int], counts: Tensor, offsets: Tensor, base: Tensor
 ) -> Tensor:
     """(N * K, 6) int64 rows (n, k): offset from ``base``, row stride, column stride, rows,
     columns, end (one past the last readable element). Packed clients' rows come from the
     device tables; separate tensors' from their shapes and strides."""
-    N, K = len(ws), len(parts)
+    N, K = len(Ts), len(parts)
     device = counts.device
-    Ts = [_view3(w)[2] for w in ws]
     starts, packed = [], []
     i = 0
     for k in range(K):
@@ -427,19 +445,11 @@ def aggregate_packed(
     device = out.device
     K, SR = row_inv.shape
     SC = col_keep.shape[1]
-    N = len(ws)
-    parts = list(parts)
-    flat = [c if _trailing_dense(c) else c.contiguous() for c in clients]  # a (row, column) block is contiguous
-    cdtype = flat[0].dtype
-    if any(c.dtype != cdtype for c in flat):
-        raise ValueError("aggregate_packed: all client data must share one dtype")
-    base = min(flat, key=lambda c: c.data_ptr())
-    c_meta = _client_meta(flat, parts, ws, counts, offsets, base)
-    shapes = tuple((_view3(w)[0], _view3(w)[1] * _view3(w)[2]) for w in ws)
-    numels = [w.numel() for w in ws]
-    o_offs = np.concatenate([[0], np.cumsum(numels)[:-1]]).astype(np.int64).tolist() if N else []
-    w_meta = _weights_meta(ws, o_offs, device)
-    col_inv = _col_inverse(meta, col_keep, counts, tuple(_view3(w)[1] for w in ws))
+    views = [_view3(w) for w in ws]
+    base, c_meta = _clients_in_place("aggregate_packed", clients, list(parts), views, counts, offsets)
+    shapes = tuple((R, Cin * T) for R, Cin, T in views)
+    w_meta = _weights_meta(ws, views, [_starts([w.numel() for w in ws])], device)
+    col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
     acc = acc_dtype(ws[0].dtype)
     p = coef.to(device=device, dtype=acc)
     block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
@@ -449,7 +459,7 @@ def aggregate_packed(
     bad_part = torch.zeros((P, K), dtype=torch.int8, device=device)
     if P and K:
         _aggregate_packed_kernel[(P,)](
-            ws[0], w_meta, meta, out, base.view(cdtype), c_meta, work, row_inv, col_inv, p, ssq_part, bad_part,
+            ws[0], w_meta, meta, out, base, c_meta, work, row_inv, col_inv, p, ssq_part, bad_part,
             K, SR, SC, OVERLAP=mode == "overlap", ACC64=acc == torch.float64, BLOCK=block,
         )  # fmt: skip
     stats[:, 0] = bad_part.amax(0).to(torch.float64) if P else 0.0
@@ -478,22 +488,13 @@ def accumulate_packed(
     device = sums.device
     SR = row_inv.shape[1]
     SC = col_keep.shape[1]
-    flat = [c if _trailing_dense(c) else c.contiguous() for c in client]
-    cdtype = flat[0].dtype
-    if any(c.dtype != cdtype for c in flat):
-        raise ValueError("accumulate_packed: all client data must share one dtype")
-    base = min(flat, key=lambda c: c.data_ptr())
-    c_meta = _client_meta(flat, [len(flat)], ws, counts, offsets, base)
     views = [_view3(w) for w in ws]
+    base, c_meta = _clients_in_place("accumulate_packed", client, [len(client)], views, counts, offsets)
     shapes = tuple((R, Cin * T) for R, Cin, T in views)
-    s_offs = np.concatenate([[0], np.cumsum([w.numel() for w in ws])[:-1]]).astype(np.int64).tolist()
-    v_offs = np.concatenate([[0], np.cumsum([R * Cin for R, Cin, _ in views])[:-1]]).astype(np.int64).tolist()
     if sums.numel() != sum(w.numel() for w in ws) or cover.numel() != sum(R * Cin for R, Cin, _ in views):
         raise ValueError("accumulate_packed: sums / cover do not match the weights")
-    offs = element_offsets(ws, ws[0])
-    rows = [v for n, (R, Cin, T) in enumerate(views) for v in (offs[n], Cin, T, s_offs[n], v_offs[n], 0)]
-    w_meta = _cached(("packed-acc-wmeta", tuple(rows), ws[0].data_ptr(), str(device)),
-                     lambda: to_device_table(rows, device))  # fmt: skip
+    extra = [_starts([w.numel() for w in ws]), _starts([R * Cin for R, Cin, _ in views])]
+    w_meta = _weights_meta(ws, views, extra, device)
     col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
     acc = sums.dtype
     block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
