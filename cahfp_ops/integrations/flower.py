@@ -34,6 +34,7 @@ cahfp_ops never does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 
@@ -197,18 +198,11 @@ def compact_state(content: RecordDict, arrayrecord_key: str = "arrays", configre
         shapes.append(tuple(int(d) for d in dims[i + 1 : i + 1 + int(dims[i])]))
         i += 1 + int(dims[i])
     buffer = state.pop(PACKED_KEY)
-    sizes = [_numel(s) for s in shapes]
+    sizes = [math.prod(s) for s in shapes]
     if len(shapes) != len(names) or buffer.dim() != 1 or sum(sizes) != buffer.numel():
         raise ValueError(f"the packed arrays do not match their {len(names)} names and shapes")
     packed = {n: part.view(s) for n, part, s in zip(names, torch.split(buffer, sizes), shapes)}
     return {**packed, **state}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def compact_model(
@@ -239,7 +233,8 @@ def reply_content(
     if cfg is not None and NAMES_KEY in cfg:
         names = list(cfg[NAMES_KEY])
         buffer = torch.cat([state[n].detach().reshape(-1) for n in names])
-        arrays = ArrayRecord({PACKED_KEY: buffer, **{k: v for k, v in state.items() if k not in set(names)}})
+        packed = set(names)
+        arrays = ArrayRecord({PACKED_KEY: buffer, **{k: v for k, v in state.items() if k not in packed}})
     else:
         arrays = ArrayRecord(state)
     return RecordDict({arrayrecord_key: arrays, "metrics": record})
