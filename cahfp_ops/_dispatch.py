@@ -1,10 +1,10 @@
 """Backend selection: ``auto``, ``cpp``, ``triton`` or ``torch``.
 
 The active backend comes from :func:`use_backend` (a context manager, innermost wins, per
-thread) or else from the ``CAHFP_OPS_BACKEND`` environment variable (read at each call,
-default ``auto``). ``auto`` means compiled C++ on CPU tensors and Triton on CUDA tensors,
-falling back to the pure-PyTorch reference (``torch``) where the compiled kernels are
-unavailable.
+thread and per asyncio task: a :class:`contextvars.ContextVar`) or else from the
+``CAHFP_OPS_BACKEND`` environment variable (read at each call, default ``auto``). ``auto``
+means compiled C++ on CPU tensors and Triton on CUDA tensors, falling back to the
+pure-PyTorch reference (``torch``) where the compiled kernels are unavailable.
 
 Every backend is a module with the same six functions on the same canonical inputs
 (:mod:`cahfp_ops.cpp`, :mod:`cahfp_ops.triton`, :mod:`cahfp_ops.reference`);
@@ -14,8 +14,8 @@ Every backend is a module with the same six functions on the same canonical inpu
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-import threading
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -25,7 +25,7 @@ from . import cpp, reference
 from ._interpreter import triton_interpreted
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
-_local = threading.local()
+_stack: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("cahfp_ops_backend", default=())
 
 
 def _check_name(name: str) -> str:
@@ -39,7 +39,7 @@ def _check_name(name: str) -> str:
 
 def get_backend() -> str:
     """The requested backend name (not yet resolved for a device)."""
-    stack = getattr(_local, "stack", None)
+    stack = _stack.get()
     if stack:
         return stack[-1]
     return _check_name(os.environ.get("CAHFP_OPS_BACKEND", "auto") or "auto")
@@ -49,14 +49,11 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[str]:
     """Run the enclosed cahfp ops on backend ``name`` (``auto``, ``cpp``, ``triton``, ``torch``)."""
     name = _check_name(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
+    token = _stack.set((*_stack.get(), name))
     try:
         yield name
     finally:
-        stack.pop()
+        _stack.reset(token)
 
 
 def resolve_backend(device: torch.device) -> str:

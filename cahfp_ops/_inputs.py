@@ -36,7 +36,14 @@ def check_floating(op: str, name: str, x: object) -> Tensor:
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"{op}: {name} must be floating (float16/bfloat16/float32/float64), got {x.dtype}")
+    check_has_data(op, name, x)
     return x
+
+
+def check_has_data(op: str, name: str, x: Tensor) -> None:
+    """Meta tensors have shapes but no values: the ops compute values, so they refuse them."""
+    if x.device.type == "meta":
+        raise ValueError(f"{op}: {name} is on the meta device (it has no data)")
 
 
 def check_same_device(op: str, name: str, x: Tensor, ref: Tensor, ref_name: str) -> None:
@@ -62,6 +69,7 @@ def _check_index_tensor(op: str, name: str, x: object, ndim: int) -> Tensor:
         raise DTypeError(f"{op}: {name} must be an int64 or int32 tensor, got {x.dtype}")
     if x.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    check_has_data(op, name, x)
     return x
 
 
@@ -187,6 +195,7 @@ def canonical_coef(op: str, coef: object, K: int, device: torch.device) -> Tenso
     if isinstance(coef, Tensor):
         if validation_enabled() and (coef.dtype == torch.bool or coef.is_complex()):
             raise DTypeError(f"{op}: coef must be real numbers, got {coef.dtype}")
+        check_has_data(op, "coef", coef)
         c = coef.to(device=device, dtype=torch.float64)
     elif isinstance(coef, (list, tuple)):
         if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in coef):
@@ -203,6 +212,15 @@ def canonical_coef(op: str, coef: object, K: int, device: torch.device) -> Tenso
             raise ValueError(f"{op}: coef[{k}] = {float(c[k])} is negative or not finite")
         if not bool(c.sum() > 0):
             raise ValueError(f"{op}: coef sums to zero; at least one client needs a positive weight")
+    return normalise(c)
+
+
+def normalise(c: Tensor) -> Tensor:
+    """``c / c.sum()`` that survives overflow and underflow of the sum: when the sum is not a
+    finite normal number, ``c`` is first divided by its largest entry (no host sync)."""
+    total = c.sum()
+    ok = torch.isfinite(total) & (total >= torch.finfo(c.dtype).tiny)
+    c = c / torch.where(ok, torch.ones_like(total), c.amax())
     return c / c.sum()
 
 

@@ -121,7 +121,7 @@ def reconstruct_aggregate(
     if mode == "reconstruct":
         result = w + total
     else:
-        result = total / den.clamp(min=torch.finfo(acc).tiny).unsqueeze(-1)
+        result = total / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
     return torch.where(covered.unsqueeze(-1), result.to(weight.dtype), weight).view(shape)
 
 

@@ -309,7 +309,7 @@ class StreamingAggregator:
             if self.mode == "reconstruct":
                 value = w.to(acc) + p.sums[name] / max(p.weight_sum, 1e-300)
             else:
-                den = cover.clamp(min=torch.finfo(acc).tiny).reshape(covered.shape)
+                den = torch.where(cover > 0, cover, torch.ones_like(cover)).reshape(covered.shape)
                 value = p.sums[name] / den
             out[name] = torch.where(covered, value.to(w.dtype), w)
         return out

@@ -1,20 +1,60 @@
 """Atomic checkpoint files: a whole payload written to a temporary file in the target's
 folder, flushed to disk, then renamed over the target, so a reader sees the old file or the
-new one, never a torn one."""
+new one, never a torn one.
+
+The temporary file is ``.<target name>.<pid>.<random>.cahfp-tmp``. It is removed on every
+path Python sees (an exception, ``KeyboardInterrupt``, ``SystemExit``). A process killed
+mid-write (SIGKILL, power loss) cannot clean up; the next save to the same target removes
+the temporary files of processes that no longer exist, so strays never accumulate, and
+:func:`load_checkpoint` reads only the target, so strays never affect it.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from typing import Any
 
 import torch
 
+_SUFFIX = ".cahfp-tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_strays(path: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that killed saves to ``path`` left behind (those of
+    processes that no longer exist); returns what was removed."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    removed = []
+    for stray in glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{name}.") + "*" + _SUFFIX)):
+        middle = os.path.basename(stray)[len(name) + 2 : -len(_SUFFIX)]
+        pid = middle.split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.unlink(stray)
+                removed.append(stray)
+            except FileNotFoundError:  # another saver got there first
+                pass
+    return removed
+
 
 def save_atomic(payload: Any, path: str | os.PathLike) -> None:
     """``torch.save(payload)`` to ``path`` atomically (the temporary file is removed on failure)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".cahfp-", suffix=".tmp")
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    remove_strays(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -22,8 +62,10 @@ def save_atomic(payload: Any, path: str | os.PathLike) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
 
 

@@ -56,7 +56,7 @@ def _scores_kernel(
             v += tl.abs(g * w)
         if HAS_H:
             h = tl.load(h_ptr + k * hk + off, mask=m, other=0.0).to(acc.dtype)
-            v += 0.5 * tl.maximum(h, 0.0) * w * w
+            v += 0.5 * tl.where(h < 0.0, 0.0, h) * w * w  # clamp(min=0): NaN passes
         acc += v
     tl.store(out_ptr + q, tl.sum(acc, axis=0))
 

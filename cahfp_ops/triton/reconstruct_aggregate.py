@@ -32,7 +32,9 @@ from .._views import as_3d
 from ._common import batched_inverse_maps, block_size, element_offsets, to_device_table
 
 # Launch tables (int64): per tensor 7 entries (weight offset, output offset, R, Cin, T, row-map
-# offset, col-map offset); per (tensor, client) 5 (offset, stride0, stride1, extent0, extent1).
+# offset, col-map offset); per (tensor, client) 6 (offset, stride0, stride1, extent0, extent1,
+# extent2): a client smaller than its keep sets or the weight's trailing size (possible only with
+# validation off) is cut at its extents, never overrun.
 
 
 @triton.jit
@@ -80,16 +82,17 @@ def _aggregate_kernel(
     for k in range(K):
         i = tl.load(inv_rows + k * R_total + roff + r)
         if i >= 0:
-            cm = c_meta + (n * K + k) * 5
+            cm = c_meta + (n * K + k) * 6
             off = tl.load(cm)
             s0 = tl.load(cm + 1)
             s1 = tl.load(cm + 2)
             n0 = tl.load(cm + 3)
             n1 = tl.load(cm + 4)
+            n2 = tl.load(cm + 5)
             if i < n0:  # a client tensor smaller than its keep set (validation off) is cut, not overrun
                 pk = tl.load(p_ptr + k)
                 j = tl.load(inv_cols + k * C_total + coff + c, mask=em, other=-1)
-                m = em & (j >= 0) & (j < n1)
+                m = em & (j >= 0) & (j < n1) & (t < n2)
                 x = tl.load(c_base + off + i * s0 + j * s1 + t, mask=m, other=0.0).to(w.dtype)
                 if OVERLAP:
                     s += tl.where(m, pk * x, 0.0)
@@ -186,7 +189,7 @@ def reconstruct_aggregate_many(
     offs = element_offsets(all_clients, c_base)
     c_meta_list = []
     for idx, c in enumerate(all_clients):
-        c_meta_list += [offs[idx], c.stride(0), c.stride(1), c.shape[0], c.shape[1]]
+        c_meta_list += [offs[idx], c.stride(0), c.stride(1), c.shape[0], c.shape[1], c.shape[2]]
     c_meta = _cached(
         ("cmeta", tuple(c_meta_list), c_base.data_ptr(), str(device)), lambda: to_device_table(c_meta_list, device)
     )

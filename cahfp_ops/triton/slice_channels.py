@@ -22,8 +22,10 @@ from .._debug import poison_
 from .._views import as_3d
 from ._common import block_size, element_offsets, to_device_table
 
-# Segment table (int64), 7 entries per (client, tensor): weight offset, rows offset, cols
-# offset, kept cols, Cin, T, output offset.
+# Segment table (int64), 8 entries per (client, tensor): weight offset, rows offset, cols
+# offset, kept cols, Cin, T, output offset, R. Kept indices outside [0, R) / [0, Cin) (possible
+# only with validation off) are masked: their elements read as 0, nothing outside the weight
+# is read.
 
 
 @triton.jit
@@ -32,7 +34,7 @@ def _slice_kernel(w_base, out_ptr, keep_base, seg, work, BLOCK: tl.constexpr):
     sidx = tl.load(work + pid * 3)
     i = tl.load(work + pid * 3 + 1).to(tl.int64)
     b = tl.load(work + pid * 3 + 2)
-    sm = seg + sidx * 7
+    sm = seg + sidx * 8
     w_off = tl.load(sm)
     rows_off = tl.load(sm + 1)
     cols_off = tl.load(sm + 2)
@@ -40,13 +42,16 @@ def _slice_kernel(w_base, out_ptr, keep_base, seg, work, BLOCK: tl.constexpr):
     Cin = tl.load(sm + 4)
     T = tl.load(sm + 5)
     out_off = tl.load(sm + 6)
+    R = tl.load(sm + 7)
     r = tl.load(keep_base + rows_off + i)
     e = b * BLOCK + tl.arange(0, BLOCK)
     j = e // T
     t = e % T
     m = j < cc
     c = tl.load(keep_base + cols_off + j, mask=m, other=0)
-    x = tl.load(w_base + w_off + (r * Cin + c) * T + t, mask=m)
+    rv = r + 0 * j  # the row as a block: masks are built from blocks only
+    ok = m & (rv >= 0) & (rv < R) & (c >= 0) & (c < Cin)
+    x = tl.load(w_base + w_off + (rv * Cin + c) * T + t, mask=ok, other=0.0)
     tl.store(out_ptr + out_off + (i * cc + j) * T + t, x, mask=m)
 
 
@@ -89,6 +94,7 @@ def slice_channels_many(
                 ws[n].shape[1],
                 ws[n].shape[2],
                 int(out_offs[sidx]),
+                ws[n].shape[0],
             ]
             nb = -(-(col_counts[n][k] * ws[n].shape[2]) // block)
             rc = row_counts[n][k]

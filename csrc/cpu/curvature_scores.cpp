@@ -1,4 +1,4 @@
-// curvature_scores on the CPU: |g * w| + 0.5 * max(h, 0) * w^2, summed over
+// curvature_scores on the CPU: |g * w| + 0.5 * clamp(h, min=0) * w^2 (NaN stays NaN), summed over
 // every dim but `dim`, per client.
 //
 // One work item is one (client, channel) pair; it sums its elements in a fixed
@@ -46,7 +46,7 @@ inline void score_items(const ScoreArgs<T>& a, int64_t q0, int64_t q1) {
       if constexpr (kGrad) v += std::abs(static_cast<acc>(gp[e]) * x);
       if constexpr (kHess) {
         const acc hv = static_cast<acc>(hp[e]);
-        v += acc(0.5) * (hv > acc(0) ? hv : acc(0)) * x * x;
+        v += acc(0.5) * (hv < acc(0) ? acc(0) : hv) * x * x;  // clamp: NaN passes
       }
       return v;
     };
