@@ -2,6 +2,8 @@
 MetricRecord, Grid): compact configure messages, heterogeneous aggregation, error replies,
 dropped nodes, and whole runs through Flower's own Strategy.start loop."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,9 +138,7 @@ def test_aggregate_train_handles_errors_drops_and_bad_arrays(gen):
     msgs = strategy.configure_train(1, ArrayRecord(server.state), ConfigRecord(), grid)
     replies = grid.send_and_receive(msgs)
     # the same good replies through a separate, batch-aggregating server
-    twin = Server(zoo.small_cnn(8), server.example_input, warmup_rounds=1)
-    twin.state = {k: v.clone() for k, v in server.state.items()}
-    twin.assignments = dict(server.assignments)
+    twin = copy.deepcopy(server)
     good = {r.metadata.src_node_id: r for r in replies if r.metadata.src_node_id in (1, 2)}
     expected = twin.aggregate({n: strategy.reply_state(n, r.content) for n, r in good.items()}, {n: 12.0 for n in good})
     arrays, metrics = strategy.aggregate_train(1, replies)

@@ -178,6 +178,7 @@ class Fold:
     nonfinite: bool
     update_size: float
     kept: int
+    clip_scale: float | None = None  # the factor its delta was scaled by (``clip=True``), else None
 
 
 class StreamingAggregator:
@@ -223,13 +224,20 @@ class StreamingAggregator:
         layout: RoundLayout | None = None,
         client: int | None = None,
         max_update: float | None = None,
+        clip: bool = False,
     ) -> Fold:
         """Check one client's compact state_dict and fold it in with weight ``weight`` (>= 0).
 
-        ``max_update``: reject the client when its update size (RMS of its delta) exceeds it.
-        Returns a :class:`Fold`; a rejected client leaves the partial sums unchanged.
+        ``max_update``: a client whose update size (RMS of its delta) exceeds it is rejected,
+        or, with ``clip=True``, folded in with its delta scaled down to that size (one more
+        pass over its data). Returns a :class:`Fold`; a rejected client leaves the partial
+        sums unchanged. The partial sums are float32 (float64): weights far above the others
+        (beyond about 1e30 times a delta) overflow them, so callers with extreme weights scale
+        them first (the Server divides a round's weights by their largest).
         """
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        if isinstance(weight, bool) or not (
+            isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0
+        ):
             raise ValueError(f"StreamingAggregator.add: weight must be a finite number >= 0, got {weight!r}")
         if (layout is None) != (client is None):
             raise ValueError("StreamingAggregator.add: pass layout and client together")
@@ -256,7 +264,19 @@ class StreamingAggregator:
             calls.append((one, weights, data, flat_s, flat_c))
             kept_total += int(one.numels[0])
         bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept_total, 1)
-        if len(calls) > 1:  # several dtype groups: check all before folding any
+        scale = None
+        if clip and bound < math.inf:  # statistics first; an oversized delta is scaled down
+            for one, weights, data, flat_s, flat_c in calls:
+                st = accumulate_packed(one, weights, data, 0.0, self.mode, flat_s, flat_c)
+                ssq_total += float(st[1])
+                if st[0]:
+                    return Fold(False, True, math.inf, kept_total)
+            size = math.sqrt(ssq_total / max(kept_total, 1))
+            if ssq_total > bound:
+                scale = float(max_update) / size
+                calls = [(o, w, clipped_data(o, w, d, scale), fs, fc) for o, w, d, fs, fc in calls]
+            bound, ssq_total = math.inf, 0.0
+        elif len(calls) > 1:  # several dtype groups: check all before folding any
             for one, weights, data, flat_s, flat_c in calls:
                 st = accumulate_packed(one, weights, data, 0.0, self.mode, flat_s, flat_c)
                 ssq_total += float(st[1])
@@ -277,6 +297,8 @@ class StreamingAggregator:
         if weight > 0:
             for name in p.ints:
                 p.ints[name] = largest_reported(p.ints[name], update[name])
+        if scale is not None:
+            return Fold(True, False, size, kept_total, scale)
         return Fold(True, False, math.sqrt(ssq_total / max(kept_total, 1)), kept_total)
 
     def partials(self) -> AggregatePartials:
@@ -329,3 +351,15 @@ def client_data(
     if len({t.dtype for t in tensors}) > 1:
         tensors = [t.to(dtype) for t in tensors]
     return tensors
+
+
+def clipped_data(layout: RoundLayout, weights: list[Tensor], data: Tensor | list[Tensor], scale: float) -> Tensor:
+    """A one-client ``layout``'s data with its delta scaled: ``g + scale * (c - g)``, where
+    ``g`` is the global ``weights`` sliced to the client's keep sets. One packed buffer in the
+    global dtype, computed in the accumulation dtype. With ``0 <= scale <= 1`` every value
+    lies between ``g`` and ``c``, so a finite reply stays finite."""
+    g = layout.slice(weights)[0]
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    c = data if isinstance(data, Tensor) else torch.cat([t.reshape(-1) for t in data])
+    g32 = g.to(acc)
+    return (g32 + scale * (c.to(device=g.device, dtype=acc) - g32)).to(g.dtype)

@@ -1,12 +1,15 @@
 """Checking client replies before they touch the global model.
 
 :func:`check_reply` says why a reply cannot be used (wrong container, missing or unknown
-tensors, wrong shape or kind, non-finite values), or returns None; :func:`check_weight` does
-the same for the client's aggregation weight. Each reason names the client.
+tensors, wrong shape or kind, meta tensors, non-finite values), or returns None;
+:func:`check_weight` does the same for the client's aggregation weight. Each reason names the
+client. A reply is untrusted input: nothing here raises on what a client sent.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Hashable, Mapping
 
 import torch
@@ -26,7 +29,7 @@ def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object, *
         if update.matches(expected.layout, expected.client, expected.names) and set(update.extras) == set(
             expected.extras
         ):
-            if update.buffer.is_floating_point() and (
+            if update.buffer.is_floating_point() and update.buffer.device == expected.buffer.device and (
                 not finite or bool(torch.isfinite(update.buffer.to(expected.buffer.dtype)).all())
             ):
                 return None
@@ -44,17 +47,34 @@ def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object, *
             return f"client {cid!r}: {k!r} is not a tensor"
         if tuple(t.shape) != tuple(ref.shape):
             return f"client {cid!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
-        if t.is_floating_point() != ref.is_floating_point():
+        if t.is_floating_point() != ref.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             return f"client {cid!r}: {k!r} has dtype {t.dtype}, expected {ref.dtype}"
+        if t.device.type == "meta":
+            return f"client {cid!r}: {k!r} is on the meta device (it has no data)"
         if finite and t.is_floating_point() and not bool(torch.isfinite(t.to(ref.dtype)).all()):
             return f"client {cid!r}: {k!r} holds non-finite values"
     return None
 
 
-def check_weight(cid: Hashable, weights: Mapping[Hashable, float] | None) -> str | None:
-    """Why client ``cid``'s aggregation weight cannot be used, or None (no weights: all equal)."""
+def check_weight(cid: Hashable, weights: Mapping[Hashable, object] | None) -> tuple[str | None, float | None]:
+    """``(reason, None)`` when client ``cid``'s aggregation weight cannot be used, else
+    ``(None, weight)`` as a float (no weights given: 1.0 for everyone).
+
+    A weight is a finite real number >= 0: an int, a float, a NumPy scalar or a one-element
+    real tensor; a bool, a string, None, NaN, an infinity or a negative number is rejected.
+    """
     if weights is None:
-        return None
-    if not float(weights.get(cid, 0.0)) >= 0:
-        return f"client {cid!r} has a negative or missing weight"
-    return None
+        return None, 1.0
+    if cid not in weights:
+        return f"client {cid!r} has no weight", None
+    w = weights[cid]
+    if isinstance(w, torch.Tensor):
+        if w.numel() != 1 or w.dtype == torch.bool or w.is_complex() or w.device.type == "meta":
+            return f"client {cid!r} has a weight that is not one real number ({w.dtype}, shape {tuple(w.shape)})", None
+        w = w.item()
+    if isinstance(w, bool) or not isinstance(w, numbers.Real):
+        return f"client {cid!r} has a weight of type {type(w).__name__}, not a number", None
+    value = float(w)
+    if not math.isfinite(value) or value < 0:
+        return f"client {cid!r} has weight {value!r}; it must be a finite number >= 0", None
+    return None, value

@@ -5,9 +5,13 @@
 
 or, step by step (what a framework integration does): ``assignments = server.assign(ratios)``;
 send ``assignments[cid].state`` (a compact state_dict; ``server.build(cid)`` gives the module);
-collect replies; ``report = server.aggregate(replies, weights)``. A bad reply is rejected with
-a reason naming the client (:mod:`cahfp_ops.fl.replies`) and the round goes on; clients that do
-not reply are absent. The report holds one :class:`ClientRecord` per client of the round.
+collect replies; ``report = server.aggregate(replies, weights)``. Replies are untrusted input
+(the SPEC's server section): a malformed reply, a bad weight, a reply from a client not
+assigned in the open round, a reply tagged with another round, a second reply of a client,
+a non-finite value or an update far larger than the round's others is rejected with a reason
+naming the client (:mod:`cahfp_ops.fl.replies`), and the round goes on; the new global model
+equals, bit for bit, the aggregation of the accepted replies alone. Clients that do not reply
+are absent. The report holds one :class:`ClientRecord` per client of the round.
 Global arrays held elsewhere (a framework's copy) come in with :meth:`Server.adopt`.
 ``save`` / ``load`` keep the whole server state (global model, importance history, round
 number, RNG state) atomically (:mod:`cahfp_ops.fl.checkpoint`); a restored server produces
@@ -18,9 +22,11 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import statistics
-from collections.abc import Callable, Hashable, Mapping
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +34,7 @@ from torch import Tensor, nn
 
 from cahfp_ops import MODES, PackedModel, RoundLayout, aggregate_packed, load_cpp
 
-from .aggregate import StreamingAggregator, aggregate_state, client_data, largest_reported
+from .aggregate import StreamingAggregator, aggregate_state, client_data, clipped_data, largest_reported
 from .checkpoint import load_checkpoint, save_atomic
 from .compact import build_compact, count_flops, count_params, extract
 from .importance import Importance, make_importance, random_scores
@@ -36,6 +42,33 @@ from .masks import Ratio, assign_keep_sets
 from .plan import ChannelPlan, trace_plan
 from .replies import check_reply, check_weight
 from .report import ClientRecord, RoundReport
+
+BOUND_ACTIONS = ("reject", "clip")
+_NO_WEIGHT = object()  # a reply tuple without a weight of its own
+
+
+def _reply_list(updates: object) -> list[tuple]:
+    """``(client, reply, weight or _NO_WEIGHT)`` in arrival order, from a mapping or from
+    ``(client, reply)`` / ``(client, reply, weight)`` tuples."""
+    if isinstance(updates, Mapping):
+        return [(cid, u, _NO_WEIGHT) for cid, u in updates.items()]
+    out = []
+    for item in updates:
+        if not isinstance(item, tuple) or len(item) not in (2, 3):
+            raise TypeError(
+                "Server.aggregate: updates must be a mapping or (client, reply[, weight]) tuples, "
+                f"got {type(item).__name__}"
+            )
+        out.append((item[0], item[1], item[2] if len(item) == 3 else _NO_WEIGHT))
+    return out
+
+
+def _on_device(update: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """A well-formed reply with tensors on another device than the global model's, moved
+    there (e.g. CPU uploads for a CUDA server); otherwise the reply itself."""
+    if isinstance(update, PackedModel) or all(update[k].device == v.device for k, v in expected.items()):
+        return update
+    return {k: update[k].to(v.device) for k, v in expected.items()}
 
 
 @dataclass
@@ -47,6 +80,7 @@ class Assignment:
     params: int  # parameters down (and expected up)
     bytes: int  # bytes down (and expected up)
     training_flops: int  # per sample, of the compact model
+    round: int = 0  # the round it was assigned in (what a reply's round tag must say)
 
 
 class Server:
@@ -66,9 +100,15 @@ class Server:
             not ready yet, e.g. curvature without two rounds of history, also gets random masks).
         lr, local_steps: the clients' SGD step size and steps per round (scale of ``g``).
         seed: seeds the server's generator (random masks).
-        update_bound: reject a reply whose update size (RMS of its delta over its kept
-            entries) exceeds this multiple of the round's median (None: no bound); see
-            :meth:`aggregate`.
+        update_bound: the relative update bound: a reply whose update size (RMS of its delta
+            over its kept floating entries, pooled over tensors) exceeds this multiple of the
+            round's median size (at least 3 well-formed clients with positive weight and a
+            positive median; streaming: the previous round's accepted clients) is over the
+            bound (None: no relative bound); see :meth:`aggregate`.
+        max_update: an absolute bound on the update size, applied every round whatever the
+            number of clients (DP-style clipping with ``bound_action="clip"``; None: none).
+        bound_action: what happens to a reply over the bound (the smaller of the two):
+            ``"reject"`` (default) or ``"clip"`` (its delta scaled down to the bound).
     """
 
     def __init__(
@@ -87,9 +127,16 @@ class Server:
         seed: int = 0,
         personalized: bool = False,
         update_bound: float | None = 10.0,
+        max_update: float | None = None,
+        bound_action: str = "reject",
     ):
         if mode not in MODES:
             raise ValueError(f"Server: mode must be one of {MODES}, got {mode!r}")
+        if bound_action not in BOUND_ACTIONS:
+            raise ValueError(f"Server: bound_action must be one of {BOUND_ACTIONS}, got {bound_action!r}")
+        for name, value in (("update_bound", update_bound), ("max_update", max_update)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"Server: {name} must be a finite number > 0 or None, got {value!r}")
         load_cpp()  # a first-use compile of the CPU kernels happens here, not inside a round
         self.criterion = make_importance(criterion, curvature=curvature, personalized=personalized)
         self.model = model
@@ -107,6 +154,9 @@ class Server:
         self._full_params = count_params(self.state)
         self._flops_cache: dict = {}
         self.update_bound = update_bound
+        self.max_update = max_update
+        self.bound_action = bound_action
+        self._open = False  # whether the current round has assignments and takes replies
         self.layout: RoundLayout | None = None
         self._slots: dict[Hashable, int] = {}
         self._previous_sizes: list[float] = []
@@ -131,6 +181,7 @@ class Server:
         self.assignments = {}
         self.layout = None
         self._slots = {}
+        self._open = True
         if not ids:
             return self.assignments
         floats = [v for v in self.state.values() if v.is_floating_point()]
@@ -148,7 +199,9 @@ class Server:
             ]
         for j, (cid, keep, st) in enumerate(zip(ids, keeps, states)):
             self._slots[cid] = j
-            self.assignments[cid] = Assignment(keep, st, sizes[j][0], sizes[j][1], self._training_flops(st, j))
+            self.assignments[cid] = Assignment(
+                keep, st, sizes[j][0], sizes[j][1], self._training_flops(st, j), self.round
+            )
         return self.assignments
 
     def _training_flops(self, compact_state: Mapping[str, Tensor], j: int) -> int:
@@ -170,41 +223,63 @@ class Server:
     def check_update(self, cid: Hashable, update: Mapping[str, Tensor], *, finite: bool = True) -> str | None:
         """Why client ``cid``'s reply cannot be used, or None when it is well formed
         (``finite=False``: values unread; the aggregation pass checks them)."""
+        if not self._open:
+            return (
+                f"client {cid!r}: no round is open (round {self.round - 1} was aggregated; replies to it are late)"
+                if self.round
+                else f"client {cid!r}: no round is open (nothing was assigned)"
+            )
         if cid not in self.assignments:
-            return f"client {cid!r} was not assigned this round"
+            return f"client {cid!r} was not assigned in round {self.round}"
         return check_reply(cid, self.assignments[cid].state, update, finite=finite)
 
     def aggregate(
         self,
-        updates: Mapping[Hashable, Mapping[str, Tensor]],
+        updates: Mapping[Hashable, Mapping[str, Tensor]] | Iterable[tuple],
         weights: Mapping[Hashable, float] | None = None,
         *,
         streaming: bool = False,
+        rounds: Mapping[Hashable, int] | None = None,
     ) -> RoundReport:
         """Fold the replies of this round into the global model; bad replies are rejected.
 
-        Each reply's structure is checked first; its finiteness (in the global dtype) and its
-        update size (RMS of ``c - w`` over its kept entries) come from the aggregation kernel's
-        own pass over the data. A reply that is not finite, or whose size exceeds
-        ``update_bound`` times the round's median (at least 3 clients with positive weight;
-        streaming: the previous round's median), is rejected, and the round is recomputed
-        without it, so the new model equals the aggregation of the accepted replies alone.
+        ``updates``: client -> compact state_dict (or :class:`~cahfp_ops.layout.PackedModel`),
+        or, in arrival order, ``(client, reply)`` / ``(client, reply, weight)`` tuples (a
+        client may then appear more than once: its first well-formed reply counts, the others
+        are rejected and listed in ``report.duplicates``). ``weights``: client -> finite
+        number >= 0 (e.g. its sample count; None: equal), checked per client. ``rounds``:
+        client -> the round its reply was made for (the ``Assignment.round`` it was sent); a
+        reply tagged with another round, or untagged when tags are given, is rejected as late.
+
+        Each reply's structure is checked first; its finiteness (in the global dtype, and of
+        its delta in the accumulation dtype) and its update size come from the aggregation
+        kernel's own pass over the data. A reply that is not finite, or over the update bound
+        (see the class docs) with ``bound_action="reject"``, is rejected and the round is
+        recomputed without it, so the new model equals the aggregation of the accepted replies
+        alone; with ``"clip"`` its delta is scaled down to the bound. Weights are divided by
+        the round's largest before they become coefficients, so any finite weights work.
         ``streaming=True`` folds the clients in one at a time (:class:`StreamingAggregator`,
-        O(model) memory whatever the number of clients) instead of one batch call.
+        O(model) memory whatever the number of clients) instead of one batch call. A round
+        takes replies once: after it is aggregated, replies to it are rejected until the next
+        :meth:`assign`.
         """
         fused = self.layout is not None
-        report = self._check_round(updates, weights, finite=not fused)
+        report, chosen = self._check_round(updates, weights, rounds, finite=not fused)
         good = report.accepted
         w = [report.clients[c].weight for c in good]
-        if good and sum(w) > 0:
+        top = max(w, default=0.0)
+        if good and top > 0:
+            coef = [x / top for x in w]  # scaled so that no sum of weights overflows
             if not fused:
-                self._aggregate_unfused(report, updates, good, w, streaming)
+                self._aggregate_unfused(report, chosen, good, coef, streaming)
             elif streaming:
-                self._aggregate_streaming(report, updates, good, w)
+                self._aggregate_streaming(report, chosen, good, coef)
             else:
-                self._aggregate_batch(report, updates, good, w)
-        self.criterion.observe(self.state, self.lr, self.local_steps)
-        self.round += 1
+                self._aggregate_batch(report, chosen, good, coef)
+        if self._open:
+            self.criterion.observe(self.state, self.lr, self.local_steps)
+            self.round += 1
+            self._open = False
         return report
 
     def _observe_replies(self, good: list, updates: Mapping) -> None:
@@ -231,16 +306,21 @@ class Server:
         kept = sub.numels.tolist()
         sizes = [math.inf if bad else math.sqrt(q / max(n, 1)) for (bad, q), n in zip(stats, kept)]
         bound = self._bound(report, [x for x, wc in zip(sizes, w) if wc > 0])  # positive-weight clients
-        keep = []
+        keep, changed = [], False
         for j, c in enumerate(good):
             report.clients[c].update_size = sizes[j]
             if stats[j][0]:
                 report.reject(c, f"client {c!r} holds non-finite values (in the global dtype or its update)")
-            elif bound is not None and sizes[j] > bound:
+            elif bound is not None and sizes[j] > bound and self.bound_action == "reject":
                 report.reject(c, f"client {c!r}: update size {sizes[j]:.4g} exceeds the bound {bound:.4g}")
             else:
                 keep.append(j)
-        if len(keep) < len(good):  # recompute without the rejected: bit for bit their absence
+                if bound is not None and sizes[j] > bound:  # clip: its delta scaled down to the bound
+                    scale = bound / sizes[j]
+                    report.clients[c].clip_scale = scale
+                    data[j] = clipped_data(sub.client(j), floats, data[j], scale)
+                    changed = True
+        if len(keep) < len(good) or changed:  # recompute: bit for bit the accepted (clipped) replies alone
             w_kept = [w[j] if j in keep else 0.0 for j in range(len(good))]
             if sum(w_kept) <= 0:
                 return
@@ -255,9 +335,12 @@ class Server:
     def _aggregate_streaming(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
         agg = StreamingAggregator(self.state, self.mode)
         bound = self._bound(report, self._previous_sizes)  # streaming: the previous round's accepted
+        clip = self.bound_action == "clip"
         accepted, sizes = [], []
         for c, wc in zip(good, w):
-            fold = agg.add(updates[c], weight=wc, layout=self.layout, client=self._slots[c], max_update=bound)
+            fold = agg.add(
+                updates[c], weight=wc, layout=self.layout, client=self._slots[c], max_update=bound, clip=clip
+            )
             report.clients[c].update_size = fold.update_size
             if fold.nonfinite:
                 report.reject(c, f"client {c!r} holds non-finite values (in the global dtype or its update)")
@@ -265,8 +348,9 @@ class Server:
                 report.reject(c, f"client {c!r}: update size {fold.update_size:.4g} exceeds the bound {bound:.4g}")
             else:
                 accepted.append(c)
+                report.clients[c].clip_scale = fold.clip_scale
                 if wc > 0:
-                    sizes.append(fold.update_size)
+                    sizes.append(min(fold.update_size, bound) if fold.clip_scale is not None else fold.update_size)
         self._previous_sizes = sizes
         if agg.weight_sum > 0:
             self._observe_replies(accepted, updates)
@@ -299,42 +383,78 @@ class Server:
         return out
 
     def _bound(self, report: RoundReport, sizes: list[float]) -> float | None:
-        """``update_bound`` x the median of the finite ``sizes`` (at least 3 of them and a positive
-        median; else no bound), both recorded in the report."""
+        """The update bound: ``update_bound`` x the median of the finite ``sizes`` (at least 3
+        of them and a positive median), and ``max_update``; the smaller applies (None: none).
+        The median and the bound go into the report."""
         finite = [x for x in sizes if math.isfinite(x)]
         median = statistics.median(finite) if finite else None
         report.update_median = median
-        bound = None
+        bounds = []
         if self.update_bound is not None and len(finite) >= 3 and median and median > 0:
-            bound = self.update_bound * median
-        report.update_bound = bound
-        return bound
+            bounds.append(self.update_bound * median)
+        if self.max_update is not None:
+            bounds.append(float(self.max_update))
+        report.update_bound = min(bounds) if bounds else None
+        return report.update_bound
 
     def _check_round(
         self,
-        updates: Mapping[Hashable, Mapping[str, Tensor]],
+        updates: Mapping[Hashable, Mapping[str, Tensor]] | Iterable[tuple],
         weights: Mapping[Hashable, float] | None,
+        rounds: Mapping[Hashable, int] | None,
         *,
         finite: bool = True,
-    ) -> RoundReport:
-        """One record per client: each reply checked (then its weight), each silent assignee absent."""
+    ) -> tuple[RoundReport, dict]:
+        """One record per client (its first well-formed reply, else its first reply), the
+        other replies of repeating clients in ``duplicates``, each silent assignee absent.
+        Returns the report and client -> the reply that counts (moved to the server's
+        device where it was on another)."""
         report = RoundReport(self.round, full_params=self._full_params, full_training_flops=self._full_flops)
-        for cid, update in updates.items():
-            why = self.check_update(cid, update, finite=finite) or check_weight(cid, weights)
-            a = self.assignments.get(cid)
+        replies = _reply_list(updates)
+        repeats = {cid for cid, n in Counter(cid for cid, _, _ in replies).items() if n > 1}
+        chosen: dict = {}
+        for cid, update, weight in replies:
+            why = self._round_tag_problem(cid, rounds)
+            if why is None:  # a repeating client's replies are read now: the first well-formed counts
+                why = self.check_update(cid, update, finite=finite or cid in repeats)
+            value = None
+            if why is None:
+                why, value = check_weight(cid, weights if weight is _NO_WEIGHT else {cid: weight})
+            if why is None and cid in chosen:
+                why = f"client {cid!r} already replied in round {self.round}; only its first well-formed reply counts"
+            a = self.assignments.get(cid) if self._open else None
             record = ClientRecord(cid, "rejected" if why else "accepted", why)
             if a is not None:
                 record.params_down, record.bytes_down, record.training_flops = a.params, a.bytes, a.training_flops
                 if why is None:
                     record.params_up, record.bytes_up = a.params, a.bytes
-                    record.weight = float(weights[cid]) if weights is not None else 1.0
-            report.clients[cid] = record
-        for cid, a in self.assignments.items():
-            if cid not in updates:
-                report.clients[cid] = ClientRecord(
-                    cid, "absent", params_down=a.params, bytes_down=a.bytes, training_flops=a.training_flops
-                )
-        return report
+                    record.weight = value
+            if why is None:
+                chosen[cid] = _on_device(update, self.assignments[cid].state)
+                if cid in report.clients:  # an earlier malformed reply of this client
+                    report.duplicates.append(report.clients.pop(cid))
+                report.clients[cid] = record
+            elif cid in report.clients:
+                report.duplicates.append(record)
+            else:
+                report.clients[cid] = record
+        if self._open:
+            for cid, a in self.assignments.items():
+                if cid not in report.clients:
+                    report.clients[cid] = ClientRecord(
+                        cid, "absent", params_down=a.params, bytes_down=a.bytes, training_flops=a.training_flops
+                    )
+        return report, chosen
+
+    def _round_tag_problem(self, cid: Hashable, rounds: Mapping[Hashable, int] | None) -> str | None:
+        if rounds is None or not self._open:
+            return None
+        if cid not in rounds:
+            return f"client {cid!r}: its reply has no round tag (round {self.round} is open)"
+        tag = rounds[cid]
+        if isinstance(tag, bool) or not isinstance(tag, numbers.Integral) or int(tag) != self.round:
+            return f"client {cid!r}: its reply is for round {tag!r}, but round {self.round} is open (late or foreign)"
+        return None
 
     def run_round(
         self,
