@@ -20,6 +20,7 @@ from .cpp import load_cpp
 from .layout import PackedModel, RoundLayout, Workspace, accumulate_packed, aggregate_packed, slice_packed
 from .ops import (
     MODES,
+    REDUCERS,
     curvature_scores,
     reconstruct_aggregate,
     reconstruct_aggregate_many,
@@ -33,6 +34,7 @@ __version__ = "0.3.0"
 __all__ = [
     "BACKENDS",
     "MODES",
+    "REDUCERS",
     "DTypeError",
     "PackedModel",
     "RoundLayout",

@@ -188,9 +188,15 @@ def kept_counts(keep: KeepSets, padded: Tensor) -> list[int]:
     return (padded >= 0).sum(dim=1).tolist()
 
 
-def canonical_coef(op: str, coef: object, K: int, device: torch.device) -> Tensor:
-    """Client weights -> (K,) float64 on ``device``, normalised to sum 1 (default: equal)."""
+def canonical_coef(op: str, coef: object, K: int, device: torch.device, *, normalised: bool = True) -> Tensor:
+    """Client weights -> (K,) float64 on ``device``, normalised to sum 1 (default: equal).
+
+    ``normalised=False`` (the robust reducers): the weights as given, unless their sum
+    overflows float64; then they are divided by a power of two (exact) so that it does not.
+    """
     if coef is None:
+        if not normalised:
+            return torch.ones(K, dtype=torch.float64, device=device)
         return torch.full((K,), 1.0 / K, dtype=torch.float64, device=device)
     if isinstance(coef, Tensor):
         if validation_enabled() and (coef.dtype == torch.bool or coef.is_complex()):
@@ -212,6 +218,9 @@ def canonical_coef(op: str, coef: object, K: int, device: torch.device) -> Tenso
             raise ValueError(f"{op}: coef[{k}] = {float(c[k])} is negative or not finite")
         if not bool(c.sum() > 0):
             raise ValueError(f"{op}: coef sums to zero; at least one client needs a positive weight")
+    if not normalised:
+        _, exponent = torch.frexp(c.amax())
+        return torch.where(torch.isfinite(c.sum()), c, torch.ldexp(c, -exponent))
     return normalise(c)
 
 

@@ -8,7 +8,8 @@ build them; each backend module implements the six functions below with these si
   ascending and padded with ``-1`` at its end; ``cols`` of a 1-D weight is ``(K, 1)`` zeros;
 * ``clients``: K compact tensors ``(>= rows_k, >= cols_k, *weight.shape[2:])`` of one dtype
   (whole-model form: ``clients[n * K + k]`` is client k's tensor n);
-* ``coef``: ``(K,)`` float64 on the data's device, normalised to sum 1;
+* ``coef``: ``(K,)`` float64 on the data's device, normalised to sum 1 (``robust_aggregate``:
+  as given, scaled by a power of two at most);
 * ``row_counts`` / ``col_counts`` (whole-model slicing): kept counts ``[n * K + k]``.
 
 The body of each operator picks the backend for the data's device and calls it; nothing
@@ -52,6 +53,37 @@ def _(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Tensor, Tensor]:
     mask = scores.new_empty(scores.shape, dtype=torch.bool)
     indices = scores.new_empty((scores.shape[0], max_keep), dtype=torch.int64)
     return mask, indices
+
+
+# --------------------------------------------------------------------------- robust_aggregate
+@torch.library.custom_op("cahfp::robust_aggregate", mutates_args=())
+def robust_aggregate_op(
+    weight: Tensor,
+    clients: list[Tensor],
+    rows: Tensor,
+    cols: Tensor,
+    coef: Tensor,
+    mode: str,
+    reduce: str,
+    trim: float,
+) -> Tensor:
+    """-> a new contiguous tensor shaped and typed like ``weight``: the weighted median or
+    trimmed mean per element (SPEC, "Robust reducers"); ``coef`` ``(K,)`` float64 as given."""
+    return backend_for(weight.device).robust_aggregate(weight, clients, rows, cols, coef, mode, reduce, trim)
+
+
+@robust_aggregate_op.register_fake
+def _(
+    weight: Tensor,
+    clients: list[Tensor],
+    rows: Tensor,
+    cols: Tensor,
+    coef: Tensor,
+    mode: str,
+    reduce: str,
+    trim: float,
+) -> Tensor:
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------- slice_channels

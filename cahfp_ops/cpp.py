@@ -342,6 +342,19 @@ def reconstruct_aggregate(
     return _kernels().reconstruct_aggregate(weight, clients, rows, cols, coef, mode)
 
 
+def robust_aggregate(
+    weight: Tensor,
+    clients: list[Tensor],
+    rows: Tensor,
+    cols: Tensor,
+    coef: Tensor,
+    mode: str,
+    reduce: str,
+    trim: float,
+) -> Tensor:
+    return _kernels().robust_aggregate(weight, clients, rows, cols, coef, mode, reduce, trim)
+
+
 def reconstruct_aggregate_many(
     weights: list[Tensor], clients: list[Tensor], rows: list[Tensor], cols: list[Tensor], coef: Tensor, mode: str
 ) -> Tensor:

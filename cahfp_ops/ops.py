@@ -39,6 +39,7 @@ from .layout import PackedModel, RoundLayout, aggregate_packed, slice_packed
 Clients = Union[Tensor, Sequence[Tensor]]
 #: The aggregation modes: CA-HFP reconstruction and HeteroFL-style overlap averaging.
 MODES = ("reconstruct", "overlap")
+REDUCERS = ("mean", "median", "trimmed_mean")
 
 
 def curvature_scores(
@@ -226,6 +227,8 @@ def reconstruct_aggregate(
     coef: Sequence[float] | Tensor | None = None,
     *,
     mode: str = "reconstruct",
+    reduce: str = "mean",
+    trim: float = 0.1,
 ) -> Tensor:
     """Aggregate K compact client tensors into a new full-size tensor shaped like ``weight``.
 
@@ -242,6 +245,17 @@ def reconstruct_aggregate(
         mode: ``"reconstruct"`` (CA-HFP: ``weight + sum_k p_k E_k(c_k - weight_k)``)
             or ``"overlap"`` (HeteroFL: weighted mean over the clients that keep
             each element).
+        reduce: how the clients' values of an element are combined: ``"mean"`` (the two
+            modes above, bit for bit), or a robust reducer over the element's participants
+            (SPEC, "Robust reducers"): ``"median"`` (the coef-weighted median; an exact tie
+            of the cumulative weight with half the total gives the midpoint of the two
+            values) or ``"trimmed_mean"`` (``trim`` of the total weight cut from each end,
+            the weighted mean of the rest). In ``reconstruct`` mode every client with a
+            positive weight takes part (valued ``weight`` where it does not keep the element);
+            in ``overlap`` mode only the clients keeping it. No FL framework offers robust
+            aggregation of heterogeneous submodels; Flower's FedMedian / FedTrimmedAvg need
+            equal shapes.
+        trim: the fraction cut from each end by ``"trimmed_mean"``, in ``[0, 0.5)``.
 
     Returns:
         A new tensor with ``weight``'s shape and dtype. Elements no client keeps
@@ -249,9 +263,26 @@ def reconstruct_aggregate(
     """
     op = "reconstruct_aggregate"
     _check_mode(op, mode)
+    _check_reduce(op, reduce, trim)
     weight, client_list, padded_rows, padded_cols = _prepare_aggregate(op, "", weight, clients, rows, cols)
+    if reduce != "mean":
+        coef_t = canonical_coef(op, coef, len(client_list), weight.device, normalised=False)
+        return _operators.robust_aggregate_op(
+            weight, client_list, padded_rows, padded_cols, coef_t, mode, reduce, float(trim)
+        )
     coef_t = canonical_coef(op, coef, len(client_list), weight.device)
     return _operators.reconstruct_aggregate_op(weight, client_list, padded_rows, padded_cols, coef_t, mode)
+
+
+def _check_reduce(op: str, reduce: object, trim: object) -> None:
+    if not isinstance(reduce, str):
+        raise TypeError(f"{op}: reduce must be a str, got {type(reduce).__name__}")
+    if reduce not in REDUCERS:
+        raise ValueError(f"{op}: reduce must be one of {REDUCERS}, got {reduce!r}")
+    if isinstance(trim, bool) or not isinstance(trim, (int, float)):
+        raise TypeError(f"{op}: trim must be a number, got {type(trim).__name__}")
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"{op}: trim must be in [0, 0.5), got {trim!r}")
 
 
 def _check_mode(op: str, mode: object) -> None:
@@ -359,6 +390,8 @@ def reconstruct_aggregate_many(
     coef: Sequence[float] | Tensor | None = None,
     *,
     mode: str = "reconstruct",
+    reduce: str = "mean",
+    trim: float = 0.1,
 ) -> list[Tensor] | dict[str, Tensor]:
     """Whole-model :func:`reconstruct_aggregate`: many tensors (a state_dict) in a constant number of launches.
 
@@ -371,7 +404,8 @@ def reconstruct_aggregate_many(
         rows, cols: per tensor (a list aligned with ``weights`` or a mapping by name;
             a missing entry means all channels), the per-client keep sets exactly as
             :func:`reconstruct_aggregate` takes them.
-        coef, mode: as in :func:`reconstruct_aggregate`, shared by all tensors.
+        coef, mode, reduce, trim: as in :func:`reconstruct_aggregate`, shared by all
+            tensors (a robust reducer runs tensor by tensor: one call each).
 
     Returns:
         New tensors in the container type of ``weights``; entry n equals
@@ -383,6 +417,9 @@ def reconstruct_aggregate_many(
     """
     op = "reconstruct_aggregate_many"
     _check_mode(op, mode)
+    _check_reduce(op, reduce, trim)
+    if reduce != "mean":
+        return _robust_many(weights, clients, rows, cols, coef, mode, reduce, trim)
     if torch.compiler.is_compiling():  # the layout is host-side bookkeeping: trace the per-tensor form
         return _aggregate_many_per_tensor(weights, clients, rows, cols, coef, mode=mode)
     keys, is_mapping = named(weights, "weights", op)
@@ -522,6 +559,26 @@ def _aggregate_many_per_tensor(
         for n, part in zip(members, packed_views(packed, [tuple(prepared[n][0].shape) for n in members])):
             results[n] = part
     out = [results[n] for n in range(len(keys))]
+    return dict(zip(keys, out)) if is_mapping else out
+
+
+def _robust_many(weights, clients, rows, cols, coef, mode: str, reduce: str, trim: float):
+    """A robust reducer on a whole model: :func:`reconstruct_aggregate` tensor by tensor."""
+    op = "reconstruct_aggregate_many"
+    keys, is_mapping = named(weights, "weights", op)
+    if not isinstance(clients, (list, tuple)) or not clients:
+        raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
+    out = []
+    for key in keys:
+        per_client = []
+        for k, model in enumerate(clients):
+            try:
+                per_client.append(model[key])
+            except (KeyError, IndexError, TypeError):
+                raise ValueError(f"{op}: clients[{k}] has no tensor {key!r}") from None
+        r = per_tensor(rows, key, is_mapping, op, "rows")
+        c = per_tensor(cols, key, is_mapping, op, "cols")
+        out.append(reconstruct_aggregate(weights[key], per_client, r, c, coef, mode=mode, reduce=reduce, trim=trim))
     return dict(zip(keys, out)) if is_mapping else out
 
 

@@ -58,6 +58,9 @@ SCRIPT = textwrap.dedent(
             w, [guarded((2, 2, 3), gen)[1]] * 2, t([[0, 1], [1, 2]]), t([[-3, 1], [0, 8]]), mode="overlap"),
         "aggregate_many wrong trailing size": lambda: cahfp_ops.reconstruct_aggregate_many(
             [w], [[guarded((2, 5, 1), gen)[1]]], [[t([1, 4])]]),
+        "median, rows past the end and a short client": lambda: cahfp_ops.reconstruct_aggregate(
+            w, [guarded((2, 5, 2), gen)[1], guarded((1, 2, 3), gen)[1]], [t([0, 7]), t([2, 3])],
+            [None, t([0, 1, 9])], reduce="median"),
     }
     results = {}
     for name, call in cases.items():
@@ -88,4 +91,4 @@ def test_bad_keep_sets_and_clients_stay_in_bounds_with_validation_off(backend):
         assert not raised, f"the Triton kernels raised instead of masking: {raised}"
     read_outside = [name for name, r in results.items() if r.get("nan_read")]
     assert not read_outside, f"{backend} read outside its buffers in: {read_outside}"
-    assert len(results) == 9
+    assert len(results) == 10

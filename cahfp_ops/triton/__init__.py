@@ -8,6 +8,7 @@ One file per op; the six backend functions take the canonical inputs every backe
 from .curvature_scores import curvature_scores
 from .packed import accumulate_packed, aggregate_packed, slice_packed
 from .reconstruct_aggregate import reconstruct_aggregate, reconstruct_aggregate_many
+from .robust_aggregate import robust_aggregate
 from .slice_channels import slice_channels, slice_channels_many
 from .topk_channel_masks import topk_channel_masks
 
@@ -18,6 +19,7 @@ __all__ = [
     "curvature_scores",
     "reconstruct_aggregate",
     "reconstruct_aggregate_many",
+    "robust_aggregate",
     "slice_channels",
     "slice_channels_many",
     "topk_channel_masks",

@@ -23,6 +23,8 @@ Tensor reconstruct_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Ten
 Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients,
                                       std::vector<Tensor> rows, std::vector<Tensor> cols, Tensor coef,
                                       std::string mode);
+Tensor robust_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Tensor rows, Tensor cols, Tensor coef,
+                            std::string mode, std::string reduce, double trim);
 Tensor slice_channels_cpu(Tensor weight, Tensor rows, Tensor cols, int64_t total);
 Tensor slice_channels_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> rows, std::vector<Tensor> cols,
                                int64_t total);
@@ -63,6 +65,9 @@ STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
   m.def(
       "reconstruct_aggregate_many(Tensor[] weights, Tensor[] clients, Tensor[] rows, Tensor[] cols, Tensor coef, "
       "str mode) -> Tensor");
+  m.def(
+      "robust_aggregate(Tensor weight, Tensor[] clients, Tensor rows, Tensor cols, Tensor coef, str mode, "
+      "str reduce, float trim) -> Tensor");
   m.def("slice_channels_many(Tensor[] weights, Tensor[] rows, Tensor[] cols, int total) -> Tensor");
   m.def(
       "slice_packed(Tensor[] weights, Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor starts, "
@@ -84,6 +89,7 @@ STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
   m.impl("slice_channels", TORCH_BOX(&slice_channels_cpu));
   m.impl("reconstruct_aggregate", TORCH_BOX(&reconstruct_aggregate_cpu));
   m.impl("reconstruct_aggregate_many", TORCH_BOX(&reconstruct_aggregate_many_cpu));
+  m.impl("robust_aggregate", TORCH_BOX(&robust_aggregate_cpu));
   m.impl("slice_channels_many", TORCH_BOX(&slice_channels_many_cpu));
   m.impl("slice_packed", TORCH_BOX(&slice_packed_cpu));
   m.impl("aggregate_packed", TORCH_BOX(&aggregate_packed_cpu));

@@ -16,7 +16,10 @@
 #include "isa.h"
 #include "layout_tables.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -473,6 +476,163 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
       mdata<double>(stats)[2] = accept ? 1.0 : 0.0;
     });
   });
+}
+
+// ---------------------------------------------------------------------------------------
+// Robust reducers (SPEC, "Robust reducers"): per output element, the weighted median or the
+// weighted trimmed mean of the participants' deltas v - w. Participants: clients with
+// coef > 0; in reconstruct mode a client that does not keep the element takes part with
+// delta 0, in overlap mode only keepers do. Values are ordered ascending with ties by client
+// index; the keepers are sorted (few per element) and merged with the zero group (every
+// participant whose delta is 0, in client order), so an element costs O(K + m log m) for m
+// keepers. Coefficients are as given (float64, not normalised); cumulative weights are summed
+// in float64 in sorted order, W is the last of them. Work items are (row, column) pairs, each
+// written by one thread: deterministic whatever the thread count. Extra memory: O(K) per
+// thread plus the keep-set tables.
+namespace {
+
+template <typename wt, typename ct>
+void robust_items(const wt* W, wt* out, const View3& v, const KeepTables& kt, const std::vector<int32_t>& inv_cols,
+                  const std::vector<ClientView<ct>>& cl, const double* coef, int64_t K, bool overlap, bool median,
+                  double trim, int64_t q0, int64_t q1) {
+  using acc = acc_t<wt>;
+  std::vector<const ct*> kptr(K);
+  std::vector<int64_t> keepers, order;
+  std::vector<acc> val(K);
+  std::vector<double> seq_w(K), cum(K);
+  std::vector<acc> seq_v(K);
+  keepers.reserve(K);
+  order.reserve(K);
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t r = q / v.Cin, c = q % v.Cin;
+    const wt* wp = W + q * v.T;
+    wt* op = out + q * v.T;
+    keepers.clear();
+    for (int64_t k = 0; k < K; ++k) {
+      if (!(coef[k] > 0)) continue;
+      const int64_t i = kt.inv_rows[k * (v.row_vector ? 1 : v.R) + (v.row_vector ? 0 : r)];
+      const int64_t j = inv_cols[k * v.Cin + c];
+      if (i >= 0 && j >= 0 && i < cl[k].rows && j < cl[k].cols) {
+        kptr[k] = cl[k].data + i * cl[k].stride0 + j * cl[k].stride1;
+        keepers.push_back(k);
+      } else {
+        kptr[k] = nullptr;
+      }
+    }
+    if (keepers.empty()) {
+      for (int64_t t = 0; t < v.T; ++t) op[t] = wp[t];
+      continue;
+    }
+    for (int64_t t = 0; t < v.T; ++t) {
+      const acc w = static_cast<acc>(wp[t]);
+      bool nan = false;
+      for (int64_t k : keepers) {
+        val[k] = static_cast<acc>(kptr[k][t]) - w;
+        nan |= std::isnan(val[k]);
+      }
+      if (nan) {
+        op[t] = static_cast<wt>(std::numeric_limits<acc>::quiet_NaN());
+        continue;
+      }
+      // Order: negative keepers, the zero group in client order, positive keepers.
+      order.clear();
+      for (int64_t k : keepers)
+        if (val[k] != acc(0)) order.push_back(k);
+      std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return val[a] < val[b] || (val[a] == val[b] && a < b);
+      });
+      int64_t n = 0;
+      double run = 0;
+      auto emit = [&](acc value, double weight) {
+        run += weight;
+        seq_v[n] = value;
+        seq_w[n] = weight;
+        cum[n] = run;
+        ++n;
+      };
+      size_t o = 0;
+      for (; o < order.size() && val[order[o]] < acc(0); ++o) emit(val[order[o]], coef[order[o]]);
+      for (int64_t k = 0; k < K; ++k) {
+        if (!(coef[k] > 0)) continue;
+        if (kptr[k] == nullptr) {
+          if (!overlap) emit(acc(0), coef[k]);
+        } else if (val[k] == acc(0)) {
+          emit(acc(0), coef[k]);
+        }
+      }
+      for (; o < order.size(); ++o) emit(val[order[o]], coef[order[o]]);
+      const double total = cum[n - 1];
+      acc result;
+      if (median) {
+        int64_t i = 0;
+        while (i < n - 1 && 2 * cum[i] < total) ++i;
+        result = (2 * cum[i] == total && i + 1 < n) ? seq_v[i] + (seq_v[i + 1] - seq_v[i]) / acc(2) : seq_v[i];
+      } else {
+        const double lo = trim * total, hi = total - lo;
+        double kept = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const double a = i ? cum[i - 1] : 0.0;
+          const double part = std::min(cum[i], hi) - std::max(a, lo);
+          if (part > 0) kept += part;
+        }
+        acc s = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const double a = i ? cum[i - 1] : 0.0;
+          const double part = std::min(cum[i], hi) - std::max(a, lo);
+          if (part > 0) s += static_cast<acc>(part / kept) * seq_v[i];
+        }
+        result = s;
+      }
+      op[t] = static_cast<wt>(w + result);
+    }
+  }
+}
+
+}  // namespace
+
+// weight: N-D; clients: K compact tensors (one floating dtype); rows / cols: (K, m) int64, -1
+// padded (cols of a 1-D weight: (K, 1) zeros); coef: (K,) float64 as given (>= 0, not
+// normalised); reduce: "median" or "trimmed_mean"; trim in [0, 0.5).
+Tensor robust_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Tensor rows, Tensor cols, Tensor coef,
+                            std::string mode, std::string reduce, double trim) {
+  const int64_t K = static_cast<int64_t>(clients.size());
+  STD_TORCH_CHECK(K > 0, "clients must not be empty");
+  STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
+                  "coef must be a (K,) float64 CPU tensor");
+  const bool overlap = mode == "overlap";
+  STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  const bool median = reduce == "median";
+  STD_TORCH_CHECK(median || reduce == "trimmed_mean", "reduce must be 'median' or 'trimmed_mean'");
+  STD_TORCH_CHECK(trim >= 0 && trim < 0.5, "trim must be in [0, 0.5)");
+  const auto wdtype = weight.scalar_type(), cdtype = clients[0].scalar_type();
+  STD_TORCH_CHECK(weight.is_cpu() && is_floating(wdtype) && is_floating(cdtype) && weight.dim() >= 1,
+                  "weight and clients must be floating CPU tensors");
+  Tensor w = torch::stable::contiguous(weight);
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  Tensor out = new_output(shape, wdtype);
+  const View3 v = view3(w);
+  const KeepTables kt = keep_tables(rows, cols, v, w.size(0), w.dim() >= 2 ? w.size(1) : 1, K);
+  std::vector<int32_t> inv_cols(K * v.Cin, -1);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < kt.cc[k] && j < v.Cin; ++j) {
+      const int32_t c = kt.cols[k * v.Cin + j];
+      if (c >= 0 && c < v.Cin) inv_cols[k * v.Cin + c] = static_cast<int32_t>(j);
+    }
+  const double* cp = cdata<double>(coef);
+  CAHFP_DISPATCH_FLOATING(wdtype, "robust_aggregate", [&] {
+    using wt = scalar_t;
+    CAHFP_DISPATCH_FLOATING(cdtype, "robust_aggregate_client", [&] {
+      using ct = scalar_t;
+      std::vector<ClientView<ct>> cl(K);
+      for (int64_t k = 0; k < K; ++k) cl[k] = separate_view<ct>(clients[k], cdtype, v, kt.rc[k], kt.cc[k], 0, k);
+      const wt* W = cdata<wt>(w);
+      wt* o = mdata<wt>(out);
+      torch::stable::parallel_for(0, v.R * v.Cin, 1, [&](int64_t q0, int64_t q1) {
+        robust_items<wt, ct>(W, o, v, kt, inv_cols, cl, cp, K, overlap, median, trim, q0, q1);
+      });
+    });
+  });
+  return out;
 }
 
 }  // namespace cahfp
