@@ -3,6 +3,7 @@ MetricRecord, Grid): compact configure messages, heterogeneous aggregation, erro
 dropped nodes, and whole runs through Flower's own Strategy.start loop."""
 
 import copy
+import uuid
 
 import pytest
 import torch
@@ -62,6 +63,9 @@ class LocalGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:  # as Flower's grids do: a fresh id on each pushed message, set in place
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         replies = [self.nodes[m.metadata.dst_node_id](m) for m in messages]
         return [r for r in replies if r is not None]
 
@@ -188,7 +192,7 @@ def test_strategy_is_a_fedavg_overriding_only_the_train_side():
 
     assert issubclass(CAHFPStrategy, FedAvg)
     own = {k for k, v in vars(CAHFPStrategy).items() if callable(v) and not k.startswith("__")}
-    assert own == {"configure_train", "aggregate_train", "node_ratio", "reply_state", "summary"}
+    assert own == {"configure_train", "aggregate_train", "node_ratio", "reply_state", "summary", "_provenance_problem"}
     for inherited in ("configure_evaluate", "aggregate_evaluate"):
         assert getattr(CAHFPStrategy, inherited) is getattr(FedAvg, inherited)
 
@@ -238,3 +242,24 @@ def test_wire_format_one_array_per_message_or_named_arrays(gen, packed):
     if packed:
         assert set(report.rejected) == {4} and "malformed" in report.rejected[4]
     assert all(torch.isfinite(v).all() for v in server.state.values() if v.is_floating_point())
+
+
+def test_duplicate_late_and_unsampled_replies_are_flagged(gen):
+    server, grid = _setup(gen, {1: "good", 2: "good", 3: "good"})
+    strategy = CAHFPStrategy(server, ratio=0.5, streaming=False)
+    msgs = list(strategy.configure_train(1, ArrayRecord(server.state), ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(msgs))
+    first = {r.metadata.src_node_id: r for r in replies}
+    strategy.aggregate_train(1, replies + [first[2]])  # node 2 replies twice
+    report = strategy.reports[-1]
+    assert report.accepted == [1, 2, 3]
+    assert [(d.client, "already replied" in d.reason) for d in report.duplicates] == [(2, True)]
+    # round 2: round-1 replies arrive late; node 3 was not sampled
+    msgs = [m for m in strategy.configure_train(2, ArrayRecord(server.state), ConfigRecord(), grid)]
+    strategy._sent.pop(3)
+    fresh = list(grid.send_and_receive([m for m in msgs if m.metadata.dst_node_id != 3]))
+    strategy.aggregate_train(2, fresh + [first[1], first[3]])
+    report = strategy.reports[-1]
+    assert report.accepted == [1, 2]
+    assert "not sampled" in report.rejected[3]
+    assert [d.client for d in report.duplicates] == [1] and "answers message" in report.duplicates[0].reason

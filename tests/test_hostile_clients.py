@@ -234,3 +234,29 @@ def test_server_settings_are_checked():
         Server(model, x, bound_action="drop")
     with pytest.raises(ValueError, match="max_update"):
         Server(model, x, max_update=-1.0)
+
+
+@pytest.mark.parametrize("reduce", ["median", "trimmed_mean"])
+def test_robust_reducer_for_a_round(gen, reduce):
+    """A round with reduce=...: bad replies still rejected, the accepted ones combined by the
+    robust reducer exactly as the op combines them; streaming refuses it."""
+    import cahfp_ops
+
+    server = _server(gen, reduce=reduce, trim=0.2)
+    replies = _replies(server, gen)
+    replies[2] = _filled(replies[2], float("nan"))
+    before = {n: v.clone() for n, v in server.state.items()}
+    keeps = {c: server.assignments[c].keeps for c in server.assignments}
+    with pytest.raises(ValueError, match="streaming"):
+        server.aggregate(replies, streaming=True)
+    report = server.aggregate(replies, {c: float(c + 1) for c in range(K)})
+    assert report.accepted == [0, 1, 3, 4] and report.reduce == reduce
+    rows, cols = server.plan.tensor_keep_sets([keeps[c] for c in report.accepted])
+    floats = {n: v for n, v in before.items() if v.is_floating_point()}
+    expected = cahfp_ops.reconstruct_aggregate_many(
+        floats, [{n: replies[c][n] for n in floats} for c in report.accepted],
+        {n: r for n, r in rows.items() if n in floats}, {n: c for n, c in cols.items() if n in floats},
+        [float(c + 1) for c in report.accepted], reduce=reduce, trim=0.2,
+    )  # fmt: skip
+    for n in floats:
+        assert torch.equal(server.state[n], expected[n])

@@ -32,7 +32,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cahfp_ops import MODES, PackedModel, RoundLayout, aggregate_packed, load_cpp
+from cahfp_ops import (
+    MODES,
+    REDUCERS,
+    PackedModel,
+    RoundLayout,
+    aggregate_packed,
+    load_cpp,
+    reconstruct_aggregate_many,
+)
 
 from .aggregate import StreamingAggregator, aggregate_state, client_data, clipped_data, largest_reported
 from .checkpoint import load_checkpoint, save_atomic
@@ -109,6 +117,10 @@ class Server:
             number of clients (DP-style clipping with ``bound_action="clip"``; None: none).
         bound_action: what happens to a reply over the bound (the smaller of the two):
             ``"reject"`` (default) or ``"clip"`` (its delta scaled down to the bound).
+        reduce, trim: how the accepted replies are combined: ``"mean"`` (default; ``mode``'s
+            weighted mean) or a robust reducer, ``"median"`` / ``"trimmed_mean"`` (SPEC,
+            "Robust reducers"; see :func:`cahfp_ops.reconstruct_aggregate`). A robust reducer
+            needs the whole round at once: ``aggregate(streaming=True)`` refuses it.
     """
 
     def __init__(
@@ -129,6 +141,8 @@ class Server:
         update_bound: float | None = 10.0,
         max_update: float | None = None,
         bound_action: str = "reject",
+        reduce: str = "mean",
+        trim: float = 0.1,
     ):
         if mode not in MODES:
             raise ValueError(f"Server: mode must be one of {MODES}, got {mode!r}")
@@ -156,6 +170,11 @@ class Server:
         self.update_bound = update_bound
         self.max_update = max_update
         self.bound_action = bound_action
+        if reduce not in REDUCERS:
+            raise ValueError(f"Server: reduce must be one of {REDUCERS}, got {reduce!r}")
+        if not (isinstance(trim, (int, float)) and 0 <= trim < 0.5):
+            raise ValueError(f"Server: trim must be in [0, 0.5), got {trim!r}")
+        self.reduce, self.trim = reduce, float(trim)
         self._open = False  # whether the current round has assignments and takes replies
         self.layout: RoundLayout | None = None
         self._slots: dict[Hashable, int] = {}
@@ -263,8 +282,14 @@ class Server:
         takes replies once: after it is aggregated, replies to it are rejected until the next
         :meth:`assign`.
         """
+        if streaming and self.reduce != "mean":
+            raise ValueError(
+                f"Server.aggregate: reduce={self.reduce!r} needs every reply of the round at once; "
+                "streaming aggregation supports reduce='mean' only"
+            )
         fused = self.layout is not None
         report, chosen = self._check_round(updates, weights, rounds, finite=not fused)
+        report.reduce = self.reduce
         good = report.accepted
         w = [report.clients[c].weight for c in good]
         top = max(w, default=0.0)
@@ -328,9 +353,27 @@ class Server:
             out, _ = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
         accepted = [good[j] for j in keep]
         self._observe_replies(accepted, updates)
-        new = dict(zip(names, sub.full_views(out)))
+        if self.reduce != "mean":  # the checks above, then the robust reducer on the accepted
+            given = [report.clients[c].weight for c in accepted]  # as given: exact boundaries (SPEC)
+            new = self._robust(sub, names, floats, [data[j] for j in keep], keep, given, accepted)
+        else:
+            new = dict(zip(names, sub.full_views(out)))
         counted = [updates[c] for j, c in enumerate(good) if j in keep and w[j] > 0]
         self.state = self._with_ints(new, counted)
+
+    def _robust(self, sub, names, floats, data, slots, w, accepted) -> dict[str, Tensor]:
+        """The accepted (clipped) replies combined by the robust reducer, tensor by tensor."""
+        models = []
+        for j, d in zip(slots, data):
+            if isinstance(d, Tensor):
+                offsets = sub.offsets_host[j].tolist()
+                d = [d[o : o + math.prod(s)].view(s) for o, s in zip(offsets, sub.compact_shapes(j))]
+            models.append(dict(zip(names, d)))
+        rows, cols = self.plan.tensor_keep_sets([self.assignments[c].keeps for c in accepted])
+        return reconstruct_aggregate_many(
+            dict(zip(names, floats)), models, {n: rows[n] for n in names if n in rows},
+            {n: cols[n] for n in names if n in cols}, w, mode=self.mode, reduce=self.reduce, trim=self.trim,
+        )  # fmt: skip
 
     def _aggregate_streaming(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
         agg = StreamingAggregator(self.state, self.mode)

@@ -49,7 +49,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without flwr
     raise ImportError("cahfp_ops.integrations.flower needs Flower: pip install 'cahfp-ops[flower]'") from exc
 
-from ..fl import RoundReport, Server, build_compact
+from ..fl import ClientRecord, RoundReport, Server, build_compact
 from ..layout import PackedModel
 
 KEEP_KEY = "cahfp-keep-sets"
@@ -68,6 +68,9 @@ class CAHFPStrategy(FedAvg):
         ratio: the nodes' pruning ratios: one for all, a mapping node id -> ratio (missing
             nodes: 0), or a function of the node id.
         streaming: fold replies in one at a time (O(model) memory) rather than in one batch.
+            A robust reducer on the server (``Server(reduce="median" | "trimmed_mean")``)
+            needs the whole round: the strategy then collects the replies and aggregates them
+            in one batch whatever ``streaming`` says.
         packed: send each node its floating tensors as one array (see the module docs); False
             sends one named array per tensor.
         **fedavg: ``FedAvg``'s arguments (``fraction_train``, ``min_train_nodes``,
@@ -77,6 +80,12 @@ class CAHFPStrategy(FedAvg):
 
     Sampling follows ``FedAvg``: it waits for ``min_available_nodes`` connected nodes and uses
     Python's ``random`` module (seed it for reproducible sampling).
+
+    Replies are untrusted: a reply from a node that was not sampled this round, one that
+    answers another message than the one sent to its node (Flower's ``reply_to_message_id``
+    against the sent message's id: a late or forged reply), an error reply, a malformed one
+    and every later reply of a node that already replied are rejected with a reason; the
+    report (``reports[-1]``) lists them, duplicates in ``duplicates``.
     """
 
     def __init__(self, server: Server, ratio: Ratio = 0.5, *, streaming: bool = True, packed: bool = True, **fedavg):
@@ -86,6 +95,8 @@ class CAHFPStrategy(FedAvg):
         self.streaming = streaming
         self.packed = packed
         self.reports: list[RoundReport] = []
+        self._sent: dict[int, Message] = {}  # node -> the message sent to it this round
+        self._sent_round: int | None = None
 
     def node_ratio(self, node_id: int) -> float:
         """The pruning ratio of node ``node_id``."""
@@ -124,6 +135,8 @@ class CAHFPStrategy(FedAvg):
                 {self.arrayrecord_key: arrays, self.configrecord_key: cfg, KEEP_KEY: ArrayRecord(dict(a.keeps))}
             )
             out.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node_id))
+        self._sent = {m.metadata.dst_node_id: m for m in out}
+        self._sent_round = server_round
         log(INFO, "configure_train: compact models of %s", sorted({a.params for a in assignments.values()}))
         return out
 
@@ -131,31 +144,56 @@ class CAHFPStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, then reconstruct-aggregate the accepted ones into the full global model."""
-        updates, weights, failed, contents = {}, {}, {}, {}
+        arrivals, failed, contents = [], [], {}
         for msg in replies:
             node_id = msg.metadata.src_node_id
-            if msg.has_error():
-                failed[node_id] = f"node {node_id} replied with an error: {msg.error.reason}"
+            why = self._provenance_problem(server_round, msg)
+            if why is None and msg.has_error():
+                why = f"node {node_id} replied with an error: {msg.error.reason}"
+            if why is None:
+                try:
+                    update = self.reply_state(node_id, msg.content)
+                    record = next(iter(msg.content.metric_records.values()))
+                    weight = record[self.weighted_by_key]
+                except Exception as exc:  # a reply without arrays or without its example count
+                    why = f"node {node_id} sent a malformed reply ({type(exc).__name__}: {exc})"
+            if why is not None:
+                failed.append((node_id, why))
                 continue
-            try:
-                update = self.reply_state(node_id, msg.content)
-                record = next(iter(msg.content.metric_records.values()))
-                weight = float(record[self.weighted_by_key])
-            except Exception as exc:  # a reply without arrays or without its example count
-                failed[node_id] = f"node {node_id} sent a malformed reply ({type(exc).__name__}: {exc})"
-                continue
-            updates[node_id], weights[node_id], contents[node_id] = update, weight, msg.content
-        report = self.server.aggregate(updates, weights, streaming=self.streaming)
-        for node_id, reason in failed.items():
-            report.reject(node_id, reason)
+            arrivals.append((node_id, update, weight))
+            contents.setdefault(node_id, msg.content)
+        streaming = self.streaming and self.server.reduce == "mean"
+        report = self.server.aggregate(arrivals, streaming=streaming)
+        for node_id, reason in failed:
+            record = report.clients.get(node_id)
+            if record is None or record.status == "absent":
+                report.reject(node_id, reason)
+            else:  # the node's counted (or first) reply is already recorded
+                report.duplicates.append(ClientRecord(node_id, "rejected", reason))
         self.reports.append(report)
         for reason in report.rejected.values():
             log(INFO, "aggregate_train: rejected: %s", reason)
-        metrics = {"accepted": len(report.accepted), "rejected": len(report.rejected), "absent": len(report.absent)}
+        metrics = {
+            "accepted": len(report.accepted),
+            "rejected": len(report.rejected),
+            "absent": len(report.absent),
+            "duplicates": len(report.duplicates),
+        }
         accepted = [contents[n] for n in report.accepted]
         if accepted:
             metrics.update(dict(self.train_metrics_aggr_fn(accepted, self.weighted_by_key)))
         return ArrayRecord(self.server.state), MetricRecord(metrics)
+
+    def _provenance_problem(self, server_round: int, msg: Message) -> str | None:
+        """Why a reply does not belong to this round's messages, or None."""
+        node_id = msg.metadata.src_node_id
+        if server_round != self._sent_round or node_id not in self._sent:
+            return f"node {node_id} was not sampled in round {server_round}"
+        sent_id = self._sent[node_id].metadata.message_id
+        reply_to = msg.metadata.reply_to_message_id
+        if sent_id and reply_to != sent_id:
+            return f"node {node_id}'s reply answers message {reply_to!r}, not the one sent in round {server_round}"
+        return None
 
     def reply_state(self, node_id: int, content: RecordDict) -> Mapping[str, Tensor]:
         """A reply's compact state: named arrays as they came, or a packed reply as a
