@@ -525,12 +525,7 @@ def _aggregate_many_per_tensor(
     memo: dict = {}
     for key in keys:
         where = f" for {key!r}" if is_mapping else f"[{key}]"
-        per_client = []
-        for k, model in enumerate(clients):
-            try:
-                per_client.append(model[key])
-            except (KeyError, IndexError, TypeError):
-                raise ValueError(f"{op}: clients[{k}] has no tensor {key!r}") from None
+        per_client = _entries(op, clients, key)
         prepared.append(
             _prepare_aggregate(
                 op,
@@ -562,6 +557,17 @@ def _aggregate_many_per_tensor(
     return dict(zip(keys, out)) if is_mapping else out
 
 
+def _entries(op: str, clients: Sequence, key: object) -> list[Tensor]:
+    """Every client model's tensor ``key`` (a ValueError naming the client that lacks it)."""
+    out = []
+    for k, model in enumerate(clients):
+        try:
+            out.append(model[key])
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"{op}: clients[{k}] has no tensor {key!r}") from None
+    return out
+
+
 def _robust_many(weights, clients, rows, cols, coef, mode: str, reduce: str, trim: float):
     """A robust reducer on a whole model: :func:`reconstruct_aggregate` tensor by tensor."""
     op = "reconstruct_aggregate_many"
@@ -570,12 +576,7 @@ def _robust_many(weights, clients, rows, cols, coef, mode: str, reduce: str, tri
         raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
     out = []
     for key in keys:
-        per_client = []
-        for k, model in enumerate(clients):
-            try:
-                per_client.append(model[key])
-            except (KeyError, IndexError, TypeError):
-                raise ValueError(f"{op}: clients[{k}] has no tensor {key!r}") from None
+        per_client = _entries(op, clients, key)
         r = per_tensor(rows, key, is_mapping, op, "rows")
         c = per_tensor(cols, key, is_mapping, op, "cols")
         out.append(reconstruct_aggregate(weights[key], per_client, r, c, coef, mode=mode, reduce=reduce, trim=trim))
