@@ -265,7 +265,9 @@ class StreamingAggregator:
             kept_total += int(one.numels[0])
         bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept_total, 1)
         scale = None
-        if clip and bound < math.inf:  # statistics first; an oversized delta is scaled down
+        if (clip and bound < math.inf) or len(calls) > 1:
+            # Statistics first (several dtype groups: all checked before any is folded; clip:
+            # an oversized delta is scaled down), then the accumulation without a bound.
             for one, weights, data, flat_s, flat_c in calls:
                 st = accumulate_packed(one, weights, data, 0.0, self.mode, flat_s, flat_c)
                 ssq_total += float(st[1])
@@ -273,19 +275,11 @@ class StreamingAggregator:
                     return Fold(False, True, math.inf, kept_total)
             size = math.sqrt(ssq_total / max(kept_total, 1))
             if ssq_total > bound:
+                if not clip:
+                    return Fold(False, False, size, kept_total)
                 scale = float(max_update) / size
                 calls = [(o, w, clipped_data(o, w, d, scale), fs, fc) for o, w, d, fs, fc in calls]
             bound, ssq_total = math.inf, 0.0
-        elif len(calls) > 1:  # several dtype groups: check all before folding any
-            for one, weights, data, flat_s, flat_c in calls:
-                st = accumulate_packed(one, weights, data, 0.0, self.mode, flat_s, flat_c)
-                ssq_total += float(st[1])
-                if st[0]:
-                    return Fold(False, True, math.inf, kept_total)
-            if ssq_total > bound:
-                return Fold(False, False, math.sqrt(ssq_total / max(kept_total, 1)), kept_total)
-            bound = math.inf
-            ssq_total = 0.0
         for one, weights, data, flat_s, flat_c in calls:
             st = accumulate_packed(one, weights, data, float(weight), self.mode, flat_s, flat_c, max_ssq=bound)
             ssq_total += float(st[1])

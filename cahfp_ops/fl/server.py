@@ -363,12 +363,8 @@ class Server:
 
     def _robust(self, sub, names, floats, data, slots, w, accepted) -> dict[str, Tensor]:
         """The accepted (clipped) replies combined by the robust reducer, tensor by tensor."""
-        models = []
-        for j, d in zip(slots, data):
-            if isinstance(d, Tensor):
-                offsets = sub.offsets_host[j].tolist()
-                d = [d[o : o + math.prod(s)].view(s) for o, s in zip(offsets, sub.compact_shapes(j))]
-            models.append(dict(zip(names, d)))
+        models = [PackedModel(d, sub, j, names) if isinstance(d, Tensor) else dict(zip(names, d))
+                  for j, d in zip(slots, data)]  # fmt: skip
         rows, cols = self.plan.tensor_keep_sets([self.assignments[c].keeps for c in accepted])
         return reconstruct_aggregate_many(
             dict(zip(names, floats)), models, {n: rows[n] for n in names if n in rows},
