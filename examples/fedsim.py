@@ -2,6 +2,7 @@
 
     python examples/fedsim.py                         # digits, 10 clients, every method, table + JSON + plot
     python examples/fedsim.py --sweep                 # Table I (methods x alpha) and Table II (score x mode)
+    python examples/fedsim.py --attack signflip scale # hostile clients: mean vs bound vs median vs trimmed mean
     python examples/fedsim.py --data fmnist --data-dir ~/data --model small_cnn
     python examples/fedsim.py --data cifar10 --data-dir ~/data --model resnet20 --device cuda
 
@@ -21,6 +22,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fedsim_attack  # noqa: E402
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
 
 from cahfp_ops import MODES, load_cpp  # noqa: E402
@@ -83,8 +86,24 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return correct / len(y)
 
 
-def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Tensor], progress: bool = True) -> dict:
-    """One federated training run; returns the per-round history and the summary."""
+def run(
+    cfg: Config,
+    method: str,
+    mode: str,
+    data: Dataset,
+    parts: list[torch.Tensor],
+    progress: bool = True,
+    server_options: dict | None = None,
+    tamper: Callable[[int, dict, dict], dict] | None = None,
+    label: str | None = None,
+) -> dict:
+    """One federated training run; returns the per-round history and the summary.
+
+    ``server_options``: extra :class:`~cahfp_ops.fl.server.Server` arguments (``reduce``,
+    ``trim``, ``update_bound``, ...). ``tamper(cid, sent, trained)``: what client ``cid``
+    replies instead of its trained compact state_dict (``sent``: the compact global it
+    received), for attack experiments.
+    """
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data).to(dev)
@@ -100,6 +119,7 @@ def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Te
         lr=cfg.lr,
         local_steps=max(1, round(steps)),
         seed=cfg.seed,
+        **(server_options or {}),
     )
     ratios = {k: (0.0 if METHODS[method] is None else r) for k, r in enumerate(client_ratios(cfg.rank, cfg.clients))}
     x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
@@ -107,6 +127,7 @@ def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Te
 
     def train(cid: int, compact: torch.nn.Module):
         compact = compact.to(dev).train()
+        sent = {k: v.detach().clone() for k, v in compact.state_dict().items()} if tamper else None
         opt = torch.optim.SGD(compact.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         idx = parts[cid]
         bs = batch_size_for(len(idx), cfg.batch_size)
@@ -121,19 +142,21 @@ def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Te
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        return {k: v.detach().clone() for k, v in compact.state_dict().items()}, float(len(idx))
+        trained = {k: v.detach().clone() for k, v in compact.state_dict().items()}
+        return (tamper(cid, sent, trained) if tamper else trained), float(len(idx))
 
     history, times = [], []
     rounds = range(cfg.rounds)
     if progress:
         from tqdm import tqdm
 
-        rounds = tqdm(rounds, desc=f"{method}/{mode}", leave=False)
-    report = None
+        rounds = tqdm(rounds, desc=label or f"{method}/{mode}", leave=False)
+    report, rejected = None, 0
     for _ in rounds:
         t0 = time.perf_counter()
         report = server.run_round(ratios, train)
         times.append(time.perf_counter() - t0)
+        rejected += len(report.rejected)
         history.append(evaluate(server.global_model().to(dev), x_test, y_test))
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
@@ -151,6 +174,7 @@ def run(cfg: Config, method: str, mode: str, data: Dataset, parts: list[torch.Te
         "full_training_mflops": report.full_training_flops / 1e6,
         "seconds_per_round": sum(times) / len(times),
         "rejected": len(report.rejected),
+        "rejected_total": rejected,
     }
 
 
@@ -266,6 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--methods", nargs="+", default=None, help="method[/mode] ... (default: all)")
     p.add_argument("--sweep", action="store_true", help="run the Table I / Table II grid and write markdown")
+    p.add_argument("--attack", nargs="+", default=None, choices=list(fedsim_attack.ATTACKS),
+                   help="poisoning demo: hostile clients vs mean / update bound / median / trimmed mean")  # fmt: skip
+    p.add_argument("--attackers", type=int, default=2, help="--attack: hostile clients (clients 0..n-1)")
+    p.add_argument("--attack-scale", type=float, default=4.0, help="--attack: update multiplier s")
+    p.add_argument("--trim", type=float, default=0.2, help="--attack: trimmed-mean trim per end")
+    p.add_argument("--seeds", type=int, default=3, help="--attack: seeds per setting")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -295,6 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     progress = not a.no_progress
     load_cpp()  # a first-use compile happens here, before any progress bar or round timer
     t0 = time.perf_counter()
+    if a.attack:
+        fedsim_attack.check_attackers(a.attackers, cfg.clients)
+        text = fedsim_attack.run_attacks(run, cfg, data, a.attack, a.attackers, a.attack_scale,
+                                         a.trim, a.seeds, a.out, progress)  # fmt: skip
+        print(text)
+        print(f"\nwrote {a.out / f'attack_{data.name}'}.md, .json and .png in {time.perf_counter() - t0:.0f} s")
+        return
     if a.sweep:
         print(sweep(cfg, data, a.out, progress))
         print(f"\nwrote {a.out / f'sweep_{data.name}.md'} in {time.perf_counter() - t0:.0f} s")

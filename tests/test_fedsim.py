@@ -135,3 +135,53 @@ def test_training_learns_the_synthetic_task():
     parts = dirichlet_partition(data.y_train, 2, 1.0, seed=0)
     r = fedsim.run(cfg, "fedavg", "reconstruct", data, parts, progress=False)
     assert r["accuracy"][0] < 0.5 and r["final_accuracy"] >= 0.9
+
+
+def test_attack_replies_by_hand():
+    import fedsim_attack
+
+    sent = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    trained = {"w": torch.tensor([1.5, 1.0]), "n": torch.tensor(4)}
+    scale = fedsim_attack.make_tamper("scale", {0}, 4.0)
+    flip = fedsim_attack.make_tamper("signflip", {0}, 4.0)
+    assert torch.equal(scale(0, sent, trained)["w"], torch.tensor([3.0, -2.0]))  # 1 + 4 * 0.5, 2 + 4 * -1
+    assert torch.equal(flip(0, sent, trained)["w"], torch.tensor([-1.0, 6.0]))  # 1 - 4 * 0.5, 2 - 4 * -1
+    assert flip(0, sent, trained)["n"] is trained["n"]  # integer entries pass through
+    assert scale(1, sent, trained) is trained  # honest client
+    assert fedsim_attack.make_tamper("none", {0}, 4.0) is None
+    with pytest.raises(ValueError, match="attack"):
+        fedsim_attack.make_tamper("nope", {0}, 4.0)
+
+
+def test_attack_is_seen_by_the_server_and_the_bound_rejects_a_huge_one():
+    import fedsim_attack
+
+    data = synthetic(n_train=200, n_test=40, seed=1)
+    cfg = fedsim.Config(data="synthetic", clients=4, rounds=2, warmup_rounds=1, rank=2)
+    parts = dirichlet_partition(data.y_train, 4, 1.0, seed=0)
+    huge = fedsim_attack.make_tamper("signflip", {0}, 1e4)
+    bounded = fedsim.run(cfg, "cahfp", "reconstruct", data, parts, False, server_options={}, tamper=huge)
+    assert bounded["rejected_total"] == cfg.rounds  # client 0, every round
+    clean = fedsim.run(cfg, "cahfp", "reconstruct", data, parts, False, server_options={"update_bound": None})
+    attacked = fedsim.run(cfg, "cahfp", "reconstruct", data, parts, False,
+                          server_options={"update_bound": None}, tamper=huge)  # fmt: skip
+    assert attacked["rejected_total"] == 0 and attacked["accuracy"] != clean["accuracy"]
+
+
+def test_attack_cli_writes_table_json_plot(tmp_path, capsys):
+    import fedsim_attack
+
+    argv = ["--data", "synthetic", "--clients", "3", "--rounds", "1", "--attack", "signflip", "--attackers", "1",
+            "--seeds", "2", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    fedsim.main(argv)
+    out = capsys.readouterr().out
+    assert "| none |" in out and "| signflip |" in out and "median" in out and "trimmed_mean" in out
+    js = json.loads((tmp_path / "attack_synthetic.json").read_text())
+    assert len(js["runs"]) == 2 * 2 * 4  # seeds x (none, signflip) x defences
+    assert {(r["attack"], r["defence"], r["seed"]) for r in js["runs"]} == {
+        (a, d, s) for a in ("none", "signflip") for d in fedsim_attack.DEFENCES for s in (0, 1)
+    }
+    assert (tmp_path / "attack_synthetic.png").read_bytes()[:4] == b"\x89PNG"
+    assert "±" in (tmp_path / "attack_synthetic.md").read_text()
+    with pytest.raises(SystemExit, match="attackers"):
+        fedsim.main([*argv[:6], "--attack", "scale", "--attackers", "3", "--out", str(tmp_path), "--no-progress"])

@@ -483,12 +483,15 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
 // weighted trimmed mean of the participants' deltas v - w. Participants: clients with
 // coef > 0; in reconstruct mode a client that does not keep the element takes part with
 // delta 0, in overlap mode only keepers do. Values are ordered ascending with ties by client
-// index; the keepers are sorted (few per element) and merged with the zero group (every
-// participant whose delta is 0, in client order), so an element costs O(K + m log m) for m
-// keepers. Coefficients are as given (float64, not normalised); cumulative weights are summed
-// in float64 in sorted order, W is the last of them. Work items are (row, column) pairs, each
-// written by one thread: deterministic whatever the thread count. Extra memory: O(K) per
-// thread plus the keep-set tables.
+// index. Every participant whose delta is 0 (the non-keepers in reconstruct mode, and keepers
+// whose value equals w) forms one zero group: all of it has the same value, so only its total
+// weight matters and it enters the order as one block. Per (row, column) pair the non-keepers'
+// weight and the total W are summed once (client order, float64); per element only the m
+// keepers are read and sorted (insertion sort), so an element costs O(m log m), not O(K).
+// Coefficients are as given (float64, not normalised); sums are exact for integer sample
+// counts, which is where the SPEC's exact-boundary rule applies. Work items are (row, column)
+// pairs, each written by one thread: deterministic whatever the thread count. Extra memory:
+// O(K) per thread plus the keep-set tables.
 namespace {
 
 template <typename wt, typename ct>
@@ -496,97 +499,142 @@ void robust_items(const wt* W, wt* out, const View3& v, const KeepTables& kt, co
                   const std::vector<ClientView<ct>>& cl, const double* coef, int64_t K, bool overlap, bool median,
                   double trim, int64_t q0, int64_t q1) {
   using acc = acc_t<wt>;
+  constexpr int64_t TB = 16;  // trailing elements per block: per-thread memory O(K * TB)
   std::vector<const ct*> kptr(K);
-  std::vector<int64_t> keepers, order;
-  std::vector<acc> val(K);
-  std::vector<double> seq_w(K), cum(K);
-  std::vector<acc> seq_v(K);
-  keepers.reserve(K);
-  order.reserve(K);
+  std::vector<double> kcoef(K), seq_w(K + 1);
+  std::vector<acc> dv(K * TB), seq_v(K + 1);
+  double negw[TB], zerow[TB];
+  uint8_t nanf[TB];
+  // Per row (recomputed when the row changes): the participants that keep it (row_k, with
+  // their compact row index) and the weight of those that do not (row_absent).
+  std::vector<int64_t> row_k, row_i;
+  row_k.reserve(K), row_i.reserve(K);
+  double row_absent = 0;
+  int64_t row = -1;
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t r = q / v.Cin, c = q % v.Cin;
     const wt* wp = W + q * v.T;
     wt* op = out + q * v.T;
-    keepers.clear();
-    for (int64_t k = 0; k < K; ++k) {
-      if (!(coef[k] > 0)) continue;
-      const int64_t i = kt.inv_rows[k * (v.row_vector ? 1 : v.R) + (v.row_vector ? 0 : r)];
-      const int64_t j = inv_cols[k * v.Cin + c];
-      if (i >= 0 && j >= 0 && i < cl[k].rows && j < cl[k].cols) {
-        kptr[k] = cl[k].data + i * cl[k].stride0 + j * cl[k].stride1;
-        keepers.push_back(k);
-      } else {
-        kptr[k] = nullptr;
+    if (r != row) {
+      row = r, row_absent = 0, row_k.clear(), row_i.clear();
+      for (int64_t k = 0; k < K; ++k) {
+        if (!(coef[k] > 0)) continue;
+        const int64_t i = kt.inv_rows[k * (v.row_vector ? 1 : v.R) + (v.row_vector ? 0 : r)];
+        if (i >= 0 && i < cl[k].rows) {
+          row_k.push_back(k), row_i.push_back(i);
+        } else {
+          row_absent += coef[k];
+        }
       }
     }
-    if (keepers.empty()) {
+    int64_t m_all = 0;                             // keepers of this (row, column), in client order (their slots)
+    double absent = overlap ? 0.0 : row_absent;  // the non-keeping participants' weight
+    double total = absent;                       // every participant's
+    for (size_t x = 0; x < row_k.size(); ++x) {
+      const int64_t k = row_k[x];
+      const int64_t j = inv_cols[k * v.Cin + c];
+      if (j >= 0 && j < cl[k].cols) {
+        kptr[m_all] = cl[k].data + row_i[x] * cl[k].stride0 + j * cl[k].stride1;
+        kcoef[m_all++] = coef[k];
+        total += coef[k];
+      } else if (!overlap) {
+        absent += coef[k];
+        total += coef[k];
+      }
+    }
+    if (m_all == 0) {
       for (int64_t t = 0; t < v.T; ++t) op[t] = wp[t];
       continue;
     }
-    for (int64_t t = 0; t < v.T; ++t) {
-      const acc w = static_cast<acc>(wp[t]);
-      bool nan = false;
-      for (int64_t k : keepers) {
-        val[k] = static_cast<acc>(kptr[k][t]) - w;
-        nan |= std::isnan(val[k]);
-      }
-      if (nan) {
-        op[t] = static_cast<wt>(std::numeric_limits<acc>::quiet_NaN());
-        continue;
-      }
-      // Order: negative keepers, the zero group in client order, positive keepers.
-      order.clear();
-      for (int64_t k : keepers)
-        if (val[k] != acc(0)) order.push_back(k);
-      std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-        return val[a] < val[b] || (val[a] == val[b] && a < b);
-      });
-      int64_t n = 0;
-      double run = 0;
-      auto emit = [&](acc value, double weight) {
-        run += weight;
-        seq_v[n] = value;
-        seq_w[n] = weight;
-        cum[n] = run;
-        ++n;
-      };
-      size_t o = 0;
-      for (; o < order.size() && val[order[o]] < acc(0); ++o) emit(val[order[o]], coef[order[o]]);
-      for (int64_t k = 0; k < K; ++k) {
-        if (!(coef[k] > 0)) continue;
-        if (kptr[k] == nullptr) {
-          if (!overlap) emit(acc(0), coef[k]);
-        } else if (val[k] == acc(0)) {
-          emit(acc(0), coef[k]);
+    const double lo = trim * total, hi = total - lo;
+    for (int64_t t0 = 0; t0 < v.T; t0 += TB) {
+      const int64_t nb = std::min(TB, v.T - t0);
+      // Pass 1, slot-major and branch-free: every keeper's deltas for nb trailing elements,
+      // with per-element NaN flags and the weight of the negative and the zero deltas.
+      for (int64_t e = 0; e < nb; ++e) negw[e] = 0, zerow[e] = absent, nanf[e] = 0;
+      for (int64_t s = 0; s < m_all; ++s) {
+        const ct* src = kptr[s] + t0;
+        acc* d = dv.data() + s * TB;
+        const double ck = kcoef[s];
+        for (int64_t e = 0; e < nb; ++e) {
+          const acc x = static_cast<acc>(src[e]) - static_cast<acc>(wp[t0 + e]);
+          d[e] = x;
+          negw[e] += ck * static_cast<double>(x < acc(0));  // arithmetic masks: no branches
+          zerow[e] += ck * static_cast<double>(x == acc(0));
+          nanf[e] |= static_cast<uint8_t>(x != x);
         }
       }
-      for (; o < order.size(); ++o) emit(val[order[o]], coef[order[o]]);
-      const double total = cum[n - 1];
-      acc result;
-      if (median) {
-        int64_t i = 0;
-        while (i < n - 1 && 2 * cum[i] < total) ++i;
-        result = (2 * cum[i] == total && i + 1 < n) ? seq_v[i] + (seq_v[i + 1] - seq_v[i]) / acc(2) : seq_v[i];
-      } else {
-        const double lo = trim * total, hi = total - lo;
-        double kept = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          const double a = i ? cum[i - 1] : 0.0;
-          const double part = std::min(cum[i], hi) - std::max(a, lo);
-          if (part > 0) kept += part;
+      // Pass 2, per element.
+      for (int64_t e = 0; e < nb; ++e) {
+        const acc w = static_cast<acc>(wp[t0 + e]);
+        if (nanf[e]) {
+          op[t0 + e] = static_cast<wt>(std::numeric_limits<acc>::quiet_NaN());
+          continue;
         }
-        acc s = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          const double a = i ? cum[i - 1] : 0.0;
-          const double part = std::min(cum[i], hi) - std::max(a, lo);
-          if (part > 0) s += static_cast<acc>(part / kept) * seq_v[i];
+        const double neg = negw[e], zero = zerow[e];
+        // The zero group occupies [neg, neg + zero] of [0, W]. When it holds the median
+        // strictly inside (median), or covers the whole untrimmed span [lo, hi] (trimmed
+        // mean), the result is w with no sort (most elements of a pruned round, where few
+        // clients keep an element).
+        const bool only_zero = median ? (2 * neg < total && 2 * (neg + zero) > total)
+                                      : (zero > 0 && neg <= lo && neg + zero >= hi);
+        if (only_zero) {
+          op[t0 + e] = static_cast<wt>(w + acc(0));
+          continue;
         }
-        result = s;
+        // The order: negative keepers, the zero group as one block, positive keepers. The
+        // nonzero deltas are gathered in slot (client) order and insertion-sorted stably,
+        // so ties keep client order.
+        const acc* col = dv.data() + e;
+        int64_t n = 0, nneg = 0;
+        for (int64_t s = 0; s < m_all; ++s) {
+          const acc x = col[s * TB];
+          if (x == acc(0)) continue;
+          const double ck = kcoef[s];
+          int64_t j = n - 1;
+          for (; j >= 0 && seq_v[j] > x; --j) seq_v[j + 1] = seq_v[j], seq_w[j + 1] = seq_w[j];
+          seq_v[j + 1] = x, seq_w[j + 1] = ck;
+          ++n;
+          nneg += x < acc(0);
+        }
+        if (zero > 0) {
+          for (int64_t j = n; j > nneg; --j) seq_v[j] = seq_v[j - 1], seq_w[j] = seq_w[j - 1];
+          seq_v[nneg] = acc(0), seq_w[nneg] = zero;
+          ++n;
+        }
+        acc result = 0;
+        if (median) {
+          double cum = seq_w[0];
+          int64_t i = 0;
+          while (i < n - 1 && 2 * cum < total) cum += seq_w[++i];
+          result = (2 * cum == total && i + 1 < n) ? seq_v[i] + (seq_v[i + 1] - seq_v[i]) / acc(2) : seq_v[i];
+        } else {
+          // One pass: the remaining weights (kept) and the weighted sum, divided once.
+          double kept = 0, a = 0, sum = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            const double b = a + seq_w[i];
+            const double part = std::min(b, hi) - std::max(a, lo);
+            if (part > 0) {
+              kept += part;
+              if (seq_v[i] != acc(0)) sum += part * static_cast<double>(seq_v[i]);
+            }
+            a = b;
+          }
+          result = static_cast<acc>(sum / kept);
+        }
+        op[t0 + e] = static_cast<wt>(w + result);
       }
-      op[t] = static_cast<wt>(w + result);
     }
   }
 }
+
+// AVX2 at most, like the mean's loops (short T = 9 rows).
+CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, robust_items_isa, (robust_items<wt, ct>),
+                             (const wt* W, wt* out, const View3& v, const KeepTables& kt,
+                              const std::vector<int32_t>& inv_cols, const std::vector<ClientView<ct>>& cl,
+                              const double* coef, int64_t K, bool overlap, bool median, double trim, int64_t q0,
+                              int64_t q1),
+                             (W, out, v, kt, inv_cols, cl, coef, K, overlap, median, trim, q0, q1))
 
 }  // namespace
 
@@ -627,8 +675,9 @@ Tensor robust_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Tensor r
       for (int64_t k = 0; k < K; ++k) cl[k] = separate_view<ct>(clients[k], cdtype, v, kt.rc[k], kt.cc[k], 0, k);
       const wt* W = cdata<wt>(w);
       wt* o = mdata<wt>(out);
+      const auto run = robust_items_isa_pick<wt, ct>();
       torch::stable::parallel_for(0, v.R * v.Cin, 1, [&](int64_t q0, int64_t q1) {
-        robust_items<wt, ct>(W, o, v, kt, inv_cols, cl, cp, K, overlap, median, trim, q0, q1);
+        run(W, o, v, kt, inv_cols, cl, cp, K, overlap, median, trim, q0, q1);
       });
     });
   });
