@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fedsim_attack  # noqa: E402
+import fedsim_methods as methods  # noqa: E402
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
 
 from cahfp_ops import MODES, load_cpp  # noqa: E402
@@ -38,7 +40,7 @@ from cahfp_ops.fl import zoo  # noqa: E402
 from cahfp_ops.fl.server import Server  # noqa: E402
 
 RANKS = {0: (0.25, 0.0), 1: (0.25, 0.5), 2: (0.5, 0.75), 3: (0.75, 0.9)}
-METHODS = {"fedavg": None, "magnitude": "l1", "random": "random", "cahfp": "curvature"}
+METHODS = methods.METHODS
 
 
 @dataclass
@@ -104,46 +106,58 @@ def run(
     replies instead of its trained compact state_dict (``sent``: the compact global it
     received), for attack experiments.
     """
+    m = methods.get(method)
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data).to(dev)
     sizes = [len(p) for p in parts]
     steps = sum(math.ceil(n / batch_size_for(n, cfg.batch_size)) for n in sizes) / len(sizes) * cfg.local_epochs
-    criterion = METHODS[method] or "random"
     server = Server(
         model,
         data.x_train[:2].to(dev),
-        criterion=criterion,
+        criterion=m.criterion or "random",
         mode=mode,
-        warmup_rounds=cfg.warmup_rounds,
+        warmup_rounds=cfg.warmup_rounds if m.warmup else 0,
         lr=cfg.lr,
         local_steps=max(1, round(steps)),
         seed=cfg.seed,
         **(server_options or {}),
     )
-    ratios = {k: (0.0 if METHODS[method] is None else r) for k, r in enumerate(client_ratios(cfg.rank, cfg.clients))}
+    capacity = dict(enumerate(client_ratios(cfg.rank, cfg.clients)))
+    width_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
     x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
     x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
 
     def train(cid: int, compact: torch.nn.Module):
         compact = compact.to(dev).train()
-        sent = {k: v.detach().clone() for k, v in compact.state_dict().items()} if tamper else None
+        keep_sent = tamper is not None or m.prox_mu > 0
+        sent = {k: v.detach().clone() for k, v in compact.state_dict().items()} if keep_sent else None
+        anchors = [(p, sent[n]) for n, p in compact.named_parameters()] if m.prox_mu > 0 else []
         opt = torch.optim.SGD(compact.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         idx = parts[cid]
         bs = batch_size_for(len(idx), cfg.batch_size)
+        # FedProx's variable local work: a client of ratio r runs (1 - r) of its steps
+        budget = math.ceil(len(idx) / bs) * cfg.local_epochs
+        if m.rank_local_work:
+            budget = max(1, round(budget * (1.0 - capacity[cid])))
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server.round * 1009 + cid)
+        done = 0
         for _ in range(cfg.local_epochs):
             order = idx[torch.randperm(len(idx), generator=g)]
             for i in range(0, len(order), bs):
                 b = order[i : i + bs].to(dev)
-                if len(b) < 2:
+                if len(b) < 2 or done >= budget:
                     continue
                 loss = F.cross_entropy(compact(x_train[b]), y_train[b])
+                if anchors:
+                    loss = loss + m.prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                done += 1
         trained = {k: v.detach().clone() for k, v in compact.state_dict().items()}
-        return (tamper(cid, sent, trained) if tamper else trained), float(len(idx))
+        weight = float(len(idx)) if m.weighting == "samples" else 1.0
+        return (tamper(cid, sent, trained) if tamper else trained), weight
 
     history, times = [], []
     rounds = range(cfg.rounds)
@@ -152,25 +166,30 @@ def run(
 
         rounds = tqdm(rounds, desc=label or f"{method}/{mode}", leave=False)
     report, rejected = None, 0
+    down = up = flops = 0.0
     for _ in rounds:
         t0 = time.perf_counter()
-        report = server.run_round(ratios, train)
+        report = server.run_round(methods.round_ratios(m, capacity, width_gen), train)
         times.append(time.perf_counter() - t0)
         rejected += len(report.rejected)
+        clients = list(report.clients.values())
+        down += sum(c.params_down for c in clients) / len(clients)
+        up += sum(c.params_up for c in clients) / len(clients)
+        flops += sum(c.training_flops for c in clients) / len(clients)
         history.append(evaluate(server.global_model().to(dev), x_test, y_test))
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
-    k = list(ratios)
     return {
-        "method": method,
+        "method": m.name,
         "mode": mode,
+        "seed": cfg.seed,
         "accuracy": history,
         "final_accuracy": history[-1],
         "best_accuracy": max(history),
         "full_params": report.full_params,
-        "params_down_per_client": sum(report.clients[c].params_down for c in k) / len(k),
-        "params_up_per_client": sum(report.clients[c].params_up for c in k) / len(k),
-        "training_mflops_per_client": sum(report.clients[c].training_flops for c in k) / len(k) / 1e6,
+        "params_down_per_client": down / cfg.rounds,
+        "params_up_per_client": up / cfg.rounds,
+        "training_mflops_per_client": flops / cfg.rounds / 1e6,
         "full_training_mflops": report.full_training_flops / 1e6,
         "seconds_per_round": sum(times) / len(times),
         "rejected": len(report.rejected),
@@ -178,16 +197,65 @@ def run(
     }
 
 
-def format_table(results: list[dict]) -> str:
-    head = (
-        "| method | aggregation | final acc | best acc | params down / up per client | of full "
-        "| train MFLOPs/sample per client | s / round |"
-    )
-    lines = [head, "| --- | --- | --: | --: | --: | --: | --: | --: |"]
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """Student's t 97.5 % quantile (two-sided 95 % intervals); the normal 1.96 beyond 30 dof."""
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt_mean_sd(values: list[float]) -> str:
+    mu, sd = mean_sd(values)
+    return f"{mu:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mu:.3f}"
+
+
+def summarise(results: list[dict], reference: tuple[str, str] = ("cahfp", "reconstruct")) -> list[dict]:
+    """Per (method, mode), over seeds: final and best accuracy (mean, sd, values), the accounting,
+    and the paired difference of final accuracy against ``reference`` run on the same seeds
+    (mean and 95 % t interval half-width; None when the reference did not run)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
+        groups.setdefault((r["method"], r["mode"]), []).append(r)
+    ref = {r["seed"]: r["final_accuracy"] for r in groups.get(reference, [])}
+    out = []
+    for (method, mode), rs in groups.items():
+        finals = [r["final_accuracy"] for r in rs]
+        row = {"method": method, "mode": mode, "seeds": [r["seed"] for r in rs], "final": finals,
+               "best": [r["best_accuracy"] for r in rs], **{k: rs[0][k] for k in (
+                   "full_params", "params_down_per_client", "params_up_per_client", "training_mflops_per_client",
+                   "full_training_mflops")},
+               "seconds_per_round": statistics.mean(r["seconds_per_round"] for r in rs)}  # fmt: skip
+        diffs = [r["final_accuracy"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+        if (method, mode) != reference and diffs:
+            mu, sd = mean_sd(diffs)
+            row["diff"] = (mu, t975(len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan"))
+        out.append(row)
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    rows = summarise(results)
+    n = max(len(r["seeds"]) for r in rows)
+    head = (
+        f"| method | aggregation | final acc ({n} seed{'s' if n > 1 else ''}) | best acc | final - cahfp [95 % CI] "
+        "| params down / up per client | of full | train MFLOPs/sample per client | s / round |"
+    )
+    lines = [head, "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]
+    for r in rows:
+        diff = "-"
+        if "diff" in r:
+            mu, half = r["diff"]
+            diff = f"{mu:+.3f} [{mu - half:+.3f}, {mu + half:+.3f}]" if half == half else f"{mu:+.3f}"
+        agg = r["mode"] if METHODS[r["method"]].prunes else "-"
         lines.append(
-            f"| {r['method']} | {r['mode'] if r['method'] != 'fedavg' else '-'} | {r['final_accuracy']:.3f} | "
-            f"{r['best_accuracy']:.3f} | {r['params_down_per_client']:,.0f} / {r['params_up_per_client']:,.0f} | "
+            f"| {r['method']} | {agg} | {fmt_mean_sd(r['final'])} | {fmt_mean_sd(r['best'])} | {diff} | "
+            f"{r['params_down_per_client']:,.0f} / {r['params_up_per_client']:,.0f} | "
             f"{r['params_down_per_client'] / r['full_params']:.0%} | {r['training_mflops_per_client']:.2f} | "
             f"{r['seconds_per_round']:.2f} |"
         )
@@ -195,72 +263,92 @@ def format_table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
+    """Mean test-accuracy curve per (method, mode) over seeds, with a ±1 sd band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}  # one colour per method, line style per aggregation
+    groups: dict[tuple[str, str], list[list[float]]] = {}
     for r in results:
-        label = r["method"] if r["method"] == "fedavg" else f"{r['method']} ({r['mode']})"
-        ax.plot(
-            range(1, len(r["accuracy"]) + 1),
-            r["accuracy"],
-            label=label,
-            color=colors.get(r["method"]),
-            linestyle="-" if r["mode"] == "reconstruct" else "--",
-        )
+        groups.setdefault((r["method"], r["mode"]), []).append(r["accuracy"])
+    for (method, mode), curves in groups.items():
+        acc = torch.tensor(curves)
+        mu = acc.mean(0)
+        sd = acc.std(0) if len(curves) > 1 else torch.zeros_like(mu)
+        xs = range(1, len(mu) + 1)
+        label = method if not METHODS[method].prunes or len(METHODS[method].modes) == 1 else f"{method} ({mode})"
+        style = "-" if mode == METHODS[method].modes[0] else "--"
+        ax.plot(xs, mu, label=label, color=colors.get(method), linestyle=style)
+        ax.fill_between(xs, mu - sd, mu + sd, color=colors.get(method), alpha=0.12, linewidth=0)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def compare(cfg: Config, data: Dataset, runs: list[tuple[str, str]], progress: bool = True) -> list[dict]:
-    parts = dirichlet_partition(data.y_train, cfg.clients, cfg.alpha, cfg.seed)
-    return [run(cfg, m, mode, data, parts, progress) for m, mode in runs]
+def compare(cfg: Config, data: Dataset, runs: list[tuple[str, str]], progress: bool = True,
+            seeds: int = 1) -> list[dict]:  # fmt: skip
+    """Every (method, mode) on seeds ``cfg.seed .. cfg.seed + seeds - 1`` (each seed its own
+    partition, initialisation and sampling; the methods of a seed share them)."""
+    out = []
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        c = Config(**{**asdict(cfg), "seed": seed})
+        parts = dirichlet_partition(data.y_train, c.clients, c.alpha, seed)
+        out += [run(c, m, mode, data, parts, progress) for m, mode in runs]
+    return out
 
 
 def default_runs() -> list[tuple[str, str]]:
-    return [("fedavg", "reconstruct")] + [(m, mode) for m in ("magnitude", "random", "cahfp") for mode in MODES]
+    return [(m, METHODS[m].modes[0]) for m in methods.DEFAULT_METHODS]
 
 
-def sweep(cfg: Config, data: Dataset, out: Path, progress: bool = True) -> str:
-    """Table I: methods x alpha (reconstruction). Table II: score x aggregation at cfg.alpha."""
+def sweep(cfg: Config, data: Dataset, out: Path, progress: bool = True, seeds: int = 1,
+          runs: list[tuple[str, str]] | None = None) -> str:  # fmt: skip
+    """Table I: methods (default aggregation) x alpha, with the accounting; Table II: score x
+    aggregation at cfg.alpha. Mean ± sd of the final accuracy over ``seeds``."""
     alphas = (0.1, 1.0, 10.0)
-    table1 = {}
+    runs = runs or [(m.name, m.modes[0]) for m in METHODS.values()]
+    table1: dict[float, list[dict]] = {}
     for a in alphas:
-        c = Config(**{**asdict(cfg), "alpha": a})
-        for r in compare(c, data, [(m, "reconstruct") for m in METHODS], progress):
-            table1[(r["method"], a)] = r["final_accuracy"]
-    table2 = {}
-    for r in compare(cfg, data, [(m, mode) for m in ("magnitude", "random", "cahfp") for mode in MODES], progress):
-        table2[(r["method"], r["mode"])] = r["final_accuracy"]
+        table1[a] = summarise(compare(Config(**{**asdict(cfg), "alpha": a}), data, runs, progress, seeds))
+    scores = ("fedmp", "random", "cahfp")
+    table2 = summarise(compare(cfg, data, [(m, mode) for m in scores for mode in MODES], progress, seeds))
     lines = [
         f"Data {data.name}, model {cfg.model}, {cfg.clients} clients, rank {cfg.rank}, {cfg.rounds} rounds, "
-        f"seed {cfg.seed}; final test accuracy.",
+        f"seeds {cfg.seed}..{cfg.seed + seeds - 1}; final test accuracy, mean ± sd over seeds.",
         "",
-        "Table I: methods x Dirichlet alpha (reconstruction aggregation)",
+        "Table I: methods x Dirichlet alpha (each method's own aggregation)",
         "",
-        "| method | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |",
-        "| --- | " + " | ".join("--:" for _ in alphas) + " |",
+        "| method | aggregation | " + " | ".join(f"alpha={a:g}" for a in alphas)
+        + " | params down / up per client | train MFLOPs/sample |",
+        "| --- | --- | " + " | ".join("--:" for _ in alphas) + " | --: | --: |",
     ]
-    for m in METHODS:
-        lines.append(f"| {m} | " + " | ".join(f"{table1[(m, a)]:.3f}" for a in alphas) + " |")
+    for m, mode in runs:
+        cells = [fmt_mean_sd(next(r for r in table1[a] if r["method"] == m)["final"]) for a in alphas]
+        acct = next(r for r in table1[alphas[0]] if r["method"] == m)
+        lines.append(
+            f"| {m} | {mode if METHODS[m].prunes else '-'} | " + " | ".join(cells)
+            + f" | {acct['params_down_per_client']:,.0f} / {acct['params_up_per_client']:,.0f}"
+            + f" | {acct['training_mflops_per_client']:.2f} |"
+        )
     lines += [
         "",
         f"Table II: importance score x aggregation (alpha={cfg.alpha:g})",
         "",
-        "| score | reconstruction | overlap (HeteroFL) |",
+        "| score | reconstruction | overlap |",
         "| --- | --: | --: |",
     ]
-    for m in ("magnitude", "random", "cahfp"):
-        lines.append(f"| {m} | {table2[(m, 'reconstruct')]:.3f} | {table2[(m, 'overlap')]:.3f} |")
+    for m in scores:
+        cells = [fmt_mean_sd(next(r for r in table2 if r["method"] == m and r["mode"] == mode)["final"])
+                 for mode in MODES]  # fmt: skip
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     (out / f"sweep_{data.name}.md").write_text(text + "\n")
     return text
@@ -288,14 +376,16 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="CPU threads (default 1: on 2 cores, two threads made the tiny steps ~3x slower)",
     )
-    p.add_argument("--methods", nargs="+", default=None, help="method[/mode] ... (default: all)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method[/mode] ... or all (default: " + " ".join(methods.DEFAULT_METHODS) + "); methods: "
+                   + ", ".join(METHODS) + " (magnitude = fedmp)")  # fmt: skip
     p.add_argument("--sweep", action="store_true", help="run the Table I / Table II grid and write markdown")
     p.add_argument("--attack", nargs="+", default=None, choices=list(fedsim_attack.ATTACKS),
                    help="poisoning demo: hostile clients vs mean / update bound / median / trimmed mean")  # fmt: skip
     p.add_argument("--attackers", type=int, default=2, help="--attack: hostile clients (clients 0..n-1)")
     p.add_argument("--attack-scale", type=float, default=4.0, help="--attack: update multiplier s")
     p.add_argument("--trim", type=float, default=0.2, help="--attack: trimmed-mean trim per end")
-    p.add_argument("--seeds", type=int, default=3, help="--attack: seeds per setting")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (mean ± sd; paired difference vs cahfp)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -330,16 +420,20 @@ def main(argv: list[str] | None = None) -> None:
         text = fedsim_attack.run_attacks(run, cfg, data, a.attack, a.attackers, a.attack_scale,
                                          a.trim, a.seeds, a.out, progress)  # fmt: skip
         print(text)
-        print(f"\nwrote {a.out / f'attack_{data.name}'}.md, .json and .png in {time.perf_counter() - t0:.0f} s")
+        print(f"\nwrote {a.out / f'attack_{data.name}_x{a.attack_scale:g}'}.md, .json and .png "
+              f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
         return
+    try:
+        runs = methods.parse_runs(a.methods) if a.methods else None
+    except ValueError as exc:
+        raise SystemExit(f"fedsim: {exc}") from None
+    if a.seeds < 1:
+        raise SystemExit(f"fedsim: --seeds must be >= 1, got {a.seeds}")
     if a.sweep:
-        print(sweep(cfg, data, a.out, progress))
+        print(sweep(cfg, data, a.out, progress, a.seeds, runs))
         print(f"\nwrote {a.out / f'sweep_{data.name}.md'} in {time.perf_counter() - t0:.0f} s")
         return
-    runs = default_runs()
-    if a.methods:
-        runs = [(m.split("/")[0], m.split("/")[1] if "/" in m else "reconstruct") for m in a.methods]
-    results = compare(cfg, data, runs, progress)
+    results = compare(cfg, data, runs or default_runs(), progress, a.seeds)
     title = (
         f"{data.name}, {cfg.model}, {cfg.clients} clients, alpha={cfg.alpha:g}, rank {cfg.rank} "
         f"(ratios {RANKS[cfg.rank][0]:.0%}/{RANKS[cfg.rank][1]:.0%})"
@@ -347,7 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     print(title)
     print(format_table(results))
     stem = f"fedsim_{data.name}_{cfg.model}_a{cfg.alpha:g}_r{cfg.rank}"
-    (a.out / f"{stem}.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=1))
+    meta = {"config": asdict(cfg), "seeds": list(range(cfg.seed, cfg.seed + a.seeds))}
+    (a.out / f"{stem}.json").write_text(json.dumps({**meta, "summary": summarise(results), "results": results},
+                                                   indent=1))  # fmt: skip
     plot(results, a.out / f"{stem}.png", title)
     print(f"\nwrote {a.out / stem}.json and .png in {time.perf_counter() - t0:.0f} s")
 

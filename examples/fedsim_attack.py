@@ -1,6 +1,7 @@
 """Poisoning demo for the simulator: a few hostile clients against the server's defences.
 
     python examples/fedsim.py --attack signflip scale [--attackers 2] [--attack-scale 4] [--seeds 3]
+    python examples/fedsim.py --attack scale --attack-scale 50
 
 Clients ``0 .. attackers-1`` train honestly, then reply ``sent + s * (trained - sent)``
 (``scale``: s = +attack_scale) or ``sent - attack_scale * (trained - sent)`` (``signflip``),
@@ -58,7 +59,7 @@ def make_tamper(attack: str, attackers: set[int], scale: float):
 def run_attacks(run, cfg, data, attacks: list[str], attackers: int, scale: float, trim: float, seeds: int,
                 out: Path, progress: bool = True) -> str:  # fmt: skip
     """Every attack (plus ``none``) x defence x seed with the simulator's ``run``; writes
-    ``attack_<data>.{md,json,png}`` and returns the table."""
+    ``attack_<data>_x<scale>.{md,json,png}`` and returns the table."""
     from dataclasses import asdict
 
     from fedsim_data import dirichlet_partition
@@ -77,7 +78,7 @@ def run_attacks(run, cfg, data, attacks: list[str], attackers: int, scale: float
                 runs.append(r)
     share = _attackers_share(data, cfg, attackers, seeds)
     text = format_attack_table(runs, cfg, attackers, scale, trim, seeds, share)
-    stem = out / f"attack_{data.name}"
+    stem = out / f"attack_{data.name}_x{scale:g}"
     stem.with_suffix(".md").write_text(text + "\n")
     meta = {"config": asdict(cfg), "attackers": attackers, "attack_scale": scale, "trim": trim, "seeds": seeds}
     stem.with_suffix(".json").write_text(json.dumps({**meta, "runs": runs}, indent=1))

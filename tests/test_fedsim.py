@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import cahfp_ops
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import fedsim  # noqa: E402
 from fedsim_data import dirichlet_partition, load, load_cifar, load_fashion_mnist, synthetic  # noqa: E402
@@ -40,11 +38,8 @@ def test_ranks_and_batch_sizes():
     assert fedsim.batch_size_for(144, 128) == 18 and fedsim.batch_size_for(5000, 128) == 128
 
 
-@pytest.mark.parametrize("method", list(fedsim.METHODS))
-@pytest.mark.parametrize("mode", cahfp_ops.MODES)
+@pytest.mark.parametrize("method,mode", [(m.name, mode) for m in fedsim.METHODS.values() for mode in m.modes])
 def test_tiny_run_every_method(method, mode):
-    if method == "fedavg" and mode == "overlap":
-        pytest.skip("FedAvg does not prune: one aggregation")
     data = synthetic(n_train=120, n_test=40, seed=1)
     cfg = fedsim.Config(data="synthetic", clients=2, rounds=2, warmup_rounds=1, rank=2)
     parts = dirichlet_partition(data.y_train, 2, 1.0, seed=0)
@@ -56,8 +51,11 @@ def test_tiny_run_every_method(method, mode):
     # ratio 0.5 keeps 8/16/32 channels -> 3,754 floats; ratio 0.75 keeps 4/8/16 -> 1,082
     full = 13_898  # parameters plus BatchNorm statistics of the full model
     assert r["full_params"] == full
-    expected = full if method == "fedavg" else (3754 + 1082) / 2
-    assert r["params_down_per_client"] == r["params_up_per_client"] == expected
+    if method == "fjord":  # widths drawn per round from {0.25, 0.5} (ratio 0.5) and {0.25} (0.75)
+        assert 1082 <= r["params_down_per_client"] <= (3754 + 1082) / 2
+    else:
+        expected = full if not fedsim.METHODS[method].prunes else (3754 + 1082) / 2
+        assert r["params_down_per_client"] == r["params_up_per_client"] == expected
     macs_full = 64 * 16 * 9 + 16 * 32 * 16 * 9 + 128 * 64 + 64 * 10
     assert r["full_training_mflops"] == pytest.approx(6 * macs_full / 1e6)
 
@@ -99,33 +97,26 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 
 def test_cli_writes_table_json_plot_and_sweep(tmp_path, capsys):
-    fedsim.main(
-        [
-            "--data",
-            "synthetic",
-            "--clients",
-            "2",
-            "--rounds",
-            "1",
-            "--methods",
-            "fedavg",
-            "cahfp/overlap",
-            "--out",
-            str(tmp_path),
-            "--no-progress",
-        ]
-    )
+    base = ["--data", "synthetic", "--clients", "2", "--rounds", "1", "--out", str(tmp_path), "--no-progress"]
+    fedsim.main([*base, "--methods", "fedavg", "cahfp/overlap", "--seeds", "2"])
     out = capsys.readouterr().out
-    assert "| fedavg |" in out and "| cahfp | overlap |" in out
+    assert "| fedavg | - |" in out and "| cahfp | overlap |" in out and "(2 seeds)" in out and " ± " in out
     js = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert [r["method"] for r in js["results"]] == ["fedavg", "cahfp"]
+    runs = [(r["method"], r["seed"]) for r in js["results"]]
+    assert runs == [("fedavg", 0), ("cahfp", 0), ("fedavg", 1), ("cahfp", 1)]
+    assert js["seeds"] == [0, 1] and len(js["summary"]) == 2
     png = next(tmp_path.glob("*.png"))
     assert png.read_bytes()[:4] == b"\x89PNG"
-    fedsim.main(
-        ["--data", "synthetic", "--clients", "2", "--rounds", "1", "--sweep", "--out", str(tmp_path), "--no-progress"]
-    )
+    # the paired difference appears only when cahfp (reconstruct) ran
+    fedsim.main([*base, "--methods", "fedprox", "--seeds", "2"])
+    out = capsys.readouterr().out
+    assert "| fedprox | - |" in out and "[" not in out.split("| fedprox |")[1].split("\n")[0]
+    with pytest.raises(SystemExit, match="unknown method"):
+        fedsim.main([*base, "--methods", "nope"])
+    fedsim.main([*base, "--sweep", "--seeds", "1", "--methods", "fedavg", "heterofl", "cahfp"])
     table = (tmp_path / "sweep_synthetic.md").read_text()
-    assert "Table I" in table and "alpha=0.1" in table and "| cahfp |" in table and "overlap (HeteroFL)" in table
+    assert "Table I" in table and "alpha=0.1" in table and "| cahfp | reconstruct |" in table
+    assert "| heterofl | overlap |" in table and "Table II" in table and "| fedmp |" in table
 
 
 def test_training_learns_the_synthetic_task():
@@ -176,12 +167,79 @@ def test_attack_cli_writes_table_json_plot(tmp_path, capsys):
     fedsim.main(argv)
     out = capsys.readouterr().out
     assert "| none |" in out and "| signflip |" in out and "median" in out and "trimmed_mean" in out
-    js = json.loads((tmp_path / "attack_synthetic.json").read_text())
+    js = json.loads((tmp_path / "attack_synthetic_x4.json").read_text())
     assert len(js["runs"]) == 2 * 2 * 4  # seeds x (none, signflip) x defences
     assert {(r["attack"], r["defence"], r["seed"]) for r in js["runs"]} == {
         (a, d, s) for a in ("none", "signflip") for d in fedsim_attack.DEFENCES for s in (0, 1)
     }
-    assert (tmp_path / "attack_synthetic.png").read_bytes()[:4] == b"\x89PNG"
-    assert "±" in (tmp_path / "attack_synthetic.md").read_text()
+    assert (tmp_path / "attack_synthetic_x4.png").read_bytes()[:4] == b"\x89PNG"
+    assert "±" in (tmp_path / "attack_synthetic_x4.md").read_text()
     with pytest.raises(SystemExit, match="attackers"):
         fedsim.main([*argv[:6], "--attack", "scale", "--attackers", "3", "--out", str(tmp_path), "--no-progress"])
+
+
+def test_method_names_modes_and_aliases():
+    import fedsim_methods as methods
+
+    assert set(methods.METHODS) == {"fedavg", "fedprox", "fedmp", "heterofl", "fedrolex", "fjord", "random", "cahfp"}
+    assert methods.get("magnitude") is methods.METHODS["fedmp"]
+    assert methods.parse_runs(["magnitude/overlap", "heterofl", "cahfp"]) == [
+        ("fedmp", "overlap"), ("heterofl", "overlap"), ("cahfp", "reconstruct")]  # fmt: skip
+    assert len(methods.parse_runs(["all"])) == len(methods.METHODS)
+    with pytest.raises(ValueError, match="heterofl"):
+        methods.parse_runs(["heterofl/reconstruct"])  # HeteroFL's rule is overlap
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.get("fedsgd")
+    assert methods.METHODS["heterofl"].weighting == methods.METHODS["fedrolex"].weighting == "count"
+    assert methods.METHODS["fjord"].weighting == "samples"
+
+
+def test_fjord_widths_nest_below_capacity():
+    import fedsim_methods as methods
+
+    g = torch.Generator().manual_seed(0)
+    fjord = methods.METHODS["fjord"]
+    seen = {0: set(), 1: set()}
+    for _ in range(200):
+        for k, r in methods.round_ratios(fjord, {0: 0.5, 1: 0.75}, g).items():
+            seen[k].add(r)
+    assert seen == {0: {0.5, 0.75}, 1: {0.75}}  # widths {0.25, 0.5} and {0.25}
+    assert methods.round_ratios(methods.METHODS["fedavg"], {0: 0.5}, g) == {0: 0.0}
+    assert methods.round_ratios(methods.METHODS["heterofl"], {0: 0.5}, g) == {0: 0.5}
+
+
+def test_fedprox_proximal_term_and_local_work():
+    """FedProx: mu = 0 and full local work is FedAvg exactly; the proximal term and fewer local
+    steps for weaker ranks change the run."""
+    import dataclasses
+
+    import fedsim_methods as methods
+
+    data = synthetic(n_train=120, n_test=40, seed=1)
+    cfg = fedsim.Config(data="synthetic", clients=2, rounds=2, warmup_rounds=1, rank=2)
+    parts = dirichlet_partition(data.y_train, 2, 1.0, seed=0)
+    fedavg = fedsim.run(cfg, "fedavg", "reconstruct", data, parts, progress=False)
+    plain = dataclasses.replace(methods.METHODS["fedprox"], name="fedprox0", prox_mu=0.0, rank_local_work=False)
+    methods.METHODS["fedprox0"] = plain
+    try:
+        assert fedsim.run(cfg, "fedprox0", "reconstruct", data, parts, progress=False)["accuracy"] == fedavg["accuracy"]
+    finally:
+        del methods.METHODS["fedprox0"]
+    prox = fedsim.run(cfg, "fedprox", "reconstruct", data, parts, progress=False)
+    assert prox["params_down_per_client"] == fedavg["params_down_per_client"]  # full model
+
+
+def test_seeds_table_has_mean_sd_and_paired_difference():
+    results = []
+    for seed, (a, c) in enumerate([(0.5, 0.6), (0.7, 0.7), (0.6, 0.8)]):
+        for method, acc in (("fedavg", a), ("cahfp", c)):
+            results.append({"method": method, "mode": "reconstruct", "seed": seed, "final_accuracy": acc,
+                            "best_accuracy": acc, "accuracy": [acc], "full_params": 10, "params_down_per_client": 10,
+                            "params_up_per_client": 10, "training_mflops_per_client": 1.0,
+                            "full_training_mflops": 1.0, "seconds_per_round": 0.1})  # fmt: skip
+    rows = {r["method"]: r for r in fedsim.summarise(results)}
+    mu, half = rows["fedavg"]["diff"]  # differences -0.1, 0.0, -0.2: mean -0.1, sd 0.1, t(2) = 4.303
+    assert mu == pytest.approx(-0.1) and half == pytest.approx(4.303 * 0.1 / 3**0.5)
+    assert "diff" not in rows["cahfp"]
+    table = fedsim.format_table(results)
+    assert "0.600 ± 0.100" in table and "-0.100 [-0.348, +0.148]" in table and "(3 seeds)" in table

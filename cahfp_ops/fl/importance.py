@@ -4,8 +4,10 @@ An :class:`Importance` scores every channel group of a plan for the clients of a
 (``scores``), and may learn from each new global model (``observe``) and from the clients'
 replies (``observe_replies``). :class:`CurvatureImportance` is CA-HFP's criterion (optionally
 personalised per client), :class:`MagnitudeImportance` the L1 / L2 filter norm (FedMP-like),
-:class:`RandomImportance` random scores. :func:`make_importance` turns the shorthand names
-``"curvature"``, ``"l1"``, ``"l2"``, ``"random"`` into instances.
+:class:`RandomImportance` random scores; :class:`PrefixImportance` (static prefix submodels,
+HeteroFL) and :class:`RollingImportance` (rolling windows, FedRolex) are the width-FL channel
+choices. :func:`make_importance` turns the shorthand names ``"curvature"``, ``"l1"``, ``"l2"``,
+``"random"``, ``"prefix"``, ``"rolling"`` into instances.
 
 :class:`CurvatureTracker` estimates, on the server and from successive global models only,
 the gradient proxy ``g_t = (w_t - w_{t+1}) / (lr * local_steps)`` and a diagonal curvature
@@ -28,7 +30,7 @@ from cahfp_ops import curvature_scores, reconstruct_aggregate_many
 from .plan import ChannelGroup, ChannelPlan
 
 CURVATURES = ("secant", "fisher")
-CRITERIA = ("curvature", "l1", "l2", "random")
+CRITERIA = ("curvature", "l1", "l2", "random", "prefix", "rolling")
 
 
 class CurvatureTracker:
@@ -196,6 +198,53 @@ class RandomImportance(Importance):
         return random_scores(plan, generator, len(clients))
 
 
+class PrefixImportance(Importance):
+    """Static prefix submodels (HeteroFL): channel ``c`` of a group scores ``C - c``, so a client
+    keeping ``n`` channels keeps ``0 .. n-1``, every round, and narrower clients' submodels nest
+    inside wider ones."""
+
+    name = "prefix"
+
+    def scores(self, plan, state, clients, generator):
+        return {g.name: torch.arange(g.size, 0, -1, dtype=torch.float32) for g in plan.groups}
+
+
+class RollingImportance(Importance):
+    """Rolling-window submodels (FedRolex): a client keeping ``n`` of a group's ``C`` channels
+    keeps the cyclic window ``o, o+1, ..., o+n-1 (mod C)``; the offset ``o`` starts at 0 and
+    advances by ``step`` channels with every new global model observed after the first (each
+    aggregated round), so over ``C / step`` rounds every channel is trained by every width.
+    All clients share the window's start."""
+
+    name = "rolling"
+
+    def __init__(self, step: int = 1):
+        if not (isinstance(step, int) and step >= 1):
+            raise ValueError(f"RollingImportance: step must be a positive int, got {step!r}")
+        self.step = step
+        self.observed = 0
+
+    def scores(self, plan, state, clients, generator):
+        shift = max(0, self.observed - 1) * self.step
+        out = {}
+        for g in plan.groups:
+            distance = (torch.arange(g.size) - shift) % g.size  # 0 at the window's start
+            out[g.name] = (g.size - distance).to(torch.float32)
+        return out
+
+    def observe(self, state, lr=1.0, local_steps=1):
+        self.observed += 1
+
+    def state_dict(self) -> dict:
+        return {"observed": self.observed}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.observed = int(state["observed"])
+
+    def __repr__(self) -> str:
+        return f"RollingImportance(step={self.step})"
+
+
 class MagnitudeImportance(Importance):
     """The L1 (``p=1``) or L2 (``p=2``) norm of each producing filter, shared by all clients."""
 
@@ -281,4 +330,8 @@ def make_importance(criterion: str | Importance, curvature: str = "secant", pers
         return MagnitudeImportance(p=int(criterion[1]))
     if criterion == "random":
         return RandomImportance()
+    if criterion == "prefix":
+        return PrefixImportance()
+    if criterion == "rolling":
+        return RollingImportance()
     raise ValueError(f"criterion must be an Importance or one of {CRITERIA}, got {criterion!r}")
