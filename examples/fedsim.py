@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fedsim_attack  # noqa: E402
 import fedsim_methods as methods  # noqa: E402
+import fedsim_prunefl  # noqa: E402
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
 
 from cahfp_ops import MODES, load_cpp  # noqa: E402
@@ -88,6 +89,39 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return correct / len(y)
 
 
+def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: torch.Tensor, y_train: torch.Tensor,
+              generator: torch.Generator, work: float = 1.0, anchors=(), prox_mu: float = 0.0,
+              after_step: Callable[[], None] | None = None) -> int:  # fmt: skip
+    """Local training shared by every method: ``cfg.local_epochs`` epochs of momentum SGD over the
+    client's samples ``idx`` (batches of :func:`batch_size_for`, a fresh order per epoch from
+    ``generator``), stopping after ``work`` of the steps (at least one); ``prox_mu / 2 *
+    ||p - anchor||^2`` over ``anchors`` (FedProx); ``after_step()`` after each step (masks).
+    Returns the steps taken."""
+    dev = x_train.device
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    bs = batch_size_for(len(idx), cfg.batch_size)
+    budget = math.ceil(len(idx) / bs) * cfg.local_epochs
+    if work < 1.0:
+        budget = max(1, round(budget * work))
+    done = 0
+    for _ in range(cfg.local_epochs):
+        order = idx[torch.randperm(len(idx), generator=generator)]
+        for i in range(0, len(order), bs):
+            b = order[i : i + bs].to(dev)
+            if len(b) < 2 or done >= budget:
+                continue
+            loss = F.cross_entropy(model(x_train[b]), y_train[b])
+            if anchors:
+                loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            done += 1
+    return done
+
+
 def run(
     cfg: Config,
     method: str,
@@ -107,6 +141,8 @@ def run(
     received), for attack experiments.
     """
     m = methods.get(method)
+    if m.unstructured:
+        return fedsim_prunefl.run_prunefl(sys.modules[__name__], cfg, m.name, data, parts, progress, label)
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data).to(dev)
@@ -133,28 +169,10 @@ def run(
         keep_sent = tamper is not None or m.prox_mu > 0
         sent = {k: v.detach().clone() for k, v in compact.state_dict().items()} if keep_sent else None
         anchors = [(p, sent[n]) for n, p in compact.named_parameters()] if m.prox_mu > 0 else []
-        opt = torch.optim.SGD(compact.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         idx = parts[cid]
-        bs = batch_size_for(len(idx), cfg.batch_size)
-        # FedProx's variable local work: a client of ratio r runs (1 - r) of its steps
-        budget = math.ceil(len(idx) / bs) * cfg.local_epochs
-        if m.rank_local_work:
-            budget = max(1, round(budget * (1.0 - capacity[cid])))
+        work = 1.0 - capacity[cid] if m.rank_local_work else 1.0  # FedProx: a client of ratio r does (1 - r)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server.round * 1009 + cid)
-        done = 0
-        for _ in range(cfg.local_epochs):
-            order = idx[torch.randperm(len(idx), generator=g)]
-            for i in range(0, len(order), bs):
-                b = order[i : i + bs].to(dev)
-                if len(b) < 2 or done >= budget:
-                    continue
-                loss = F.cross_entropy(compact(x_train[b]), y_train[b])
-                if anchors:
-                    loss = loss + m.prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                done += 1
+        local_sgd(cfg, compact, idx, x_train, y_train, g, work, anchors, m.prox_mu)
         trained = {k: v.detach().clone() for k, v in compact.state_dict().items()}
         weight = float(len(idx)) if m.weighting == "samples" else 1.0
         return (tamper(cid, sent, trained) if tamper else trained), weight

@@ -11,6 +11,9 @@ Choices where the papers leave room, with the section they rest on:
   the local loss (``mu = 0.01``), and the variable local work of Sec. 5.2 (stragglers do fewer
   local steps): a client of the heterogeneity rank's pruning ratio ``r`` runs ``(1 - r)`` of the
   local steps (at least one) on the full model; sample-weighted FedAvg aggregation.
+* ``prunefl`` (Jiang et al., IEEE TNNLS 2022): adaptive unstructured pruning of a masked dense
+  model by accumulated squared gradients, sparse aggregation and sparse-transfer accounting;
+  its choices are listed in ``fedsim_prunefl.py``.
 * ``fedmp`` (Jiang et al., ICDE 2022): structured pruning by L1 filter norm of the global model
   at the client's ratio; the CA-HFP paper's Table I pairs it with reconstruction (default),
   ``/overlap`` is available. ``magnitude`` is kept as an alias.
@@ -28,7 +31,7 @@ Choices where the papers leave room, with the section they rest on:
 * ``random``: random channels at the client's ratio (control); ``cahfp``: the curvature-aware
   scores of the paper, reconstruction (default) or overlap.
 
-Not yet in the set: ``prunefl`` and ``dapperfl``.
+Not yet in the set: ``dapperfl``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Method:
         prox_mu: FedProx's proximal coefficient (0: none).
         rank_local_work: whether a client's local steps scale with ``1 - r`` (its rank's ratio).
         sampled_width: whether a client's width is drawn each round (FjORD) below its capacity.
+        unstructured: weight-level masks on a dense model (PruneFL; ``fedsim_prunefl.py``)
+            instead of channel submodels.
     """
 
     name: str
@@ -64,6 +69,7 @@ class Method:
     prox_mu: float = 0.0
     rank_local_work: bool = False
     sampled_width: bool = False
+    unstructured: bool = False
 
     @property
     def prunes(self) -> bool:
@@ -75,6 +81,7 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("fedavg", None),
         Method("fedprox", None, prox_mu=0.01, rank_local_work=True),
+        Method("prunefl", "gradient", ("overlap",), warmup=False, unstructured=True),
         Method("fedmp", "l1", ("reconstruct", "overlap")),
         Method("heterofl", "prefix", ("overlap",), weighting="count", warmup=False),
         Method("fedrolex", "rolling", ("overlap",), weighting="count", warmup=False),

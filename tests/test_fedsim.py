@@ -51,7 +51,10 @@ def test_tiny_run_every_method(method, mode):
     # ratio 0.5 keeps 8/16/32 channels -> 3,754 floats; ratio 0.75 keeps 4/8/16 -> 1,082
     full = 13_898  # parameters plus BatchNorm statistics of the full model
     assert r["full_params"] == full
-    if method == "fjord":  # widths drawn per round from {0.25, 0.5} (ratio 0.5) and {0.25} (0.75)
+    if method == "prunefl":  # sparse transfer: kept weights + a bitmap of the 4 conv / linear weights + 314 dense
+        # weights 144 / 4,608 / 8,192 / 640: keep 50 % -> 6,792, 25 % -> 3,396; bitmaps 5 + 144 + 256 + 20 = 425
+        assert r["params_down_per_client"] == r["params_up_per_client"] == ((6792 + 425 + 314) + (3396 + 425 + 314)) / 2
+    elif method == "fjord":  # widths drawn per round from {0.25, 0.5} (ratio 0.5) and {0.25} (0.75)
         assert 1082 <= r["params_down_per_client"] <= (3754 + 1082) / 2
     else:
         expected = full if not fedsim.METHODS[method].prunes else (3754 + 1082) / 2
@@ -181,7 +184,8 @@ def test_attack_cli_writes_table_json_plot(tmp_path, capsys):
 def test_method_names_modes_and_aliases():
     import fedsim_methods as methods
 
-    assert set(methods.METHODS) == {"fedavg", "fedprox", "fedmp", "heterofl", "fedrolex", "fjord", "random", "cahfp"}
+    assert set(methods.METHODS) == {
+        "fedavg", "fedprox", "prunefl", "fedmp", "heterofl", "fedrolex", "fjord", "random", "cahfp"}  # fmt: skip
     assert methods.get("magnitude") is methods.METHODS["fedmp"]
     assert methods.parse_runs(["magnitude/overlap", "heterofl", "cahfp"]) == [
         ("fedmp", "overlap"), ("heterofl", "overlap"), ("cahfp", "reconstruct")]  # fmt: skip
@@ -243,3 +247,25 @@ def test_seeds_table_has_mean_sd_and_paired_difference():
     assert "diff" not in rows["cahfp"]
     table = fedsim.format_table(results)
     assert "0.600 ± 0.100" in table and "-0.100 [-0.348, +0.148]" in table and "(3 seeds)" in table
+
+
+def test_prunefl_masks_and_sparse_aggregation_by_hand():
+    import fedsim_prunefl as pf
+
+    score = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.9]])
+    assert pf.top_mask(score, 0.5).tolist() == [[False, True, False], [True, False, True]]  # tie 0.9: index 1 first
+    masks = pf.client_masks({"w": score}, {0: 0.5, 1: 0.75})
+    assert masks[1]["w"].sum() == 2 and bool((masks[1]["w"] <= masks[0]["w"]).all())  # nested
+    g = {"w": torch.zeros(2, 2), "b": torch.zeros(2), "n": torch.tensor(5)}
+    m0 = {"w": torch.tensor([[True, True], [False, False]])}
+    m1 = {"w": torch.tensor([[True, False], [False, False]])}
+    r0 = {"w": torch.full((2, 2), 1.0), "b": torch.tensor([1.0, 2.0]), "n": torch.tensor(7)}
+    r1 = {"w": torch.full((2, 2), 4.0), "b": torch.tensor([4.0, 8.0]), "n": torch.tensor(9)}
+    out = pf.aggregate_sparse(g, [r0, r1], [m0, m1], [1.0, 3.0])
+    # w[0,0]: both keep -> (1 * 1 + 3 * 4) / 4; w[0,1]: client 0 only -> 1; row 1: nobody -> 0
+    assert torch.equal(out["w"], torch.tensor([[3.25, 1.0], [0.0, 0.0]]))
+    assert torch.equal(out["b"], torch.tensor([3.25, 6.5]))  # dense: FedAvg
+    assert int(out["n"]) == 7
+    state = {"w": torch.zeros(4, 16), "b": torch.zeros(3), "n": torch.tensor(1)}
+    assert pf.sparse_params(state, {"w": torch.ones(4, 16, dtype=torch.bool)[:, :16] & (torch.arange(16) < 8)}) == (
+        32 + 2 + 3)  # fmt: skip
