@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fedsim_attack  # noqa: E402
+import fedsim_dapperfl  # noqa: E402
 import fedsim_methods as methods  # noqa: E402
 import fedsim_prunefl  # noqa: E402
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
@@ -91,11 +92,13 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 
 def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: torch.Tensor, y_train: torch.Tensor,
               generator: torch.Generator, work: float = 1.0, anchors=(), prox_mu: float = 0.0,
-              after_step: Callable[[], None] | None = None) -> int:  # fmt: skip
+              after_step: Callable[[], None] | None = None,
+              extra_loss: Callable[[], torch.Tensor] | None = None) -> int:  # fmt: skip
     """Local training shared by every method: ``cfg.local_epochs`` epochs of momentum SGD over the
     client's samples ``idx`` (batches of :func:`batch_size_for`, a fresh order per epoch from
     ``generator``), stopping after ``work`` of the steps (at least one); ``prox_mu / 2 *
-    ||p - anchor||^2`` over ``anchors`` (FedProx); ``after_step()`` after each step (masks).
+    ||p - anchor||^2`` over ``anchors`` (FedProx); ``extra_loss()`` added after each forward
+    (a regulariser reading hooks); ``after_step()`` after each step (masks).
     Returns the steps taken."""
     dev = x_train.device
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -113,6 +116,8 @@ def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: t
             loss = F.cross_entropy(model(x_train[b]), y_train[b])
             if anchors:
                 loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -141,8 +146,9 @@ def run(
     received), for attack experiments.
     """
     m = methods.get(method)
-    if m.unstructured:
-        return fedsim_prunefl.run_prunefl(sys.modules[__name__], cfg, m.name, data, parts, progress, label)
+    if m.runner != "server":  # a method with its own round loop (on the same data, model and local SGD)
+        runner = {"prunefl": fedsim_prunefl.run_prunefl, "dapperfl": fedsim_dapperfl.run_dapperfl}[m.runner]
+        return runner(sys.modules[__name__], cfg, m.name, data, parts, progress, label)
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data).to(dev)

@@ -14,6 +14,9 @@ Choices where the papers leave room, with the section they rest on:
 * ``prunefl`` (Jiang et al., IEEE TNNLS 2022): adaptive unstructured pruning of a masked dense
   model by accumulated squared gradients, sparse aggregation and sparse-transfer accounting;
   its choices are listed in ``fedsim_prunefl.py``.
+* ``dapperfl`` (Jia et al., NeurIPS 2024): model fusion pruning by the client after local
+  training, domain adaptive regularisation, aggregation of the pruned models recovered with the
+  global one; its choices are listed in ``fedsim_dapperfl.py``.
 * ``fedmp`` (Jiang et al., ICDE 2022): structured pruning by L1 filter norm of the global model
   at the client's ratio; the CA-HFP paper's Table I pairs it with reconstruction (default),
   ``/overlap`` is available. ``magnitude`` is kept as an alias.
@@ -31,7 +34,6 @@ Choices where the papers leave room, with the section they rest on:
 * ``random``: random channels at the client's ratio (control); ``cahfp``: the curvature-aware
   scores of the paper, reconstruction (default) or overlap.
 
-Not yet in the set: ``dapperfl``.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class Method:
         prox_mu: FedProx's proximal coefficient (0: none).
         rank_local_work: whether a client's local steps scale with ``1 - r`` (its rank's ratio).
         sampled_width: whether a client's width is drawn each round (FjORD) below its capacity.
-        unstructured: weight-level masks on a dense model (PruneFL; ``fedsim_prunefl.py``)
-            instead of channel submodels.
+        runner: ``"server"`` (the channel-plan server of ``cahfp_ops.fl``), or the method's
+            own loop: ``"prunefl"`` (weight-level masks, ``fedsim_prunefl.py``), ``"dapperfl"``
+            (client-side pruning after training, ``fedsim_dapperfl.py``).
     """
 
     name: str
@@ -69,7 +72,7 @@ class Method:
     prox_mu: float = 0.0
     rank_local_work: bool = False
     sampled_width: bool = False
-    unstructured: bool = False
+    runner: str = "server"
 
     @property
     def prunes(self) -> bool:
@@ -81,7 +84,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("fedavg", None),
         Method("fedprox", None, prox_mu=0.01, rank_local_work=True),
-        Method("prunefl", "gradient", ("overlap",), warmup=False, unstructured=True),
+        Method("prunefl", "gradient", ("overlap",), warmup=False, runner="prunefl"),
+        Method("dapperfl", "l1", ("reconstruct",), warmup=False, runner="dapperfl"),
         Method("fedmp", "l1", ("reconstruct", "overlap")),
         Method("heterofl", "prefix", ("overlap",), weighting="count", warmup=False),
         Method("fedrolex", "rolling", ("overlap",), weighting="count", warmup=False),

@@ -54,6 +54,8 @@ def test_tiny_run_every_method(method, mode):
     if method == "prunefl":  # sparse transfer: kept weights + a bitmap of the 4 conv / linear weights + 314 dense
         # weights 144 / 4,608 / 8,192 / 640: keep 50 % -> 6,792, 25 % -> 3,396; bitmaps 5 + 144 + 256 + 20 = 425
         assert r["params_down_per_client"] == r["params_up_per_client"] == ((6792 + 425 + 314) + (3396 + 425 + 314)) / 2
+    elif method == "dapperfl":  # downloads the full model, uploads its compact one
+        assert r["params_down_per_client"] == full and r["params_up_per_client"] == (3754 + 1082) / 2
     elif method == "fjord":  # widths drawn per round from {0.25, 0.5} (ratio 0.5) and {0.25} (0.75)
         assert 1082 <= r["params_down_per_client"] <= (3754 + 1082) / 2
     else:
@@ -185,7 +187,8 @@ def test_method_names_modes_and_aliases():
     import fedsim_methods as methods
 
     assert set(methods.METHODS) == {
-        "fedavg", "fedprox", "prunefl", "fedmp", "heterofl", "fedrolex", "fjord", "random", "cahfp"}  # fmt: skip
+        "fedavg", "fedprox", "prunefl", "dapperfl", "fedmp", "heterofl", "fedrolex", "fjord", "random",
+        "cahfp"}  # fmt: skip
     assert methods.get("magnitude") is methods.METHODS["fedmp"]
     assert methods.parse_runs(["magnitude/overlap", "heterofl", "cahfp"]) == [
         ("fedmp", "overlap"), ("heterofl", "overlap"), ("cahfp", "reconstruct")]  # fmt: skip
@@ -269,3 +272,21 @@ def test_prunefl_masks_and_sparse_aggregation_by_hand():
     state = {"w": torch.zeros(4, 16), "b": torch.zeros(3), "n": torch.tensor(1)}
     assert pf.sparse_params(state, {"w": torch.ones(4, 16, dtype=torch.bool)[:, :16] & (torch.arange(16) < 8)}) == (
         32 + 2 + 3)  # fmt: skip
+
+
+def test_dapperfl_fusion_and_regulariser():
+    import fedsim_dapperfl as dfl
+
+    assert dfl.fusion_coefficient(0) == 0.0 and dfl.fusion_coefficient(1) == pytest.approx(0.9 * 0.8)
+    assert dfl.fusion_coefficient(50) == dfl.ALPHA_MIN
+    g = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(2)}
+    loc = {"w": torch.tensor([5.0, -1.0]), "n": torch.tensor(4)}
+    fused = dfl.fuse(g, loc, 0.25)
+    assert torch.equal(fused["w"], torch.tensor([4.0, 0.0])) and int(fused["n"]) == 4  # 0.25 g + 0.75 local
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    handle, penalty = dfl.representation_norm(net)
+    x = torch.randn(5, 3)
+    net(x)
+    feats = torch.relu(net[0](x))
+    assert torch.allclose(penalty(), feats.norm(dim=1).mean())
+    handle.remove()
