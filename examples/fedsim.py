@@ -127,6 +127,38 @@ def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: t
     return done
 
 
+def round_iter(cfg: Config, progress: bool, label: str):
+    """``range(cfg.rounds)``, with a tqdm bar named ``label`` when ``progress``."""
+    if not progress:
+        return range(cfg.rounds)
+    from tqdm import tqdm
+
+    return tqdm(range(cfg.rounds), desc=label, leave=False)
+
+
+def summary(method: str, mode: str, cfg: Config, history: list[float], times: list[float], full_params: int,
+            down: float, up: float, mflops: float, full_mflops: float,
+            rejected: tuple[int, int] = (0, 0)) -> dict:  # fmt: skip
+    """A run's summary (what every method's loop returns): the accuracy per round, the
+    accounting per client (``down`` / ``up``: values per client summed over rounds), timing."""
+    return {
+        "method": method,
+        "mode": mode,
+        "seed": cfg.seed,
+        "accuracy": history,
+        "final_accuracy": history[-1],
+        "best_accuracy": max(history),
+        "full_params": full_params,
+        "params_down_per_client": down / cfg.rounds,
+        "params_up_per_client": up / cfg.rounds,
+        "training_mflops_per_client": mflops,
+        "full_training_mflops": full_mflops,
+        "seconds_per_round": sum(times) / len(times),
+        "rejected": rejected[0],
+        "rejected_total": rejected[1],
+    }
+
+
 def run(
     cfg: Config,
     method: str,
@@ -184,11 +216,7 @@ def run(
         return (tamper(cid, sent, trained) if tamper else trained), weight
 
     history, times = [], []
-    rounds = range(cfg.rounds)
-    if progress:
-        from tqdm import tqdm
-
-        rounds = tqdm(rounds, desc=label or f"{method}/{mode}", leave=False)
+    rounds = round_iter(cfg, progress, label or f"{method}/{mode}")
     report, rejected = None, 0
     down = up = flops = 0.0
     for _ in rounds:
@@ -203,22 +231,8 @@ def run(
         history.append(evaluate(server.global_model().to(dev), x_test, y_test))
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
-    return {
-        "method": m.name,
-        "mode": mode,
-        "seed": cfg.seed,
-        "accuracy": history,
-        "final_accuracy": history[-1],
-        "best_accuracy": max(history),
-        "full_params": report.full_params,
-        "params_down_per_client": down / cfg.rounds,
-        "params_up_per_client": up / cfg.rounds,
-        "training_mflops_per_client": flops / cfg.rounds / 1e6,
-        "full_training_mflops": report.full_training_flops / 1e6,
-        "seconds_per_round": sum(times) / len(times),
-        "rejected": len(report.rejected),
-        "rejected_total": rejected,
-    }
+    return summary(m.name, mode, cfg, history, times, report.full_params, down, up, flops / cfg.rounds / 1e6,
+                   report.full_training_flops / 1e6, (len(report.rejected), rejected))  # fmt: skip
 
 
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,

@@ -75,11 +75,7 @@ def run_dapperfl(fedsim, cfg, method, data, parts, progress: bool = True, label:
     full_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     flops = count_flops(model, data.x_train[:1].to(dev))["training_flops"]
     history, times, up = [], [], 0.0
-    rounds = range(cfg.rounds)
-    if progress:
-        from tqdm import tqdm
-
-        rounds = tqdm(rounds, desc=label or f"{method}/reconstruct", leave=False)
+    rounds = fedsim.round_iter(cfg, progress, label or f"{method}/reconstruct")
     for t in rounds:
         t0 = time.perf_counter()
         alpha = fusion_coefficient(t)
@@ -109,20 +105,6 @@ def run_dapperfl(fedsim, cfg, method, data, parts, progress: bool = True, label:
         history.append(fedsim.evaluate(model, x_test, y_test))
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
-    return {
-        "method": method,
-        "mode": "reconstruct",
-        "seed": cfg.seed,
-        "accuracy": history,
-        "final_accuracy": history[-1],
-        "best_accuracy": max(history),
-        "full_params": full_params,
-        "params_down_per_client": float(full_params),
-        "params_up_per_client": up / cfg.rounds,
-        "training_mflops_per_client": flops / 1e6,
-        "full_training_mflops": flops / 1e6,
-        "seconds_per_round": sum(times) / len(times),
-        "rejected": 0,
-        "rejected_total": 0,
-    }
+    down = float(full_params) * cfg.rounds  # the full model, every round
+    return fedsim.summary(method, "reconstruct", cfg, history, times, full_params, down, up, flops / 1e6, flops / 1e6)
 

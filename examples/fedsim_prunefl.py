@@ -111,11 +111,7 @@ def run_prunefl(fedsim, cfg, method, data, parts, progress: bool = True, label: 
     full_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     flops = count_flops(model, data.x_train[:1].to(dev))["training_flops"]
     history, times, down = [], [], 0.0
-    rounds = range(cfg.rounds)
-    if progress:
-        from tqdm import tqdm
-
-        rounds = tqdm(rounds, desc=label or f"{method}/overlap", leave=False)
+    rounds = fedsim.round_iter(cfg, progress, label or f"{method}/overlap")
     masks = client_masks(importance, capacity)
     for t in rounds:
         t0 = time.perf_counter()
@@ -151,19 +147,4 @@ def run_prunefl(fedsim, cfg, method, data, parts, progress: bool = True, label: 
         history.append(fedsim.evaluate(model, x_test, y_test))
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
-    return {
-        "method": method,
-        "mode": "overlap",
-        "seed": cfg.seed,
-        "accuracy": history,
-        "final_accuracy": history[-1],
-        "best_accuracy": max(history),
-        "full_params": full_params,
-        "params_down_per_client": down / cfg.rounds,
-        "params_up_per_client": down / cfg.rounds,
-        "training_mflops_per_client": flops / 1e6,
-        "full_training_mflops": flops / 1e6,
-        "seconds_per_round": sum(times) / len(times),
-        "rejected": 0,
-        "rejected_total": 0,
-    }
+    return fedsim.summary(method, "overlap", cfg, history, times, full_params, down, down, flops / 1e6, flops / 1e6)
