@@ -36,6 +36,7 @@ import fedsim_dapperfl  # noqa: E402
 import fedsim_methods as methods  # noqa: E402
 import fedsim_prunefl  # noqa: E402
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
+from fedsim_stats import fmt_mean_sd, mean_sd, t975  # noqa: E402
 
 from cahfp_ops import MODES, load_cpp  # noqa: E402
 from cahfp_ops.fl import zoo  # noqa: E402
@@ -127,6 +128,26 @@ def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: t
     return done
 
 
+def setup(cfg: Config, data: Dataset):
+    """What every method's round loop starts from: (device, the seeded initial model, client ->
+    its rank's pruning ratio, (x, y) train and test tensors on the device)."""
+    dev = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model, data).to(dev)
+    capacity = dict(enumerate(client_ratios(cfg.rank, cfg.clients)))
+    train = (data.x_train.to(dev), data.y_train.to(dev))
+    test = (data.x_test.to(dev), data.y_test.to(dev))
+    return dev, model, capacity, train, test
+
+
+def mean_local_steps(cfg: Config, parts: list[torch.Tensor]) -> int:
+    """The clients' mean SGD steps per round (at least 1): the scale of a pseudo-gradient
+    ``(w_t - w_{t+1}) / (lr * steps)``."""
+    sizes = [len(p) for p in parts]
+    return max(1, round(sum(math.ceil(n / batch_size_for(n, cfg.batch_size)) for n in sizes) / len(sizes)
+                        * cfg.local_epochs))  # fmt: skip
+
+
 def round_iter(cfg: Config, progress: bool, label: str):
     """``range(cfg.rounds)``, with a tqdm bar named ``label`` when ``progress``."""
     if not progress:
@@ -181,11 +202,7 @@ def run(
     if m.runner != "server":  # a method with its own round loop (on the same data, model and local SGD)
         runner = {"prunefl": fedsim_prunefl.run_prunefl, "dapperfl": fedsim_dapperfl.run_dapperfl}[m.runner]
         return runner(sys.modules[__name__], cfg, m.name, data, parts, progress, label)
-    dev = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model, data).to(dev)
-    sizes = [len(p) for p in parts]
-    steps = sum(math.ceil(n / batch_size_for(n, cfg.batch_size)) for n in sizes) / len(sizes) * cfg.local_epochs
+    dev, model, capacity, (x_train, y_train), (x_test, y_test) = setup(cfg, data)
     server = Server(
         model,
         data.x_train[:2].to(dev),
@@ -193,14 +210,11 @@ def run(
         mode=mode,
         warmup_rounds=cfg.warmup_rounds if m.warmup else 0,
         lr=cfg.lr,
-        local_steps=max(1, round(steps)),
+        local_steps=mean_local_steps(cfg, parts),
         seed=cfg.seed,
         **(server_options or {}),
     )
-    capacity = dict(enumerate(client_ratios(cfg.rank, cfg.clients)))
     width_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
-    x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
-    x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
 
     def train(cid: int, compact: torch.nn.Module):
         compact = compact.to(dev).train()
@@ -233,24 +247,6 @@ def run(
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
     return summary(m.name, mode, cfg, history, times, report.full_params, down, up, flops / cfg.rounds / 1e6,
                    report.full_training_flops / 1e6, (len(report.rejected), rejected))  # fmt: skip
-
-
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t975(df: int) -> float:
-    """Student's t 97.5 % quantile (two-sided 95 % intervals); the normal 1.96 beyond 30 dof."""
-    return T975[df - 1] if df <= len(T975) else 1.96
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt_mean_sd(values: list[float]) -> str:
-    mu, sd = mean_sd(values)
-    return f"{mu:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mu:.3f}"
 
 
 def summarise(results: list[dict], reference: tuple[str, str] = ("cahfp", "reconstruct")) -> list[dict]:

@@ -23,8 +23,9 @@ sd over seeds; replies rejected per round), the JSON of every run, and a bar plo
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
+
+from fedsim_stats import fmt_mean_sd, mean_sd
 
 ATTACKS = ("scale", "signflip")
 DEFENCES = ("mean", "mean+bound", "median", "trimmed_mean")
@@ -64,10 +65,11 @@ def run_attacks(run, cfg, data, attacks: list[str], attackers: int, scale: float
 
     from fedsim_data import dirichlet_partition
 
-    runs = []
+    runs, share = [], []
     for seed in range(cfg.seed, cfg.seed + seeds):
         c = type(cfg)(**{**asdict(cfg), "seed": seed})
         parts = dirichlet_partition(data.y_train, c.clients, c.alpha, seed)
+        share.append(sum(len(p) for p in parts[:attackers]) / sum(len(p) for p in parts))
         for attack in ["none", *attacks]:
             tamper = make_tamper(attack, set(range(attackers)), scale)
             for defence in DEFENCES:
@@ -76,7 +78,6 @@ def run_attacks(run, cfg, data, attacks: list[str], attackers: int, scale: float
                                label=f"{attack}/{defence}/seed {seed}")  # fmt: skip
                 r.update(attack=attack, defence=defence, seed=seed)
                 runs.append(r)
-    share = _attackers_share(data, cfg, attackers, seeds)
     text = format_attack_table(runs, cfg, attackers, scale, trim, seeds, share)
     stem = out / f"attack_{data.name}_x{scale:g}"
     stem.with_suffix(".md").write_text(text + "\n")
@@ -84,22 +85,6 @@ def run_attacks(run, cfg, data, attacks: list[str], attackers: int, scale: float
     stem.with_suffix(".json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
     plot_attacks(runs, stem.with_suffix(".png"), f"{data.name}: {attackers} of {cfg.clients} clients hostile")
     return text
-
-
-def _attackers_share(data, cfg, attackers: int, seeds: int) -> list[float]:
-    from fedsim_data import dirichlet_partition
-
-    out = []
-    for seed in range(cfg.seed, cfg.seed + seeds):
-        sizes = [len(p) for p in dirichlet_partition(data.y_train, cfg.clients, cfg.alpha, seed)]
-        out.append(sum(sizes[:attackers]) / sum(sizes))
-    return out
-
-
-def _stats(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def format_attack_table(runs: list[dict], cfg, attackers: int, scale: float, trim: float, seeds: int,
@@ -119,7 +104,7 @@ def format_attack_table(runs: list[dict], cfg, attackers: int, scale: float, tri
         cells = []
         for d in DEFENCES:
             rs = [r for r in runs if r["attack"] == attack and r["defence"] == d]
-            cell = _stats([r["final_accuracy"] for r in rs])
+            cell = fmt_mean_sd([r["final_accuracy"] for r in rs])
             rejected = sum(r["rejected_total"] for r in rs) / len(rs) / cfg.rounds
             if d == "mean+bound":
                 cell += f" ({rejected:.1f} rej.)"
@@ -141,8 +126,9 @@ def plot_attacks(runs: list[dict], path: Path, title: str) -> None:
         means, sds = [], []
         for a in attacks:
             v = [r["final_accuracy"] for r in runs if r["attack"] == a and r["defence"] == d]
-            means.append(statistics.mean(v))
-            sds.append(statistics.stdev(v) if len(v) > 1 else 0.0)
+            mu, sd = mean_sd(v)
+            means.append(mu)
+            sds.append(sd)
         xs = [i + (j - (len(DEFENCES) - 1) / 2) * width for i in range(len(attacks))]
         ax.bar(xs, means, width, yerr=sds, capsize=3, label=d, color=f"C{j}")
     ax.set_xticks(range(len(attacks)), attacks)

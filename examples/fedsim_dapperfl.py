@@ -64,14 +64,9 @@ def run_dapperfl(fedsim, cfg, method, data, parts, progress: bool = True, label:
     from cahfp_ops import reconstruct_aggregate_many
     from cahfp_ops.fl import assign_keep_sets, count_flops, extract, magnitude_scores, trace_plan
 
-    dev = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = fedsim.make_model(cfg.model, data).to(dev)
+    dev, model, capacity, (x_train, y_train), (x_test, y_test) = fedsim.setup(cfg, data)
     plan = trace_plan(copy.deepcopy(model), data.x_train[:2].to(dev))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    capacity = dict(enumerate(fedsim.client_ratios(cfg.rank, cfg.clients)))
-    x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
-    x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
     full_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     flops = count_flops(model, data.x_train[:1].to(dev))["training_flops"]
     history, times, up = [], [], 0.0

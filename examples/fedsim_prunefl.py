@@ -96,16 +96,9 @@ def run_prunefl(fedsim, cfg, method, data, parts, progress: bool = True, label: 
 
     from cahfp_ops.fl import count_flops
 
-    dev = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = fedsim.make_model(cfg.model, data).to(dev)
+    dev, model, capacity, (x_train, y_train), (x_test, y_test) = fedsim.setup(cfg, data)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     names = prunable(model)
-    capacity = dict(enumerate(fedsim.client_ratios(cfg.rank, cfg.clients)))
-    x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
-    x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
-    sizes = [len(p) for p in parts]
-    steps = sum(math.ceil(n / fedsim.batch_size_for(n, cfg.batch_size)) for n in sizes) / len(sizes) * cfg.local_epochs
     importance = {n: state[n].abs().float() for n in names}  # initial pruning: magnitude
     accumulated = {n: torch.zeros_like(state[n], dtype=torch.float32) for n in names}
     full_params = sum(v.numel() for v in state.values() if v.is_floating_point())
@@ -138,7 +131,7 @@ def run_prunefl(fedsim, cfg, method, data, parts, progress: bool = True, label: 
             mask_list.append(masks[cid])
             down += sparse_params(state, masks[cid]) / len(capacity)
         new = aggregate_sparse(state, replies, mask_list, weights)
-        scale = 1.0 / (cfg.lr * max(1, round(steps)))
+        scale = 1.0 / (cfg.lr * fedsim.mean_local_steps(cfg, parts))
         for n in names:  # the server's accumulated squared pseudo-gradient
             accumulated[n] += ((state[n].float() - new[n].float()) * scale).pow(2)
         state = new
