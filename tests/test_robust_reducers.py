@@ -103,6 +103,34 @@ def test_against_the_exact_definition(backend, gen, reduce, mode, K, shape, inte
     torch.testing.assert_close(out.double(), exact, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("K", [7, 33, 40])
+@pytest.mark.parametrize("integer_weights", [True, False])
+def test_many_keepers_ties_and_zero_deltas(backend, gen, K, integer_weights):
+    """Elements kept by up to K clients (past the 4-keeper weight tables and the 32-keeper bit
+    masks of the C++ kernel), with values equal to the global one (zero deltas) and repeated
+    values (ties across clients)."""
+    w = torch.randn(5, 4, 3, generator=gen).round()
+    rows = [None if k % 3 else torch.tensor([0, 2, 3]) for k in range(K)]
+    cols = [None if k % 4 else torch.tensor([1, 3]) for k in range(K)]
+    clients = []
+    for r, c in zip(rows, cols):
+        full = torch.randint(-2, 3, (5, 4, 3), generator=gen).float()  # few distinct values: ties, zeros
+        full = torch.where(torch.rand(5, 4, 3, generator=gen) < 0.3, w, full)
+        full = full if r is None else full[r]
+        clients.append(full if c is None else full[:, c])
+    coef = (
+        torch.randint(0, 4, (K,), generator=gen).double()
+        if integer_weights
+        else torch.rand(K, generator=gen, dtype=torch.float64)
+    )
+    coef[0] = 2.0
+    for mode in ("reconstruct", "overlap"):
+        for reduce in ("median", "trimmed_mean"):
+            out = cahfp_ops.reconstruct_aggregate(w, clients, rows, cols, coef, mode=mode, reduce=reduce, trim=0.15)
+            exact = _exact(w, clients, rows, cols, coef.tolist(), mode, reduce, 0.15)
+            torch.testing.assert_close(out.double(), exact, rtol=2e-6, atol=2e-6, msg=f"{mode} {reduce}")
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2), (torch.float64, 1e-12)])
 def test_dtypes(backend, gen, dtype, tol):
     w, clients, rows, cols, coef = _case(gen, 5, (6, 4, 3), True)

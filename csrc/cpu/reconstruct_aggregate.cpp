@@ -503,7 +503,8 @@ void robust_items(const wt* W, wt* out, const View3& v, const KeepTables& kt, co
   std::vector<const ct*> kptr(K);
   std::vector<double> kcoef(K), seq_w(K + 1);
   std::vector<acc> dv(K * TB), seq_v(K + 1);
-  double negw[TB], zerow[TB];
+  double negw[TB], zerow[TB], neg_tab[16], zero_tab[16];
+  uint32_t negb[TB], zerob[TB], nanb[TB];
   uint8_t nanf[TB];
   // Per row (recomputed when the row changes): the participants that keep it (row_k, with
   // their compact row index) and the weight of those that do not (row_absent).
@@ -547,21 +548,62 @@ void robust_items(const wt* W, wt* out, const View3& v, const KeepTables& kt, co
       continue;
     }
     const double lo = trim * total, hi = total - lo;
+    // Up to 32 keepers: pass 1 records per element which slots are negative and which are
+    // zero as bit masks (integer work the compiler vectorises) and pass 2 turns a mask into
+    // its weight sum, by table when there are at most 4 keepers. Sums run in slot (client)
+    // order from 0 (negative) and from the absent weight (zero), exactly as the general
+    // path's running sums, so both paths give identical bits.
+    const bool masked = m_all <= 32;
+    if (masked && m_all <= 4) {
+      neg_tab[0] = 0, zero_tab[0] = absent;
+      for (int64_t mask = 1; mask < (int64_t{1} << m_all); ++mask) {
+        const int hb = 31 - __builtin_clz(static_cast<uint32_t>(mask));
+        neg_tab[mask] = neg_tab[mask ^ (int64_t{1} << hb)] + kcoef[hb];
+        zero_tab[mask] = zero_tab[mask ^ (int64_t{1} << hb)] + kcoef[hb];
+      }
+    }
     for (int64_t t0 = 0; t0 < v.T; t0 += TB) {
       const int64_t nb = std::min(TB, v.T - t0);
-      // Pass 1, slot-major and branch-free: every keeper's deltas for nb trailing elements,
-      // with per-element NaN flags and the weight of the negative and the zero deltas.
-      for (int64_t e = 0; e < nb; ++e) negw[e] = 0, zerow[e] = absent, nanf[e] = 0;
-      for (int64_t s = 0; s < m_all; ++s) {
-        const ct* src = kptr[s] + t0;
-        acc* d = dv.data() + s * TB;
-        const double ck = kcoef[s];
+      if (masked) {
+        for (int64_t e = 0; e < nb; ++e) negb[e] = 0, zerob[e] = 0, nanb[e] = 0;
+        for (int64_t s = 0; s < m_all; ++s) {
+          const ct* src = kptr[s] + t0;
+          acc* d = dv.data() + s * TB;
+          const uint32_t bit = uint32_t{1} << s;
+          for (int64_t e = 0; e < nb; ++e) {
+            const acc x = static_cast<acc>(src[e]) - static_cast<acc>(wp[t0 + e]);
+            d[e] = x;
+            negb[e] |= bit & (uint32_t{0} - static_cast<uint32_t>(x < acc(0)));
+            zerob[e] |= bit & (uint32_t{0} - static_cast<uint32_t>(x == acc(0)));
+            nanb[e] |= static_cast<uint32_t>(x != x);
+          }
+        }
         for (int64_t e = 0; e < nb; ++e) {
-          const acc x = static_cast<acc>(src[e]) - static_cast<acc>(wp[t0 + e]);
-          d[e] = x;
-          negw[e] += ck * static_cast<double>(x < acc(0));  // arithmetic masks: no branches
-          zerow[e] += ck * static_cast<double>(x == acc(0));
-          nanf[e] |= static_cast<uint8_t>(x != x);
+          nanf[e] = static_cast<uint8_t>(nanb[e]);
+          if (m_all <= 4) {
+            negw[e] = neg_tab[negb[e]], zerow[e] = zero_tab[zerob[e]];
+          } else {
+            double nw = 0, zw = absent;
+            for (uint32_t b = negb[e]; b; b &= b - 1) nw += kcoef[__builtin_ctz(b)];
+            for (uint32_t b = zerob[e]; b; b &= b - 1) zw += kcoef[__builtin_ctz(b)];
+            negw[e] = nw, zerow[e] = zw;
+          }
+        }
+      } else {
+        // Pass 1, slot-major and branch-free: every keeper's deltas for nb trailing elements,
+        // with per-element NaN flags and the weight of the negative and the zero deltas.
+        for (int64_t e = 0; e < nb; ++e) negw[e] = 0, zerow[e] = absent, nanf[e] = 0;
+        for (int64_t s = 0; s < m_all; ++s) {
+          const ct* src = kptr[s] + t0;
+          acc* d = dv.data() + s * TB;
+          const double ck = kcoef[s];
+          for (int64_t e = 0; e < nb; ++e) {
+            const acc x = static_cast<acc>(src[e]) - static_cast<acc>(wp[t0 + e]);
+            d[e] = x;
+            negw[e] += ck * static_cast<double>(x < acc(0));  // arithmetic masks: no branches
+            zerow[e] += ck * static_cast<double>(x == acc(0));
+            nanf[e] |= static_cast<uint8_t>(x != x);
+          }
         }
       }
       // Pass 2, per element.
