@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fedsim_attack  # noqa: E402
+import fedsim_batched  # noqa: E402
 import fedsim_dapperfl  # noqa: E402
 import fedsim_methods as methods  # noqa: E402
 import fedsim_prunefl  # noqa: E402
@@ -62,6 +63,7 @@ class Config:
     warmup_rounds: int = 2
     seed: int = 0
     device: str = "cpu"
+    batched: str = "auto"  # train clients of equal compact shapes together: auto | on | off (fedsim_batched)
 
 
 def client_ratios(rank: int, n: int) -> list[float]:
@@ -215,19 +217,53 @@ def run(
         **(server_options or {}),
     )
     width_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+    keep_sent = tamper is not None or m.prox_mu > 0
+
+    def local_work(cid: int) -> tuple[torch.Tensor, float, torch.Generator]:
+        """Client ``cid``'s samples, share of the local steps and batch-order generator this round."""
+        work = 1.0 - capacity[cid] if m.rank_local_work else 1.0  # FedProx: a client of ratio r does (1 - r)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server.round * 1009 + cid)
+        return parts[cid], work, g
+
+    def reply(cid: int, sent: dict | None, compact: torch.nn.Module) -> tuple[dict, float]:
+        trained = {k: v.detach().clone() for k, v in compact.state_dict().items()}
+        weight = float(len(parts[cid])) if m.weighting == "samples" else 1.0
+        return (tamper(cid, sent, trained) if tamper else trained), weight
 
     def train(cid: int, compact: torch.nn.Module):
         compact = compact.to(dev).train()
-        keep_sent = tamper is not None or m.prox_mu > 0
         sent = {k: v.detach().clone() for k, v in compact.state_dict().items()} if keep_sent else None
         anchors = [(p, sent[n]) for n, p in compact.named_parameters()] if m.prox_mu > 0 else []
-        idx = parts[cid]
-        work = 1.0 - capacity[cid] if m.rank_local_work else 1.0  # FedProx: a client of ratio r does (1 - r)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server.round * 1009 + cid)
+        idx, work, g = local_work(cid)
         local_sgd(cfg, compact, idx, x_train, y_train, g, work, anchors, m.prox_mu)
-        trained = {k: v.detach().clone() for k, v in compact.state_dict().items()}
-        weight = float(len(idx)) if m.weighting == "samples" else 1.0
-        return (tamper(cid, sent, trained) if tamper else trained), weight
+        return reply(cid, sent, compact)
+
+    def batched_round(ratios: dict[int, float]):
+        """assign -> build -> train clients of equal compact shapes together -> aggregate."""
+        server.assign(ratios)
+        compacts = {cid: server.build(cid).to(dev).train() for cid in server.assignments}
+        sent = {c: {k: v.detach().clone() for k, v in cm.state_dict().items()} for c, cm in compacts.items()
+                if keep_sent}  # fmt: skip
+        groups: dict[tuple, list[int]] = {}
+        for cid, cm in compacts.items():
+            groups.setdefault(fedsim_batched.shape_key(cm), []).append(cid)
+        updates, weights = {}, {}
+        smallest = fedsim_batched.smallest_group(cfg.batched, dev)
+        for cids in groups.values():
+            if len(cids) < smallest:  # a small group: the client-by-client loop
+                for cid in cids:
+                    updates[cid], weights[cid] = train(cid, compacts[cid])
+                continue
+            plans = []
+            for cid in cids:
+                idx, work, g = local_work(cid)
+                bs = batch_size_for(len(idx), cfg.batch_size)
+                plans.append(fedsim_batched.batch_plan(len(idx), idx, bs, cfg.local_epochs, work, g))
+            fedsim_batched.train_group([compacts[c] for c in cids], plans, x_train, y_train, cfg.lr, cfg.momentum,
+                                       m.prox_mu)  # fmt: skip
+            for cid in cids:
+                updates[cid], weights[cid] = reply(cid, sent.get(cid), compacts[cid])
+        return server.aggregate(updates, weights)
 
     history, times = [], []
     rounds = round_iter(cfg, progress, label or f"{method}/{mode}")
@@ -235,7 +271,8 @@ def run(
     down = up = flops = 0.0
     for _ in rounds:
         t0 = time.perf_counter()
-        report = server.run_round(methods.round_ratios(m, capacity, width_gen), train)
+        ratios = methods.round_ratios(m, capacity, width_gen)
+        report = server.run_round(ratios, train) if cfg.batched == "off" else batched_round(ratios)
         times.append(time.perf_counter() - t0)
         rejected += len(report.rejected)
         clients = list(report.clients.values())
@@ -360,7 +397,8 @@ def sweep(cfg: Config, data: Dataset, out: Path, progress: bool = True, seeds: i
         "",
         "Table I: methods x Dirichlet alpha (each method's own aggregation)",
         "",
-        "| method | aggregation | " + " | ".join(f"alpha={a:g}" for a in alphas)
+        "| method | aggregation | "
+        + " | ".join(f"alpha={a:g}" for a in alphas)
         + " | params down / up per client | train MFLOPs/sample |",
         "| --- | --- | " + " | ".join("--:" for _ in alphas) + " | --: | --: |",
     ]
@@ -368,7 +406,8 @@ def sweep(cfg: Config, data: Dataset, out: Path, progress: bool = True, seeds: i
         cells = [fmt_mean_sd(next(r for r in table1[a] if r["method"] == m)["final"]) for a in alphas]
         acct = next(r for r in table1[alphas[0]] if r["method"] == m)
         lines.append(
-            f"| {m} | {mode if METHODS[m].prunes else '-'} | " + " | ".join(cells)
+            f"| {m} | {mode if METHODS[m].prunes else '-'} | "
+            + " | ".join(cells)
             + f" | {acct['params_down_per_client']:,.0f} / {acct['params_up_per_client']:,.0f}"
             + f" | {acct['training_mflops_per_client']:.2f} |"
         )
@@ -404,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-rounds", type=int, default=d.warmup_rounds)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--batched", default=d.batched, choices=["auto", "on", "off"],
+                   help="train clients of equal compact shapes together: on (groups of 2 or more), off, or auto "
+                   "(where measured faster: groups of 6 or more on CPU, 2 or more on CUDA)")  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,
@@ -439,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         a.warmup_rounds,
         a.seed,
         a.device,
+        a.batched,
     )
     try:
         data = load(cfg.data, cfg.data_dir, cfg.seed)

@@ -290,3 +290,67 @@ def test_dapperfl_fusion_and_regulariser():
     feats = torch.relu(net[0](x))
     assert torch.allclose(penalty(), feats.norm(dim=1).mean())
     handle.remove()
+
+
+@pytest.mark.parametrize("prox_mu, work", [(0.0, 1.0), (0.01, 0.6)])
+def test_batched_training_equals_client_by_client(prox_mu, work):
+    """Clients of equal shapes trained together (vmap, padded and masked steps, masked
+    BatchNorm statistics) end where local_sgd leaves each one alone: float64, so only summation
+    order differs; different data sizes give different step counts and batch lengths."""
+    import copy
+
+    import fedsim_batched
+
+    data = synthetic(n_train=300, n_test=10, seed=2)
+    cfg = fedsim.Config(data="synthetic", batch_size=16)  # 23, 150, 90 samples: 8, 10, 8 steps
+    torch.manual_seed(0)
+    model = fedsim.make_model("small_cnn", data).double()
+    model.dropout.p = 0.0  # dropout's draws differ between the two paths
+    x, y = data.x_train.double(), data.y_train
+    idxs = [torch.randperm(300, generator=torch.Generator().manual_seed(k))[:n] for k, n in enumerate((23, 150, 90))]
+    alone = [copy.deepcopy(model) for _ in idxs]
+    together = [copy.deepcopy(model) for _ in idxs]
+    steps_alone = []
+    for k, m in enumerate(alone):
+        anchors = [(p, p.detach().clone()) for p in m.parameters()] if prox_mu else []
+        g = torch.Generator().manual_seed(10 + k)
+        steps_alone.append(fedsim.local_sgd(cfg, m, idxs[k], x, y, g, work, anchors, prox_mu))
+    plans = [
+        fedsim_batched.batch_plan(
+            len(i),
+            i,
+            fedsim.batch_size_for(len(i), cfg.batch_size),
+            cfg.local_epochs,
+            work,
+            torch.Generator().manual_seed(10 + k),
+        )  # fmt: skip
+        for k, i in enumerate(idxs)
+    ]
+    steps_together = fedsim_batched.train_group(together, plans, x, y, cfg.lr, cfg.momentum, prox_mu)
+    assert steps_together == steps_alone and len(set(steps_alone)) > 1
+    for a, b in zip(alone, together):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert not torch.equal(sa[key], model.state_dict()[key])  # training moved it
+            torch.testing.assert_close(sb[key], sa[key], rtol=1e-9, atol=1e-9, msg=key)
+    assert type(together[0].bn1) is torch.nn.BatchNorm2d  # the caller's modules are untouched
+
+
+def test_batched_rounds_run_and_repeat():
+    """Four clients at two widths: groups of two train together; a second run repeats the first."""
+    data = synthetic(n_train=160, n_test=40, seed=1)
+    cfg = fedsim.Config(data="synthetic", clients=4, rounds=2, warmup_rounds=1, rank=2, batched="on")
+    parts = dirichlet_partition(data.y_train, 4, 1.0, seed=0)
+    for method in ("fedavg", "cahfp", "fjord"):
+        r = fedsim.run(cfg, method, fedsim.methods.get(method).modes[0], data, parts, progress=False)
+        again = fedsim.run(cfg, method, fedsim.methods.get(method).modes[0], data, parts, progress=False)
+        assert r["accuracy"] == again["accuracy"] and r["rejected_total"] == 0
+    import fedsim_batched
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fedsim_batched.smallest_group("on", cpu) == 2 and fedsim_batched.smallest_group("auto", cuda) == 2
+    assert fedsim_batched.smallest_group("auto", cpu) == fedsim_batched.CPU_SMALLEST_GROUP
+    assert fedsim_batched.smallest_group("off", cpu) > 10**9
+    with pytest.raises(ValueError, match="batched"):
+        fedsim_batched.smallest_group("yes", cpu)
