@@ -10,9 +10,10 @@ Protocol (the paper's): N clients (default 10) with a Dirichlet(alpha) label par
 heterogeneity rank 0-3 sets the clients' pruning ratios (rank 0: half 25 %, half unpruned;
 1: 25 % / 50 %; 2: 50 % / 75 %; 3: 75 % / 90 %); local SGD with momentum 0.9, lr 0.1, one local
 epoch, batch 128 scaled down for small data (at least 8 steps per epoch); every client every round.
-Methods: FedAvg (no pruning), magnitude (L1 filter norm, FedMP-like), random masks, CA-HFP
-(curvature scores), each pruned method with reconstruction (CA-HFP) or overlap averaging
-(HeteroFL) aggregation.
+Methods (``fedsim_methods.py``): FedAvg, FedProx, PruneFL, FedMP (L1 filter norm), DapperFL,
+HeteroFL, FedRolex, FjORD, random masks and CA-HFP, each with its published aggregation rule
+(reconstruction or overlap averaging where a method takes either). Clients whose compact models
+have equal shapes train together in one vmapped step (``fedsim_batched.py``; ``--batched``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,27 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
         for i in range(0, len(y), batch):
             correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
     return correct / len(y)
+
+
+def static_bn_statistics(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.nn.Module:
+    """HeteroFL's static batch normalisation: replace ``model``'s BatchNorm running statistics
+    (in place) by the cumulative mean and variance of one pass over ``x`` (the clients' training
+    data) in training mode; no parameter changes. Returns ``model`` in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model.eval()
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            if len(x) - i >= 2:
+                model(x[i : i + batch])
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
 
 
 def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: torch.Tensor, y_train: torch.Tensor,
@@ -279,7 +301,10 @@ def run(
         down += sum(c.params_down for c in clients) / len(clients)
         up += sum(c.params_up for c in clients) / len(clients)
         flops += sum(c.training_flops for c in clients) / len(clients)
-        history.append(evaluate(server.global_model().to(dev), x_test, y_test))
+        final = server.global_model().to(dev)
+        if m.static_bn:
+            static_bn_statistics(final, x_train)
+        history.append(evaluate(final, x_test, y_test))
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
     return summary(m.name, mode, cfg, history, times, report.full_params, down, up, flops / cfg.rounds / 1e6,

@@ -354,3 +354,22 @@ def test_batched_rounds_run_and_repeat():
     assert fedsim_batched.smallest_group("off", cpu) > 10**9
     with pytest.raises(ValueError, match="batched"):
         fedsim_batched.smallest_group("yes", cpu)
+
+
+def test_static_bn_statistics_are_the_data_statistics():
+    """HeteroFL's sBN: the evaluated model's BatchNorm statistics are the cumulative ones of a pass
+    over the data (equal batches: the data's mean and the mean of the batches' unbiased
+    variances); parameters and the momentum setting are untouched."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    x = torch.randn(512, 3) * 3 + 1
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    out = fedsim.static_bn_statistics(model, x, batch=256)
+    bn = model[1]
+    h = model[0](x).detach()
+    torch.testing.assert_close(bn.running_mean, h.mean(0))
+    torch.testing.assert_close(bn.running_var, (h[:256].var(0) + h[256:].var(0)) / 2)
+    assert out is model and not model.training and bn.momentum == 0.1
+    assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+    assert fedsim.methods.get("heterofl").static_bn and fedsim.methods.get("fedrolex").static_bn
+    assert not fedsim.methods.get("cahfp").static_bn
