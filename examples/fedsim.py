@@ -121,34 +121,28 @@ def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: t
               extra_loss: Callable[[], torch.Tensor] | None = None) -> int:  # fmt: skip
     """Local training shared by every method: ``cfg.local_epochs`` epochs of momentum SGD over the
     client's samples ``idx`` (batches of :func:`batch_size_for`, a fresh order per epoch from
-    ``generator``), stopping after ``work`` of the steps (at least one); ``prox_mu / 2 *
-    ||p - anchor||^2`` over ``anchors`` (FedProx); ``extra_loss()`` added after each forward
-    (a regulariser reading hooks); ``after_step()`` after each step (masks).
+    ``generator``: the steps of :func:`fedsim_batched.batch_plan`), stopping after ``work`` of
+    the steps (at least one); ``prox_mu / 2 * ||p - anchor||^2`` over ``anchors`` (FedProx);
+    ``extra_loss()`` added after each forward (a regulariser reading hooks); ``after_step()``
+    after each step (masks).
     Returns the steps taken."""
     dev = x_train.device
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     bs = batch_size_for(len(idx), cfg.batch_size)
-    budget = math.ceil(len(idx) / bs) * cfg.local_epochs
-    if work < 1.0:
-        budget = max(1, round(budget * work))
     done = 0
-    for _ in range(cfg.local_epochs):
-        order = idx[torch.randperm(len(idx), generator=generator)]
-        for i in range(0, len(order), bs):
-            b = order[i : i + bs].to(dev)
-            if len(b) < 2 or done >= budget:
-                continue
-            loss = F.cross_entropy(model(x_train[b]), y_train[b])
-            if anchors:
-                loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if after_step is not None:
-                after_step()
-            done += 1
+    for b in fedsim_batched.batch_plan(idx, bs, cfg.local_epochs, work, generator):
+        b = b.to(dev)
+        loss = F.cross_entropy(model(x_train[b]), y_train[b])
+        if anchors:
+            loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        done += 1
     return done
 
 
@@ -247,14 +241,17 @@ def run(
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server.round * 1009 + cid)
         return parts[cid], work, g
 
+    def snapshot(compact: torch.nn.Module) -> dict:
+        return {k: v.detach().clone() for k, v in compact.state_dict().items()}
+
     def reply(cid: int, sent: dict | None, compact: torch.nn.Module) -> tuple[dict, float]:
-        trained = {k: v.detach().clone() for k, v in compact.state_dict().items()}
+        trained = snapshot(compact)
         weight = float(len(parts[cid])) if m.weighting == "samples" else 1.0
         return (tamper(cid, sent, trained) if tamper else trained), weight
 
     def train(cid: int, compact: torch.nn.Module):
         compact = compact.to(dev).train()
-        sent = {k: v.detach().clone() for k, v in compact.state_dict().items()} if keep_sent else None
+        sent = snapshot(compact) if keep_sent else None
         anchors = [(p, sent[n]) for n, p in compact.named_parameters()] if m.prox_mu > 0 else []
         idx, work, g = local_work(cid)
         local_sgd(cfg, compact, idx, x_train, y_train, g, work, anchors, m.prox_mu)
@@ -264,8 +261,6 @@ def run(
         """assign -> build -> train clients of equal compact shapes together -> aggregate."""
         server.assign(ratios)
         compacts = {cid: server.build(cid).to(dev).train() for cid in server.assignments}
-        sent = {c: {k: v.detach().clone() for k, v in cm.state_dict().items()} for c, cm in compacts.items()
-                if keep_sent}  # fmt: skip
         groups: dict[tuple, list[int]] = {}
         for cid, cm in compacts.items():
             groups.setdefault(fedsim_batched.shape_key(cm), []).append(cid)
@@ -276,11 +271,12 @@ def run(
                 for cid in cids:
                     updates[cid], weights[cid] = train(cid, compacts[cid])
                 continue
+            sent = {cid: snapshot(compacts[cid]) for cid in cids} if keep_sent else {}
             plans = []
             for cid in cids:
                 idx, work, g = local_work(cid)
-                bs = batch_size_for(len(idx), cfg.batch_size)
-                plans.append(fedsim_batched.batch_plan(len(idx), idx, bs, cfg.local_epochs, work, g))
+                plans.append(fedsim_batched.batch_plan(idx, batch_size_for(len(idx), cfg.batch_size),
+                                                       cfg.local_epochs, work, g))  # fmt: skip
             fedsim_batched.train_group([compacts[c] for c in cids], plans, x_train, y_train, cfg.lr, cfg.momentum,
                                        m.prox_mu)  # fmt: skip
             for cid in cids:

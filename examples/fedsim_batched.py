@@ -1,6 +1,6 @@
 """Local training of several clients at once: clients whose compact models have equal shapes
-train in lockstep, one vmapped forward and backward per step for the whole group
-(``torch.func.vmap`` over ``torch.func.grad`` of ``functional_call``).
+train in lockstep, one forward and backward per step for the whole group (``torch.func.vmap``
+over ``functional_call``, then one backward of the summed per-client losses).
 
 It is the same training as :func:`fedsim.local_sgd`, client by client: each client draws its
 batch order from its own generator exactly as ``local_sgd`` does, runs the same number of
@@ -80,12 +80,13 @@ def _swap_batchnorms(model: nn.Module) -> list[tuple[str, MaskedBatchNorm]]:
     return swapped
 
 
-def batch_plan(n_samples: int, idx: torch.Tensor, batch: int, epochs: int, work: float,
+def batch_plan(idx: torch.Tensor, batch: int, epochs: int, work: float,
                generator: torch.Generator) -> list[torch.Tensor]:  # fmt: skip
-    """The sample indices of each step of ``local_sgd`` for one client, drawn from ``generator``
-    exactly as ``local_sgd`` draws them (one permutation per epoch; batches shorter than 2 and
-    steps past the work budget skipped)."""
-    budget = math.ceil(n_samples / batch) * epochs
+    """The sample indices of each local step of one client (``fedsim.local_sgd`` trains on this
+    plan too): one permutation of ``idx`` per epoch from ``generator``, cut into batches of
+    ``batch``; batches shorter than 2 are skipped, and steps past ``work`` of the budget
+    (``ceil(len(idx) / batch) * epochs``, at least one step)."""
+    budget = math.ceil(len(idx) / batch) * epochs
     if work < 1.0:
         budget = max(1, round(budget * work))
     steps: list[torch.Tensor] = []
@@ -167,8 +168,9 @@ def train_group(models: Sequence[nn.Module], plans: Sequence[list[torch.Tensor]]
                 idx[g, : len(plan[t])] = plan[t]
                 mask[g, : len(plan[t])] = 1.0
         idx, mask = idx.to(dev), mask.to(dev, x.dtype)
-        everyone = all(t < c for c in counts)
-        active = torch.tensor([t < c for c in counts], device=dev)
+        alive = [t < c for c in counts]
+        everyone = all(alive)
+        active = torch.tensor(alive, device=dev)
         leaves = {n: p.requires_grad_(True) for n, p in params.items()}
         losses, stats = forward(leaves, buffers, anchors, x[idx], y[idx], mask)
         grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in pnames])

@@ -317,7 +317,6 @@ def test_batched_training_equals_client_by_client(prox_mu, work):
         steps_alone.append(fedsim.local_sgd(cfg, m, idxs[k], x, y, g, work, anchors, prox_mu))
     plans = [
         fedsim_batched.batch_plan(
-            len(i),
             i,
             fedsim.batch_size_for(len(i), cfg.batch_size),
             cfg.local_epochs,

@@ -670,7 +670,6 @@ void robust_items(const wt* W, wt* out, const View3& v, const KeepTables& kt, co
   }
 }
 
-
 }  // namespace
 
 // weight: N-D; clients: K compact tensors (one floating dtype); rows / cols: (K, m) int64, -1
