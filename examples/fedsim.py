@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fedsim_attack  # noqa: E402
 import fedsim_batched  # noqa: E402
 import fedsim_dapperfl  # noqa: E402
+import fedsim_labelsplit  # noqa: E402
 import fedsim_methods as methods  # noqa: E402
 import fedsim_prunefl  # noqa: E402
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
@@ -118,13 +119,15 @@ def static_bn_statistics(model: torch.nn.Module, x: torch.Tensor, batch: int = 2
 def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: torch.Tensor, y_train: torch.Tensor,
               generator: torch.Generator, work: float = 1.0, anchors=(), prox_mu: float = 0.0,
               after_step: Callable[[], None] | None = None,
-              extra_loss: Callable[[], torch.Tensor] | None = None) -> int:  # fmt: skip
+              extra_loss: Callable[[], torch.Tensor] | None = None,
+              label_mask: torch.Tensor | None = None) -> int:  # fmt: skip
     """Local training shared by every method: ``cfg.local_epochs`` epochs of momentum SGD over the
     client's samples ``idx`` (batches of :func:`batch_size_for`, a fresh order per epoch from
     ``generator``: the steps of :func:`fedsim_batched.batch_plan`), stopping after ``work`` of
     the steps (at least one); ``prox_mu / 2 * ||p - anchor||^2`` over ``anchors`` (FedProx);
     ``extra_loss()`` added after each forward (a regulariser reading hooks); ``after_step()``
-    after each step (masks).
+    after each step (masks); ``label_mask`` ``(C,)`` bool: the logits of the classes it marks
+    False are set to 0 (HeteroFL's label split).
     Returns the steps taken."""
     dev = x_train.device
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -132,7 +135,7 @@ def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: t
     done = 0
     for b in fedsim_batched.batch_plan(idx, bs, cfg.local_epochs, work, generator):
         b = b.to(dev)
-        loss = F.cross_entropy(model(x_train[b]), y_train[b])
+        loss = F.cross_entropy(fedsim_labelsplit.mask_logits(model(x_train[b]), label_mask), y_train[b])
         if anchors:
             loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
         if extra_loss is not None:
@@ -225,7 +228,7 @@ def run(
         model,
         data.x_train[:2].to(dev),
         criterion=m.criterion or "random",
-        mode=mode,
+        mode="overlap" if mode == fedsim_labelsplit.MODE else mode,
         warmup_rounds=cfg.warmup_rounds if m.warmup else 0,
         lr=cfg.lr,
         local_steps=mean_local_steps(cfg, parts),
@@ -234,6 +237,9 @@ def run(
     )
     width_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
     keep_sent = tamper is not None or m.prox_mu > 0
+    label_split = mode == fedsim_labelsplit.MODE  # HeteroFL's option: overlap plus the classifier's label split
+    masks = fedsim_labelsplit.label_masks(data.y_train, parts, data.num_classes) if label_split else None
+    head = fedsim_labelsplit.classifier_names(model, data.num_classes) if label_split else None
 
     def local_work(cid: int) -> tuple[torch.Tensor, float, torch.Generator]:
         """Client ``cid``'s samples, share of the local steps and batch-order generator this round."""
@@ -254,8 +260,23 @@ def run(
         sent = snapshot(compact) if keep_sent else None
         anchors = [(p, sent[n]) for n, p in compact.named_parameters()] if m.prox_mu > 0 else []
         idx, work, g = local_work(cid)
-        local_sgd(cfg, compact, idx, x_train, y_train, g, work, anchors, m.prox_mu)
+        local_sgd(cfg, compact, idx, x_train, y_train, g, work, anchors, m.prox_mu,
+                  label_mask=None if masks is None else masks[cid])  # fmt: skip
         return reply(cid, sent, compact)
+
+    def aggregate(updates: dict, weights: dict):
+        """The server's rule; with label split, the classifier's rows recombined afterwards from
+        the clients holding each class (the other tensors keep the server's result)."""
+        previous = {n: server.state[n] for n in head if n is not None} if head else None
+        keeps = {cid: a.keeps for cid, a in server.assignments.items()}
+        report = server.aggregate(updates, weights)
+        if head and report.accepted:
+            _, cols = server.plan.tensor_keep_sets([keeps[c] for c in report.accepted])
+            col = dict(zip(report.accepted, cols.get(head[0], [None] * len(report.accepted))))
+            fixed = fedsim_labelsplit.aggregate_classifier(
+                previous, {c: updates[c] for c in report.accepted}, {c: masks[c] for c in report.accepted}, col, head)
+            server.adopt({**server.state, **fixed})  # HeteroFL's prefix criterion ignores what it observes
+        return report
 
     def batched_round(ratios: dict[int, float]):
         """assign -> build -> train clients of equal compact shapes together -> aggregate."""
@@ -278,10 +299,19 @@ def run(
                 plans.append(fedsim_batched.batch_plan(idx, batch_size_for(len(idx), cfg.batch_size),
                                                        cfg.local_epochs, work, g))  # fmt: skip
             fedsim_batched.train_group([compacts[c] for c in cids], plans, x_train, y_train, cfg.lr, cfg.momentum,
-                                       m.prox_mu)  # fmt: skip
+                                       m.prox_mu, None if masks is None else masks[cids])  # fmt: skip
             for cid in cids:
                 updates[cid], weights[cid] = reply(cid, sent.get(cid), compacts[cid])
-        return server.aggregate(updates, weights)
+        return aggregate(updates, weights)
+
+    def sequential_round(ratios: dict[int, float]):
+        """assign -> build -> train each client -> aggregate (``Server.run_round`` with the
+        label-split aggregation when it is on)."""
+        if head is None:
+            return server.run_round(ratios, train)
+        server.assign(ratios)
+        replies = {cid: train(cid, server.build(cid)) for cid in server.assignments}
+        return aggregate({c: r[0] for c, r in replies.items()}, {c: r[1] for c, r in replies.items()})
 
     history, times = [], []
     rounds = round_iter(cfg, progress, label or f"{method}/{mode}")
@@ -290,7 +320,7 @@ def run(
     for _ in rounds:
         t0 = time.perf_counter()
         ratios = methods.round_ratios(m, capacity, width_gen)
-        report = server.run_round(ratios, train) if cfg.batched == "off" else batched_round(ratios)
+        report = sequential_round(ratios) if cfg.batched == "off" else batched_round(ratios)
         times.append(time.perf_counter() - t0)
         rejected += len(report.rejected)
         clients = list(report.clients.values())

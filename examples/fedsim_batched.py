@@ -12,7 +12,8 @@ masked equivalent); a client whose steps are done sits out (its parameters and m
 kept by ``torch.where``). Results equal the client-by-client ones up to float rounding
 (batched kernels sum in another order) and dropout's random draws; tests compare them.
 
-Not covered (those methods train client by client): per-step hooks (``after_step``, PruneFL's
+HeteroFL's label split is covered (per-client masks of the logits). Not covered (those methods
+train client by client): per-step hooks (``after_step``, PruneFL's
 masks) and extra losses (DapperFL's regulariser).
 """
 
@@ -123,11 +124,13 @@ def shape_key(model: nn.Module) -> tuple:
 
 
 def train_group(models: Sequence[nn.Module], plans: Sequence[list[torch.Tensor]], x: torch.Tensor, y: torch.Tensor,
-                lr: float, momentum: float, prox_mu: float = 0.0) -> list[int]:  # fmt: skip
+                lr: float, momentum: float, prox_mu: float = 0.0,
+                label_masks: torch.Tensor | None = None) -> list[int]:  # fmt: skip
     """Train ``models`` (equal shapes; updated in place) on their step plans (:func:`batch_plan`)
     in lockstep: momentum SGD (``torch.optim.SGD`` semantics, no dampening or weight decay),
     plus ``prox_mu / 2 * ||p - p_0||^2`` against each model's starting parameters when
-    ``prox_mu > 0``. Returns each model's steps taken."""
+    ``prox_mu > 0``; ``label_masks`` ``(G, C)`` bool: model ``g``'s logits of the classes
+    marked False are set to 0 (HeteroFL's label split). Returns each model's steps taken."""
     G = len(models)
     if G == 0:
         return []
@@ -143,10 +146,12 @@ def train_group(models: Sequence[nn.Module], plans: Sequence[list[torch.Tensor]]
     moment = {n: torch.zeros_like(p) for n, p in params.items()}
     stat_names = [(f"{name}.running_mean", f"{name}.running_var") for name, _ in bns]
 
-    def loss_fn(p, b, anchor, xb, yb, mask):
+    def loss_fn(p, b, anchor, xb, yb, mask, classes):
         for _, bn in bns:
             bn.mask = mask
         out = functional_call(template, {**p, **b}, (xb,))
+        if classes is not None:
+            out = torch.where(classes, out, torch.zeros((), dtype=out.dtype, device=out.device))
         n = mask.sum().clamp(min=1.0)
         loss = (F.cross_entropy(out, yb, reduction="none") * mask).sum() / n
         if anchor is not None:
@@ -156,7 +161,9 @@ def train_group(models: Sequence[nn.Module], plans: Sequence[list[torch.Tensor]]
 
     # One vmapped forward; one backward of the summed losses gives every client its own
     # gradient (the clients share no parameters).
-    forward = vmap(loss_fn, in_dims=(0, 0, 0 if anchors is not None else None, 0, 0, 0), randomness="different")
+    classes = None if label_masks is None else label_masks.to(dev)
+    forward = vmap(loss_fn, in_dims=(0, 0, 0 if anchors is not None else None, 0, 0, 0, None if classes is None else 0),
+                   randomness="different")  # fmt: skip
     counts = [len(p) for p in plans]
     n_steps = max(counts)
     width = max((len(b) for plan in plans for b in plan), default=0)
@@ -172,7 +179,7 @@ def train_group(models: Sequence[nn.Module], plans: Sequence[list[torch.Tensor]]
         everyone = all(alive)
         active = torch.tensor(alive, device=dev)
         leaves = {n: p.requires_grad_(True) for n, p in params.items()}
-        losses, stats = forward(leaves, buffers, anchors, x[idx], y[idx], mask)
+        losses, stats = forward(leaves, buffers, anchors, x[idx], y[idx], mask, classes)
         grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in pnames])
         with torch.no_grad():
             for n, gr in zip(pnames, grads):

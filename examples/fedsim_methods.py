@@ -23,11 +23,14 @@ Choices where the papers leave room, with the section they rest on:
 * ``heterofl`` (Diao et al., ICLR 2021, Sec. 3.1-3.2): static prefix submodels (the first
   ``(1 - r) C`` channels of every layer) and its combine rule: each entry is the plain mean over
   the clients that hold it (count based: weight 1 per client), the global value where none does.
-  HeteroFL's optional label-split masking of the classifier is not applied. Static batch
-  normalisation (sBN, Sec. 3.2): BatchNorm normalises by batch statistics in training, and the
-  statistics used to evaluate the global model are the cumulative ones of its pass over the
-  clients' training data (HeteroFL queries the clients after training; the simulator makes
-  the same pass over the union of their data before each evaluation).
+  ``heterofl/label-split`` adds HeteroFL's optional label-split masking of the classifier
+  (its ``mask`` option, ``fedsim_labelsplit.py``): a client's logits of classes absent from its
+  data are set to 0 in training, and each classifier row is averaged over the clients holding
+  its class only. Static batch normalisation (sBN, Sec. 3.2): BatchNorm normalises by batch
+  statistics in training, and the statistics used to evaluate the global model are the
+  cumulative ones of its pass over the clients' training data (HeteroFL queries the clients
+  after training; the simulator makes the same pass over the union of their data before each
+  evaluation).
 * ``fedrolex`` (Alam et al., NeurIPS 2022, Sec. 3.2): the same widths as rolling windows whose
   start advances by one channel per round (cyclic), with HeteroFL's count-based overlap rule and
   its static batch normalisation (FedRolex builds on HeteroFL's training code). Without sBN the
@@ -60,8 +63,8 @@ class Method:
         name: the name on the command line, in tables and JSON.
         criterion: which channels a client keeps (an importance shorthand of
             ``cahfp_ops.fl.make_importance``); None: every client trains the full model.
-        modes: the aggregation modes it takes (``reconstruct`` / ``overlap``); the first is its
-            default (its published rule).
+        modes: the aggregation modes it takes (``reconstruct`` / ``overlap``; HeteroFL also
+            ``label-split``: overlap plus its label split); the first is its default.
         weighting: a client's aggregation weight: ``"samples"`` (its sample count) or
             ``"count"`` (1 per client).
         warmup: whether the first rounds use random channels (score-based criteria only).
@@ -100,7 +103,7 @@ METHODS: dict[str, Method] = {
         Method("prunefl", "gradient", ("overlap",), warmup=False, runner="prunefl"),
         Method("dapperfl", "l1", ("reconstruct",), warmup=False, runner="dapperfl"),
         Method("fedmp", "l1", ("reconstruct", "overlap")),
-        Method("heterofl", "prefix", ("overlap",), weighting="count", warmup=False, static_bn=True),
+        Method("heterofl", "prefix", ("overlap", "label-split"), weighting="count", warmup=False, static_bn=True),
         Method("fedrolex", "rolling", ("overlap",), weighting="count", warmup=False, static_bn=True),
         Method("fjord", "prefix", ("overlap",), warmup=False, sampled_width=True),
         Method("random", "random", ("reconstruct", "overlap")),

@@ -292,8 +292,8 @@ def test_dapperfl_fusion_and_regulariser():
     handle.remove()
 
 
-@pytest.mark.parametrize("prox_mu, work", [(0.0, 1.0), (0.01, 0.6)])
-def test_batched_training_equals_client_by_client(prox_mu, work):
+@pytest.mark.parametrize("prox_mu, work, label_split", [(0.0, 1.0, False), (0.01, 0.6, False), (0.0, 1.0, True)])
+def test_batched_training_equals_client_by_client(prox_mu, work, label_split):
     """Clients of equal shapes trained together (vmap, padded and masked steps, masked
     BatchNorm statistics) end where local_sgd leaves each one alone: float64, so only summation
     order differs; different data sizes give different step counts and batch lengths."""
@@ -311,10 +311,14 @@ def test_batched_training_equals_client_by_client(prox_mu, work):
     alone = [copy.deepcopy(model) for _ in idxs]
     together = [copy.deepcopy(model) for _ in idxs]
     steps_alone = []
+    # label split: each client's logits of a few classes zeroed (client 2 keeps every class)
+    masks = torch.ones(3, 10, dtype=torch.bool)
+    masks[0, [1, 4, 7]] = masks[1, 2:5] = False
     for k, m in enumerate(alone):
         anchors = [(p, p.detach().clone()) for p in m.parameters()] if prox_mu else []
         g = torch.Generator().manual_seed(10 + k)
-        steps_alone.append(fedsim.local_sgd(cfg, m, idxs[k], x, y, g, work, anchors, prox_mu))
+        steps_alone.append(fedsim.local_sgd(cfg, m, idxs[k], x, y, g, work, anchors, prox_mu,
+                                            label_mask=masks[k] if label_split else None))  # fmt: skip
     plans = [
         fedsim_batched.batch_plan(
             i,
@@ -325,14 +329,22 @@ def test_batched_training_equals_client_by_client(prox_mu, work):
         )  # fmt: skip
         for k, i in enumerate(idxs)
     ]
-    steps_together = fedsim_batched.train_group(together, plans, x, y, cfg.lr, cfg.momentum, prox_mu)
+    steps_together = fedsim_batched.train_group(together, plans, x, y, cfg.lr, cfg.momentum, prox_mu,
+                                                masks if label_split else None)  # fmt: skip
     assert steps_together == steps_alone and len(set(steps_alone)) > 1
     for a, b in zip(alone, together):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         for key in sa:
-            assert not torch.equal(sa[key], model.state_dict()[key])  # training moved it
+            if key not in ("conv1.bias", "conv2.bias"):  # biases before BatchNorm: zero gradient in exact math
+                assert not torch.equal(sa[key], model.state_dict()[key]), key  # training moved it
             torch.testing.assert_close(sb[key], sa[key], rtol=1e-9, atol=1e-9, msg=key)
+    if label_split:  # a zeroed logit gets no gradient: those classifier rows never move
+        for k, m in enumerate(alone):
+            off = ~masks[k]
+            for key in ("fc2.weight", "fc2.bias"):
+                assert torch.equal(m.state_dict()[key][off], model.state_dict()[key][off])
+                assert not torch.equal(m.state_dict()[key][~off], model.state_dict()[key][~off])
     assert type(together[0].bn1) is torch.nn.BatchNorm2d  # the caller's modules are untouched
 
 
@@ -372,3 +384,67 @@ def test_static_bn_statistics_are_the_data_statistics():
     assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
     assert fedsim.methods.get("heterofl").static_bn and fedsim.methods.get("fedrolex").static_bn
     assert not fedsim.methods.get("cahfp").static_bn
+
+
+def test_label_split_classifier_rule_by_hand():
+    """HeteroFL's label split: each classifier row is the plain mean over the clients holding
+    its class (and, for a weight entry, keeping its column); the old value where none does."""
+    import fedsim_labelsplit as ls
+
+    g = torch.Generator().manual_seed(5)
+    w_old, b_old = torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    cols = {"a": torch.tensor([0, 1, 2]), "b": None, "c": torch.tensor([1, 3])}
+    width = {"a": 3, "b": 5, "c": 2}
+    replies = {c: {"fc.weight": torch.randn(4, n, generator=g), "fc.bias": torch.randn(4, generator=g)}
+               for c, n in width.items()}  # fmt: skip
+    masks = {"a": torch.tensor([True, True, False, False]), "b": torch.tensor([True, False, True, False]),
+             "c": torch.tensor([False, True, True, False])}  # fmt: skip
+    names = ("fc.weight", "fc.bias")
+    out = ls.aggregate_classifier({"fc.weight": w_old, "fc.bias": b_old}, replies, masks, cols, names)
+    wa, wb, wc = (replies[c]["fc.weight"] for c in "abc")
+    ba, bb, bc = (replies[c]["fc.bias"] for c in "abc")
+    want_w = w_old.clone()
+    # row 0: clients a (cols 0-2) and b (all)
+    want_w[0] = torch.stack([(wa[0, 0] + wb[0, 0]) / 2, (wa[0, 1] + wb[0, 1]) / 2, (wa[0, 2] + wb[0, 2]) / 2,
+                             wb[0, 3], wb[0, 4]])  # fmt: skip
+    # row 1: clients a (cols 0-2) and c (cols 1, 3)
+    want_w[1] = torch.stack([wa[1, 0], (wa[1, 1] + wc[1, 0]) / 2, wa[1, 2], wc[1, 1], w_old[1, 4]])
+    # row 2: clients b (all) and c (cols 1, 3)
+    want_w[2] = torch.stack([wb[2, 0], (wb[2, 1] + wc[2, 0]) / 2, wb[2, 2], (wb[2, 3] + wc[2, 1]) / 2, wb[2, 4]])
+    # row 3: nobody holds class 3
+    want_b = torch.stack([(ba[0] + bb[0]) / 2, (ba[1] + bc[1]) / 2, (bb[2] + bc[2]) / 2, b_old[3]])
+    torch.testing.assert_close(out["fc.weight"], want_w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["fc.bias"], want_b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out["fc.weight"][3], w_old[3]) and torch.equal(out["fc.bias"][3], b_old[3])
+    masks_y = ls.label_masks(torch.tensor([0, 2, 2, 1, 3]), [torch.tensor([0, 1]), torch.tensor([2, 3, 4])], 5)
+    assert masks_y.tolist() == [[True, False, True, False, False], [False, True, True, True, False]]
+    assert ls.classifier_names(fedsim.make_model("small_cnn", synthetic(n_train=20, n_test=4)), 10) == (
+        "fc2.weight", "fc2.bias")  # fmt: skip
+
+
+def test_label_split_round_keeps_absent_classes_and_runs_both_ways(monkeypatch):
+    """A label-split round: the classifier rows of classes no client holds never move (no
+    gradient in training, the old value in aggregation) while the others do, in the batched and
+    in the client-by-client rounds (their training is compared in float64 above)."""
+    from dataclasses import asdict
+
+    from cahfp_ops.fl.server import Server
+
+    data = synthetic(n_train=200, n_test=40, seed=4)
+    keep = data.y_train < 7  # classes 7-9 absent from every client's data
+    data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
+    parts = dirichlet_partition(data.y_train, 6, 0.3, seed=1)
+    cfg = fedsim.Config(data="synthetic", clients=6, rounds=2, rank=2)
+    adopted = []
+    real_adopt = Server.adopt
+
+    def adopt(self, state):
+        adopted.append((self.model.state_dict()["fc2.weight"].clone(), state["fc2.weight"].clone()))
+        return real_adopt(self, state)
+
+    monkeypatch.setattr(Server, "adopt", adopt)
+    runs = {b: fedsim.run(fedsim.Config(**{**asdict(cfg), "batched": b}), "heterofl", "label-split", data, parts,
+                          progress=False) for b in ("on", "off")}  # fmt: skip
+    assert len(adopted) == 4 and runs["on"]["mode"] == "label-split"
+    for w0, w in adopted:
+        assert torch.equal(w[7:], w0[7:]) and not torch.equal(w[:7], w0[:7])
