@@ -17,7 +17,15 @@ from ._dispatch import BACKENDS, get_backend, resolve_backend, use_backend
 from ._dtypes import DTypeError
 from ._validation import set_validation, validation, validation_enabled
 from .cpp import load_cpp
-from .layout import PackedModel, RoundLayout, Workspace, accumulate_packed, aggregate_packed, slice_packed
+from .layout import (
+    PackedModel,
+    PackedScalars,
+    RoundLayout,
+    Workspace,
+    accumulate_packed,
+    aggregate_packed,
+    slice_packed,
+)
 from .ops import (
     MODES,
     REDUCERS,
@@ -37,6 +45,7 @@ __all__ = [
     "REDUCERS",
     "DTypeError",
     "PackedModel",
+    "PackedScalars",
     "RoundLayout",
     "Workspace",
     "accumulate_packed",

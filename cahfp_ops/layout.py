@@ -42,6 +42,7 @@ from ._views import packed_views
 
 __all__ = [
     "PackedModel",
+    "PackedScalars",
     "RoundLayout",
     "Workspace",
     "accumulate_packed",
@@ -479,13 +480,54 @@ def _expand(
 
 
 # ---------------------------------------------------------------------- packed client models
+class PackedScalars(Mapping):
+    """Named 0-d entries held as one 1-D tensor: ``scalars[name]`` is a view of
+    ``values[i]`` (made on first access, then kept, so writing it writes ``values``).
+
+    It carries a model's integer scalars (BatchNorm's ``num_batches_tracked``) per client as
+    one tensor instead of one per entry: copying, checking and reducing them is one tensor
+    operation whatever the model's depth.
+    """
+
+    __slots__ = ("names", "values", "_index", "_views")
+
+    def __init__(self, names: Sequence[str], values: Tensor):
+        names = tuple(names)
+        if values.dim() != 1 or values.numel() != len(names):
+            raise ValueError(f"PackedScalars: {len(names)} names need a 1-D tensor of as many values, "
+                             f"got shape {tuple(values.shape)}")  # fmt: skip
+        self.names = names
+        self.values = values
+        self._index = {n: i for i, n in enumerate(names)}
+        self._views: dict = {}
+
+    def __getitem__(self, name):
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self.values[self._index[name]]
+        return view
+
+    def __iter__(self) -> Iterator:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._index
+
+    def __repr__(self) -> str:
+        return f"PackedScalars({len(self.names)} {self.values.dtype} entries)"
+
+
 class PackedModel(Mapping):
     """A client's compact model as one contiguous 1-D buffer with named views.
 
     ``buffer`` holds the packed tensors end to end (in the layout's order); ``model[name]``
     is a view into it (made on first access), so writing a view writes the buffer.
     ``extras`` holds entries that are not packed (integer buffers such as
-    ``num_batches_tracked``). Iteration follows the layout's names, then the extras.
+    ``num_batches_tracked``): a copy of the mapping given, or the :class:`PackedScalars`
+    given itself. Iteration follows the layout's names, then the extras.
     """
 
     __slots__ = ("buffer", "layout", "client", "names", "extras", "_views", "_name_set")
@@ -513,7 +555,7 @@ class PackedModel(Mapping):
         self.client = client
         self.names = names
         self._name_set = frozenset(names)  # membership without a scan: replies are checked name by name
-        self.extras = dict(extras or {})
+        self.extras = extras if isinstance(extras, PackedScalars) else dict(extras or {})
         self._views: dict | None = None
 
     def _all_views(self) -> dict:

@@ -260,3 +260,35 @@ def test_robust_reducer_for_a_round(gen, reduce):
     )  # fmt: skip
     for n in floats:
         assert torch.equal(server.state[n], expected[n])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_packed_replies_with_malformed_integer_entries_are_rejected(gen, streaming):
+    """A packed reply (one buffer plus its integer scalars) whose scalars are the wrong shape,
+    kind or device is rejected, not read: it once aborted the round in the integer rule."""
+    from cahfp_ops import PackedModel, PackedScalars
+
+    server = _server(gen)
+    assigned = server.assignments
+    assert isinstance(assigned[0].state.extras, PackedScalars)
+
+    def packed(c, extras):
+        s = assigned[c].state
+        buf = s.buffer + 0.01 * torch.randn(s.buffer.shape, generator=gen)
+        return PackedModel(buf, s.layout, s.client, s.names, extras=extras)
+
+    ex = assigned[1].state.extras
+    name = ex.names[0]
+    replies = {
+        0: packed(0, PackedScalars(ex.names, ex.values + 3)),  # well formed
+        1: packed(1, {**{n: ex[n] for n in ex}, name: torch.zeros(1000, dtype=torch.int64)}),  # wrong shape
+        2: packed(2, PackedScalars(ex.names, ex.values.double())),  # floating where integers belong
+        3: packed(3, {**{n: ex[n] for n in ex}, name: torch.tensor(1, device="meta")}),  # no data
+        4: packed(4, PackedScalars(ex.names, ex.values.clone())),
+    }
+    twin = copy.deepcopy(server)
+    report = server.aggregate(replies, streaming=streaming)
+    assert report.accepted == [0, 4]
+    assert "(1000,)" in report.rejected[1] and "float64" in report.rejected[2] and "meta" in report.rejected[3]
+    assert int(server.state[name]) == int(ex.values[0]) + 3  # the integer rule: the largest accepted value
+    _check_equals_accepted_alone(server, twin, replies, None, report, streaming)

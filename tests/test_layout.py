@@ -365,3 +365,18 @@ def test_layouts_are_reused_for_equal_keep_sets_and_rebuilt_when_they_change(gen
     bad["b.weight"][0] = torch.tensor([3, 1])  # not ascending: must raise although equal-length sets were seen
     with pytest.raises(ValueError, match="ascending"):
         RoundLayout.from_keep_sets(model, rows, bad)
+
+
+def test_packed_scalars_views_write_through():
+    from cahfp_ops import PackedScalars
+
+    values = torch.tensor([3, 5, 7])
+    s = PackedScalars(["a", "b", "c"], values)
+    assert list(s) == ["a", "b", "c"] and len(s) == 3 and "b" in s and "z" not in s
+    assert s["b"] is s["b"] and int(s["b"]) == 5  # one view per name, made once
+    s["b"].add_(10)
+    assert values.tolist() == [3, 15, 7] and dict(s)["b"].dim() == 0
+    with pytest.raises(KeyError):
+        s["z"]
+    with pytest.raises(ValueError, match="3 names"):
+        PackedScalars(["a", "b", "c"], torch.zeros(2))

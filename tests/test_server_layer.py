@@ -129,6 +129,47 @@ def test_assign_keep_sets_counts_and_order():
         assign_keep_sets(plan, [1.0], scores)
 
 
+def test_keep_set_tables_match_the_per_client_keep_sets(gen):
+    """``assign_keep_tables`` (one padded table per group, groups of one size in one top-k
+    call) gives each client the keep sets ``assign_keep_sets`` does, row by row, and a layout
+    built from the tables equals the one built from the per-client keep sets."""
+    from cahfp_ops.fl.masks import assign_keep_tables, keep_sets_of_tables
+    from cahfp_ops.fl.plan import trace_plan
+
+    model = zoo.resnet20()
+    plan = trace_plan(model, torch.randn(1, 3, 32, 32, generator=gen))
+    K = 7
+    scores = {g.name: torch.randn(K, g.size, generator=gen) if i % 2 else torch.randn(g.size, generator=gen)
+              for i, g in enumerate(plan.groups)}  # fmt: skip
+    first = plan.groups[0].name
+    ratios = [0.5, 0.0, 0.75, {first: 0.3}, 0.9, 0.25, {}]
+    per_client = assign_keep_sets(plan, ratios, scores)
+    tables = assign_keep_tables(plan, ratios, scores)
+    rows = keep_sets_of_tables(tables, ratios)
+    for k in range(K):
+        assert list(rows[k]) == list(per_client[k]) and len(rows[k]) == len(per_client[k])
+        for g, keep in per_client[k].items():
+            assert torch.equal(rows[k][g], keep) and g in rows[k]
+            table_row = tables[g][k]
+            assert torch.equal(table_row[table_row >= 0], keep)
+    assert set(tables) == {g.name for g in plan.groups}  # client 0 prunes every group
+    for g in plan.groups:  # unpruned clients' rows: every channel
+        assert torch.equal(tables[g.name][1, : g.size], torch.arange(g.size))
+    # the old one-call-per-group rule, by hand, for a per-client-scored group
+    g = plan.groups[1]
+    counts = [kept_count(r if isinstance(r, float) else r.get(g.name, 0.0), g.size) if
+              (r if isinstance(r, float) else r.get(g.name, 0.0)) > 0 else g.size for r in ratios]  # fmt: skip
+    for k, c in enumerate(counts):
+        want = scores[g.name][k].topk(c).indices.sort().values
+        assert torch.equal(tables[g.name][k, :c], want)
+    state = model.state_dict()
+    a, b = plan.layout(state, tables), plan.layout(state, per_client)
+    assert torch.equal(a.row_inv, b.row_inv) and torch.equal(a.col_inv, b.col_inv)
+    assert (a.counts_host == b.counts_host).all() and (a.offsets_host == b.offsets_host).all()
+    with pytest.raises(ValueError, match="one K"):
+        plan.layout(state, {first: tables[first], plan.groups[1].name: tables[plan.groups[1].name][:3]})
+
+
 def _train_fn(x, y):
     def train(cid, model):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

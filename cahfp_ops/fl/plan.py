@@ -122,16 +122,27 @@ class ChannelPlan:
         return rows, cols
 
     def layout(
-        self, state: Mapping[str, Tensor], group_keeps: Sequence[Mapping[str, Tensor | None]]
+        self,
+        state: Mapping[str, Tensor],
+        group_keeps: Sequence[Mapping[str, Tensor | None]] | Mapping[str, Tensor],
     ) -> RoundLayout:
         """The round's :class:`~cahfp_ops.layout.RoundLayout` for ``state``'s floating entries
         (in ``state``'s order), built by channel group: each group's K keep sets are checked
         and mapped once, whatever the number of tensors they prune.
 
         ``group_keeps[k][group]``: client k's kept channels of ``group`` (ascending int64), or
-        missing / None for all channels.
+        missing / None for all channels; or, one table per group, ``group_keeps[group]``: a
+        ``(K, m)`` int64 table, row k client k's kept channels ascending then -1 padding
+        (:func:`~cahfp_ops.fl.masks.assign_keep_tables`; groups left out are not pruned).
         """
-        K = len(group_keeps)
+        tables = isinstance(group_keeps, Mapping)
+        if tables:
+            shapes = {int(t.shape[0]) for t in group_keeps.values()}
+            if len(shapes) > 1 or any(t.dim() != 2 for t in group_keeps.values()):
+                raise ValueError("ChannelPlan.layout: keep-set tables must be (K, m) with one K")
+            K = shapes.pop() if shapes else 0
+        else:
+            K = len(group_keeps)
         if K == 0:
             raise ValueError("ChannelPlan.layout: no clients")
         floats = [(n, t) for n, t in state.items() if t.is_floating_point()]
@@ -140,9 +151,14 @@ class ChannelPlan:
         spec: dict[tuple[str, int], tuple[int, int]] = {}
         sizes, keeps = [], []
         for g in self.groups:
-            per_client = [gk.get(g.name) for gk in group_keeps]
-            if all(k is None for k in per_client):
-                continue
+            if tables:
+                per_client = group_keeps.get(g.name)
+                if per_client is None:
+                    continue
+            else:
+                per_client = [gk.get(g.name) for gk in group_keeps]
+                if all(k is None for k in per_client):
+                    continue
             for m in g.members:
                 spec[(m.name, m.dim)] = (len(sizes), m.block)
             sizes.append(g.size)

@@ -15,7 +15,7 @@ from collections.abc import Hashable, Mapping
 import torch
 from torch import Tensor
 
-from cahfp_ops import PackedModel
+from cahfp_ops import PackedModel, PackedScalars
 
 
 def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object, *, finite: bool = True) -> str | None:
@@ -32,7 +32,7 @@ def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object, *
             if update.buffer.is_floating_point() and update.buffer.device == expected.buffer.device and (
                 not finite or bool(torch.isfinite(update.buffer.to(expected.buffer.dtype)).all())
             ):
-                return None
+                return _extras_problem(cid, expected.extras, update.extras, finite)
     if not isinstance(update, Mapping):
         return f"client {cid!r} sent a {type(update).__name__}, not a state_dict"
     missing = [k for k in expected if k not in update]
@@ -42,17 +42,37 @@ def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object, *
     if extra:
         return f"client {cid!r} sent unknown tensors, e.g. {extra[0]!r}"
     for k, ref in expected.items():
-        t = update[k]
-        if not isinstance(t, Tensor):
-            return f"client {cid!r}: {k!r} is not a tensor"
-        if tuple(t.shape) != tuple(ref.shape):
-            return f"client {cid!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
-        if t.is_floating_point() != ref.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            return f"client {cid!r}: {k!r} has dtype {t.dtype}, expected {ref.dtype}"
-        if t.device.type == "meta":
-            return f"client {cid!r}: {k!r} is on the meta device (it has no data)"
-        if finite and t.is_floating_point() and not bool(torch.isfinite(t.to(ref.dtype)).all()):
-            return f"client {cid!r}: {k!r} holds non-finite values"
+        problem = _entry_problem(cid, k, update[k], ref, finite)
+        if problem:
+            return problem
+    return None
+
+
+def _entry_problem(cid: Hashable, k: str, t: object, ref: Tensor, finite: bool) -> str | None:
+    """Why entry ``k`` of a reply, ``t``, cannot stand for ``ref``, or None."""
+    if not isinstance(t, Tensor):
+        return f"client {cid!r}: {k!r} is not a tensor"
+    if tuple(t.shape) != tuple(ref.shape):
+        return f"client {cid!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+    if t.is_floating_point() != ref.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        return f"client {cid!r}: {k!r} has dtype {t.dtype}, expected {ref.dtype}"
+    if t.device.type == "meta":
+        return f"client {cid!r}: {k!r} is on the meta device (it has no data)"
+    if finite and t.is_floating_point() and not bool(torch.isfinite(t.to(ref.dtype)).all()):
+        return f"client {cid!r}: {k!r} holds non-finite values"
+    return None
+
+
+def _extras_problem(cid: Hashable, expected: Mapping[str, Tensor], update: Mapping[str, Tensor],
+                    finite: bool) -> str | None:  # fmt: skip
+    """The unpacked entries of a packed reply (same names as ``expected``'s, checked before),
+    checked entry by entry; scalars packed on both sides as one tensor."""
+    if isinstance(update, PackedScalars) and isinstance(expected, PackedScalars) and update.names == expected.names:
+        return _entry_problem(cid, "its packed scalars", update.values, expected.values, finite)
+    for k, ref in expected.items():
+        problem = _entry_problem(cid, k, update[k], ref, finite)
+        if problem:
+            return problem
     return None
 
 

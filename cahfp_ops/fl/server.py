@@ -36,6 +36,7 @@ from cahfp_ops import (
     MODES,
     REDUCERS,
     PackedModel,
+    PackedScalars,
     RoundLayout,
     aggregate_packed,
     load_cpp,
@@ -46,7 +47,7 @@ from .aggregate import StreamingAggregator, aggregate_state, client_data, clippe
 from .checkpoint import load_checkpoint, save_atomic
 from .compact import build_compact, count_flops, count_params, extract
 from .importance import Importance, make_importance, random_scores
-from .masks import Ratio, assign_keep_sets
+from .masks import Ratio, assign_keep_tables, keep_sets_of_tables
 from .plan import ChannelPlan, trace_plan
 from .replies import check_reply, check_weight
 from .report import ClientRecord, RoundReport
@@ -196,7 +197,9 @@ class Server:
         as one contiguous buffer (:class:`~cahfp_ops.layout.PackedModel`, ``Assignment.state``).
         """
         ids = list(ratios)
-        keeps = assign_keep_sets(self.plan, [ratios[c] for c in ids], self.scores(ids))
+        ratio_list = [ratios[c] for c in ids]
+        tables = assign_keep_tables(self.plan, ratio_list, self.scores(ids))
+        keeps = keep_sets_of_tables(tables, ratio_list)
         self.assignments = {}
         self.layout = None
         self._slots = {}
@@ -205,7 +208,7 @@ class Server:
             return self.assignments
         floats = [v for v in self.state.values() if v.is_floating_point()]
         if len({(v.dtype, v.device) for v in floats}) == 1:
-            self.layout = self.plan.layout(self.state, keeps)
+            self.layout = self.plan.layout(self.state, tables) if tables else self.plan.layout(self.state, keeps)
             buffers = self.layout.slice(floats)
             extras = _extras_copies({k: v for k, v in self.state.items() if not v.is_floating_point()}, len(ids))
             states = [PackedModel(b, self.layout, j, extras=extras[j]) for j, b in enumerate(buffers)]
@@ -569,17 +572,28 @@ class Server:
         self._slots = {}
 
 
-def _extras_copies(extras: dict[str, Tensor], K: int) -> list[dict[str, Tensor]]:
+def _extras_copies(extras: dict[str, Tensor], K: int) -> list[Mapping[str, Tensor]]:
     """K private copies of the non-floating entries (each client may change its own). Scalars
-    of one dtype (BatchNorm's ``num_batches_tracked``) are copied as one tensor per client
-    and handed out as its views: one copy per client instead of one per entry."""
+    of one dtype (BatchNorm's ``num_batches_tracked``) are copied as one tensor per client, a
+    :class:`~cahfp_ops.layout.PackedScalars` (views made only when read): one copy per client
+    instead of one tensor per entry."""
     if not extras:
         return [{} for _ in range(K)]
     values = list(extras.values())
     if all(v.dim() == 0 for v in values) and len({(v.dtype, v.device) for v in values}) == 1:
         stacked = torch.stack(values)
-        return [dict(zip(extras, stacked.clone().unbind(0))) for _ in range(K)]
+        return [PackedScalars(extras, stacked.clone()) for _ in range(K)]
     return [{k: v.clone() for k, v in extras.items()} for _ in range(K)]
+
+
+def _packed_scalars(reply: Mapping[str, Tensor], names: list[str]) -> Tensor:
+    """The 0-d entries ``names`` of a (checked) reply as one 1-D tensor: its
+    :class:`~cahfp_ops.layout.PackedScalars` values when they hold exactly those names in that
+    order, else one stack."""
+    extras = reply.extras if isinstance(reply, PackedModel) else None
+    if isinstance(extras, PackedScalars) and extras.names == tuple(names):
+        return extras.values
+    return torch.stack([torch.as_tensor(reply[n]) for n in names])
 
 
 def _largest_ints(ints: list[tuple[str, Tensor]], counted: list) -> dict[str, Tensor]:
@@ -591,7 +605,7 @@ def _largest_ints(ints: list[tuple[str, Tensor]], counted: list) -> dict[str, Te
     dtypes = {v.dtype for _, v in ints}
     if all(v.dim() == 0 for _, v in ints) and len(dtypes) == 1:
         dtype = dtypes.pop()
-        rows = [torch.stack([torch.as_tensor(c[n]) for n in names]) for c in counted]
+        rows = [_packed_scalars(c, names) for c in counted]
         if all(r.shape == (len(names),) for r in rows):
             best = torch.stack(rows).to(dtype).amax(0)
             return dict(zip(names, best.unbind(0)))
