@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -80,6 +80,7 @@ class _Structure:
     col_base: np.ndarray  # (SC,) the tensor's column offset
     rowvec_pos: np.ndarray  # row-space positions of 1-D tensors
     rowvec_n: np.ndarray  # their tensor indices
+    device_maps: dict = field(default_factory=dict, compare=False)  # (space, device) -> _expand's tables
 
 
 _STRUCTURES: OrderedDict = OrderedDict()
@@ -236,7 +237,10 @@ class RoundLayout:
         counts = np.stack([rc, cc], axis=2).astype(np.int64).reshape(K, N, 2)
         # Index maps on the device: group inverse maps, then one gather per space.
         SG = int(sum(group_sizes))
-        ginv = torch.full((K, SG + 1), -1, dtype=torch.int32, device=device)
+        # Group inverse maps, then two extra columns: SG takes the padding's scatter, SG + 1
+        # is 0 for the dims that are not pruned (see _expand).
+        ginv = torch.full((K, SG + 2), -1, dtype=torch.int32, device=device)
+        ginv[:, SG + 1] = 0
         if group_keeps:
             cat = torch.cat([k.to(device=device, dtype=torch.int64) for k in group_keeps], dim=1)
             widths = [k.shape[1] for k in group_keeps]
@@ -246,11 +250,11 @@ class RoundLayout:
             ok = (cat >= 0) & (cat < limit)
             idx = torch.where(ok, cat + shift, torch.full_like(cat, SG))
             ginv.scatter_(1, idx, pos.expand(K, -1).contiguous())
-        row_inv = _expand(ginv, st.row_src, st.row_blk, st.row_sub, st.row_local, device)
+        row_inv = _expand(ginv, st, "row", device)
         if st.rowvec_pos.size:
             kept = _table(counts[:, st.rowvec_n, 1] > 0, device, torch.bool)
             row_inv[:, _table(st.rowvec_pos, device)] = torch.where(kept, 0, -1).to(torch.int32)
-        col_inv = _expand(ginv, st.col_src, st.col_blk, st.col_sub, st.col_local, device)
+        col_inv = _expand(ginv, st, "col", device)
         return cls(st, shapes_t, tuple(names) if names is not None else None, device, row_inv, col_inv, counts)
 
     @classmethod
@@ -462,21 +466,33 @@ class RoundLayout:
         return aggregate_packed(self, weights, clients, coef, mode, out=out)
 
 
-def _expand(
-    ginv: Tensor, src: np.ndarray, blk: np.ndarray, sub: np.ndarray, local: np.ndarray, device: torch.device
-) -> Tensor:
-    """Per-tensor inverse maps ``(K, S)`` from group inverse maps: position p of a pruned dim
-    with block b reads its channel's compact position i and becomes ``i * b + sub``; a dim
-    that is not pruned keeps every index."""
+def _expand(ginv: Tensor, st: _Structure, space: str, device: torch.device) -> Tensor:
+    """Per-tensor inverse maps ``(K, S)`` of the row or column space from the group inverse
+    maps ``ginv`` ``(K, SG + 2)`` (its last column 0): position p of a pruned dim with block
+    b reads its channel's compact position i and becomes ``i * b + sub`` (-1 where the channel
+    is not kept); a dim that is not pruned reads the zero column with block 0 and becomes its
+    local index. One gather and one select over ``(K, S)``; the per-position tables are made
+    once per structure and device."""
     K = ginv.shape[0]
-    if src.size == 0:
+    key = (space, str(device))
+    maps = st.device_maps.get(key)
+    if maps is None:
+        src, blk, sub, local = (
+            (st.row_src, st.row_blk, st.row_sub, st.row_local) if space == "row"
+            else (st.col_src, st.col_blk, st.col_sub, st.col_local)
+        )  # fmt: skip
+        pruned = src >= 0
+        maps = (
+            _table(np.where(pruned, src, ginv.shape[1] - 1), device),
+            _table(np.where(pruned, blk, 0), device, torch.int32),
+            _table(np.where(pruned, sub, local), device, torch.int32),
+        )
+        st.device_maps[key] = maps
+    src_t, blk_t, sub_t = maps
+    if src_t.numel() == 0:
         return torch.zeros((K, 0), dtype=torch.int32, device=device)
-    pruned = src >= 0
-    gathered = ginv[:, _table(np.where(pruned, src, ginv.shape[1] - 1), device)]
-    b = _table(blk, device, torch.int32)
-    mapped = torch.where(gathered >= 0, gathered * b + _table(sub, device, torch.int32), -1)
-    whole = _table(local, device, torch.int32).expand(K, -1)
-    return torch.where(_table(pruned, device, torch.bool), mapped, whole).to(torch.int32).contiguous()
+    gathered = ginv[:, src_t]
+    return torch.where(gathered >= 0, gathered * blk_t + sub_t, -1).to(torch.int32).contiguous()
 
 
 # ---------------------------------------------------------------------- packed client models
