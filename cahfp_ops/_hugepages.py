@@ -6,9 +6,13 @@ clearing, not in copying. :func:`empty` asks the kernel for 2 MB pages
 (``madvise(MADV_HUGEPAGE)``) on buffers of at least ``_MIN_BYTES``. Measured (2 threads,
 K = 100, ``bench/RESULTS.md``): slicing VGG-16 into fresh 4 KB pages 356 ms, into fresh
 2 MB pages 115 ms, into a reused buffer 66 ms; ResNet-56 55 / 22 / 14 ms. The slicing
-output uses it. The aggregation output (one model) does not: there, 2 MB pages faulted
-from inside the parallel kernel measured slower than plain pages (132 against 83 ms on
-VGG-16), and only a second full pass before the kernel made them faster (73 ms).
+output uses it. The aggregation output (one model) uses it with ``prefault=True``: one
+element of every 2 MB page is written before the kernel runs, so the pages are mapped (and
+cleared by the OS) up front, 2 MB at a time. Measured on VGG-16 K = 100 (2 threads, best of
+7, two repetitions): fresh 4 KB pages 88 / 87 ms, 2 MB pages faulted inside the parallel
+kernel 139 / 78 ms (erratic; 132 ms in an earlier run), prefaulted 2 MB pages 78 / 76 ms,
+a reused buffer 77 / 73 ms. For the slicing output (hundreds of MB) prefaulting measured
+slower (148 against 114 ms): one thread clears what the kernel's threads would.
 It changes nothing but speed, and is plain ``torch.empty`` where transparent huge pages
 are off (``never``), off Linux, on other devices, below ``_MIN_BYTES``, or with
 ``CAHFP_OPS_HUGEPAGES=0``.
@@ -51,8 +55,9 @@ def _madvise():
     return fn
 
 
-def empty(numel: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """``torch.empty(numel, dtype=dtype, device=device)``, on 2 MB pages where available."""
+def empty(numel: int, dtype: torch.dtype, device: torch.device | str, *, prefault: bool = False) -> Tensor:
+    """``torch.empty(numel, dtype=dtype, device=device)``, on 2 MB pages where available;
+    ``prefault``: map the huge pages now (one element of each is written)."""
     device = torch.device(device)
     itemsize = torch.empty((), dtype=dtype).element_size()
     madvise = _madvise() if device.type == "cpu" and numel * itemsize >= _MIN_BYTES else None
@@ -68,4 +73,7 @@ def empty(numel: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     if length:
         madvise(start, length, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
     offset = (start - ptr) // itemsize
-    return base[offset : offset + numel]
+    out = base[offset : offset + numel]
+    if prefault:
+        out[:: _HUGE_PAGE // itemsize].zero_()  # contents are unspecified anyway
+    return out

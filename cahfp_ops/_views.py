@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -15,13 +16,17 @@ def as_3d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
-def packed_views(packed: Tensor, shapes: Sequence[tuple[int, ...]], start: int = 0) -> list[Tensor]:
+def packed_views(packed: Tensor, shapes: Sequence[tuple[int, ...]], start: int | None = None) -> list[Tensor]:
     """Contiguous views of ``shapes`` laid end to end in the 1-D tensor ``packed``.
 
     ``as_strided`` gives one tensor object per view, which matters when a model has
-    thousands of client tensors. ``start``: the storage offset of the first view (pass
-    ``packed.storage_offset()`` when ``packed`` is itself a view).
+    thousands of client tensors. ``start``: the storage offset of the first view (default
+    ``packed.storage_offset()``: the views begin where ``packed`` begins, also when it is
+    itself a view, as the huge-page buffers are; while ``torch.compile`` traces, 0: the
+    buffers it traces are fresh allocations, and the offset is not traceable).
     """
+    if start is None:
+        start = 0 if torch.compiler.is_compiling() else packed.storage_offset()
     views, offset, strides = [], start, {}
     for shape in shapes:
         st = strides.get(shape)

@@ -697,7 +697,7 @@ def aggregate_packed(
     device = weights[0].device
     total = sum(w.numel() for w in weights)
     if out is None:
-        out = torch.empty(total, dtype=weights[0].dtype, device=device)
+        out = _hugepages.empty(total, weights[0].dtype, device, prefault=True)
     stats = torch.empty((len(clients), 2), dtype=torch.float64, device=device)
     t = layout.tables(device)
     _operators.aggregate_packed_op(

@@ -6,10 +6,11 @@ import torch
 from cahfp_ops import _hugepages
 
 
+@pytest.mark.parametrize("prefault", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_empty_gives_a_writable_contiguous_buffer_of_the_asked_size(dtype):
+def test_empty_gives_a_writable_contiguous_buffer_of_the_asked_size(dtype, prefault):
     n = (_hugepages._MIN_BYTES // torch.empty((), dtype=dtype).element_size()) + 12345
-    buf = _hugepages.empty(n, dtype, "cpu")
+    buf = _hugepages.empty(n, dtype, "cpu", prefault=prefault)
     assert buf.shape == (n,) and buf.dtype == dtype and buf.is_contiguous()
     src = torch.arange(n, dtype=torch.float64).to(dtype)
     buf.copy_(src)

@@ -25,6 +25,37 @@ def test_aggregate_many_equals_per_tensor(backend, gen, mode, K):
         assert torch.equal(out[name], single), name
 
 
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+def test_outputs_on_offset_buffers_equal_per_tensor(backend, gen, mode, monkeypatch):
+    """Every output buffer made a view at a non-zero storage offset (as the huge-page buffers
+    of large models are): the whole-model results, read through their views, still equal the
+    per-tensor ops. (A view laid out from the base's start once returned wrong values.)"""
+    from cahfp_ops import _hugepages
+
+    monkeypatch.setattr(_hugepages, "_MIN_BYTES", 0)
+    monkeypatch.setattr(_hugepages, "_madvise", lambda: (lambda *args: 0))
+    probe = _hugepages.empty(10, torch.float32, "cpu", prefault=True)
+    assert probe.storage_offset() > 0 or probe.data_ptr() % _hugepages._HUGE_PAGE == 0
+    model = random_model(gen)
+    K = 3
+    rows, cols = random_plan(gen, K)
+    compact = cahfp_ops.slice_channels_many(model, rows, cols)
+    clients = [{n: t + 0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype) for n, t in c.items()}
+               for c in compact]  # fmt: skip
+    coef = [0.5, 1.0, 2.0]
+    for given in (clients, compact):
+        out = cahfp_ops.reconstruct_aggregate_many(model, given, rows, cols, coef, mode=mode)
+        for name, w in model.items():
+            single = cahfp_ops.reconstruct_aggregate(
+                w, [c[name] for c in given], rows.get(name), cols.get(name), coef, mode=mode
+            )
+            assert torch.equal(out[name], single), name
+    for name, w in model.items():
+        single = cahfp_ops.slice_channels(w, rows.get(name, [None] * K), cols.get(name) if w.dim() > 1 else None)
+        for k in range(K):
+            assert torch.equal(compact[k][name], single[k]), (name, k)
+
+
 def test_aggregate_many_list_form(backend, gen):
     model = random_model(gen)
     names = list(model)
