@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _operators
-from ._dtypes import DTypeError
+from ._dtypes import FLOAT_DTYPES, DTypeError
 from ._inputs import (
     KeepSets,
     canonical_coef,
@@ -352,26 +352,36 @@ def _dtype_groups(weights: object, keys: list, op: str) -> dict[tuple, list]:
 
 def _client_tensors(
     op: str, model: object, k: int, keys: list, layout: RoundLayout, is_mapping: bool
-) -> Tensor | list[Tensor]:
+) -> tuple[Tensor | list[Tensor], torch.dtype | None]:
     """Client k's part of the op: its packed buffer when ``model`` is a :class:`PackedModel`
-    laid out as ``layout`` lays out client k, else its tensors for ``keys`` (checked)."""
+    laid out as ``layout`` lays out client k, else its tensors for ``keys`` (checked); and
+    the one dtype of that data (None: its tensors mix dtypes)."""
     if isinstance(model, PackedModel) and model.matches(layout, k, keys if is_mapping else None):
-        return model.buffer
+        return model.buffer, model.buffer.dtype
     try:
         tensors = [model[key] for key in keys]
     except (KeyError, IndexError, TypeError):
         missing = next(key for key in keys if not _has(model, key))
         raise ValueError(f"{op}: clients[{k}] has no tensor {missing!r}") from None
+    first = tensors[0].dtype if tensors and isinstance(tensors[0], Tensor) else None
     if validation_enabled():
         device = layout.device
-        for key, t, want in zip(keys, tensors, layout.compact_shapes(k)):
+        shapes = layout.compact_shapes(k)
+        # One pass over the tensors when all is well (a model has hundreds of them per
+        # client); the checks below, with their messages, only when something is not.
+        if first in FLOAT_DTYPES and all(
+            isinstance(t, Tensor) and t.dtype == first and t.device == device and t.shape == want
+            for t, want in zip(tensors, shapes)
+        ):
+            return tensors, first
+        for key, t, want in zip(keys, tensors, shapes):
             where = f" for {key!r}" if is_mapping else f"[{key}]"
             check_floating(op, f"clients[{k}]{where}", t)
             if t.device != device:
                 raise ValueError(f"{op}: clients[{k}]{where} is on {t.device} but weight is on {device}")
             if t.shape != want:
                 raise ValueError(f"{op}: clients[{k}]{where} has shape {tuple(t.shape)} but its keep sets give {want}")
-    return tensors
+    return tensors, first if all(t.dtype == first for t in tensors) else None
 
 
 def _has(model: object, key: object) -> bool:
@@ -437,10 +447,10 @@ def reconstruct_aggregate_many(
             raise ValueError(f"{op}: the keep sets describe {layout.num_clients} clients but clients holds {K}")
         if is_mapping:
             layout.names = tuple(members)
-        per_client = [_client_tensors(op, model, k, members, layout, is_mapping) for k, model in enumerate(clients)]
-        dtypes = {c.dtype for c in per_client if isinstance(c, Tensor)}
-        dtypes.update(t.dtype for c in per_client if not isinstance(c, Tensor) for t in c)
-        if len(dtypes) > 1:  # mixed uploads: one dtype per kernel call, the global's
+        parts = [_client_tensors(op, model, k, members, layout, is_mapping) for k, model in enumerate(clients)]
+        per_client = [data for data, _ in parts]
+        dtypes = {dtype for _, dtype in parts}
+        if len(dtypes) > 1 or None in dtypes:  # mixed uploads: one dtype per kernel call, the global's
             wd = sub[members[0]].dtype
             per_client = [c.to(wd) if isinstance(c, Tensor) else [t.to(wd) for t in c] for c in per_client]
         coef_t = canonical_coef(op, coef, K, device)

@@ -56,6 +56,29 @@ def test_outputs_on_offset_buffers_equal_per_tensor(backend, gen, mode, monkeypa
             assert torch.equal(compact[k][name], single[k]), (name, k)
 
 
+@pytest.mark.parametrize("uploads", ["float16", "mixed"])
+def test_aggregate_many_low_precision_uploads_equal_per_tensor(backend, gen, uploads):
+    """Clients uploading float16 into a float32 model (all of them, or some tensors of one
+    client): whole-model results equal the per-tensor ops, which read uniform uploads as
+    they are and cast mixed ones to the weight's dtype."""
+    model = random_model(gen)
+    K = 3
+    rows, cols = random_plan(gen, K)
+    clients = compact_models(gen, model, rows, cols, K)
+    if uploads == "float16":
+        clients = [{n: t.half() for n, t in c.items()} for c in clients]
+    else:
+        first = next(iter(model))
+        clients[1] = dict(clients[1], **{first: clients[1][first].half()})
+    out = cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, [1.0, 2.0, 0.5])
+    for name, w in model.items():
+        given = [c[name] for c in clients]
+        if uploads == "mixed":  # the whole-model call casts every upload of a mixed group
+            given = [t.to(w.dtype) for t in given]
+        single = cahfp_ops.reconstruct_aggregate(w, given, rows.get(name), cols.get(name), [1.0, 2.0, 0.5])
+        assert out[name].dtype == w.dtype and torch.equal(out[name], single), name
+
+
 def test_aggregate_many_list_form(backend, gen):
     model = random_model(gen)
     names = list(model)
