@@ -52,13 +52,18 @@ inline LayoutTables check_layout(int64_t N, const Tensor& meta, const Tensor& ro
       const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
       STD_TORCH_CHECK(rc >= 0 && rc <= m[0] && cc >= 0 && cc <= m[1] && lt.offsets[k * N + n] >= 0,
                       "layout counts of client ", k, ", tensor ", n, " are out of range");
+      // Branch-free over each run (the compiler vectorises it), one check per run: a
+      // round's tables hold K x (SR + SC) entries.
       const int32_t* inv = lt.row_inv + k * lt.SR + m[3];
-      for (int64_t r = 0; r < m[0]; ++r)
-        STD_TORCH_CHECK(inv[r] >= -1 && inv[r] < rc, "layout row_inv of client ", k, ", tensor ", n, " is out of range");
+      const int64_t rlim = rc;
+      int bad_rows = 0;
+      for (int64_t r = 0; r < m[0]; ++r) bad_rows |= (inv[r] < -1) | (inv[r] >= rlim);
+      STD_TORCH_CHECK(!bad_rows, "layout row_inv of client ", k, ", tensor ", n, " is out of range");
       const int32_t* ck = lt.col_keep + k * lt.SC + m[4];
-      for (int64_t j = 0; j < cc; ++j)
-        STD_TORCH_CHECK(ck[j] >= 0 && ck[j] < m[1], "layout col_keep of client ", k, ", tensor ", n,
-                        " is out of range");
+      const int64_t clim = m[1];
+      int bad_cols = 0;
+      for (int64_t j = 0; j < cc; ++j) bad_cols |= (ck[j] < 0) | (ck[j] >= clim);
+      STD_TORCH_CHECK(!bad_cols, "layout col_keep of client ", k, ", tensor ", n, " is out of range");
     }
   }
   return lt;
