@@ -41,6 +41,7 @@ from cahfp_ops import (
     aggregate_packed,
     load_cpp,
     reconstruct_aggregate_many,
+    validation,
 )
 
 from .aggregate import StreamingAggregator, aggregate_state, client_data, clipped_data, largest_reported
@@ -208,7 +209,11 @@ class Server:
             return self.assignments
         floats = [v for v in self.state.values() if v.is_floating_point()]
         if len({(v.dtype, v.device) for v in floats}) == 1:
-            self.layout = self.plan.layout(self.state, tables) if tables else self.plan.layout(self.state, keeps)
+            if tables:  # the server's own top-k tables: valid by construction, not checked again
+                with validation(False):  # (the kernels still check every table entry's bounds)
+                    self.layout = self.plan.layout(self.state, tables)
+            else:
+                self.layout = self.plan.layout(self.state, keeps)
             buffers = self.layout.slice(floats)
             extras = _extras_copies({k: v for k, v in self.state.items() if not v.is_floating_point()}, len(ids))
             states = [PackedModel(b, self.layout, j, extras=extras[j]) for j, b in enumerate(buffers)]
