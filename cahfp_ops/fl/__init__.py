@@ -27,7 +27,7 @@ from .importance import (
     random_scores,
     tracker_scores,
 )
-from .masks import assign_keep_sets, kept_count
+from .masks import KeepSetRows, assign_keep_sets, assign_keep_tables, keep_sets_of_tables, kept_count
 from .plan import RESIDUAL_MODES, ChannelGroup, ChannelPlan, Member, trace_plan
 from .report import ClientRecord, RoundReport
 from .server import Assignment, Server
@@ -45,6 +45,7 @@ __all__ = [
     "CurvatureImportance",
     "CurvatureTracker",
     "Importance",
+    "KeepSetRows",
     "MagnitudeImportance",
     "PrefixImportance",
     "Member",
@@ -55,11 +56,13 @@ __all__ = [
     "StreamingAggregator",
     "aggregate_state",
     "assign_keep_sets",
+    "assign_keep_tables",
     "build_compact",
     "count_flops",
     "count_params",
     "extract",
     "group_scores",
+    "keep_sets_of_tables",
     "kept_count",
     "largest_reported",
     "magnitude_scores",
