@@ -268,10 +268,9 @@ def run(
         """The server's rule; with label split, the classifier's rows recombined afterwards from
         the clients holding each class (the other tensors keep the server's result)."""
         previous = {n: server.state[n] for n in head if n is not None} if head else None
-        keeps = {cid: a.keeps for cid, a in server.assignments.items()}
         report = server.aggregate(updates, weights)
         if head and report.accepted:
-            _, cols = server.plan.tensor_keep_sets([keeps[c] for c in report.accepted])
+            _, cols = server.plan.tensor_keep_sets([server.assignments[c].keeps for c in report.accepted])
             col = dict(zip(report.accepted, cols.get(head[0], [None] * len(report.accepted))))
             fixed = fedsim_labelsplit.aggregate_classifier(
                 previous, {c: updates[c] for c in report.accepted}, {c: masks[c] for c in report.accepted}, col, head)
@@ -305,10 +304,8 @@ def run(
         return aggregate(updates, weights)
 
     def sequential_round(ratios: dict[int, float]):
-        """assign -> build -> train each client -> aggregate (``Server.run_round`` with the
-        label-split aggregation when it is on)."""
-        if head is None:
-            return server.run_round(ratios, train)
+        """assign -> build -> train each client -> aggregate (what ``Server.run_round`` does,
+        with the label-split aggregation when it is on)."""
         server.assign(ratios)
         replies = {cid: train(cid, server.build(cid)) for cid in server.assignments}
         return aggregate({c: r[0] for c, r in replies.items()}, {c: r[1] for c, r in replies.items()})

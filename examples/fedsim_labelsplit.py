@@ -84,15 +84,14 @@ def aggregate_classifier(
         none does.
     """
     clients = list(replies)
+    present = [n for n in names if n is not None]
+    if not clients:
+        return {n: previous[n].clone() for n in present}
+    device = previous[present[0]].device
+    rows = [masks[c].nonzero().flatten().to(device) for c in clients]  # each client's label rows
     out = {}
-    for name in names:
-        if name is None:
-            continue
-        rows = [masks[c].nonzero().flatten().to(previous[name].device) for c in clients]
+    for name in present:
         compacts = [replies[c][name][r] for c, r in zip(clients, rows)]
         cs = [cols.get(c) for c in clients] if previous[name].dim() > 1 else None
-        if not clients:
-            out[name] = previous[name].clone()
-            continue
         out[name] = reconstruct_aggregate(previous[name], compacts, rows, cs, [1.0] * len(clients), mode="overlap")
     return out

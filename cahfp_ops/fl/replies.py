@@ -41,6 +41,12 @@ def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object, *
     extra = [k for k in update if k not in expected]
     if extra:
         return f"client {cid!r} sent unknown tensors, e.g. {extra[0]!r}"
+    return _entries_problem(cid, expected, update, finite)
+
+
+def _entries_problem(cid: Hashable, expected: Mapping[str, Tensor], update: Mapping[str, Tensor],
+                     finite: bool) -> str | None:  # fmt: skip
+    """The first problem of ``update``'s entries against ``expected``'s (names checked before)."""
     for k, ref in expected.items():
         problem = _entry_problem(cid, k, update[k], ref, finite)
         if problem:
@@ -69,11 +75,7 @@ def _extras_problem(cid: Hashable, expected: Mapping[str, Tensor], update: Mappi
     checked entry by entry; scalars packed on both sides as one tensor."""
     if isinstance(update, PackedScalars) and isinstance(expected, PackedScalars) and update.names == expected.names:
         return _entry_problem(cid, "its packed scalars", update.values, expected.values, finite)
-    for k, ref in expected.items():
-        problem = _entry_problem(cid, k, update[k], ref, finite)
-        if problem:
-            return problem
-    return None
+    return _entries_problem(cid, expected, update, finite)
 
 
 def check_weight(cid: Hashable, weights: Mapping[Hashable, object] | None) -> tuple[str | None, float | None]:
