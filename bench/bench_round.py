@@ -1,13 +1,16 @@
 """Whole-model and whole-round speed: state_dict aggregation, slicing, streaming and a server round.
 
     python bench/bench_round.py [--models vgg16 resnet56] [--clients 10 100] [--stream-clients 1000]
+        [--stream-window 8]
 
 Every figure is checked against the per-tensor path first. Prints ms (best of --repeat), the
 fraction of the measured copy bandwidth (bytes moved / copy bandwidth / time) and, side by
 side in the same run, the plain-PyTorch peers: per-client, per-tensor ``index_select`` for
-slicing, the per-tensor ``index_add`` aggregation for state_dicts. Streaming at K = 1,000
-folds clients generated one at a time (peak extra memory O(model): the aggregator's
-partial sums are printed).
+slicing, the per-tensor ``index_add`` aggregation for state_dicts. Streaming is timed one
+client per call (``add``) and in windows of clients per call (``add_many``), whole rounds
+(partial sums, folds, result) against the batch call. At K = 1,000 it folds clients
+generated one at a time (peak extra memory O(model): the aggregator's partial sums and the
+clients waiting for their window are printed).
 """
 
 from __future__ import annotations
@@ -110,11 +113,26 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
             agg.add(c, weight=coef[k], layout=layout, client=k)
         return agg.result()
 
+    def stream_windows(window: int):
+        agg = StreamingAggregator(model)
+        for i in range(0, K, window):
+            idx = list(range(i, min(K, i + window)))
+            agg.add_many([pclients[k] for k in idx], [float(coef[k]) for k in idx], layout=layout, clients=idx)
+        return agg.result()
+
+    one_by_one = stream_layout()
+    windows = sorted({w for w in (16, 64, K) if w <= K})
+    for w in windows:  # correctness first: bit for bit the one-client-per-call result
+        assert all(torch.equal(t, one_by_one[n]) for n, t in stream_windows(w).items()), "windows differ"
+    assert all(torch.allclose(t, ours[n], rtol=1e-4, atol=1e-5) for n, t in one_by_one.items()), "streaming differs"
     batch = best_ms(lambda: cahfp_ops.reconstruct_aggregate_many(model, pclients, rows, cols, coef), repeat)
     s1 = best_ms(stream_keep_sets, max(1, repeat // 2))
     s2 = best_ms(stream_layout, max(1, repeat // 2))
     print(f"  streaming: keep-set dicts {s1:.1f} ms ({s1 / batch:.2f}x the batch call), "
-          f"round layout {s2:.1f} ms ({s2 / batch:.2f}x)")  # fmt: skip
+          f"round layout, one client per call {s2:.1f} ms ({s2 / batch:.2f}x)")  # fmt: skip
+    sw = {w: best_ms(lambda w=w: stream_windows(w), repeat) for w in windows}
+    print("  streaming, windows of clients per call (add_many): "
+          + ", ".join(f"{w}: {t:.1f} ms ({t / batch:.2f}x)" for w, t in sw.items()))  # fmt: skip
 
 
 def bench_server(name: str, K: int, repeat: int) -> None:
@@ -151,24 +169,42 @@ def bench_server(name: str, K: int, repeat: int) -> None:
           f"({(b['assign'] + b['aggregate']) / kern:.2f}x)")  # fmt: skip
 
 
-def bench_stream_many(name: str, K: int) -> None:
-    """K clients folded in one at a time, each generated just before it arrives."""
+def bench_stream_many(name: str, K: int, window: int) -> None:
+    """K clients folded in as they arrive, each generated just before: one per call, and
+    windows of ``window`` clients per call (held until their window is folded)."""
     model, _, _, _, _ = _model_case(name, 2, torch.device("cpu"))
     keys = list(model)
-    gen = torch.Generator().manual_seed(0)
     layout = cahfp_ops.slice_channels_many(model, None, None, num_clients=1)[0].layout
-    agg = StreamingAggregator(model)
-    held = sum(t.numel() * t.element_size() for fl in agg.partials().flats.values() for t in fl)
-    t_add = 0.0
-    for _ in range(K):
-        buf = torch.randn(int(layout.numels[0]), generator=gen)
-        t0 = time.perf_counter()
-        agg.add(cahfp_ops.PackedModel(buf, layout, 0, keys), weight=1.0, layout=layout, client=0)
-        t_add += time.perf_counter() - t0
-    agg.result()
     model_mb = sum(w.numel() * 4 for w in model.values()) / 1e6
-    print(f"  streaming K={K} (full-size clients): {t_add * 1e3:.0f} ms in add, {t_add / K * 1e3:.2f} ms per client; "
-          f"partial sums held: {held / 1e6:.1f} MB (model: {model_mb:.1f} MB)")
+    results = []
+    for w in (1, window):
+        sub = layout.subset([0] * w)  # w copies of the one client's keep sets
+        gen = torch.Generator().manual_seed(0)
+        agg = StreamingAggregator(model)
+        t_add, pending = 0.0, []
+        for i in range(K):
+            pending.append(torch.randn(int(layout.numels[0]), generator=gen))
+            if len(pending) < w and i + 1 < K:
+                continue
+            t0 = time.perf_counter()
+            if w == 1:
+                agg.add(cahfp_ops.PackedModel(pending[0], layout, 0, keys), weight=1.0, layout=layout, client=0)
+            else:
+                agg.add_many([cahfp_ops.PackedModel(b, sub, j, keys) for j, b in enumerate(pending)],
+                             [1.0] * len(pending), layout=sub, clients=list(range(len(pending))))  # fmt: skip
+            t_add += time.perf_counter() - t0
+            pending = []
+        t0 = time.perf_counter()
+        results.append(agg.result())
+        t_res = time.perf_counter() - t0
+        held = sum(t.untyped_storage().nbytes() for fl in agg.partials().flats.values() for t in fl)
+        held += sum(t.untyped_storage().nbytes() for fl in agg._spare.values() for t in fl)
+        clients_mb = (w - 1) * int(layout.numels[0]) * 4 / 1e6 if w > 1 else 0.0
+        print(f"  streaming K={K} (full-size clients), {w} per call: {t_add * 1e3:.0f} ms in add, "
+              f"{t_add / K * 1e3:.2f} ms per client, result {t_res * 1e3:.0f} ms; partial sums held: "
+              f"{held / 1e6:.1f} MB, clients waiting for their window: up to {clients_mb:.0f} MB "
+              f"(model: {model_mb:.1f} MB)")  # fmt: skip
+    assert all(torch.equal(results[0][n], results[1][n]) for n in keys), "windows differ from one per call"
 
 
 def main() -> None:
@@ -176,6 +212,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["vgg16", "resnet56"])
     ap.add_argument("--clients", nargs="+", type=int, default=[10, 100])
     ap.add_argument("--stream-clients", type=int, default=1000)
+    ap.add_argument("--stream-window", type=int, default=8, help="clients per call in the K = 1,000 streaming run")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -187,7 +224,7 @@ def main() -> None:
             bench_model(name, K, bw, args.repeat)
             bench_server(name, K, args.repeat)
         if args.stream_clients:
-            bench_stream_many(name, args.stream_clients)
+            bench_stream_many(name, args.stream_clients, args.stream_window)
 
 
 if __name__ == "__main__":

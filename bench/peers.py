@@ -78,3 +78,34 @@ def indexadd_reconstruct_aggregate(
         wide[:, c] = coef[k] * (clients[k].to(acc) - w[r][:, c])
         total.index_add_(0, r, wide)
     return (w + total).to(weight.dtype)
+
+
+def plain_streaming_aggregate(
+    model: dict[str, Tensor],
+    clients: Sequence[dict[str, Tensor]],
+    rows: dict[str, Sequence[Tensor | None]],
+    cols: dict[str, Sequence[Tensor | None]],
+    coef: Sequence[float],
+) -> dict[str, Tensor]:
+    """Plain-PyTorch streaming (what FL frameworks write): running float32 sums of weighted
+    deltas, folded client by client and tensor by tensor with advanced indexing, then
+    ``w + sums / sum(coef)`` where some client kept the element. Benchmark peer."""
+    sums = {n: torch.zeros_like(w, dtype=acc_dtype(w.dtype)) for n, w in model.items()}
+    kept = {n: torch.zeros(w.shape[:2] if w.dim() > 1 else w.shape, dtype=torch.bool) for n, w in model.items()}
+    for k, client in enumerate(clients):
+        for n, w in model.items():
+            r = _full_index(rows.get(n, [None] * len(clients))[k], w.shape[0], w.device)
+            if w.dim() == 1:
+                sums[n][r] += coef[k] * (client[n].to(sums[n].dtype) - w[r].to(sums[n].dtype))
+                kept[n][r] = True
+                continue
+            c = _full_index((cols.get(n) or [None] * len(clients))[k], w.shape[1], w.device)
+            idx = (r[:, None], c[None, :])
+            sums[n][idx] += coef[k] * (client[n].to(sums[n].dtype) - w[idx].to(sums[n].dtype))
+            kept[n][idx] = True
+    total = float(sum(coef))
+    out = {}
+    for n, w in model.items():
+        mask = kept[n].reshape(*kept[n].shape, *([1] * (w.dim() - kept[n].dim())))
+        out[n] = torch.where(mask, (w.to(sums[n].dtype) + sums[n] / total).to(w.dtype), w)
+    return out

@@ -93,6 +93,7 @@ PEERS = {
     "reconstruct_aggregate_many": ("index_add", "naive"),
     "slice_channels_many": ("plain",),
     "server_round": ("plain",),
+    "streaming": ("plain",),
 }
 #: Cases also timed with validation off (where validation costs measurable time).
 NOVALIDATE = {"slice_channels", "reconstruct_aggregate", "reconstruct_aggregate_many", "slice_channels_many"}
@@ -351,6 +352,32 @@ def server_round(name: str, K: int, device: torch.device) -> Workload:
     return Workload("server_round", f"{name} K={K}", 4 * (2 * params + 3 * compact), impls, compare=floating)
 
 
+def streaming(name: str, K: int, device: torch.device) -> Workload:
+    """A streaming round: K packed clients folded into a ``StreamingAggregator`` in windows of
+    the server's ``STREAM_WINDOW``, then its result; peer: plain per-client, per-tensor
+    streaming (``peers.plain_streaming_aggregate``)."""
+    from cahfp_ops.fl import StreamingAggregator
+    from cahfp_ops.fl.server import STREAM_WINDOW
+
+    model, clients, rows, cols, coef = _model_case(name, K, device)
+    packed = cahfp_ops.slice_channels_many(model, rows, cols)
+    layout = packed[0].layout
+    pclients = [cahfp_ops.PackedModel(torch.cat([c[n].reshape(-1) for n in model]), p.layout, p.client)
+                for c, p in zip(clients, packed)]  # fmt: skip
+
+    def ours():
+        agg = StreamingAggregator(model)
+        for i in range(0, K, STREAM_WINDOW):
+            idx = list(range(i, min(K, i + STREAM_WINDOW)))
+            agg.add_many([pclients[k] for k in idx], [coef[k] for k in idx], layout=layout, clients=idx)
+        return agg.result()
+
+    params = sum(w.numel() for w in model.values())
+    client_elems = sum(t.numel() for c in clients for t in c.values())
+    impls = {**_ours("streaming", device, ours), "plain": lambda: peers.plain_streaming_aggregate(
+        model, clients, rows, cols, coef)}  # fmt: skip
+    return Workload("streaming", f"{name} K={K}", 4 * (2 * params + client_elems), impls, tolerance=(1e-4, 1e-5))
+
 SINGLE_OPS: dict[str, Callable[[int, torch.device], Workload]] = {
     "curvature_scores": curvature_scores,
     "topk_channel_masks": topk_channel_masks,
@@ -361,4 +388,5 @@ MODEL_OPS: dict[str, Callable[[str, int, torch.device], Workload]] = {
     "reconstruct_aggregate_many": model_aggregate,
     "slice_channels_many": model_slice,
     "server_round": server_round,
+    "streaming": streaming,
 }

@@ -24,6 +24,9 @@ from .layout import (
     Workspace,
     accumulate_packed,
     aggregate_packed,
+    empty_buffer,
+    finish_partials,
+    fold_packed,
     slice_packed,
 )
 from .ops import (
@@ -51,6 +54,9 @@ __all__ = [
     "accumulate_packed",
     "aggregate_packed",
     "curvature_scores",
+    "empty_buffer",
+    "finish_partials",
+    "fold_packed",
     "get_backend",
     "load_cpp",
     "reconstruct_aggregate",

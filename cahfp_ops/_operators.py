@@ -211,3 +211,48 @@ def accumulate_packed_op(
 @accumulate_packed_op.register_fake
 def _(weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, agg_mode, sums, cover, stats) -> None:
     return None
+
+
+@torch.library.custom_op("cahfp::fold_packed", mutates_args=("sums_out", "cover_out", "stats"))
+def fold_packed_op(
+    weights: list[Tensor],
+    clients: list[Tensor],
+    parts: list[int],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    coef: Tensor,
+    agg_mode: str,
+    sums_in: Tensor,
+    cover_in: Tensor,
+    sums_out: Tensor,
+    cover_out: Tensor,
+    stats: Tensor,
+) -> None:
+    """Fold the layout's K clients, in order, into the partial sums ``sums_in`` / ``cover_in``,
+    writing ``sums_out`` / ``cover_out``; ``stats`` (K, 2) as for ``aggregate_packed``."""
+    backend_for(sums_out.device).fold_packed(
+        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, sums_in, cover_in,
+        sums_out, cover_out, stats,
+    )  # fmt: skip
+
+
+@fold_packed_op.register_fake
+def _(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, sums_in, cover_in,
+      sums_out, cover_out, stats) -> None:  # fmt: skip
+    return None
+
+
+@torch.library.custom_op("cahfp::finish_partials", mutates_args=("out",))
+def finish_partials_op(
+    weights: list[Tensor], sums: Tensor, cover: Tensor, weight_sum: float, agg_mode: str, out: Tensor
+) -> None:
+    """The new global model from running partial sums, packed into ``out``."""
+    backend_for(out.device).finish_partials(weights, sums, cover, weight_sum, agg_mode, out)
+
+
+@finish_partials_op.register_fake
+def _(weights, sums, cover, weight_sum, agg_mode, out) -> None:
+    return None

@@ -404,3 +404,36 @@ def accumulate_packed(
     _kernels().accumulate_packed(
         weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover, poison_(stats)
     )
+
+
+def fold_packed(
+    weights: list[Tensor],
+    clients: list[Tensor],
+    parts: list[int],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    coef: Tensor,
+    mode: str,
+    sums_in: Tensor,
+    cover_in: Tensor,
+    sums_out: Tensor,
+    cover_out: Tensor,
+    stats: Tensor,
+) -> None:
+    if sums_out.data_ptr() != sums_in.data_ptr():
+        poison_(sums_out)
+    if cover_out.data_ptr() != cover_in.data_ptr():
+        poison_(cover_out)
+    _kernels().fold_packed(
+        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, sums_in, cover_in, sums_out,
+        cover_out, poison_(stats),
+    )  # fmt: skip
+
+
+def finish_partials(
+    weights: list[Tensor], sums: Tensor, cover: Tensor, weight_sum: float, mode: str, out: Tensor
+) -> None:
+    _kernels().finish_partials(weights, sums, cover, weight_sum, mode, poison_(out))

@@ -15,9 +15,10 @@ index tables on the data's device (``int32`` maps, ``int64`` counts and offsets)
   compact tensor n starts in client k's buffer (tensors end to end, in order).
 
 Slicing (:meth:`RoundLayout.slice`), batch aggregation (:meth:`RoundLayout.aggregate`) and
-streaming accumulation (:meth:`RoundLayout.accumulate`) run on these tables with a constant
-number of kernel launches whatever N and K. A client's compact model is one contiguous
-buffer (what goes on the wire) seen through named views: :class:`PackedModel`.
+streaming accumulation (:func:`accumulate_packed`, one client per call; :func:`fold_packed`,
+several) run on these tables with a constant number of kernel launches whatever N and K. A
+client's compact model is one contiguous buffer (what goes on the wire) seen through named
+views: :class:`PackedModel`.
 
 Buffer ownership: :meth:`RoundLayout.slice` returns new buffers unless given ``out=``; a
 buffer passed as ``out`` is overwritten, so pass only one no client model still uses.
@@ -47,6 +48,9 @@ __all__ = [
     "Workspace",
     "accumulate_packed",
     "aggregate_packed",
+    "empty_buffer",
+    "finish_partials",
+    "fold_packed",
     "packed_views",
     "slice_packed",
 ]
@@ -418,9 +422,14 @@ class RoundLayout:
         view.sizes_host = self.sizes_host[k : k + 1]
         view.offsets_host = self.offsets_host[k : k + 1]
         view.numels = self.numels[k : k + 1]
-        view._tables = {}
+        view._tables = self._rows_of_tables(lambda t: t[k : k + 1])
         view._shapes = {0: self.compact_shapes(k)}
         return view
+
+    def _rows_of_tables(self, pick) -> dict:
+        """The cached tables of some clients (``pick`` selects their rows; ``meta`` is shared)."""
+        return {dev: {key: t if key == "meta" else pick(t) for key, t in tabs.items()}
+                for dev, tabs in self._tables.items()}  # fmt: skip
 
     def subset(self, clients: Sequence[int]) -> RoundLayout:
         """The layout of some of the clients (in the given order); this layout itself when
@@ -439,7 +448,7 @@ class RoundLayout:
         view.sizes_host = self.sizes_host[idx]
         view.offsets_host = self.offsets_host[idx]
         view.numels = self.numels[idx]
-        view._tables = {}
+        view._tables = self._rows_of_tables(lambda t: t.index_select(0, sel.to(t.device)))
         view._shapes = {j: self._shapes[k] for j, k in enumerate(idx) if k in self._shapes}
         return view
 
@@ -707,6 +716,32 @@ def aggregate_packed(
     return out, stats
 
 
+def _check_partials(
+    op: str, layout: RoundLayout, weights: Sequence[Tensor], mode: str, named: dict[str, Tensor]
+) -> None:
+    """Validation of the streaming ops' arguments: ``mode``, and each named partial-sum buffer
+    a contiguous 1-D tensor of the accumulation dtype on the weights' device, of the size its
+    role needs (``sums*``: every weight element; ``cover*``: every tensor's ``R * Cin``)."""
+    if mode not in ("reconstruct", "overlap"):
+        raise ValueError(f"{op}: mode must be 'reconstruct' or 'overlap', got {mode!r}")
+    if len(weights) != layout.num_tensors:
+        raise ValueError(f"{op}: {len(weights)} weights for a layout of {layout.num_tensors} tensors")
+    acc = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    sizes = {
+        "sums": sum(w.numel() for w in weights),
+        "cover": sum(w.shape[0] if w.dim() == 1 else w.shape[0] * w.shape[1] for w in weights),
+    }
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        want = sizes[name.split("_")[0]]
+        if t.shape != (want,) or t.dtype != acc or t.device != weights[0].device or not t.is_contiguous():
+            raise ValueError(
+                f"{op}: {name} must be a contiguous ({want},) {acc} tensor on {weights[0].device}, "
+                f"got {tuple(t.shape)} {t.dtype} on {t.device}"
+            )
+
+
 def accumulate_packed(
     layout: RoundLayout,
     weights: Sequence[Tensor],
@@ -724,6 +759,8 @@ def accumulate_packed(
     flag, squared delta sum, accepted. ``sums``: 1-D, the weights' total size; ``cover``:
     1-D, the sum of every tensor's ``R * Cin``; both float32 (float64 for float64 weights)."""
     device = weights[0].device
+    if validation_enabled():
+        _check_partials("accumulate_packed", layout, weights, mode, {"sums": sums, "cover": cover})
     stats = torch.empty(3, dtype=torch.float64, device=device)
     t = layout.tables(device)
     flat = [client] if isinstance(client, Tensor) else list(client)
@@ -733,6 +770,112 @@ def accumulate_packed(
     )  # fmt: skip
     return stats
 
+
+
+def fold_packed(
+    layout: RoundLayout,
+    weights: Sequence[Tensor],
+    clients: Sequence[Tensor | Sequence[Tensor]],
+    coef: Tensor,
+    mode: str,
+    sums: Tensor,
+    cover: Tensor,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold the layout's K clients, in order, into running partial sums in one pass over
+    their data; returns ``(sums_out, cover_out, stats)``.
+
+    Every element receives its clients' terms one at a time in client order, so the result
+    is bit for bit that of K :func:`accumulate_packed` calls with weights ``coef`` (none
+    rejected), and ``stats`` ``(K, 2)`` float64 holds the reply statistics of
+    :func:`aggregate_packed` from the same pass. Nothing is rejected here: ``sums`` /
+    ``cover`` are left as they are (unless ``out`` is them), so a caller that finds a
+    client to reject in ``stats`` folds again from them with its coefficient set to 0, which
+    is its absence bit for bit. ``clients[k]``: client k's packed buffer or its N tensors.
+    ``coef``: ``(K,)`` float64, finite, >= 0, as given (not normalised). ``sums`` / ``cover``:
+    as for :func:`accumulate_packed`. ``out``: the ``(sums_out, cover_out)`` buffers to write
+    (new ones unless given; ``(sums, cover)`` themselves folds in place, leaving nothing to
+    fold again from).
+    """
+    N = layout.num_tensors
+    flat, parts = [], []
+    for c in clients:
+        if isinstance(c, Tensor):
+            flat.append(c)
+            parts.append(1)
+        else:
+            flat.extend(c)
+            parts.append(N)
+    device = weights[0].device
+    sums_out, cover_out = out if out is not None else (torch.empty_like(sums), torch.empty_like(cover))
+    if validation_enabled():
+        _check_partials("fold_packed", layout, weights, mode,
+                        {"sums": sums, "cover": cover, "sums_out": sums_out, "cover_out": cover_out})  # fmt: skip
+        if len(clients) != layout.num_clients:
+            raise ValueError(f"fold_packed: {len(clients)} clients for a layout of {layout.num_clients}")
+        if not isinstance(coef, Tensor) or coef.shape != (len(clients),) or coef.dtype != torch.float64:
+            raise ValueError(f"fold_packed: coef must be a ({len(clients)},) float64 tensor")
+        if not bool(torch.isfinite(coef).all()) or bool((coef < 0).any()):
+            raise ValueError("fold_packed: coef must be finite and >= 0")
+    stats = torch.empty((len(clients), 2), dtype=torch.float64, device=device)
+    t = layout.tables(device)
+    _operators.fold_packed_op(
+        list(weights), flat, parts, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
+        coef, mode, sums, cover, sums_out, cover_out, stats,
+    )  # fmt: skip
+    return sums_out, cover_out, stats
+
+
+def finish_partials(
+    weights: Sequence[Tensor],
+    sums: Tensor,
+    cover: Tensor,
+    weight_sum: float,
+    mode: str,
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The new global model from streaming partial sums, in one pass; returns the N results
+    packed in order (1-D, the weights' dtype; :func:`packed_views` splits it).
+
+    Where an element's (row, column) cover weight is > 0: ``w + sums / weight_sum``
+    (reconstruct) or ``sums / cover`` (overlap), in the accumulation dtype, then rounded to
+    the weights' dtype; elsewhere ``w``, bit for bit. ``sums`` / ``cover``: as
+    :func:`accumulate_packed` and :func:`fold_packed` keep them. ``weight_sum``: the sum of
+    the folded clients' weights (finite, >= 0). ``out``: the buffer to write (new unless given).
+    """
+    device = weights[0].device
+    total = sum(w.numel() for w in weights)
+    if out is None:
+        out = _hugepages.empty(total, weights[0].dtype, device, prefault=True)
+    if validation_enabled():
+        if mode not in ("reconstruct", "overlap"):
+            raise ValueError(f"finish_partials: mode must be 'reconstruct' or 'overlap', got {mode!r}")
+        acc = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+        want = {"sums": (sums, total, acc), "out": (out, total, weights[0].dtype),
+                "cover": (cover, sum(w.shape[0] if w.dim() == 1 else w.shape[0] * w.shape[1] for w in weights), acc)}
+        for name, (t, n, dt) in want.items():
+            if not isinstance(t, Tensor) or t.shape != (n,) or t.dtype != dt or t.device != device:
+                raise ValueError(f"finish_partials: {name} must be a ({n},) {dt} tensor on {device}")
+        if any(w.dtype != weights[0].dtype or w.device != device or w.dim() < 1 for w in weights):
+            raise ValueError("finish_partials: weights must share one dtype and device, each at least 1-D")
+        if isinstance(weight_sum, bool) or not (
+            isinstance(weight_sum, (int, float)) and math.isfinite(weight_sum) and weight_sum >= 0
+        ):
+            raise ValueError(f"finish_partials: weight_sum must be a finite number >= 0, got {weight_sum!r}")
+    _operators.finish_partials_op(list(weights), sums, cover, float(weight_sum), mode, out)
+    return out
+
+def empty_buffer(numel: int, dtype: torch.dtype, device: torch.device | str, *, prefault: bool = False) -> Tensor:
+    """A 1-D ``torch.empty`` for a large buffer (tens of MB and up: a model's partial sums, an
+    aggregation output), where available on 2 MB transparent huge pages, as the library's own
+    large outputs are: a fresh buffer then costs a few hundred page faults instead of one per
+    4 KB. ``prefault``: map the pages now (one element of each is written; contents stay
+    unspecified), before a parallel kernel would fault them in one by one. Plain
+    ``torch.empty`` off Linux, on other devices, for small buffers, or with
+    ``CAHFP_OPS_HUGEPAGES=0``. The result may start at a non-zero storage offset."""
+    return _hugepages.empty(numel, dtype, device, prefault=prefault)
 
 class Workspace:
     """Buffers kept across rounds, keyed by role, reused when size, dtype and device match.

@@ -331,6 +331,39 @@ def aggregate_packed(
     stats[:, 1] = torch.tensor(ssq, dtype=torch.float64)
 
 
+def _client_entries(weights: list[Tensor], tensors: list[Tensor], meta, counts, row_inv, col_keep, k: int):
+    """Per tensor: its ``(R, Cin, T)`` view, client k's kept rows and columns; and client k's
+    (non-finite, squared delta sum) over all its tensors."""
+    entries = []
+    bad, ssq = False, 0.0
+    for n, w in enumerate(weights):
+        R, Cin, T, roff, coff, rc, cc = _layout_entry(meta, counts, n, k)
+        w3 = w.reshape(R, Cin, T)
+        r, c = _layout_keeps(row_inv, col_keep, k, R, roff, coff, cc)
+        b, q = _delta_stats(tensors[n], w3[r][:, c], w.dtype)
+        bad, ssq = bad or b, ssq + q
+        entries.append((w3, r, c))
+    return entries, bad, ssq
+
+
+def _fold_client(entries, tensors: list[Tensor], weight: float, mode: str, sums: Tensor, cover: Tensor) -> None:
+    """``sums += weight * (c - w)`` (reconstruct) or ``weight * c`` (overlap) at the client's
+    kept elements, ``cover += weight`` at its kept (row, column) pairs, in place."""
+    acc = sums.dtype
+    offset = coffset = 0
+    for n, (w3, r, c) in enumerate(entries):
+        R, Cin, T = w3.shape
+        s3 = sums[offset : offset + R * Cin * T].view(R, Cin, T)
+        cov = cover[coffset : coffset + R * Cin].view(R, Cin)
+        compact = tensors[n]
+        value = compact.to(acc) - w3[r][:, c].to(acc) if mode == "reconstruct" else compact.to(acc)
+        idx = (r.view(-1, 1), c.view(1, -1))
+        s3.index_put_(idx, s3[idx] + torch.tensor(weight, dtype=acc) * value)
+        cov.index_put_(idx, cov[idx] + torch.tensor(weight, dtype=acc))
+        offset += R * Cin * T
+        coffset += R * Cin
+
+
 def accumulate_packed(
     weights: list[Tensor],
     client: list[Tensor],
@@ -350,31 +383,67 @@ def accumulate_packed(
     ``weight * c`` (overlap) at its kept elements, ``cover += weight`` at its kept (row,
     column) pairs, only when it is finite and its squared delta sum is at most ``max_ssq``.
     ``stats`` (3,): non-finite flag, squared delta sum, accepted."""
-    parts = [len(client)]
-    tensors = _client_tensors(client, parts, meta, counts, offsets, 0)
-    acc = sums.dtype
-    entries = []
-    bad, ssq = False, 0.0
-    for n, w in enumerate(weights):
-        R, Cin, T, roff, coff, rc, cc = _layout_entry(meta, counts, n, 0)
-        w3 = w.reshape(R, Cin, T)
-        r, c = _layout_keeps(row_inv, col_keep, 0, R, roff, coff, cc)
-        b, q = _delta_stats(tensors[n], w3[r][:, c], w.dtype)
-        bad, ssq = bad or b, ssq + q
-        entries.append((w3, r, c, R, Cin, T))
+    tensors = _client_tensors(client, [len(client)], meta, counts, offsets, 0)
+    entries, bad, ssq = _client_entries(weights, tensors, meta, counts, row_inv, col_keep, 0)
     accept = not bad and ssq <= max_ssq
     if accept and weight > 0:
-        offset = coffset = 0
-        for n, (w3, r, c, R, Cin, T) in enumerate(entries):
-            s3 = sums[offset : offset + R * Cin * T].view(R, Cin, T)
-            cov = cover[coffset : coffset + R * Cin].view(R, Cin)
-            compact = tensors[n]
-            value = compact.to(acc) - w3[r][:, c].to(acc) if mode == "reconstruct" else compact.to(acc)
-            idx = (r.view(-1, 1), c.view(1, -1))
-            s3.index_put_(idx, s3[idx] + torch.tensor(weight, dtype=acc) * value)
-            cov.index_put_(idx, cov[idx] + torch.tensor(weight, dtype=acc))
-            offset += R * Cin * T
-            coffset += R * Cin
+        _fold_client(entries, tensors, weight, mode, sums, cover)
     stats[0] = float(bad)
     stats[1] = ssq
     stats[2] = float(accept)
+
+
+def fold_packed(
+    weights: list[Tensor],
+    clients: list[Tensor],
+    parts: list[int],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    coef: Tensor,
+    mode: str,
+    sums_in: Tensor,
+    cover_in: Tensor,
+    sums_out: Tensor,
+    cover_out: Tensor,
+    stats: Tensor,
+) -> None:
+    """``sums_out, cover_out = sums_in, cover_in``, then the layout's K clients folded in one
+    by one in order (each as :func:`accumulate_packed` folds, with weight ``coef[k]``, none
+    rejected; coefficient 0 adds nothing); ``stats[k]`` = (non-finite flag, squared delta sum)."""
+    K = row_inv.shape[0]
+    s = sums_in.clone()
+    c = cover_in.clone()
+    for k in range(K):
+        tensors = _client_tensors(clients, parts, meta, counts, offsets, k)
+        entries, bad, ssq = _client_entries(weights, tensors, meta, counts, row_inv, col_keep, k)
+        if float(coef[k]) > 0:
+            _fold_client(entries, tensors, float(coef[k]), mode, s, c)
+        stats[k, 0] = float(bad)
+        stats[k, 1] = ssq
+    sums_out.copy_(s)
+    cover_out.copy_(c)
+
+
+def finish_partials(
+    weights: list[Tensor], sums: Tensor, cover: Tensor, weight_sum: float, mode: str, out: Tensor
+) -> None:
+    """The new global model from partial sums, packed into ``out``: where an element's (row,
+    column) cover weight is > 0, ``w + sums / weight_sum`` (reconstruct) or ``sums / cover``
+    (overlap), computed in the accumulation dtype; elsewhere ``w``."""
+    offset = coffset = 0
+    for w in weights:
+        R, Cin = (1, w.shape[0]) if w.dim() == 1 else (w.shape[0], w.shape[1])
+        T = w.numel() // max(R * Cin, 1)
+        s = sums[offset : offset + w.numel()].view(R, Cin, T)
+        c = cover[coffset : coffset + R * Cin].view(R, Cin, 1)
+        w3 = w.reshape(R, Cin, T)
+        if mode == "reconstruct":
+            value = s / torch.tensor(weight_sum, dtype=s.dtype) + w3.to(s.dtype)
+        else:
+            value = s / torch.where(c > 0, c, torch.ones_like(c))
+        out[offset : offset + w.numel()] = torch.where(c > 0, value.to(w.dtype), w3).reshape(-1)
+        offset += w.numel()
+        coffset += R * Cin

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cahfp_ops
-from cahfp_ops import PackedModel, RoundLayout, accumulate_packed, aggregate_packed
+from cahfp_ops import PackedModel, RoundLayout, accumulate_packed, aggregate_packed, finish_partials, fold_packed
 from cahfp_ops._debug import poison_outputs
 from cahfp_ops.fl import Server, StreamingAggregator
 from helpers import backends_under_test, compact_models, fl_round_setup, random_model, random_plan
@@ -139,6 +139,146 @@ def test_accumulate_packed_matches_reference_and_rejects_without_trace(backend, 
     assert torch.equal(sums, before[0]) and torch.equal(cover, before[1])
 
 
+
+def _partial_sums(gen, model, dtype=torch.float32):
+    """Random (not zero) running partial sums for ``model``: ``(sums, cover)``."""
+    weights = list(model.values())
+    total = sum(w.numel() for w in weights)
+    cover_n = sum(w.shape[0] if w.dim() == 1 else w.shape[0] * w.shape[1] for w in weights)
+    return torch.randn(total, generator=gen, dtype=dtype), torch.rand(cover_n, generator=gen, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+@pytest.mark.parametrize("K", [1, 5])
+@pytest.mark.parametrize(
+    ("dtype", "form"),
+    [(torch.float32, "packed"), (torch.float32, "separate"), (torch.float32, "mixed"), (torch.float64, "packed"),
+     (torch.float16, "separate"), (torch.bfloat16, "mixed")],  # every form, every dtype
+)  # fmt: skip
+def test_fold_packed_equals_accumulate_calls_bit_for_bit(backend, gen, mode, form, K, dtype):
+    """K clients folded in one pass give, bit for bit, the partial sums of K one-client
+    accumulations in order (same backend), and the reply statistics of aggregate_packed;
+    the inputs stay untouched and a coefficient of 0 adds nothing (even for a NaN client)."""
+    model, rows, cols, layout = _case(gen, K, dtype)
+    clients = compact_models(gen, model, rows, cols, K)
+    if K > 1:
+        clients[1] = {n: torch.full_like(t, float("nan")) for n, t in clients[1].items()}
+    weights = list(model.values())
+    packed = [torch.cat([c[n].reshape(-1) for n in model]) for c in clients]
+    data = {
+        "packed": packed,
+        "separate": [list(c.values()) for c in clients],
+        "mixed": [packed[0], *[list(c.values()) for c in clients[1:]]],
+    }[form]
+    coef = torch.rand(K, generator=gen, dtype=torch.float64) + 0.25
+    if K > 1:
+        coef[1] = 0.0
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sums, cover = _partial_sums(gen, model, acc)
+    before = (sums.clone(), cover.clone())
+    with poison_outputs():
+        s_out, c_out, stats = fold_packed(layout, weights, data, coef, mode, sums, cover)
+    assert torch.equal(sums, before[0]) and torch.equal(cover, before[1])
+    one_s, one_c = sums.clone(), cover.clone()
+    for k in range(K):
+        if coef[k] > 0:
+            accumulate_packed(layout.client(k), weights, list(clients[k].values()), float(coef[k]), mode, one_s, one_c)
+    assert torch.equal(s_out, one_s) and torch.equal(c_out, one_c)
+    assert bool(torch.isfinite(s_out).all())
+    _, agg_stats = aggregate_packed(layout, weights, data, torch.full((K,), 1 / K, dtype=torch.float64), mode)
+    torch.testing.assert_close(stats, agg_stats, rtol=0, atol=0, equal_nan=True)  # the NaN client's sum is NaN
+    if K > 1:
+        assert stats[1, 0] == 1 and stats[0, 0] == 0
+    with cahfp_ops.use_backend("torch"):
+        ref_s, ref_c, ref_stats = fold_packed(layout, weights, data, coef, mode, sums, cover)
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
+    torch.testing.assert_close(s_out, ref_s, rtol=tol, atol=tol)
+    torch.testing.assert_close(c_out, ref_c, rtol=1e-6, atol=1e-6)
+    assert torch.equal(stats[:, 0], ref_stats[:, 0])
+    torch.testing.assert_close(stats[:, 1], ref_stats[:, 1], rtol=1e-5, atol=1e-3, equal_nan=True)
+
+
+def test_fold_packed_in_place_and_bad_input(backend, gen):
+    K = 3
+    model, rows, cols, layout = _case(gen, K)
+    clients = [list(c.values()) for c in compact_models(gen, model, rows, cols, K)]
+    weights = list(model.values())
+    coef = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    sums, cover = _partial_sums(gen, model)
+    expected = fold_packed(layout, weights, clients, coef, "reconstruct", sums, cover)
+    s, c = sums.clone(), cover.clone()
+    out = fold_packed(layout, weights, clients, coef, "reconstruct", s, c, out=(s, c))
+    assert out[0] is s and torch.equal(s, expected[0]) and torch.equal(c, expected[1])
+    for bad, match in [
+        (dict(sums=sums[:-1]), "sums must be a contiguous"),
+        (dict(cover=cover.double()), "cover must be a contiguous"),
+        (dict(coef=-coef), "coef must be finite and >= 0"),
+        (dict(coef=coef[:2]), "coef must be a"),
+        (dict(clients=clients[:2]), "2 clients for a layout of 3"),
+        (dict(mode="median"), "mode must be"),
+        (dict(out=(sums.clone(), cover[:-1].clone())), "cover_out must be"),
+    ]:
+        kw = dict(clients=clients, coef=coef, mode="reconstruct", sums=sums, cover=cover) | bad
+        out_arg = kw.pop("out", None)
+        keep = (sums.clone(), cover.clone())
+        with pytest.raises(ValueError, match=match):
+            fold_packed(layout, weights, kw["clients"], kw["coef"], kw["mode"], kw["sums"], kw["cover"], out=out_arg)
+        assert torch.equal(sums, keep[0]) and torch.equal(cover, keep[1])
+    with pytest.raises(ValueError, match="sums must be a contiguous"):
+        accumulate_packed(layout.client(0), weights, clients[0], 1.0, "reconstruct", sums[:-1], cover)
+    if backend == "cpp":  # the compiled kernel checks for itself when validation is off
+        with cahfp_ops.validation(False), pytest.raises(RuntimeError, match="coef must be finite and >= 0"):
+            fold_packed(layout, weights, clients, -coef, "reconstruct", sums, cover)
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_finish_partials_matches_reference_and_keeps_uncovered_bits(backend, gen, mode, dtype):
+    """Covered elements get the mean; uncovered ones (cover 0, including -0.0 and NaN
+    weights) are the global's bits; every output element is written (poisoned outputs)."""
+    model = random_model(gen, dtype)
+    weights = list(model.values())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sums, cover = _partial_sums(gen, model, acc)
+    cover[torch.rand(cover.shape, generator=gen) < 0.4] = 0.0
+    weights[0].view(-1)[:3] = torch.tensor([-0.0, float("nan"), 1.5]).to(dtype)
+    cover[0] = 0.0  # conv1.weight row 0, column 0: the three values above stay as they are
+    with poison_outputs():
+        out = finish_partials(weights, sums, cover, 2.5, mode)
+    with cahfp_ops.use_backend("torch"):
+        ref = finish_partials(weights, sums, cover, 2.5, mode)
+    tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol, equal_nan=True)
+    flat_w = torch.cat([w.reshape(-1) for w in weights])
+    at = coff = 0
+    for w in weights:
+        R, Cin = (1, w.shape[0]) if w.dim() == 1 else w.shape[:2]
+        T = w.numel() // (R * Cin)
+        unc = (cover[coff : coff + R * Cin] == 0).repeat_interleave(T)
+        a = out[at : at + w.numel()][unc].view(torch.int16 if w.element_size() == 2 else torch.int32
+                                                  if w.element_size() == 4 else torch.int64)  # fmt: skip
+        b = flat_w[at : at + w.numel()][unc].view(a.dtype)
+        assert torch.equal(a, b)
+        at, coff = at + w.numel(), coff + R * Cin
+    assert torch.isfinite(out[~torch.isnan(flat_w)]).all()
+
+
+def test_finish_partials_bad_input_names_the_argument(backend, gen):
+    model = random_model(gen)
+    weights = list(model.values())
+    sums, cover = _partial_sums(gen, model)
+    for kw, match in [
+        (dict(sums=sums[:-1]), "sums must be"),
+        (dict(cover=cover.double()), "cover must be"),
+        (dict(weight_sum=float("nan")), "weight_sum must be"),
+        (dict(weight_sum=-1.0), "weight_sum must be"),
+        (dict(mode="mean"), "mode must be"),
+        (dict(out=torch.empty(3)), "out must be"),
+    ]:
+        args = dict(sums=sums, cover=cover, weight_sum=1.0, mode="reconstruct", out=None) | kw
+        with pytest.raises(ValueError, match=match):
+            finish_partials(weights, args["sums"], args["cover"], args["weight_sum"], args["mode"], out=args["out"])
+
 def test_layout_ops_opcheck_and_compile(backend, gen):
     K = 3
     model, rows, cols, layout = _case(gen, K)
@@ -169,22 +309,58 @@ def test_layout_ops_opcheck_and_compile(backend, gen):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(weights, flat)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
 
+    sums, cover = _partial_sums(gen, model)
+    s_out, c_out = torch.empty_like(sums), torch.empty_like(cover)
+    torch.library.opcheck(
+        torch.ops.cahfp.fold_packed, (*args, coef, "overlap", sums, cover, s_out, c_out, stats)
+    )
+    one = layout.client(1).tables()
+    st3 = torch.empty(3, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.cahfp.accumulate_packed,
+        (weights, list(clients[1].values()), one["meta"], one["row_inv"], one["col_keep"], one["counts"],
+         one["offsets"], 0.5, math.inf, "reconstruct", sums.clone(), cover.clone(), st3),
+    )  # fmt: skip
+
+    torch.library.opcheck(
+        torch.ops.cahfp.finish_partials, (weights, sums, cover, 1.5, "overlap", torch.empty_like(res))
+    )
+
+    def fold_fn(ws, cl, s_in, c_in):
+        so, co = torch.empty_like(s_in), torch.empty_like(c_in)
+        st = torch.empty(K, 2, dtype=torch.float64)
+        torch.ops.cahfp.fold_packed(ws, cl, [len(model)] * K, *args[3:], coef, "reconstruct", s_in, c_in, so, co, st)
+        return so, co, st
+
+    def fold_and_finish(ws, cl, s_in, c_in):
+        so, co, st = fold_fn(ws, cl, s_in, c_in)
+        o = torch.empty(sum(w.numel() for w in ws))
+        torch.ops.cahfp.finish_partials(ws, so, co, 2.0, "reconstruct", o)
+        return so, co, st, o
+
+    eager = fold_and_finish(weights, flat, sums, cover)
+    compiled = torch.compile(fold_and_finish, fullgraph=True, backend="aot_eager")(weights, flat, sums, cover)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
 
 def test_layout_ops_deterministic_across_threads(gen):
     K = 6
     model, rows, cols, layout = _case(gen, K)
     clients = compact_models(gen, model, rows, cols, K)
     coef = torch.full((K,), 1 / K, dtype=torch.float64)
+    sums, cover = _partial_sums(gen, model)
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(aggregate_packed(layout, list(model.values()), [list(c.values()) for c in clients], coef))
+            data = [list(c.values()) for c in clients]
+            results.append(aggregate_packed(layout, list(model.values()), data, coef)
+                           + fold_packed(layout, list(model.values()), data, coef, "reconstruct", sums, cover))
     finally:
         torch.set_num_threads(threads)
-    for out, stats in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(stats, results[0][1])
+    for res in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(res, results[0]))
 
 
 def test_hand_made_layout_tables_cannot_reach_out_of_bounds(gen):
@@ -254,8 +430,20 @@ def test_triton_layout_kernels_stay_in_bounds_with_corrupted_tables(gen):
             scrambled["col_keep"], scrambled["counts"], scrambled["offsets"],
             torch.full((K,), 1 / K, dtype=torch.float64), "reconstruct", agg, stats,
         )  # fmt: skip
+        sums, cover = _partial_sums(gen, model)
+        fold_whole, fold_s = guarded(torch.zeros(sums.numel()))
+        cov_whole, fold_c = guarded(torch.zeros(cover.numel()))
+        torch.ops.cahfp.fold_packed(
+            weights, [c[1] for c in clients], [1] * K, scrambled["meta"], scrambled["row_inv"],
+            scrambled["col_keep"], scrambled["counts"], scrambled["offsets"],
+            torch.full((K,), 0.5, dtype=torch.float64), "reconstruct", sums, cover, fold_s, fold_c,
+            torch.zeros(K, 2, dtype=torch.float64),
+        )  # fmt: skip
     assert torch.isnan(out_whole[:guard]).all() and torch.isnan(out_whole[-guard:]).all()
     assert torch.isnan(agg_whole[:guard]).all() and torch.isnan(agg_whole[-guard:]).all()
+    for whole in (fold_whole, cov_whole):
+        assert torch.isnan(whole[:guard]).all() and torch.isnan(whole[-guard:]).all()
+    assert torch.isfinite(fold_s).all() and torch.isfinite(fold_c).all()
     assert not torch.isnan(out).any()
     assert torch.isfinite(agg).all() and torch.isfinite(stats).all() and stats[:, 0].eq(0).all()
     assert torch.isnan(w_whole[:guard]).all() and all(torch.isnan(c[0][:guard]).all() for c in clients)

@@ -43,6 +43,82 @@ def test_streaming_matches_batch_and_merges(gen, mode):
         assert torch.equal(again.result()[name], single[name])
 
 
+
+def _keeps_of(rows, cols, k):
+    return {n: v[k] for n, v in rows.items()}, {n: v[k] for n, v in cols.items()}
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+@pytest.mark.parametrize("path", ["keep sets", "layout"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_add_many_equals_add_one_at_a_time_bit_for_bit(gen, mode, path, clip):
+    """Windows of clients (sizes 3, 1, 4) give the Folds and the partial sums of add() on each
+    client in order, bit for bit: with a non-finite client, an oversized one (rejected, or
+    clipped), a weight-0 client, and a client whose data comes in another dtype."""
+    from cahfp_ops.fl import Server
+
+    net, plan, keeps, sd, _ = fl_round_setup(gen, K=8)
+    x = torch.randn(2, 1, 8, 8, generator=gen)
+    server = Server(net, x, criterion="random")
+    assigned = server.assign({c: 0.5 + 0.05 * c for c in range(8)})
+    states = [dict(assigned[c].state) for c in range(8)]
+    for k in range(8):  # trained replies: deltas of various sizes
+        states[k] = {n: v + 0.01 * (k + 1) * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + k
+                     for n, v in states[k].items()}  # fmt: skip
+    name = next(n for n, v in states[2].items() if v.is_floating_point() and v.numel())
+    states[2][name].view(-1)[0] = float("nan")
+    states[5] = {n: v * 40 if v.is_floating_point() else v for n, v in states[5].items()}
+    states[6] = {n: v.half() if v.is_floating_point() else v for n, v in states[6].items()}
+    weights = [1.0, 2.0, 1.0, 0.0, 3.0, 1.0, 0.5, 2.0]
+    rows, cols = server.plan.tensor_keep_sets([server.assignments[c].keeps for c in range(8)])
+    base = dict(server.state)
+    one, many = StreamingAggregator(base, mode), StreamingAggregator(base, mode)
+    kw = dict(max_update=0.3, clip=clip)
+    if path == "layout":
+        slots = [server._slots[c] for c in range(8)]
+        f_one = [one.add(states[k], weight=weights[k], layout=server.layout, client=slots[k], **kw) for k in range(8)]
+        f_many = []
+        for a, b in ((0, 3), (3, 4), (4, 8)):
+            f_many += many.add_many(states[a:b], weights[a:b], layout=server.layout, clients=slots[a:b], **kw)
+    else:
+        f_one = [one.add(states[k], *_keeps_of(rows, cols, k), weights[k], **kw) for k in range(8)]
+        f_many = []
+        for a, b in ((0, 3), (3, 4), (4, 8)):
+            ks = [_keeps_of(rows, cols, k) for k in range(a, b)]
+            f_many += many.add_many(states[a:b], weights[a:b], [r for r, _ in ks], [c for _, c in ks], **kw)
+    assert f_many == f_one
+    assert not f_one[2].accepted and f_one[2].nonfinite
+    assert f_one[5].accepted == clip and (f_one[5].clip_scale is not None) == clip
+    assert one.count == many.count and one.weight_sum == many.weight_sum
+    r_one, r_many = one.result(), many.result()
+    for n in base:
+        assert torch.equal(r_one[n], r_many[n]), n
+        assert bool(torch.isfinite(r_many[n].float()).all()), n
+    # the partial sums stay usable: another window (on the other buffer set) still matches
+    if path == "layout":
+        for k in (0, 1):
+            one.add(states[k], weight=1.0, layout=server.layout, client=slots[k])
+        many.add_many(states[:2], [1.0, 1.0], layout=server.layout, clients=slots[:2])
+    else:
+        for k in (0, 1):
+            one.add(states[k], *_keeps_of(rows, cols, k), 1.0)
+        ks = [_keeps_of(rows, cols, k) for k in (0, 1)]
+        many.add_many(states[:2], [1.0, 1.0], [r for r, _ in ks], [c for _, c in ks])
+    r_one, r_many = one.result(), many.result()
+    assert all(torch.equal(r_one[n], r_many[n]) for n in base)
+
+def test_add_many_checks_its_arguments(gen):
+    _, plan, keeps, sd, states = fl_round_setup(gen)
+    agg = StreamingAggregator(sd)
+    with pytest.raises(ValueError, match="2 updates but 1 weights"):
+        agg.add_many(states[:2], [1.0])
+    with pytest.raises(ValueError, match="weights must be finite numbers >= 0"):
+        agg.add_many(states[:2], [1.0, -1.0])
+    with pytest.raises(ValueError, match="pass layout and clients together"):
+        agg.add_many(states[:2], [1.0, 1.0], clients=[0, 1])
+    assert agg.add_many([], []) == [] and agg.count == 0
+
+
 def _retained_after(agg_cls, sd, clients: int) -> tuple[int, bool]:
     """Tensor bytes an aggregator holds after ``clients`` updates, and whether it kept any update."""
     agg = agg_cls(sd)
@@ -70,6 +146,27 @@ def test_streaming_memory_is_per_model(gen):
     assert one == many == model + sums + ints
     assert not kept_one and not kept_many
 
+
+
+def test_windowed_streaming_memory_is_two_sets_of_partial_sums(gen):
+    """add_many holds a second set of partial sums (to fold into), and nothing that grows
+    with the clients or windows, and no update."""
+    _, _, _, sd, _ = fl_round_setup(gen)
+    model = sum(v.untyped_storage().nbytes() for v in sd.values())
+    sums = sum((8 if v.dtype == torch.float64 else 4) * (v.numel() + v.shape[:2].numel())
+               for v in sd.values() if v.is_floating_point())  # fmt: skip
+    ints = sum(v.untyped_storage().nbytes() for v in sd.values() if not v.is_floating_point())
+    held = []
+    for windows in (1, 5):
+        agg = StreamingAggregator(sd)
+        updates = [[{k: v.clone() for k, v in sd.items()} for _ in range(3)] for _ in range(windows)]
+        for window in updates:
+            agg.add_many(window, [1.0] * len(window))
+        ptrs = {t.untyped_storage().data_ptr() for w in updates for u in w for t in u.values()}
+        nbytes, kept = retained_tensor_bytes(agg)
+        assert not (kept & ptrs)
+        held.append(nbytes)
+    assert held[0] == held[1] == model + 2 * sums + ints
 
 def test_streaming_memory_check_catches_a_hoarding_aggregator(gen):
     """The measurement above fails for an aggregator that keeps its updates."""
@@ -340,3 +437,28 @@ def test_round_report_has_one_record_per_client(gen):
     assert report.clients[2].params_down == server.assignments[2].params > 0 and report.clients[7].params_down == 0
     report.reject(2, "node failed")
     assert report.rejected[2] == "node failed" and not report.absent
+
+
+def test_streaming_server_windows_equal_one_reply_at_a_time(gen, monkeypatch):
+    """The server's streaming round folds STREAM_WINDOW replies per kernel pass; the model and
+    the report are those of folding one reply at a time, bit for bit."""
+    from cahfp_ops.fl import server as server_module
+
+    net, *_ = fl_round_setup(gen, K=6)
+    x = torch.randn(2, 1, 8, 8, generator=gen)
+    outcomes = []
+    for window in (1, 4, 64):
+        monkeypatch.setattr(server_module, "STREAM_WINDOW", window)
+        torch.manual_seed(0)
+        server = Server(net, x, criterion="random", max_update=0.05)
+        assigned = server.assign({c: 0.5 for c in range(6)})
+        g = torch.Generator().manual_seed(1)
+        replies = {c: {n: v + 0.01 * (c + 1) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                       for n, v in a.state.items()} for c, a in assigned.items()}  # fmt: skip
+        replies[3] = {n: v * 100 if v.is_floating_point() else v for n, v in replies[3].items()}
+        report = server.aggregate(replies, {c: float(c + 1) for c in range(6)}, streaming=True)
+        outcomes.append((server.state, report.accepted, [report.clients[c].update_size for c in range(6)]))
+    for state, accepted, sizes in outcomes[1:]:
+        assert accepted == outcomes[0][1] and sizes == outcomes[0][2]
+        assert all(torch.equal(state[n], outcomes[0][0][n]) for n in state)
+    assert 3 not in outcomes[0][1]

@@ -2,8 +2,9 @@
 
 :func:`aggregate_state` aggregates K compact client state_dicts in one
 ``reconstruct_aggregate_many`` call. :class:`StreamingAggregator` takes clients one at a time
-with O(model) memory whatever K; its partial sums are a value, :class:`AggregatePartials`,
-that merges (several aggregators) and flattens (one all-reduce over processes).
+(or a window of arrived clients per call) with O(model) memory whatever K; its partial sums
+are a value, :class:`AggregatePartials`, that merges (several aggregators) and flattens (one
+all-reduce over processes).
 Floating entries (parameters, BatchNorm running stats) are aggregated alike; integer entries
 (``num_batches_tracked``) follow :func:`largest_reported`.
 """
@@ -17,7 +18,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cahfp_ops import MODES, PackedModel, RoundLayout, accumulate_packed, reconstruct_aggregate_many
+from cahfp_ops import (
+    MODES,
+    PackedModel,
+    RoundLayout,
+    accumulate_packed,
+    empty_buffer,
+    finish_partials,
+    fold_packed,
+    reconstruct_aggregate_many,
+)
 
 KeepMap = Mapping[str, Tensor | None]
 
@@ -104,12 +114,21 @@ class AggregatePartials:
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             shapes = [tuple(global_state[n].shape) for n in names]
             cover_shapes = [(s[0],) if len(s) == 1 else s[:2] for s in shapes]
-            flat_s = torch.zeros(sum(math.prod(s) for s in shapes), dtype=acc, device=device)
-            flat_c = torch.zeros(sum(math.prod(s) for s in cover_shapes), dtype=acc, device=device)
+            flat_s = empty_buffer(sum(math.prod(s) for s in shapes), acc, device, prefault=True).zero_()
+            flat_c = empty_buffer(sum(math.prod(s) for s in cover_shapes), acc, device, prefault=True).zero_()
             sums.update(zip(names, _split(flat_s, shapes)))
             cover.update(zip(names, _split(flat_c, cover_shapes)))
             flats[tuple(names)] = (flat_s, flat_c)
         return cls(sums, cover, ints, flats=flats)
+
+    def adopt(self, names: tuple, flat_s: Tensor, flat_c: Tensor) -> tuple[Tensor, Tensor]:
+        """Make ``flat_s`` / ``flat_c`` (laid out as ``flats[names]``) the group's buffers, the
+        entries of ``sums`` / ``cover`` views of them; returns the group's previous buffers."""
+        old = self.flats[names]
+        self.sums.update(zip(names, _split(flat_s, [tuple(self.sums[n].shape) for n in names])))
+        self.cover.update(zip(names, _split(flat_c, [tuple(self.cover[n].shape) for n in names])))
+        self.flats[names] = (flat_s, flat_c)
+        return old
 
     def merge(self, other: AggregatePartials) -> None:
         """Add ``other``'s partial sums to these, in place (same tensors)."""
@@ -196,6 +215,17 @@ class StreamingAggregator:
     are float32 (float64 for float64 entries), deterministic for a fixed arrival order; they
     match the batch path within float32 rounding. ``partials()`` gives the partial sums
     (:class:`AggregatePartials`); ``merge(other)`` adds another aggregator's.
+
+    ``add_many(updates, weights, ...)`` folds a window of clients that have arrived together
+    in one kernel pass over their data (:func:`~cahfp_ops.fold_packed`): the partial sums
+    are read and written once per window instead of once per client, which is what makes
+    streaming cost about what the batch call costs. It returns the same :class:`Fold` s and
+    leaves the same partial sums, bit for bit, as ``add`` on each client in order. It keeps
+    a second set of partial sums to fold into (O(model) more memory, allocated at the first
+    call), so a rejection found after the pass leaves no trace: the window is folded again
+    from the unchanged sums without it. After ``add_many`` the partial sums' tensors are
+    the other set: read them through :meth:`partials` after adding, not from an earlier
+    reference.
     """
 
     def __init__(self, global_state: Mapping[str, Tensor], mode: str = "reconstruct"):
@@ -204,6 +234,7 @@ class StreamingAggregator:
         self.mode = mode
         self.global_state = dict(global_state)
         self._partials = AggregatePartials.zeros(self.global_state)
+        self._spare: dict[tuple, tuple[Tensor, Tensor]] = {}  # add_many's second set of partial sums
 
     @property
     def count(self) -> int:
@@ -295,6 +326,132 @@ class StreamingAggregator:
             return Fold(True, False, size, kept_total, scale)
         return Fold(True, False, math.sqrt(ssq_total / max(kept_total, 1)), kept_total)
 
+    def add_many(
+        self,
+        updates: Sequence[Mapping[str, Tensor]],
+        weights: Sequence[float],
+        rows: Sequence[KeepMap | None] | None = None,
+        cols: Sequence[KeepMap | None] | None = None,
+        *,
+        layout: RoundLayout | None = None,
+        clients: Sequence[int] | None = None,
+        max_update: float | None = None,
+        clip: bool = False,
+    ) -> list[Fold]:
+        """Check and fold a window of clients in one pass over their data; returns their
+        :class:`Fold` s, bit for bit what :meth:`add` on each of them in order returns, with
+        the same partial sums afterwards.
+
+        ``updates[j]``, ``weights[j]``: client j's compact state_dict (or
+        :class:`~cahfp_ops.layout.PackedModel`) and weight (>= 0). Keep sets: ``rows[j]`` /
+        ``cols[j]`` as :meth:`add` takes them, or ``layout=`` (a round's
+        :class:`~cahfp_ops.layout.RoundLayout`) with ``clients=`` (each update's client index
+        in it), the fast path. ``max_update`` / ``clip``: as :meth:`add`, per client. The
+        window's replies stay referenced until the call returns; its cost beyond the clients'
+        data is one read and one write of the partial sums, so windows of a few tens of
+        clients bring streaming close to the batch call.
+        """
+        K = len(updates)
+        if len(weights) != K:
+            raise ValueError(f"StreamingAggregator.add_many: {K} updates but {len(weights)} weights")
+        for wt in weights:
+            if isinstance(wt, bool) or not (isinstance(wt, (int, float)) and math.isfinite(wt) and wt >= 0):
+                raise ValueError(f"StreamingAggregator.add_many: weights must be finite numbers >= 0, got {wt!r}")
+        if (layout is None) != (clients is None):
+            raise ValueError("StreamingAggregator.add_many: pass layout and clients together")
+        if clients is not None and len(clients) != K:
+            raise ValueError(f"StreamingAggregator.add_many: {K} updates but {len(clients)} clients")
+        if K == 0:
+            return []
+        if K == 1:  # one client: folding in place (add) reads and writes only its part of the sums
+            r = None if rows is None else rows[0]
+            c = None if cols is None else cols[0]
+            if layout is None:
+                return [self.add(updates[0], r, c, weights[0], max_update=max_update, clip=clip)]
+            return [self.add(updates[0], r, c, weights[0], layout=layout, client=clients[0],
+                             max_update=max_update, clip=clip)]  # fmt: skip
+        p = self._partials
+        calls = []
+        for names, (flat_s, flat_c) in p.flats.items():
+            ws = [self.global_state[n] for n in names]
+            if layout is not None:
+                if layout.names != names:
+                    raise ValueError("StreamingAggregator.add_many: the layout does not lay out this model's entries")
+                sub = layout.subset(list(clients))
+                data = [client_data(u, layout, k, names, ws[0].dtype) for u, k in zip(updates, clients)]
+            else:
+                rs = [r or {} for r in (rows or [None] * K)]
+                cs = [c or {} for c in (cols or [None] * K)]
+                sub = RoundLayout.from_keep_sets(
+                    dict(zip(names, ws)), {n: [r.get(n) for r in rs] for n in names},
+                    {n: [c.get(n) for c in cs] for n in names if self.global_state[n].dim() > 1},
+                    num_clients=K, op="StreamingAggregator.add_many",
+                )  # fmt: skip
+                data = [client_data(u, sub, j, names, ws[0].dtype) for j, u in enumerate(updates)]
+            calls.append((names, sub, ws, data, flat_s, flat_c))
+        sig = [tuple(_data_dtype(call[3][j]) for call in calls) for j in range(K)]
+        split = next((j for j in range(1, K) if sig[j] != sig[0]), None)
+        if split is not None:  # one kernel call reads one client dtype: fold runs of equal dtypes in turn
+            head = self.add_many(
+                updates[:split], weights[:split], None if rows is None else rows[:split],
+                None if cols is None else cols[:split], layout=layout,
+                clients=None if clients is None else clients[:split], max_update=max_update, clip=clip,
+            )  # fmt: skip
+            return head + self.add_many(
+                updates[split:], weights[split:], None if rows is None else rows[split:],
+                None if cols is None else cols[split:], layout=layout,
+                clients=None if clients is None else clients[split:], max_update=max_update, clip=clip,
+            )  # fmt: skip
+        kept = [0] * K
+        ssq = [0.0] * K
+        bad = [False] * K
+        coef = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+        outs = []
+        for names, sub, ws, data, flat_s, flat_c in calls:
+            spare = self._spare.get(names)
+            if spare is None:
+                spare = self._spare[names] = tuple(
+                    empty_buffer(t.numel(), t.dtype, t.device, prefault=True) for t in (flat_s, flat_c)
+                )
+            s_out, c_out, st = fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c, out=spare)
+            outs.append((s_out, c_out))
+            for j, (b, q) in enumerate(st.cpu().tolist()):
+                bad[j] = bad[j] or bool(b)
+                ssq[j] += q
+                kept[j] += int(sub.numels[j])
+        folds, scales = [], [None] * K
+        for j in range(K):
+            bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept[j], 1)
+            size = math.sqrt(ssq[j] / max(kept[j], 1))
+            if bad[j]:
+                folds.append(Fold(False, True, math.inf, kept[j]))
+            elif ssq[j] > bound and not clip:
+                folds.append(Fold(False, False, size, kept[j]))
+            elif ssq[j] > bound:
+                scales[j] = float(max_update) / size
+                folds.append(Fold(True, False, size, kept[j], scales[j]))
+            else:
+                folds.append(Fold(True, False, size, kept[j]))
+        if any(not f.accepted for f in folds) or any(x is not None for x in scales):
+            # fold again from the unchanged sums: rejected clients at coefficient 0 (absent, bit
+            # for bit), clipped ones with their scaled data
+            coef = torch.tensor([float(w) if f.accepted else 0.0 for w, f in zip(weights, folds)], dtype=torch.float64)
+            for (_, sub, ws, data, flat_s, flat_c), out in zip(calls, outs):
+                data = [clipped_data(sub.client(j), ws, d, scales[j]) if scales[j] is not None else d
+                        for j, d in enumerate(data)]  # fmt: skip
+                fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c, out=out)
+        for (names, *_), (s_out, c_out) in zip(calls, outs):
+            self._spare[names] = p.adopt(names, s_out, c_out)
+        for u, wt, f in zip(updates, weights, folds):
+            if not f.accepted:
+                continue
+            p.count += 1
+            p.weight_sum += float(wt)
+            if wt > 0:
+                for name in p.ints:
+                    p.ints[name] = largest_reported(p.ints[name], u[name])
+        return folds
+
     def partials(self) -> AggregatePartials:
         """The partial sums so far (the live value: :meth:`AggregatePartials.merge` on it changes this aggregator)."""
         return self._partials
@@ -312,23 +469,27 @@ class StreamingAggregator:
         self._partials.merge(other.partials())
 
     def result(self) -> dict[str, Tensor]:
-        """The new global state_dict (the global model itself when no weight arrived)."""
+        """The new global state_dict (the global model itself when no weight arrived): where
+        some weight covers an element, ``w`` plus the weighted mean delta (reconstruct) or the
+        weighted mean (overlap), else ``w``; one pass per group of entries
+        (:func:`~cahfp_ops.finish_partials`), whose entries are views of one new buffer."""
         p = self._partials
         out = {}
+        for names, (flat_s, flat_c) in p.flats.items():
+            ws = [self.global_state[n] for n in names]
+            flat = finish_partials(ws, flat_s, flat_c, max(p.weight_sum, 1e-300), self.mode)
+            out.update(zip(names, _split(flat, [tuple(w.shape) for w in ws])))
         for name, w in self.global_state.items():
             if not w.is_floating_point():
                 out[name] = p.ints[name].clone()
-                continue
-            cover = p.cover[name]
-            acc = cover.dtype
-            covered = (cover > 0).reshape(*cover.shape, *([1] * (w.dim() - cover.dim())))
-            if self.mode == "reconstruct":
-                value = w.to(acc) + p.sums[name] / max(p.weight_sum, 1e-300)
-            else:
-                den = torch.where(cover > 0, cover, torch.ones_like(cover)).reshape(covered.shape)
-                value = p.sums[name] / den
-            out[name] = torch.where(covered, value.to(w.dtype), w)
-        return out
+        return {name: out[name] for name in self.global_state}
+
+
+def _data_dtype(data: Tensor | list[Tensor]) -> torch.dtype | None:
+    """The dtype of one client's data for a kernel call (None: no tensors)."""
+    if isinstance(data, Tensor):
+        return data.dtype
+    return data[0].dtype if data else None
 
 
 def client_data(

@@ -54,6 +54,11 @@ from .replies import check_reply, check_weight
 from .report import ClientRecord, RoundReport
 
 BOUND_ACTIONS = ("reject", "clip")
+#: Replies folded per kernel call by streaming aggregation (``StreamingAggregator.add_many``):
+#: the partial sums are read and written once per window; bit for bit the same result as
+#: folding one reply at a time. Measured: 32 brings ResNet-56 at K = 100 to about 1.5x the
+#: batch call (bench/RESULTS.md).
+STREAM_WINDOW = 64
 _NO_WEIGHT = object()  # a reply tuple without a weight of its own
 
 
@@ -285,8 +290,9 @@ class Server:
         recomputed without it, so the new model equals the aggregation of the accepted replies
         alone; with ``"clip"`` its delta is scaled down to the bound. Weights are divided by
         the round's largest before they become coefficients, so any finite weights work.
-        ``streaming=True`` folds the clients in one at a time (:class:`StreamingAggregator`,
-        O(model) memory whatever the number of clients) instead of one batch call. A round
+        ``streaming=True`` folds the replies into running partial sums
+        (:class:`StreamingAggregator`, O(model) memory whatever the number of clients),
+        :data:`STREAM_WINDOW` replies per kernel pass, instead of one batch call. A round
         takes replies once: after it is aggregated, replies to it are rejected until the next
         :meth:`assign`.
         """
@@ -383,11 +389,15 @@ class Server:
         agg = StreamingAggregator(self.state, self.mode)
         bound = self._bound(report, self._previous_sizes)  # streaming: the previous round's accepted
         clip = self.bound_action == "clip"
+        folds = []
+        for i in range(0, len(good), STREAM_WINDOW):  # the replies are all here: fold them a window at a time
+            ids = good[i : i + STREAM_WINDOW]
+            folds += agg.add_many(
+                [updates[c] for c in ids], w[i : i + STREAM_WINDOW], layout=self.layout,
+                clients=[self._slots[c] for c in ids], max_update=bound, clip=clip,
+            )  # fmt: skip
         accepted, sizes = [], []
-        for c, wc in zip(good, w):
-            fold = agg.add(
-                updates[c], weight=wc, layout=self.layout, client=self._slots[c], max_update=bound, clip=clip
-            )
+        for c, wc, fold in zip(good, w, folds):
             report.clients[c].update_size = fold.update_size
             if fold.nonfinite:
                 report.reject(c, f"client {c!r} holds non-finite values (in the global dtype or its update)")
@@ -410,8 +420,11 @@ class Server:
         self.criterion.observe_replies(self.state, good, replies, rows, cols, self.lr, self.local_steps)
         if streaming:
             agg = StreamingAggregator(self.state, self.mode)
-            for j, reply in enumerate(replies):
-                agg.add(reply, {n: v[j] for n, v in rows.items()}, {n: v[j] for n, v in cols.items()}, w[j])
+            for i in range(0, len(replies), STREAM_WINDOW):
+                j = range(i, min(i + STREAM_WINDOW, len(replies)))
+                agg.add_many([replies[k] for k in j], w[i : i + STREAM_WINDOW],
+                             [{n: v[k] for n, v in rows.items()} for k in j],
+                             [{n: v[k] for n, v in cols.items()} for k in j])  # fmt: skip
             self.state = agg.result()
         else:
             self.state = aggregate_state(self.state, replies, rows, cols, w, self.mode)

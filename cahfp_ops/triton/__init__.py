@@ -6,7 +6,7 @@ One file per op; the six backend functions take the canonical inputs every backe
 """
 
 from .curvature_scores import curvature_scores
-from .packed import accumulate_packed, aggregate_packed, slice_packed
+from .packed import accumulate_packed, aggregate_packed, finish_partials, fold_packed, slice_packed
 from .reconstruct_aggregate import reconstruct_aggregate, reconstruct_aggregate_many
 from .robust_aggregate import robust_aggregate
 from .slice_channels import slice_channels, slice_channels_many
@@ -15,6 +15,8 @@ from .topk_channel_masks import topk_channel_masks
 __all__ = [
     "accumulate_packed",
     "aggregate_packed",
+    "finish_partials",
+    "fold_packed",
     "slice_packed",
     "curvature_scores",
     "reconstruct_aggregate",

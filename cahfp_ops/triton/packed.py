@@ -25,6 +25,12 @@ out of bounds, whatever the validation switch says.
   reduction and the accept decision on the device (finite and within ``max_ssq``), then an
   accumulation launch that reads the decision and adds nothing when it is false: a rejected
   client leaves no trace, and nothing waits for the device.
+- ``fold_packed`` (streaming, K clients per call): the aggregation kernel's walk over the
+  clients, starting from the running partial sums instead of zero and writing them out
+  (sums and cover weights) instead of a result; the statistics as ``aggregate_packed``.
+  Each element receives its clients' terms in order, as K ``accumulate_packed`` calls do.
+- ``finish_partials``: the new global model from the partial sums, one program per (tensor,
+  row, block), elementwise.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .._dtypes import acc_dtype
 from ._common import block_size, element_offsets, to_device_table
 from .reconstruct_aggregate import _cached, _work_table
 
-__all__ = ["accumulate_packed", "aggregate_packed", "slice_packed"]
+__all__ = ["accumulate_packed", "aggregate_packed", "finish_partials", "fold_packed", "slice_packed"]
 
 
 @triton.jit
@@ -270,6 +276,105 @@ def _accumulate_packed_kernel(
             tl.store(ssq_part + pid, tl.sum(dd * dd, axis=0))
             nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
             tl.store(bad_part + pid, tl.max(tl.where(m & nonfinite, 1, 0), axis=0).to(tl.int8))
+
+
+@triton.jit
+def _fold_packed_kernel(
+    w_base,
+    w_meta,
+    meta,
+    c_base,
+    c_meta,
+    work,
+    row_inv,
+    col_inv,
+    p_ptr,
+    sums_in,
+    cover_in,
+    sums_out,
+    cover_out,
+    ssq_part,
+    bad_part,
+    K,
+    SR,
+    SC,
+    OVERLAP: tl.constexpr,
+    ACC64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = tl.load(work + pid * 3)
+    r = tl.load(work + pid * 3 + 1).to(tl.int64)
+    b = tl.load(work + pid * 3 + 2)
+    w_off = tl.load(w_meta + n * 5)
+    Cin = tl.load(w_meta + n * 5 + 1)
+    T = tl.load(w_meta + n * 5 + 2)
+    s_off = tl.load(w_meta + n * 5 + 3)
+    v_off = tl.load(w_meta + n * 5 + 4)
+    roff = tl.load(meta + n * 5 + 3)
+    coff = tl.load(meta + n * 5 + 4)
+    CT = Cin * T
+    e = b * BLOCK + tl.arange(0, BLOCK)
+    em = e < CT
+    c = e // T
+    t = e % T
+    w_raw = tl.load(w_base + w_off + r * CT + e, mask=em, other=0.0)
+    w = _to_acc(w_raw, ACC64)
+    s = tl.load(sums_in + s_off + r * CT + e, mask=em, other=0.0)
+    den = tl.load(cover_in + v_off + r * Cin + c, mask=em, other=0.0)
+    cpos = coff + c
+    c_ok = em & _in_range(cpos, SC)
+    for k in range(K):
+        i = _compact_row(row_inv + k * SR, roff + r, SR)
+        off, s0, s1, n0, n1, end = _client_entry(c_meta + (n * K + k) * 6)
+        if (i >= 0) & (i < n0):
+            pk = tl.load(p_ptr + k)
+            j = tl.load(col_inv + k * (SC + 1) + cpos, mask=c_ok, other=-1).to(tl.int64)
+            src = off + i * s0 + j * s1 + t
+            m = c_ok & (j >= 0) & (j < n1) & (src < end)
+            x_raw = tl.load(c_base + src, mask=m, other=0.0)
+            x = x_raw.to(w.dtype)
+            d = x - w
+            dd = tl.where(m, d.to(tl.float64), 0.0)
+            tl.store(ssq_part + pid * K + k, tl.sum(dd * dd, axis=0))
+            nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
+            tl.store(bad_part + pid * K + k, tl.max(tl.where(m & nonfinite, 1, 0), axis=0).to(tl.int8))
+            if pk != 0:
+                if OVERLAP:
+                    s = tl.where(m, s + pk * x, s)
+                else:
+                    s = tl.where(m, s + pk * d, s)
+                den = tl.where(m, den + pk, den)
+    tl.store(sums_out + s_off + r * CT + e, s, mask=em)
+    tl.store(cover_out + v_off + r * Cin + c, den, mask=em & (t == 0))  # one lane per (row, column)
+
+
+@triton.jit
+def _finish_partials_kernel(
+    w_base, w_meta, work, sums, cover, out, wsum, OVERLAP: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr
+):
+    pid = tl.program_id(0)
+    n = tl.load(work + pid * 3)
+    r = tl.load(work + pid * 3 + 1).to(tl.int64)
+    b = tl.load(work + pid * 3 + 2)
+    w_off = tl.load(w_meta + n * 5)
+    Cin = tl.load(w_meta + n * 5 + 1)
+    T = tl.load(w_meta + n * 5 + 2)
+    s_off = tl.load(w_meta + n * 5 + 3)
+    v_off = tl.load(w_meta + n * 5 + 4)
+    CT = Cin * T
+    e = b * BLOCK + tl.arange(0, BLOCK)
+    em = e < CT
+    c = e // T
+    w_raw = tl.load(w_base + w_off + r * CT + e, mask=em, other=0.0)
+    s = tl.load(sums + s_off + r * CT + e, mask=em, other=0.0)
+    cw = tl.load(cover + v_off + r * Cin + c, mask=em, other=0.0)
+    covered = cw > 0
+    if OVERLAP:
+        value = s / tl.where(covered, cw, 1.0)
+    else:
+        value = s / tl.load(wsum) + _to_acc(w_raw, ACC64)
+    tl.store(out + s_off + r * CT + e, tl.where(covered, value.to(w_raw.dtype), w_raw), mask=em)
 
 
 def _view3(w: Tensor) -> tuple[int, int, int]:
@@ -518,3 +623,81 @@ def accumulate_packed(
     stats[0] = bad
     stats[1] = ssq
     stats[2] = ok.to(torch.float64)
+
+
+def fold_packed(
+    weights: Sequence[Tensor],
+    clients: Sequence[Tensor],
+    parts: Sequence[int],
+    meta: Tensor,
+    row_inv: Tensor,
+    col_keep: Tensor,
+    counts: Tensor,
+    offsets: Tensor,
+    coef: Tensor,
+    mode: str,
+    sums_in: Tensor,
+    cover_in: Tensor,
+    sums_out: Tensor,
+    cover_out: Tensor,
+    stats: Tensor,
+) -> None:
+    """Fold the K clients into the partial sums (``*_in`` -> ``*_out``); ``stats`` (K, 2) as
+    ``aggregate_packed``. See the module docs."""
+    ws = [w.contiguous() for w in weights]
+    device = sums_out.device
+    K, SR = row_inv.shape
+    SC = col_keep.shape[1]
+    views = [_view3(w) for w in ws]
+    base, c_meta = _clients_in_place("fold_packed", clients, list(parts), views, counts, offsets)
+    shapes = tuple((R, Cin * T) for R, Cin, T in views)
+    total, total_cover = sum(w.numel() for w in ws), sum(R * Cin for R, Cin, _ in views)
+    if any(t.numel() != total for t in (sums_in, sums_out)) or any(
+        t.numel() != total_cover for t in (cover_in, cover_out)
+    ):
+        raise ValueError("fold_packed: sums / cover do not match the weights")
+    extra = [_starts([w.numel() for w in ws]), _starts([R * Cin for R, Cin, _ in views])]
+    w_meta = _weights_meta(ws, views, extra, device)
+    col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
+    acc = sums_out.dtype
+    p = coef.to(device=device, dtype=acc)
+    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
+    work = _work_table(shapes, block, device)
+    P = work.shape[0] // 3
+    ssq_part = torch.zeros((P, K), dtype=torch.float64, device=device)
+    bad_part = torch.zeros((P, K), dtype=torch.int8, device=device)
+    if P and K:
+        _fold_packed_kernel[(P,)](
+            ws[0], w_meta, meta, base, c_meta, work, row_inv, col_inv, p, sums_in, cover_in, sums_out, cover_out,
+            ssq_part, bad_part, K, SR, SC, OVERLAP=mode == "overlap", ACC64=acc == torch.float64, BLOCK=block,
+        )  # fmt: skip
+    elif sums_out.data_ptr() != sums_in.data_ptr():
+        sums_out.copy_(sums_in)
+        cover_out.copy_(cover_in)
+    stats[:, 0] = bad_part.amax(0).to(torch.float64) if P else 0.0
+    stats[:, 1] = ssq_part.sum(0) if P else 0.0
+
+
+def finish_partials(
+    weights: Sequence[Tensor], sums: Tensor, cover: Tensor, weight_sum: float, mode: str, out: Tensor
+) -> None:
+    """The new global model from the partial sums, packed into ``out``. See the module docs."""
+    ws = [w.contiguous() for w in weights]
+    device = out.device
+    views = [_view3(w) for w in ws]
+    total, total_cover = sum(w.numel() for w in ws), sum(R * Cin for R, Cin, _ in views)
+    if sums.numel() != total or cover.numel() != total_cover or out.numel() != total:
+        raise ValueError("finish_partials: sums / cover / out do not match the weights")
+    shapes = tuple((R, Cin * T) for R, Cin, T in views)
+    extra = [_starts([w.numel() for w in ws]), _starts([R * Cin for R, Cin, _ in views])]
+    w_meta = _weights_meta(ws, views, extra, device)
+    acc = sums.dtype
+    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
+    work = _work_table(shapes, block, device)
+    P = work.shape[0] // 3
+    if P:
+        wsum = torch.tensor(float(weight_sum), dtype=acc, device=device)
+        _finish_partials_kernel[(P,)](
+            ws[0], w_meta, work, sums, cover, out, wsum, OVERLAP=mode == "overlap", ACC64=acc == torch.float64,
+            BLOCK=block,
+        )  # fmt: skip

@@ -48,6 +48,12 @@ struct Job {
   const int32_t* cols = nullptr;
   int64_t col_stride = 0;
   int64_t tile = 1;  // rows per work item
+  // fold_packed only: this tensor's running partial sums, read from *_in and written to
+  // *_out ((R, Cin, T) sums and (R, Cin) cover weights, accumulation dtype).
+  const acc_t<wt>* sums_in = nullptr;
+  const acc_t<wt>* cover_in = nullptr;
+  acc_t<wt>* sums_out = nullptr;
+  acc_t<wt>* cover_out = nullptr;
 };
 
 // Eight float32 lanes and four float64 lanes (GCC/Clang vector extensions: AVX when the
@@ -200,22 +206,37 @@ struct ItemStats {
 
 // Rows [r0, r1) of one job. kTaps: T when known at compile time (1 or 9), else 0.
 // Clients with pk == 0 add nothing (their statistics are still taken).
-template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats>
+// kFold (fold_packed): the tile's sums and cover weights start from the job's running
+// partial sums (sums_in / cover_in) and are accumulated in place in sums_out / cover_out,
+// client by client in order, the arithmetic of accumulate_rows; nothing else is written.
+template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats, bool kFold = false>
 void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::vector<acc_t<wt>>& p,
                     Scratch<acc_t<wt>>& scratch, double* ssq, uint8_t* bad) {
   using acc = acc_t<wt>;
+  constexpr bool kDen = kOverlap || kFold;  // per (row, column) weight sums
   const int64_t T = kTaps > 0 ? kTaps : job.T;
   const int64_t Cin = job.Cin, row_elems = Cin * T, nr = r1 - r0;
   const int64_t K = static_cast<int64_t>(job.clients.size());
-  auto& sum = scratch.sum;
-  auto& den = scratch.den;
   auto& covered = scratch.covered;
-  if (static_cast<int64_t>(sum.size()) < nr * row_elems) sum.resize(nr * row_elems);
-  if (static_cast<int64_t>(covered.size()) < nr * Cin) covered.resize(nr * Cin);
-  if (kOverlap && static_cast<int64_t>(den.size()) < nr * Cin) den.resize(nr * Cin);
-  std::fill(sum.begin(), sum.begin() + nr * row_elems, acc(0));
-  std::fill(covered.begin(), covered.begin() + nr * Cin, uint8_t(0));
-  if constexpr (kOverlap) std::fill(den.begin(), den.begin() + nr * Cin, acc(0));
+  acc* sum_base;
+  acc* den_base = nullptr;
+  if constexpr (kFold) {
+    sum_base = job.sums_out + r0 * row_elems;
+    den_base = job.cover_out + r0 * Cin;
+    if (job.sums_in != job.sums_out) std::memcpy(sum_base, job.sums_in + r0 * row_elems, sizeof(acc) * nr * row_elems);
+    if (job.cover_in != job.cover_out) std::memcpy(den_base, job.cover_in + r0 * Cin, sizeof(acc) * nr * Cin);
+  } else {
+    auto& sum = scratch.sum;
+    auto& den = scratch.den;
+    if (static_cast<int64_t>(sum.size()) < nr * row_elems) sum.resize(nr * row_elems);
+    if (static_cast<int64_t>(covered.size()) < nr * Cin) covered.resize(nr * Cin);
+    if (kOverlap && static_cast<int64_t>(den.size()) < nr * Cin) den.resize(nr * Cin);
+    std::fill(sum.begin(), sum.begin() + nr * row_elems, acc(0));
+    std::fill(covered.begin(), covered.begin() + nr * Cin, uint8_t(0));
+    if constexpr (kOverlap) std::fill(den.begin(), den.begin() + nr * Cin, acc(0));
+    sum_base = sum.data();
+    if constexpr (kOverlap) den_base = den.data();
+  }
   for (int64_t k = 0; k < K; ++k) {
     const acc pk = p[k];
     if (!kStats && pk == acc(0)) continue;
@@ -238,9 +259,9 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
       const ct* crow = cv.data + i * cv.stride0;
       if (pf < reinterpret_cast<const char*>(crow)) pf = reinterpret_cast<const char*>(crow);
       const wt* wrow = job.W + r * row_elems;
-      acc* const sp = sum.data() + (r - r0) * row_elems;
-      uint8_t* const cov = covered.data() + (r - r0) * Cin;
-      acc* const dn = kOverlap ? den.data() + (r - r0) * Cin : nullptr;
+      acc* const sp = sum_base + (r - r0) * row_elems;
+      uint8_t* const cov = kFold ? nullptr : covered.data() + (r - r0) * Cin;
+      acc* const dn = kDen ? den_base + (r - r0) * Cin : nullptr;
       for (int64_t j = 0; j < cv.cols;) {
         const int64_t c = ck[j];
         const int64_t L = dense ? run_length(ck, j, cv.cols) : 1;
@@ -258,7 +279,7 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
             if (L == 1) delta_pass<acc, ct, wt, kTaps, kAdd, kStats>(sp + c * T, src, wrow + c * T, pk, T, q, b);
             else delta_pass<acc, ct, wt, 0, kAdd, kStats>(sp + c * T, src, wrow + c * T, pk, L * T, q, b);
           }
-          if constexpr (kOverlap)
+          if constexpr (kDen)
             for (int64_t l = 0; l < L; ++l) dn[c + l] += pk;
         } else if constexpr (kStats) {
           if (L == 1) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + c * T, pk, T, q, b);
@@ -268,8 +289,9 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
       }
       // Coverage in a pass of its own: a byte store in the loop above aliases every
       // pointer there (and a run of them becomes a memset call that spills q).
-      if (pk != acc(0))
-        for (int64_t j = 0; j < ncols; ++j) cov[ck[j]] = 1;
+      if constexpr (!kFold)
+        if (pk != acc(0))
+          for (int64_t j = 0; j < ncols; ++j) cov[ck[j]] = 1;
     }
     if constexpr (kStats) {
       if constexpr (kAllFloat<acc, ct, wt>)
@@ -278,12 +300,13 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
       bad[k] = b ? 1 : 0;
     }
   }
+  if constexpr (kFold) return;
   // Write out: runs of columns nobody kept are copied bit for bit, covered runs get the
   // weight plus the sum (reconstruct) or the weighted mean (overlap).
   for (int64_t r = r0; r < r1; ++r) {
     const wt* wrow = job.W + r * row_elems;
     wt* orow = job.out + r * row_elems;
-    const acc* srow = sum.data() + (r - r0) * row_elems;
+    const acc* srow = sum_base + (r - r0) * row_elems;
     const uint8_t* cov = covered.data() + (r - r0) * Cin;
     for (int64_t c = 0; c < Cin;) {
       int64_t e = c + 1;
@@ -295,7 +318,7 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
       if (!cov[c]) {
         std::memcpy(o, w, sizeof(wt) * n);
       } else if constexpr (kOverlap) {
-        const acc* d = den.data() + (r - r0) * Cin;
+        const acc* d = den_base + (r - r0) * Cin;
         for (int64_t cc = c; cc < e; ++cc)
           for (int64_t t = 0; t < T; ++t) orow[cc * T + t] = static_cast<wt>(srow[cc * T + t] / d[cc]);
       } else {
@@ -306,29 +329,32 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
   }
 }
 
-template <typename wt, typename ct, bool kOverlap, bool kStats>
+template <typename wt, typename ct, bool kOverlap, bool kStats, bool kFold = false>
 void run_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::vector<acc_t<wt>>& p,
               Scratch<acc_t<wt>>& scratch, double* ssq, uint8_t* bad) {
   if constexpr (std::is_same_v<wt, ct>) {  // the common case gets unrolled tap loops
-    if (job.T == 9) return aggregate_tile<wt, ct, kOverlap, 9, kStats>(job, r0, r1, p, scratch, ssq, bad);
-    if (job.T == 1) return aggregate_tile<wt, ct, kOverlap, 1, kStats>(job, r0, r1, p, scratch, ssq, bad);
+    if (job.T == 9) return aggregate_tile<wt, ct, kOverlap, 9, kStats, kFold>(job, r0, r1, p, scratch, ssq, bad);
+    if (job.T == 1) return aggregate_tile<wt, ct, kOverlap, 1, kStats, kFold>(job, r0, r1, p, scratch, ssq, bad);
   }
-  aggregate_tile<wt, ct, kOverlap, 0, kStats>(job, r0, r1, p, scratch, ssq, bad);
+  aggregate_tile<wt, ct, kOverlap, 0, kStats, kFold>(job, r0, r1, p, scratch, ssq, bad);
 }
 
 // Work items [i0, i1): (job, first row) pairs, each one tile; item it writes its
-// statistics at row `it` of `stats` (when given).
+// statistics at row `it` of `stats` (when given; fold always takes them).
 template <typename wt, typename ct>
 inline void run_items(const std::vector<Job<wt, ct>>& jobs, const std::vector<std::pair<int32_t, int64_t>>& items,
-                      const std::vector<acc_t<wt>>& p, bool overlap, ItemStats stats, int64_t K, int64_t i0,
-                      int64_t i1) {
+                      const std::vector<acc_t<wt>>& p, bool overlap, bool fold, ItemStats stats, int64_t K,
+                      int64_t i0, int64_t i1) {
   Scratch<acc_t<wt>> scratch;
   for (int64_t it = i0; it < i1; ++it) {
     const auto& job = jobs[items[it].first];
     const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
     double* q = stats.ssq ? stats.ssq + it * K : nullptr;
     uint8_t* b = stats.bad ? stats.bad + it * K : nullptr;
-    if (overlap) {
+    if (fold) {
+      if (overlap) run_tile<wt, ct, true, true, true>(job, r0, r1, p, scratch, q, b);
+      else run_tile<wt, ct, false, true, true>(job, r0, r1, p, scratch, q, b);
+    } else if (overlap) {
       if (q) run_tile<wt, ct, true, true>(job, r0, r1, p, scratch, q, b);
       else run_tile<wt, ct, true, false>(job, r0, r1, p, scratch, q, b);
     } else {

@@ -36,6 +36,12 @@ void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clien
 void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, Tensor meta, Tensor row_inv,
                            Tensor col_keep, Tensor counts, Tensor offsets, double weight, double max_ssq,
                            std::string mode, Tensor sums, Tensor cover, Tensor stats);
+void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
+                     Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
+                     std::string mode, Tensor sums_in, Tensor cover_in, Tensor sums_out, Tensor cover_out,
+                     Tensor stats);
+void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover, double weight_sum, std::string mode,
+                         Tensor out);
 std::tuple<Tensor, Tensor> topk_channel_masks_cpu(Tensor scores, Tensor keep, int64_t max_keep);
 Tensor curvature_scores_cpu(Tensor weight, std::optional<Tensor> grad, std::optional<Tensor> hess, int64_t dim);
 
@@ -79,6 +85,13 @@ STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
       "accumulate_packed(Tensor[] weights, Tensor[] client, Tensor meta, Tensor row_inv, Tensor col_keep, "
       "Tensor counts, Tensor offsets, float weight, float max_ssq, str mode, Tensor(a!) sums, Tensor(b!) cover, "
       "Tensor(c!) stats) -> ()");
+  m.def(
+      "fold_packed(Tensor[] weights, Tensor[] clients, int[] parts, Tensor meta, Tensor row_inv, Tensor col_keep, "
+      "Tensor counts, Tensor offsets, Tensor coef, str mode, Tensor sums_in, Tensor cover_in, Tensor(a!) sums_out, "
+      "Tensor(b!) cover_out, Tensor(c!) stats) -> ()");
+  m.def(
+      "finish_partials(Tensor[] weights, Tensor sums, Tensor cover, float weight_sum, str mode, Tensor(a!) out) "
+      "-> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
@@ -94,6 +107,8 @@ STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
   m.impl("slice_packed", TORCH_BOX(&slice_packed_cpu));
   m.impl("aggregate_packed", TORCH_BOX(&aggregate_packed_cpu));
   m.impl("accumulate_packed", TORCH_BOX(&accumulate_packed_cpu));
+  m.impl("fold_packed", TORCH_BOX(&fold_packed_cpu));
+  m.impl("finish_partials", TORCH_BOX(&finish_partials_cpu));
 }
 
 }  // namespace cahfp

@@ -68,8 +68,8 @@ bool trailing_dense(const Array& sizes, const Array& strides) {
 CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, run_items_isa, (engine::run_items<wt, ct>),
                              (const std::vector<Job<wt, ct>>& jobs,
                               const std::vector<std::pair<int32_t, int64_t>>& items, const std::vector<acc_t<wt>>& p,
-                              bool overlap, ItemStats stats, int64_t K, int64_t i0, int64_t i1),
-                             (jobs, items, p, overlap, stats, K, i0, i1))
+                              bool overlap, bool fold, ItemStats stats, int64_t K, int64_t i0, int64_t i1),
+                             (jobs, items, p, overlap, fold, stats, K, i0, i1))
 CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, accumulate_items_isa, (engine::accumulate_items<wt, ct>),
                              (const std::vector<Job<wt, ct>>& jobs,
                               const std::vector<std::pair<int32_t, int64_t>>& items,
@@ -103,9 +103,11 @@ void size_tiles(std::vector<Job<wt, ct>>& jobs) {
 }
 
 // Runs every tile; with `stats` ((K, 2) float64: non-finite flag, squared-delta sum)
-// the reply statistics are reduced in item order.
+// the reply statistics are reduced in item order. fold: the jobs' partial sums are
+// accumulated instead of an output written (stats required).
 template <typename wt, typename ct>
-void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, bool overlap, double* stats) {
+void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, bool overlap, double* stats,
+              bool fold = false) {
   const auto items = work_items(jobs);
   const int64_t K = static_cast<int64_t>(p.size()), n_items = static_cast<int64_t>(items.size());
   std::vector<double> ssq(stats ? n_items * K : 0, 0.0);
@@ -113,7 +115,7 @@ void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, b
   ItemStats item_stats{stats ? ssq.data() : nullptr, stats ? bad.data() : nullptr};
   const auto run = run_items_isa_pick<wt, ct>();
   torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
-    run(jobs, items, p, overlap, item_stats, K, i0, i1);
+    run(jobs, items, p, overlap, fold, item_stats, K, i0, i1);
   });
   if (!stats) return;
   for (int64_t k = 0; k < K; ++k) {
@@ -345,6 +347,55 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& weights, Scala
 
 }  // namespace
 
+namespace {
+
+// What aggregate_packed and fold_packed check and derive alike.
+struct PackedCall {
+  LayoutTables lt;
+  std::vector<int64_t> start;
+  bool overlap;
+  ScalarType wdtype, cdtype;
+  std::vector<Tensor> ws;
+  int64_t total = 0;        // elements of the weights
+  int64_t total_cover = 0;  // sum of R * Cin
+};
+
+PackedCall packed_call(const std::vector<Tensor>& weights, const std::vector<Tensor>& clients,
+                       const std::vector<int64_t>& parts, const Tensor& meta, const Tensor& row_inv,
+                       const Tensor& col_keep, const Tensor& counts, const Tensor& offsets, const Tensor& coef,
+                       const std::string& mode, const Tensor& stats) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  PackedCall pc{check_layout(N, meta, row_inv, col_keep, counts, offsets), {}, mode == "overlap",
+                weights[0].scalar_type(), ScalarType::Float, {}};
+  const int64_t K = pc.lt.K;
+  STD_TORCH_CHECK(K > 0, "the layout holds no clients");
+  pc.start = client_starts(clients, parts, K, N);
+  STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
+                  "coef must be a (K,) float64 CPU tensor");
+  STD_TORCH_CHECK(pc.overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  pc.cdtype = clients[0].scalar_type();
+  STD_TORCH_CHECK(is_floating(pc.wdtype) && is_floating(pc.cdtype), "weights and clients must be floating");
+  for (int64_t k = 0; k < K; ++k)
+    if (pc.start[k + 1] - pc.start[k] == 1) check_buffer(clients[pc.start[k]], pc.cdtype, k);
+  pc.ws = contiguous_weights(weights, pc.wdtype);
+  for (int64_t n = 0; n < N; ++n) {
+    pc.total += pc.ws[n].numel();
+    pc.total_cover += pc.lt.meta[5 * n] * pc.lt.meta[5 * n + 1];
+  }
+  STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.dim() == 2 &&
+                      stats.size(0) == K && stats.size(1) == 2 && stats.is_contiguous(),
+                  "stats must be a contiguous (K, 2) float64 CPU tensor");
+  return pc;
+}
+
+void check_flat(const Tensor& t, const char* name, ScalarType dtype, int64_t numel) {
+  STD_TORCH_CHECK(t.is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.numel() == numel && t.is_contiguous(),
+                  name, " must be a contiguous 1-D CPU tensor of ", numel, " elements of dtype ", dtype_name(dtype));
+}
+
+}  // namespace
+
 // Whole-model aggregation on the per-round layout. clients: per client k, one packed
 // buffer (parts[k] == 1: 1-D, its tensors at offsets[k]) or its N tensors (parts[k] == N).
 // Writes the N results, packed in order, into `out` (1-D, weights' dtype) and the reply
@@ -353,46 +404,139 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& weights, Scala
 void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
                           std::string mode, Tensor out, Tensor stats) {
-  const int64_t N = static_cast<int64_t>(weights.size());
-  STD_TORCH_CHECK(N > 0, "weights must not be empty");
-  const LayoutTables lt = check_layout(N, meta, row_inv, col_keep, counts, offsets);
-  const int64_t K = lt.K;
-  STD_TORCH_CHECK(K > 0, "the layout holds no clients");
-  const std::vector<int64_t> start = client_starts(clients, parts, K, N);
-  STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
-                  "coef must be a (K,) float64 CPU tensor");
-  const bool overlap = mode == "overlap";
-  STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
-  const auto wdtype = weights[0].scalar_type();
-  const auto cdtype = clients[0].scalar_type();
-  STD_TORCH_CHECK(is_floating(wdtype) && is_floating(cdtype), "weights and clients must be floating");
-  for (int64_t k = 0; k < K; ++k)
-    if (start[k + 1] - start[k] == 1) check_buffer(clients[start[k]], cdtype, k);
-  const std::vector<Tensor> ws = contiguous_weights(weights, wdtype);
-  int64_t total = 0;
-  for (const auto& w : ws) total += w.numel();
-  STD_TORCH_CHECK(out.is_cpu() && out.scalar_type() == wdtype && out.dim() == 1 && out.numel() == total &&
-                      out.is_contiguous(),
-                  "out must be a contiguous 1-D CPU tensor of ", total, " elements of dtype ", dtype_name(wdtype));
-  STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.dim() == 2 &&
-                      stats.size(0) == K && stats.size(1) == 2 && stats.is_contiguous(),
-                  "stats must be a contiguous (K, 2) float64 CPU tensor");
+  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, stats);
+  check_flat(out, "out", pc.wdtype, pc.total);
+  const int64_t N = pc.lt.N, K = pc.lt.K;
   const double* cp = cdata<double>(coef);
-  CAHFP_DISPATCH_FLOATING(wdtype, "aggregate_packed", [&] {
+  CAHFP_DISPATCH_FLOATING(pc.wdtype, "aggregate_packed", [&] {
     using wt = scalar_t;
     std::vector<acc_t<wt>> p(K);
     for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc_t<wt>>(cp[k]);
-    CAHFP_DISPATCH_FLOATING(cdtype, "aggregate_packed_client", [&] {
+    CAHFP_DISPATCH_FLOATING(pc.cdtype, "aggregate_packed_client", [&] {
       using ct = scalar_t;
       std::vector<Job<wt, ct>> jobs(N);
-      fill_jobs<wt, ct>(jobs, ws, clients, start, lt, cdtype);
+      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.lt, pc.cdtype);
       int64_t offset = 0;
       for (int64_t n = 0; n < N; ++n) {
         jobs[n].out = mdata<wt>(out) + offset;
-        offset += ws[n].numel();
+        offset += pc.ws[n].numel();
       }
       size_tiles(jobs);
-      run_jobs<wt, ct>(jobs, p, overlap, mdata<double>(stats));
+      run_jobs<wt, ct>(jobs, p, pc.overlap, mdata<double>(stats));
+    });
+  });
+}
+
+// Streaming, several clients per call: folds the K clients of the layout, in order 0..K-1,
+// into running partial sums read from sums_in / cover_in and written to sums_out / cover_out
+// (in place when they are the same tensors), with the reply statistics of every client
+// ((K, 2) float64, as aggregate_packed) from the same pass. Every element receives its
+// clients' terms one by one in client order, the arithmetic of accumulate_packed, so the
+// result is bit for bit that of K accumulate_packed calls. Nothing is decided here: a client
+// with coefficient 0 adds nothing (its statistics are still taken); the caller reruns from
+// the unchanged inputs with a rejected client's coefficient set to 0. sums: 1-D, the weights'
+// total size; cover: 1-D, the sum of every tensor's R * Cin; accumulation dtype (float32;
+// float64 for float64 weights). reconstruct: sums += coef[k] * (c - w); overlap: sums +=
+// coef[k] * c; cover += coef[k] at the kept (row, column) pairs.
+void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
+                     Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
+                     std::string mode, Tensor sums_in, Tensor cover_in, Tensor sums_out, Tensor cover_out,
+                     Tensor stats) {
+  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, stats);
+  const auto adtype = pc.wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  check_flat(sums_in, "sums_in", adtype, pc.total);
+  check_flat(sums_out, "sums_out", adtype, pc.total);
+  check_flat(cover_in, "cover_in", adtype, pc.total_cover);
+  check_flat(cover_out, "cover_out", adtype, pc.total_cover);
+  const int64_t N = pc.lt.N, K = pc.lt.K;
+  const double* cp = cdata<double>(coef);
+  for (int64_t k = 0; k < K; ++k)
+    STD_TORCH_CHECK(std::isfinite(cp[k]) && cp[k] >= 0, "coef must be finite and >= 0, got ", cp[k]);
+  CAHFP_DISPATCH_FLOATING(pc.wdtype, "fold_packed", [&] {
+    using wt = scalar_t;
+    using acc = acc_t<wt>;
+    std::vector<acc> p(K);
+    for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc>(cp[k]);
+    CAHFP_DISPATCH_FLOATING(pc.cdtype, "fold_packed_client", [&] {
+      using ct = scalar_t;
+      std::vector<Job<wt, ct>> jobs(N);
+      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.lt, pc.cdtype);
+      int64_t off = 0, coff = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        jobs[n].sums_in = cdata<acc>(sums_in) + off;
+        jobs[n].sums_out = mdata<acc>(sums_out) + off;
+        jobs[n].cover_in = cdata<acc>(cover_in) + coff;
+        jobs[n].cover_out = mdata<acc>(cover_out) + coff;
+        off += pc.ws[n].numel();
+        coff += jobs[n].R * jobs[n].Cin;
+      }
+      size_tiles(jobs);
+      run_jobs<wt, ct>(jobs, p, pc.overlap, mdata<double>(stats), true);
+    });
+  });
+}
+
+// Streaming, the end: the new global model from running partial sums, in one pass. Per
+// tensor n viewed as (R, Cin, T), at the elements whose (row, column) cover weight is > 0:
+// reconstruct w + sums / weight_sum, overlap sums / cover (in the accumulation dtype, then
+// rounded to the weights' dtype); elsewhere w, bit for bit. out: 1-D, the N results packed
+// in order, the weights' dtype. Work items are row blocks of one tensor; each element is
+// written once, so the result does not depend on the thread count.
+void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover, double weight_sum, std::string mode,
+                         Tensor out) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  const bool overlap = mode == "overlap";
+  STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  STD_TORCH_CHECK(std::isfinite(weight_sum) && weight_sum >= 0, "weight_sum must be finite and >= 0, got ",
+                  weight_sum);
+  const auto wdtype = weights[0].scalar_type();
+  STD_TORCH_CHECK(is_floating(wdtype), "weights must be floating");
+  const std::vector<Tensor> ws = contiguous_weights(weights, wdtype);
+  const auto adtype = wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  std::vector<View3> views(N);
+  std::vector<int64_t> off(N + 1, 0), coff(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    views[n] = view3(ws[n]);
+    off[n + 1] = off[n] + ws[n].numel();
+    coff[n + 1] = coff[n] + views[n].R * views[n].Cin;
+  }
+  check_flat(sums, "sums", adtype, off[N]);
+  check_flat(cover, "cover", adtype, coff[N]);
+  check_flat(out, "out", wdtype, off[N]);
+  // (tensor, first row) items of about kTileElems elements each
+  std::vector<std::pair<int32_t, int64_t>> items;
+  std::vector<int64_t> rows_per(N);
+  for (int64_t n = 0; n < N; ++n) {
+    const View3& v = views[n];
+    rows_per[n] = std::max<int64_t>(1, kTileElems / std::max<int64_t>(1, v.Cin * v.T));
+    for (int64_t r = 0; r < v.R; r += rows_per[n]) items.emplace_back(static_cast<int32_t>(n), r);
+  }
+  CAHFP_DISPATCH_FLOATING(wdtype, "finish_partials", [&] {
+    using wt = scalar_t;
+    using acc = acc_t<wt>;
+    const acc wsum = static_cast<acc>(weight_sum);
+    torch::stable::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t n = items[it].first, r0 = items[it].second;
+        const View3& v = views[n];
+        const int64_t r1 = std::min(v.R, r0 + rows_per[n]);
+        const wt* W = cdata<wt>(ws[n]);
+        const acc* S = cdata<acc>(sums) + off[n];
+        const acc* C = cdata<acc>(cover) + coff[n];
+        wt* O = mdata<wt>(out) + off[n];
+        for (int64_t q = r0 * v.Cin; q < r1 * v.Cin; ++q) {  // (row, column) pairs
+          const acc cw = C[q];
+          const int64_t e = q * v.T;
+          if (!(cw > acc(0))) {
+            std::memcpy(O + e, W + e, sizeof(wt) * v.T);
+          } else if (overlap) {
+            for (int64_t t = 0; t < v.T; ++t) O[e + t] = static_cast<wt>(S[e + t] / cw);
+          } else {
+            for (int64_t t = 0; t < v.T; ++t) O[e + t] = static_cast<wt>(S[e + t] / wsum + static_cast<acc>(W[e + t]));
+          }
+        }
+      }
     });
   });
 }
@@ -427,13 +571,8 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
     total += ws[n].numel();
     total_cover += lt.meta[5 * n] * lt.meta[5 * n + 1];
   }
-  STD_TORCH_CHECK(sums.is_cpu() && sums.scalar_type() == adtype && sums.dim() == 1 && sums.numel() == total &&
-                      sums.is_contiguous(),
-                  "sums must be a contiguous 1-D CPU tensor of ", total, " elements of dtype ", dtype_name(adtype));
-  STD_TORCH_CHECK(cover.is_cpu() && cover.scalar_type() == adtype && cover.dim() == 1 &&
-                      cover.numel() == total_cover && cover.is_contiguous(),
-                  "cover must be a contiguous 1-D CPU tensor of ", total_cover, " elements of dtype ",
-                  dtype_name(adtype));
+  check_flat(sums, "sums", adtype, total);
+  check_flat(cover, "cover", adtype, total_cover);
   STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.numel() == 3 &&
                       stats.is_contiguous(),
                   "stats must be a contiguous (3,) float64 CPU tensor");
