@@ -27,6 +27,7 @@ buffer passed as ``out`` is overwritten, so pass only one no client model still 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -85,6 +86,11 @@ class _Structure:
     rowvec_pos: np.ndarray  # row-space positions of 1-D tensors
     rowvec_n: np.ndarray  # their tensor indices
     device_maps: dict = field(default_factory=dict, compare=False)  # (space, device) -> _expand's tables
+
+    @functools.cached_property
+    def partial_sizes(self) -> tuple[int, int]:
+        """Elements of streaming partial sums over all tensors: ``(sums, cover)``."""
+        return sum(R * Cin * T for R, Cin, T in self.views), sum(R * Cin for R, Cin, _ in self.views)
 
 
 _STRUCTURES: OrderedDict = OrderedDict()
@@ -727,10 +733,7 @@ def _check_partials(
     if len(weights) != layout.num_tensors:
         raise ValueError(f"{op}: {len(weights)} weights for a layout of {layout.num_tensors} tensors")
     acc = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
-    sizes = {
-        "sums": sum(w.numel() for w in weights),
-        "cover": sum(w.shape[0] if w.dim() == 1 else w.shape[0] * w.shape[1] for w in weights),
-    }
+    sizes = dict(zip(("sums", "cover"), layout._st.partial_sizes))
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
