@@ -16,6 +16,7 @@ clients waiting for their window are printed).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,23 @@ def best_ms(fn, repeat: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best * 1e3
+
+
+def paired_ms(fn, ref, repeat: int) -> tuple[float, float]:
+    """``fn`` timed right after ``ref`` in each of ``repeat`` rounds: its best ms and the
+    median of its per-round ratios to ``ref`` (this machine's bandwidth drifts between runs,
+    so a ratio of two best-of-N taken apart moves with it)."""
+    fn(), ref()
+    best, ratios = float("inf"), []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ref()
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        best = min(best, t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return best * 1e3, statistics.median(ratios)
 
 
 def copy_bandwidth() -> float:
@@ -113,8 +131,10 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
             agg.add(c, weight=coef[k], layout=layout, client=k)
         return agg.result()
 
+    workspace = cahfp_ops.Workspace()  # partial sums reused round after round, as the Server keeps them
+
     def stream_windows(window: int):
-        agg = StreamingAggregator(model)
+        agg = StreamingAggregator(model, workspace=workspace)
         for i in range(0, K, window):
             idx = list(range(i, min(K, i + window)))
             agg.add_many([pclients[k] for k in idx], [float(coef[k]) for k in idx], layout=layout, clients=idx)
@@ -125,14 +145,16 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
     for w in windows:  # correctness first: bit for bit the one-client-per-call result
         assert all(torch.equal(t, one_by_one[n]) for n, t in stream_windows(w).items()), "windows differ"
     assert all(torch.allclose(t, ours[n], rtol=1e-4, atol=1e-5) for n, t in one_by_one.items()), "streaming differs"
-    batch = best_ms(lambda: cahfp_ops.reconstruct_aggregate_many(model, pclients, rows, cols, coef), repeat)
-    s1 = best_ms(stream_keep_sets, max(1, repeat // 2))
-    s2 = best_ms(stream_layout, max(1, repeat // 2))
-    print(f"  streaming: keep-set dicts {s1:.1f} ms ({s1 / batch:.2f}x the batch call), "
-          f"round layout, one client per call {s2:.1f} ms ({s2 / batch:.2f}x)")  # fmt: skip
-    sw = {w: best_ms(lambda w=w: stream_windows(w), repeat) for w in windows}
-    print("  streaming, windows of clients per call (add_many): "
-          + ", ".join(f"{w}: {t:.1f} ms ({t / batch:.2f}x)" for w, t in sw.items()))  # fmt: skip
+    def batch():
+        return cahfp_ops.reconstruct_aggregate_many(model, pclients, rows, cols, coef)
+
+    s1, r1 = paired_ms(stream_keep_sets, batch, max(1, repeat // 2))
+    s2, r2 = paired_ms(stream_layout, batch, max(1, repeat // 2))
+    print(f"  streaming (x: median ratio to the batch call, timed in pairs): keep-set dicts {s1:.1f} ms ({r1:.2f}x), "
+          f"round layout, one client per call {s2:.1f} ms ({r2:.2f}x)")  # fmt: skip
+    sw = {w: paired_ms(lambda w=w: stream_windows(w), batch, repeat) for w in windows}
+    print("  streaming, windows of clients per call (add_many, partial sums in a reused Workspace): "
+          + ", ".join(f"{w}: {t:.1f} ms ({r:.2f}x)" for w, (t, r) in sw.items()))  # fmt: skip
 
 
 def bench_server(name: str, K: int, repeat: int) -> None:

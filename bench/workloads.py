@@ -354,8 +354,9 @@ def server_round(name: str, K: int, device: torch.device) -> Workload:
 
 def streaming(name: str, K: int, device: torch.device) -> Workload:
     """A streaming round: K packed clients folded into a ``StreamingAggregator`` in windows of
-    the server's ``STREAM_WINDOW``, then its result; peer: plain per-client, per-tensor
-    streaming (``peers.plain_streaming_aggregate``)."""
+    the server's ``STREAM_WINDOW`` (partial sums in a reused ``Workspace``, as the server keeps
+    them), then its result; peer: plain per-client, per-tensor streaming
+    (``peers.plain_streaming_aggregate``)."""
     from cahfp_ops.fl import StreamingAggregator
     from cahfp_ops.fl.server import STREAM_WINDOW
 
@@ -365,8 +366,10 @@ def streaming(name: str, K: int, device: torch.device) -> Workload:
     pclients = [cahfp_ops.PackedModel(torch.cat([c[n].reshape(-1) for n in model]), p.layout, p.client)
                 for c, p in zip(clients, packed)]  # fmt: skip
 
+    workspace = cahfp_ops.Workspace()  # as the server keeps one across rounds
+
     def ours():
-        agg = StreamingAggregator(model)
+        agg = StreamingAggregator(model, workspace=workspace)
         for i in range(0, K, STREAM_WINDOW):
             idx = list(range(i, min(K, i + STREAM_WINDOW)))
             agg.add_many([pclients[k] for k in idx], [coef[k] for k in idx], layout=layout, clients=idx)

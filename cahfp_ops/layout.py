@@ -880,12 +880,15 @@ def empty_buffer(numel: int, dtype: torch.dtype, device: torch.device | str, *, 
     ``CAHFP_OPS_HUGEPAGES=0``. The result may start at a non-zero storage offset."""
     return _hugepages.empty(numel, dtype, device, prefault=prefault)
 
+
 class Workspace:
     """Buffers kept across rounds, keyed by role, reused when size, dtype and device match.
 
     ``get(role, numel, dtype, device)`` returns the same storage round after round (no new
-    pages to fault in); the caller owns the contract that nothing else still reads a
-    buffer it hands out again.
+    pages to fault in; a new one is made as :func:`empty_buffer` makes them, its pages
+    mapped up front); the caller owns the contract that nothing else still reads a buffer
+    it hands out again. :class:`~cahfp_ops.fl.StreamingAggregator` takes one for its
+    partial sums (the server keeps one across rounds).
     """
 
     def __init__(self) -> None:
@@ -894,5 +897,5 @@ class Workspace:
     def get(self, role: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         buf = self._buffers.get(role)
         if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
-            buf = self._buffers[role] = torch.empty(numel, dtype=dtype, device=device)
+            buf = self._buffers[role] = _hugepages.empty(numel, dtype, device, prefault=True)
         return buf[:numel]

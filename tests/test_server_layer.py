@@ -462,3 +462,25 @@ def test_streaming_server_windows_equal_one_reply_at_a_time(gen, monkeypatch):
         assert accepted == outcomes[0][1] and sizes == outcomes[0][2]
         assert all(torch.equal(state[n], outcomes[0][0][n]) for n in state)
     assert 3 not in outcomes[0][1]
+
+
+def test_streaming_workspace_reuses_its_buffers_and_changes_nothing(gen):
+    """Aggregators made one after the other on one Workspace fold into the same two sets of
+    buffers (no new pages round after round) and give what an aggregator without one gives."""
+    from cahfp_ops import Workspace
+
+    _, plan, keeps, sd, states = fl_round_setup(gen)
+    rows, cols = plan.tensor_keep_sets(keeps)
+    ks = [_keeps_of(rows, cols, k) for k in range(len(states))]
+    ws = Workspace()
+    storages = []
+    for _ in range(2):
+        with_ws, plain = StreamingAggregator(sd, workspace=ws), StreamingAggregator(sd)
+        for agg in (with_ws, plain):
+            agg.add_many(states[:3], [1.0, 2.0, 0.5], [r for r, _ in ks[:3]], [c for _, c in ks[:3]])
+            agg.add(states[3], *ks[3], 1.5)
+        a, b = with_ws.result(), plain.result()
+        assert all(torch.equal(a[n], b[n]) for n in sd)
+        flats = list(with_ws.partials().flats.values()) + list(with_ws._spare.values())
+        storages.append(sorted(t.untyped_storage().data_ptr() for pair in flats for t in pair))
+    assert storages[0] == storages[1]

@@ -22,6 +22,7 @@ from cahfp_ops import (
     MODES,
     PackedModel,
     RoundLayout,
+    Workspace,
     accumulate_packed,
     empty_buffer,
     finish_partials,
@@ -100,8 +101,9 @@ class AggregatePartials:
     flats: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def zeros(cls, global_state: Mapping[str, Tensor]) -> AggregatePartials:
-        """Empty partial sums for ``global_state`` (integer entries start at the global value)."""
+    def zeros(cls, global_state: Mapping[str, Tensor], workspace: Workspace | None = None) -> AggregatePartials:
+        """Empty partial sums for ``global_state`` (integer entries start at the global value);
+        with ``workspace``, in its buffers (roles ``"partial sums i"`` / ``"partial cover i"``)."""
         groups: dict[tuple, list[str]] = {}
         ints = {}
         for name, w in global_state.items():
@@ -110,12 +112,17 @@ class AggregatePartials:
             else:
                 ints[name] = w.clone()
         sums, cover, flats = {}, {}, {}
-        for (device, dtype), names in groups.items():
+        for i, ((device, dtype), names) in enumerate(groups.items()):
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             shapes = [tuple(global_state[n].shape) for n in names]
             cover_shapes = [(s[0],) if len(s) == 1 else s[:2] for s in shapes]
-            flat_s = empty_buffer(sum(math.prod(s) for s in shapes), acc, device, prefault=True).zero_()
-            flat_c = empty_buffer(sum(math.prod(s) for s in cover_shapes), acc, device, prefault=True).zero_()
+            n_s, n_c = sum(math.prod(s) for s in shapes), sum(math.prod(s) for s in cover_shapes)
+            if workspace is None:
+                flat_s = empty_buffer(n_s, acc, device, prefault=True).zero_()
+                flat_c = empty_buffer(n_c, acc, device, prefault=True).zero_()
+            else:
+                flat_s = workspace.get(f"partial sums {i}", n_s, acc, device).zero_()
+                flat_c = workspace.get(f"partial cover {i}", n_c, acc, device).zero_()
             sums.update(zip(names, _split(flat_s, shapes)))
             cover.update(zip(names, _split(flat_c, cover_shapes)))
             flats[tuple(names)] = (flat_s, flat_c)
@@ -226,14 +233,22 @@ class StreamingAggregator:
     from the unchanged sums without it. After ``add_many`` the partial sums' tensors are
     the other set: read them through :meth:`partials` after adding, not from an earlier
     reference.
+
+    ``workspace`` (a :class:`~cahfp_ops.Workspace`): both sets of partial sums live in its
+    buffers, so an aggregator per round reuses last round's memory instead of mapping new
+    pages (the server keeps one). One live aggregator per workspace: a new one on the same
+    workspace zeroes the buffers the previous one's partial sums are views of.
     """
 
-    def __init__(self, global_state: Mapping[str, Tensor], mode: str = "reconstruct"):
+    def __init__(
+        self, global_state: Mapping[str, Tensor], mode: str = "reconstruct", *, workspace: Workspace | None = None
+    ):
         if mode not in MODES:
             raise ValueError(f"StreamingAggregator: mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.global_state = dict(global_state)
-        self._partials = AggregatePartials.zeros(self.global_state)
+        self._workspace = workspace
+        self._partials = AggregatePartials.zeros(self.global_state, workspace)
         self._spare: dict[tuple, tuple[Tensor, Tensor]] = {}  # add_many's second set of partial sums
 
     @property
@@ -287,8 +302,8 @@ class StreamingAggregator:
                 k = 0
             else:
                 sub = dict(zip(names, weights))
-                r = {n: [rows.get(n)] for n in names}
-                c = {n: [cols.get(n)] for n in names if self.global_state[n].dim() > 1}
+                r = _per_tensor_lists([rows], names)
+                c = _per_tensor_lists([cols], [n for n in names if self.global_state[n].dim() > 1])
                 one = RoundLayout.from_keep_sets(sub, r, c, num_clients=1, op="StreamingAggregator.add")
                 k = 0
             data = client_data(update, one, k, names, weights[0].dtype)
@@ -383,8 +398,8 @@ class StreamingAggregator:
                 rs = [r or {} for r in (rows or [None] * K)]
                 cs = [c or {} for c in (cols or [None] * K)]
                 sub = RoundLayout.from_keep_sets(
-                    dict(zip(names, ws)), {n: [r.get(n) for r in rs] for n in names},
-                    {n: [c.get(n) for c in cs] for n in names if self.global_state[n].dim() > 1},
+                    dict(zip(names, ws)), _per_tensor_lists(rs, names),
+                    _per_tensor_lists(cs, [n for n in names if self.global_state[n].dim() > 1]),
                     num_clients=K, op="StreamingAggregator.add_many",
                 )  # fmt: skip
                 data = [client_data(u, sub, j, names, ws[0].dtype) for j, u in enumerate(updates)]
@@ -407,12 +422,10 @@ class StreamingAggregator:
         bad = [False] * K
         coef = torch.tensor([float(x) for x in weights], dtype=torch.float64)
         outs = []
-        for names, sub, ws, data, flat_s, flat_c in calls:
+        for i, (names, sub, ws, data, flat_s, flat_c) in enumerate(calls):
             spare = self._spare.get(names)
             if spare is None:
-                spare = self._spare[names] = tuple(
-                    empty_buffer(t.numel(), t.dtype, t.device, prefault=True) for t in (flat_s, flat_c)
-                )
+                spare = self._spare[names] = self._second_set(i, flat_s, flat_c)
             s_out, c_out, st = fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c, out=spare)
             outs.append((s_out, c_out))
             for j, (b, q) in enumerate(st.cpu().tolist()):
@@ -452,6 +465,15 @@ class StreamingAggregator:
                     p.ints[name] = largest_reported(p.ints[name], u[name])
         return folds
 
+    def _second_set(self, i: int, flat_s: Tensor, flat_c: Tensor) -> tuple[Tensor, Tensor]:
+        """add_many's second set of partial-sum buffers for group i, shaped as ``flat_s`` /
+        ``flat_c`` (the first set, which the workspace holds under the other roles)."""
+        if self._workspace is None:
+            return tuple(empty_buffer(t.numel(), t.dtype, t.device, prefault=True) for t in (flat_s, flat_c))
+        ws = self._workspace
+        return (ws.get(f"second partial sums {i}", flat_s.numel(), flat_s.dtype, flat_s.device),
+                ws.get(f"second partial cover {i}", flat_c.numel(), flat_c.dtype, flat_c.device))  # fmt: skip
+
     def partials(self) -> AggregatePartials:
         """The partial sums so far (the live value: :meth:`AggregatePartials.merge` on it changes this aggregator)."""
         return self._partials
@@ -483,6 +505,18 @@ class StreamingAggregator:
             if not w.is_floating_point():
                 out[name] = p.ints[name].clone()
         return {name: out[name] for name in self.global_state}
+
+
+def _per_tensor_lists(maps: Sequence[KeepMap], names: Sequence[str]) -> dict[str, list]:
+    """Per tensor name, the clients' keep sets as one list (``maps[j].get(name)``). Tensors
+    whose clients all hand the same keep-set objects share one list object, which the layout
+    then checks and maps once (a channel group's keep sets are shared by its tensors)."""
+    shared: dict[tuple, list] = {}
+    out = {}
+    for n in names:
+        items = [m.get(n) for m in maps]
+        out[n] = shared.setdefault(tuple(id(x) for x in items), items)
+    return out
 
 
 def _data_dtype(data: Tensor | list[Tensor]) -> torch.dtype | None:

@@ -38,6 +38,7 @@ from cahfp_ops import (
     PackedModel,
     PackedScalars,
     RoundLayout,
+    Workspace,
     aggregate_packed,
     load_cpp,
     reconstruct_aggregate_many,
@@ -187,6 +188,7 @@ class Server:
         self.layout: RoundLayout | None = None
         self._slots: dict[Hashable, int] = {}
         self._previous_sizes: list[float] = []
+        self._workspace = Workspace()  # streaming rounds' partial sums, reused round after round
 
     # ------------------------------------------------------------------ assign / extract
     def scores(self, ids: list[Hashable]) -> dict[str, Tensor]:
@@ -387,7 +389,7 @@ class Server:
         )  # fmt: skip
 
     def _aggregate_streaming(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
-        agg = StreamingAggregator(self.state, self.mode)
+        agg = StreamingAggregator(self.state, self.mode, workspace=self._workspace)
         bound = self._bound(report, self._previous_sizes)  # streaming: the previous round's accepted
         clip = self.bound_action == "clip"
         folds = []
