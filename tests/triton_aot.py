@@ -15,6 +15,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from cahfp_ops.triton.curvature_scores import _scores_kernel  # noqa: E402
+from cahfp_ops.triton.packed import (  # noqa: E402
+    _accumulate_packed_kernel,
+    _aggregate_packed_kernel,
+    _finish_partials_kernel,
+    _fold_packed_kernel,
+    _slice_packed_kernel,
+)
 from cahfp_ops.triton.reconstruct_aggregate import _aggregate_kernel  # noqa: E402
 from cahfp_ops.triton.slice_channels import _slice_kernel  # noqa: E402
 from cahfp_ops.triton.topk_channel_masks import _topk_kernel  # noqa: E402
@@ -103,8 +110,42 @@ def variants():
             )
 
 
+def packed_variants():
+    """The per-round layout's kernels (packed.py)."""
+    for wt, ct, acc in [("fp32", "fp32", "fp32"), ("fp32", "fp16", "fp32"), ("bf16", "bf16", "fp32"),
+                        ("fp64", "fp64", "fp64")]:  # fmt: skip
+        tables = {"w_meta": "*i64", "meta": "*i64"}
+        client = {"c_base": f"*{ct}", "c_meta": "*i64", "work": "*i32", "row_inv": "*i32", "col_inv": "*i32"}
+        stats = {"ssq_part": "*fp64", "bad_part": "*i8"}
+        flags = {"OVERLAP": "constexpr", "ACC64": "constexpr", "BLOCK": "constexpr"}
+        for overlap in (False, True):
+            c = {"OVERLAP": overlap, "ACC64": acc == "fp64", "BLOCK": 1024}
+            sig = {"w_base": f"*{wt}", **tables, "out": f"*{wt}", **client, "p_ptr": f"*{acc}", **stats,
+                   "K": "i32", "SR": "i32", "SC": "i32", **flags}  # fmt: skip
+            yield f"aggregate_packed w={wt} c={ct} overlap={overlap}", _aggregate_packed_kernel, sig, c
+            sig = {"w_base": f"*{wt}", **tables, **client, "p_ptr": f"*{acc}", "sums_in": f"*{acc}",
+                   "cover_in": f"*{acc}", "sums_out": f"*{acc}", "cover_out": f"*{acc}", **stats, "K": "i32",
+                   "SR": "i32", "SC": "i32", **flags}  # fmt: skip
+            yield f"fold_packed w={wt} c={ct} overlap={overlap}", _fold_packed_kernel, sig, c
+            for add in (False, True):
+                sig = {"w_base": f"*{wt}", **tables, **client, "sums": f"*{acc}", "cover": f"*{acc}",
+                       "accept": "*i8", "weight": f"*{acc}", **stats, "SR": "i32", "SC": "i32",
+                       "ADD": "constexpr", **flags}  # fmt: skip
+                yield f"accumulate_packed w={wt} c={ct} overlap={overlap} add={add}", _accumulate_packed_kernel, sig, {
+                    "ADD": add, **c}
+            if ct == wt:
+                sig = {"w_base": f"*{wt}", "w_meta": "*i64", "work": "*i32", "sums": f"*{acc}", "cover": f"*{acc}",
+                       "out": f"*{wt}", "wsum": f"*{acc}", **flags}  # fmt: skip
+                yield f"finish_partials w={wt} overlap={overlap}", _finish_partials_kernel, sig, c
+        if ct == wt:
+            sig = {"w_base": f"*{wt}", **tables, "row_inv": "*i32", "col_keep": "*i32", "counts": "*i64",
+                   "starts": "*i64", "out": f"*{wt}", "work": "*i32", "N": "i32", "SR": "i32", "SC": "i32",
+                   "out_numel": "i64", "BLOCK": "constexpr"}  # fmt: skip
+            yield f"slice_packed w={wt}", _slice_packed_kernel, sig, {"BLOCK": 1024}
+
+
 def main() -> int:
-    todo = list(variants())
+    todo = list(variants()) + list(packed_variants())
     print(f"variants {len(todo)}")
     for name, kernel, sig, constexprs in todo:
         try:

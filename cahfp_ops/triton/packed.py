@@ -72,15 +72,47 @@ def _client_entry(cm):
 
 @triton.jit
 def _to_acc(x, ACC64: tl.constexpr):
+    # One return: the compiler types every return of a function, constexpr branch or not.
     if ACC64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
+        y = x.to(tl.float64)
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
 def _nonfinite(d, xw):
     """A delta not finite in the accumulation dtype, or a value not finite once in the global dtype."""
     return (d != d) | (tl.abs(d) == float("inf")) | (xw != xw) | (tl.abs(xw) == float("inf"))
+
+
+@triton.jit
+def _work_item(work, w_meta, pid, WM: tl.constexpr):
+    """This program's work item: tensor n, row r, block b, and from the tensor's ``w_meta`` row
+    (WM columns) its weight offset, Cin and T."""
+    n = tl.load(work + pid * 3)
+    r = tl.load(work + pid * 3 + 1).to(tl.int64)
+    b = tl.load(work + pid * 3 + 2)
+    return n, r, b, tl.load(w_meta + n * WM), tl.load(w_meta + n * WM + 1), tl.load(w_meta + n * WM + 2)
+
+
+@triton.jit
+def _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, end, w, w_raw, SC, ssq_part, bad_part,
+                   pid):  # fmt: skip
+    """Client k's lanes of this program's block (it keeps the row, at compact row ``i``): the
+    kept mask, its values in the accumulation dtype and their deltas to ``w``; stores its
+    statistics partials (squared deltas in float64, a non-finite flag) at ``[pid, k]``."""
+    j = tl.load(col_inv + k * (SC + 1) + cpos, mask=c_ok, other=-1).to(tl.int64)
+    src = off + i * s0 + j * s1 + t
+    m = c_ok & (j >= 0) & (j < n1) & (src < end)
+    x_raw = tl.load(c_base + src, mask=m, other=0.0)
+    x = x_raw.to(w.dtype)
+    d = x - w
+    dd = tl.where(m, d.to(tl.float64), 0.0)
+    tl.store(ssq_part + pid * K + k, tl.sum(dd * dd, axis=0))  # untouched (zero) where k keeps nothing here
+    nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
+    tl.store(bad_part + pid * K + k, tl.max(tl.where(m & nonfinite, 1, 0), axis=0).to(tl.int8))
+    return m, x, d
 
 
 @triton.jit
@@ -102,12 +134,7 @@ def _slice_packed_kernel(
 ):
     pid = tl.program_id(0)
     k = tl.program_id(1).to(tl.int64)
-    n = tl.load(work + pid * 3)
-    r = tl.load(work + pid * 3 + 1).to(tl.int64)
-    b = tl.load(work + pid * 3 + 2)
-    w_off = tl.load(w_meta + n * 4)
-    Cin = tl.load(w_meta + n * 4 + 1)
-    T = tl.load(w_meta + n * 4 + 2)
+    n, r, b, w_off, Cin, T = _work_item(work, w_meta, pid, 4)
     w_numel = tl.load(w_meta + n * 4 + 3)
     roff = tl.load(meta + n * 5 + 3)
     coff = tl.load(meta + n * 5 + 4)
@@ -153,12 +180,7 @@ def _aggregate_packed_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = tl.load(work + pid * 3)
-    r = tl.load(work + pid * 3 + 1).to(tl.int64)
-    b = tl.load(work + pid * 3 + 2)
-    w_off = tl.load(w_meta + n * 4)
-    Cin = tl.load(w_meta + n * 4 + 1)
-    T = tl.load(w_meta + n * 4 + 2)
+    n, r, b, w_off, Cin, T = _work_item(work, w_meta, pid, 4)
     o_off = tl.load(w_meta + n * 4 + 3)
     roff = tl.load(meta + n * 5 + 3)
     coff = tl.load(meta + n * 5 + 4)
@@ -179,18 +201,8 @@ def _aggregate_packed_kernel(
         off, s0, s1, n0, n1, end = _client_entry(c_meta + (n * K + k) * 6)
         if (i >= 0) & (i < n0):
             pk = tl.load(p_ptr + k)
-            j = tl.load(col_inv + k * (SC + 1) + cpos, mask=c_ok, other=-1).to(tl.int64)
-            src = off + i * s0 + j * s1 + t
-            m = c_ok & (j >= 0) & (j < n1) & (src < end)
-            x_raw = tl.load(c_base + src, mask=m, other=0.0)
-            x = x_raw.to(w.dtype)
-            d = x - w
-            dd = tl.where(m, d.to(tl.float64), 0.0)
-            q = tl.sum(dd * dd, axis=0)
-            nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
-            bad = tl.max(tl.where(m & nonfinite, 1, 0), axis=0)
-            tl.store(ssq_part + pid * K + k, q)  # untouched (zero) where the client keeps nothing here
-            tl.store(bad_part + pid * K + k, bad.to(tl.int8))
+            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, end, w, w_raw, SC,
+                                     ssq_part, bad_part, pid)  # fmt: skip
             if pk != 0:
                 if OVERLAP:
                     s += tl.where(m, pk * x, 0.0)
@@ -230,12 +242,7 @@ def _accumulate_packed_kernel(
 ):
     """ADD False: client 0's statistics partials; ADD True: fold it in when ``accept`` holds."""
     pid = tl.program_id(0)
-    n = tl.load(work + pid * 3)
-    r = tl.load(work + pid * 3 + 1).to(tl.int64)
-    b = tl.load(work + pid * 3 + 2)
-    w_off = tl.load(w_meta + n * 5)
-    Cin = tl.load(w_meta + n * 5 + 1)
-    T = tl.load(w_meta + n * 5 + 2)
+    n, r, b, w_off, Cin, T = _work_item(work, w_meta, pid, 5)
     s_off = tl.load(w_meta + n * 5 + 3)
     v_off = tl.load(w_meta + n * 5 + 4)
     roff = tl.load(meta + n * 5 + 3)
@@ -303,12 +310,7 @@ def _fold_packed_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = tl.load(work + pid * 3)
-    r = tl.load(work + pid * 3 + 1).to(tl.int64)
-    b = tl.load(work + pid * 3 + 2)
-    w_off = tl.load(w_meta + n * 5)
-    Cin = tl.load(w_meta + n * 5 + 1)
-    T = tl.load(w_meta + n * 5 + 2)
+    n, r, b, w_off, Cin, T = _work_item(work, w_meta, pid, 5)
     s_off = tl.load(w_meta + n * 5 + 3)
     v_off = tl.load(w_meta + n * 5 + 4)
     roff = tl.load(meta + n * 5 + 3)
@@ -329,16 +331,8 @@ def _fold_packed_kernel(
         off, s0, s1, n0, n1, end = _client_entry(c_meta + (n * K + k) * 6)
         if (i >= 0) & (i < n0):
             pk = tl.load(p_ptr + k)
-            j = tl.load(col_inv + k * (SC + 1) + cpos, mask=c_ok, other=-1).to(tl.int64)
-            src = off + i * s0 + j * s1 + t
-            m = c_ok & (j >= 0) & (j < n1) & (src < end)
-            x_raw = tl.load(c_base + src, mask=m, other=0.0)
-            x = x_raw.to(w.dtype)
-            d = x - w
-            dd = tl.where(m, d.to(tl.float64), 0.0)
-            tl.store(ssq_part + pid * K + k, tl.sum(dd * dd, axis=0))
-            nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
-            tl.store(bad_part + pid * K + k, tl.max(tl.where(m & nonfinite, 1, 0), axis=0).to(tl.int8))
+            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, end, w, w_raw, SC,
+                                     ssq_part, bad_part, pid)  # fmt: skip
             if pk != 0:
                 if OVERLAP:
                     s = tl.where(m, s + pk * x, s)
@@ -354,12 +348,7 @@ def _finish_partials_kernel(
     w_base, w_meta, work, sums, cover, out, wsum, OVERLAP: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr
 ):
     pid = tl.program_id(0)
-    n = tl.load(work + pid * 3)
-    r = tl.load(work + pid * 3 + 1).to(tl.int64)
-    b = tl.load(work + pid * 3 + 2)
-    w_off = tl.load(w_meta + n * 5)
-    Cin = tl.load(w_meta + n * 5 + 1)
-    T = tl.load(w_meta + n * 5 + 2)
+    n, r, b, w_off, Cin, T = _work_item(work, w_meta, pid, 5)
     s_off = tl.load(w_meta + n * 5 + 3)
     v_off = tl.load(w_meta + n * 5 + 4)
     CT = Cin * T
