@@ -681,6 +681,19 @@ def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor 
     return [out[bounds[k] : bounds[k + 1]] for k in range(layout.num_clients)]
 
 
+def _flat_clients(clients: Sequence[Tensor | Sequence[Tensor]], N: int) -> tuple[list[Tensor], list[int]]:
+    """The kernels' client arguments: every client's buffer or N tensors in one list, and per
+    client how many entries it takes (1 or N)."""
+    flat, parts = [], []
+    for c in clients:
+        if isinstance(c, Tensor):
+            flat.append(c)
+            parts.append(1)
+        else:
+            flat.extend(c)
+            parts.append(N)
+    return flat, parts
+
 def aggregate_packed(
     layout: RoundLayout,
     weights: Sequence[Tensor],
@@ -700,15 +713,7 @@ def aggregate_packed(
     pass over the data as the aggregation (clients with coefficient 0 are read for the
     statistics but add nothing).
     """
-    N = layout.num_tensors
-    flat, parts = [], []
-    for c in clients:
-        if isinstance(c, Tensor):
-            flat.append(c)
-            parts.append(1)
-        else:
-            flat.extend(c)
-            parts.append(N)
+    flat, parts = _flat_clients(clients, layout.num_tensors)
     device = weights[0].device
     total = sum(w.numel() for w in weights)
     if out is None:
@@ -801,15 +806,7 @@ def fold_packed(
     (new ones unless given; ``(sums, cover)`` themselves folds in place, leaving nothing to
     fold again from).
     """
-    N = layout.num_tensors
-    flat, parts = [], []
-    for c in clients:
-        if isinstance(c, Tensor):
-            flat.append(c)
-            parts.append(1)
-        else:
-            flat.extend(c)
-            parts.append(N)
+    flat, parts = _flat_clients(clients, layout.num_tensors)
     device = weights[0].device
     sums_out, cover_out = out if out is not None else (torch.empty_like(sums), torch.empty_like(cover))
     if validation_enabled():
