@@ -281,65 +281,41 @@ class StreamingAggregator:
         (beyond about 1e30 times a delta) overflow them, so callers with extreme weights scale
         them first (the Server divides a round's weights by their largest).
         """
-        if isinstance(weight, bool) or not (
-            isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0
-        ):
+        if not _is_weight(weight):
             raise ValueError(f"StreamingAggregator.add: weight must be a finite number >= 0, got {weight!r}")
         if (layout is None) != (client is None):
             raise ValueError("StreamingAggregator.add: pass layout and client together")
-        rows, cols = rows or {}, cols or {}
-        p = self._partials
-        groups = list(p.flats.items())
-        kept_total = 0
-        ssq_total = 0.0
-        calls = []
-        for names, (flat_s, flat_c) in groups:
-            weights = [self.global_state[n] for n in names]
-            if layout is not None:
-                if layout.names != names:
-                    raise ValueError("StreamingAggregator.add: the layout does not lay out this model's entries")
-                one = layout.client(client)
-                k = 0
-            else:
-                sub = dict(zip(names, weights))
-                r = _per_tensor_lists([rows], names)
-                c = _per_tensor_lists([cols], [n for n in names if self.global_state[n].dim() > 1])
-                one = RoundLayout.from_keep_sets(sub, r, c, num_clients=1, op="StreamingAggregator.add")
-                k = 0
-            data = client_data(update, one, k, names, weights[0].dtype)
-            calls.append((one, weights, data, flat_s, flat_c))
-            kept_total += int(one.numels[0])
-        bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept_total, 1)
-        scale = None
+        calls = self._group_calls(
+            "StreamingAggregator.add", [update], [rows], [cols], layout, None if client is None else [client]
+        )
+        kept = sum(int(one.numels[0]) for _, one, *_ in calls)
+        bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept, 1)
+        verdict = None
         if (clip and bound < math.inf) or len(calls) > 1:
             # Statistics first (several dtype groups: all checked before any is folded; clip:
             # an oversized delta is scaled down), then the accumulation without a bound.
-            for one, weights, data, flat_s, flat_c in calls:
-                st = accumulate_packed(one, weights, data, 0.0, self.mode, flat_s, flat_c)
-                ssq_total += float(st[1])
-                if st[0]:
-                    return Fold(False, True, math.inf, kept_total)
-            size = math.sqrt(ssq_total / max(kept_total, 1))
-            if ssq_total > bound:
-                if not clip:
-                    return Fold(False, False, size, kept_total)
-                scale = float(max_update) / size
-                calls = [(o, w, clipped_data(o, w, d, scale), fs, fc) for o, w, d, fs, fc in calls]
-            bound, ssq_total = math.inf, 0.0
-        for one, weights, data, flat_s, flat_c in calls:
-            st = accumulate_packed(one, weights, data, float(weight), self.mode, flat_s, flat_c, max_ssq=bound)
-            ssq_total += float(st[1])
-            if not st[2]:
-                size = math.inf if st[0] else math.sqrt(ssq_total / max(kept_total, 1))
-                return Fold(False, bool(st[0]), size, kept_total)
-        p.count += 1
-        p.weight_sum += float(weight)
-        if weight > 0:
-            for name in p.ints:
-                p.ints[name] = largest_reported(p.ints[name], update[name])
-        if scale is not None:
-            return Fold(True, False, size, kept_total, scale)
-        return Fold(True, False, math.sqrt(ssq_total / max(kept_total, 1)), kept_total)
+            bad, ssq = False, 0.0
+            for _, one, ws, data, flat_s, flat_c in calls:
+                st = accumulate_packed(one, ws, data[0], 0.0, self.mode, flat_s, flat_c)
+                ssq += float(st[1])
+                bad = bool(st[0])
+                if bad:
+                    break
+            verdict = _verdict(bad, ssq, kept, max_update, clip)
+            if not verdict.accepted:
+                return verdict
+            if verdict.clip_scale is not None:
+                calls = [(n, o, ws, [clipped_data(o, ws, d[0], verdict.clip_scale)], fs, fc)
+                         for n, o, ws, d, fs, fc in calls]  # fmt: skip
+            bound = math.inf
+        ssq = 0.0
+        for _, one, ws, data, flat_s, flat_c in calls:
+            st = accumulate_packed(one, ws, data[0], float(weight), self.mode, flat_s, flat_c, max_ssq=bound)
+            ssq += float(st[1])
+            if not st[2]:  # rejected by the kernel: non-finite, or over the bound
+                return _verdict(bool(st[0]), ssq, kept, max_update, False)
+        self._count_in(update, weight)
+        return verdict if verdict is not None else _verdict(False, ssq, kept, None, False)
 
     def add_many(
         self,
@@ -370,53 +346,32 @@ class StreamingAggregator:
         if len(weights) != K:
             raise ValueError(f"StreamingAggregator.add_many: {K} updates but {len(weights)} weights")
         for wt in weights:
-            if isinstance(wt, bool) or not (isinstance(wt, (int, float)) and math.isfinite(wt) and wt >= 0):
+            if not _is_weight(wt):
                 raise ValueError(f"StreamingAggregator.add_many: weights must be finite numbers >= 0, got {wt!r}")
         if (layout is None) != (clients is None):
             raise ValueError("StreamingAggregator.add_many: pass layout and clients together")
         if clients is not None and len(clients) != K:
             raise ValueError(f"StreamingAggregator.add_many: {K} updates but {len(clients)} clients")
+
+        def window(sl: slice) -> list[Fold]:
+            return self.add_many(
+                updates[sl], weights[sl], None if rows is None else rows[sl], None if cols is None else cols[sl],
+                layout=layout, clients=None if clients is None else clients[sl], max_update=max_update, clip=clip,
+            )  # fmt: skip
+
         if K == 0:
             return []
         if K == 1:  # one client: folding in place (add) reads and writes only its part of the sums
-            r = None if rows is None else rows[0]
-            c = None if cols is None else cols[0]
-            if layout is None:
-                return [self.add(updates[0], r, c, weights[0], max_update=max_update, clip=clip)]
-            return [self.add(updates[0], r, c, weights[0], layout=layout, client=clients[0],
+            return [self.add(updates[0], None if rows is None else rows[0], None if cols is None else cols[0],
+                             weights[0], layout=layout, client=None if clients is None else clients[0],
                              max_update=max_update, clip=clip)]  # fmt: skip
-        p = self._partials
-        calls = []
-        for names, (flat_s, flat_c) in p.flats.items():
-            ws = [self.global_state[n] for n in names]
-            if layout is not None:
-                if layout.names != names:
-                    raise ValueError("StreamingAggregator.add_many: the layout does not lay out this model's entries")
-                sub = layout.subset(list(clients))
-                data = [client_data(u, layout, k, names, ws[0].dtype) for u, k in zip(updates, clients)]
-            else:
-                rs = [r or {} for r in (rows or [None] * K)]
-                cs = [c or {} for c in (cols or [None] * K)]
-                sub = RoundLayout.from_keep_sets(
-                    dict(zip(names, ws)), _per_tensor_lists(rs, names),
-                    _per_tensor_lists(cs, [n for n in names if self.global_state[n].dim() > 1]),
-                    num_clients=K, op="StreamingAggregator.add_many",
-                )  # fmt: skip
-                data = [client_data(u, sub, j, names, ws[0].dtype) for j, u in enumerate(updates)]
-            calls.append((names, sub, ws, data, flat_s, flat_c))
+        calls = self._group_calls(
+            "StreamingAggregator.add_many", updates, rows or [None] * K, cols or [None] * K, layout, clients
+        )
         sig = [tuple(_data_dtype(call[3][j]) for call in calls) for j in range(K)]
         split = next((j for j in range(1, K) if sig[j] != sig[0]), None)
         if split is not None:  # one kernel call reads one client dtype: fold runs of equal dtypes in turn
-            head = self.add_many(
-                updates[:split], weights[:split], None if rows is None else rows[:split],
-                None if cols is None else cols[:split], layout=layout,
-                clients=None if clients is None else clients[:split], max_update=max_update, clip=clip,
-            )  # fmt: skip
-            return head + self.add_many(
-                updates[split:], weights[split:], None if rows is None else rows[split:],
-                None if cols is None else cols[split:], layout=layout,
-                clients=None if clients is None else clients[split:], max_update=max_update, clip=clip,
-            )  # fmt: skip
+            return window(slice(None, split)) + window(slice(split, None))
         kept = [0] * K
         ssq = [0.0] * K
         bad = [False] * K
@@ -432,38 +387,58 @@ class StreamingAggregator:
                 bad[j] = bad[j] or bool(b)
                 ssq[j] += q
                 kept[j] += int(sub.numels[j])
-        folds, scales = [], [None] * K
-        for j in range(K):
-            bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept[j], 1)
-            size = math.sqrt(ssq[j] / max(kept[j], 1))
-            if bad[j]:
-                folds.append(Fold(False, True, math.inf, kept[j]))
-            elif ssq[j] > bound and not clip:
-                folds.append(Fold(False, False, size, kept[j]))
-            elif ssq[j] > bound:
-                scales[j] = float(max_update) / size
-                folds.append(Fold(True, False, size, kept[j], scales[j]))
-            else:
-                folds.append(Fold(True, False, size, kept[j]))
-        if any(not f.accepted for f in folds) or any(x is not None for x in scales):
+        folds = [_verdict(bad[j], ssq[j], kept[j], max_update, clip) for j in range(K)]
+        if any(not f.accepted or f.clip_scale is not None for f in folds):
             # fold again from the unchanged sums: rejected clients at coefficient 0 (absent, bit
             # for bit), clipped ones with their scaled data
             coef = torch.tensor([float(w) if f.accepted else 0.0 for w, f in zip(weights, folds)], dtype=torch.float64)
             for (_, sub, ws, data, flat_s, flat_c), out in zip(calls, outs):
-                data = [clipped_data(sub.client(j), ws, d, scales[j]) if scales[j] is not None else d
-                        for j, d in enumerate(data)]  # fmt: skip
+                data = [d if f.clip_scale is None else clipped_data(sub.client(j), ws, d, f.clip_scale)
+                        for j, (d, f) in enumerate(zip(data, folds))]  # fmt: skip
                 fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c, out=out)
         for (names, *_), (s_out, c_out) in zip(calls, outs):
-            self._spare[names] = p.adopt(names, s_out, c_out)
+            self._spare[names] = self._partials.adopt(names, s_out, c_out)
         for u, wt, f in zip(updates, weights, folds):
-            if not f.accepted:
-                continue
-            p.count += 1
-            p.weight_sum += float(wt)
-            if wt > 0:
-                for name in p.ints:
-                    p.ints[name] = largest_reported(p.ints[name], u[name])
+            if f.accepted:
+                self._count_in(u, wt)
         return folds
+
+    def _group_calls(
+        self, op: str, updates: Sequence, rows: Sequence, cols: Sequence, layout: RoundLayout | None,
+        clients: Sequence[int] | None,
+    ) -> list[tuple]:  # fmt: skip
+        """Per group of entries (one device and dtype): ``(names, layout of the updates, the
+        global's tensors, each update's data, flat sums, flat cover)``. The layout is the
+        round layout's clients (``layout`` / ``clients``) or one built from the updates'
+        per-tensor keep sets (``rows[j]`` / ``cols[j]``, None: all channels)."""
+        K = len(updates)
+        calls = []
+        for names, (flat_s, flat_c) in self._partials.flats.items():
+            ws = [self.global_state[n] for n in names]
+            if layout is not None:
+                if layout.names != names:
+                    raise ValueError(f"{op}: the layout does not lay out this model's entries")
+                sub = layout.client(clients[0]) if K == 1 else layout.subset(list(clients))
+                data = [client_data(u, layout, k, names, ws[0].dtype) for u, k in zip(updates, clients)]
+            else:
+                rs, cs = [r or {} for r in rows], [c or {} for c in cols]
+                sub = RoundLayout.from_keep_sets(
+                    dict(zip(names, ws)), _per_tensor_lists(rs, names),
+                    _per_tensor_lists(cs, [n for n in names if self.global_state[n].dim() > 1]),
+                    num_clients=K, op=op,
+                )  # fmt: skip
+                data = [client_data(u, sub, j, names, ws[0].dtype) for j, u in enumerate(updates)]
+            calls.append((names, sub, ws, data, flat_s, flat_c))
+        return calls
+
+    def _count_in(self, update: Mapping[str, Tensor], weight: float) -> None:
+        """An accepted client counted: its weight, and its integer entries (weight > 0)."""
+        p = self._partials
+        p.count += 1
+        p.weight_sum += float(weight)
+        if weight > 0:
+            for name in p.ints:
+                p.ints[name] = largest_reported(p.ints[name], update[name])
 
     def _second_set(self, i: int, flat_s: Tensor, flat_c: Tensor) -> tuple[Tensor, Tensor]:
         """add_many's second set of partial-sum buffers for group i, shaped as ``flat_s`` /
@@ -505,6 +480,25 @@ class StreamingAggregator:
             if not w.is_floating_point():
                 out[name] = p.ints[name].clone()
         return {name: out[name] for name in self.global_state}
+
+
+def _is_weight(x: object) -> bool:
+    """A client weight: a finite real number >= 0 (not a bool)."""
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+
+
+def _verdict(bad: bool, ssq: float, kept: int, max_update: float | None, clip: bool) -> Fold:
+    """What becomes of a client from its statistics: non-finite (``bad``), or an update size
+    (RMS of its delta over ``kept`` entries) over ``max_update``, is rejected, or clipped
+    with ``clip``; else accepted."""
+    size = math.sqrt(ssq / max(kept, 1))
+    if bad:
+        return Fold(False, True, math.inf, kept)
+    if max_update is not None and ssq > float(max_update) ** 2 * max(kept, 1):
+        if not clip:
+            return Fold(False, False, size, kept)
+        return Fold(True, False, size, kept, float(max_update) / size)
+    return Fold(True, False, size, kept)
 
 
 def _per_tensor_lists(maps: Sequence[KeepMap], names: Sequence[str]) -> dict[str, list]:
