@@ -392,13 +392,8 @@ class Server:
         agg = StreamingAggregator(self.state, self.mode, workspace=self._workspace)
         bound = self._bound(report, self._previous_sizes)  # streaming: the previous round's accepted
         clip = self.bound_action == "clip"
-        folds = []
-        for i in range(0, len(good), STREAM_WINDOW):  # the replies are all here: fold them a window at a time
-            ids = good[i : i + STREAM_WINDOW]
-            folds += agg.add_many(
-                [updates[c] for c in ids], w[i : i + STREAM_WINDOW], layout=self.layout,
-                clients=[self._slots[c] for c in ids], max_update=bound, clip=clip,
-            )  # fmt: skip
+        folds = _fold_windows(agg, [updates[c] for c in good], w, {"clients": [self._slots[c] for c in good]},
+                              layout=self.layout, max_update=bound, clip=clip)  # fmt: skip
         accepted, sizes = [], []
         for c, wc, fold in zip(good, w, folds):
             report.clients[c].update_size = fold.update_size
@@ -422,12 +417,10 @@ class Server:
         replies = [updates[c] for c in good]
         self.criterion.observe_replies(self.state, good, replies, rows, cols, self.lr, self.local_steps)
         if streaming:
-            agg = StreamingAggregator(self.state, self.mode)
-            for i in range(0, len(replies), STREAM_WINDOW):
-                j = range(i, min(i + STREAM_WINDOW, len(replies)))
-                agg.add_many([replies[k] for k in j], w[i : i + STREAM_WINDOW],
-                             [{n: v[k] for n, v in rows.items()} for k in j],
-                             [{n: v[k] for n, v in cols.items()} for k in j])  # fmt: skip
+            agg = StreamingAggregator(self.state, self.mode, workspace=self._workspace)
+            keeps = {"rows": [{n: v[j] for n, v in rows.items()} for j in range(len(replies))],
+                     "cols": [{n: v[j] for n, v in cols.items()} for j in range(len(replies))]}  # fmt: skip
+            _fold_windows(agg, replies, w, keeps)
             self.state = agg.result()
         else:
             self.state = aggregate_state(self.state, replies, rows, cols, w, self.mode)
@@ -592,6 +585,17 @@ class Server:
         self.layout = None
         self._slots = {}
 
+
+def _fold_windows(agg: StreamingAggregator, replies: list, weights: list[float], per_client: dict[str, list],
+                  **fixed) -> list:  # fmt: skip
+    """Fold replies that are all here into ``agg``, :data:`STREAM_WINDOW` per kernel pass;
+    ``per_client``: ``add_many`` arguments holding one entry per reply (sliced with the
+    window), ``fixed``: the others. Returns the replies' :class:`Fold` s in order."""
+    folds = []
+    for i in range(0, len(replies), STREAM_WINDOW):
+        win = slice(i, i + STREAM_WINDOW)
+        folds += agg.add_many(replies[win], weights[win], **{k: v[win] for k, v in per_client.items()}, **fixed)
+    return folds
 
 def _extras_copies(extras: dict[str, Tensor], K: int) -> list[Mapping[str, Tensor]]:
     """K private copies of the non-floating entries (each client may change its own). Scalars
