@@ -26,9 +26,19 @@ from torch import Tensor
 from ._dtypes import FLOAT_DTYPES, INDEX_DTYPES, DTypeError
 from ._validation import validation_enabled
 
+#: The aggregation modes: CA-HFP reconstruction and HeteroFL-style overlap averaging.
+MODES = ("reconstruct", "overlap")
+
 KeepSet = Union[Tensor, Sequence[int], None]
 KeepSets = Union[Tensor, Sequence[KeepSet], None]
 
+
+def check_mode(op: str, mode: object) -> None:
+    """``mode`` is one of :data:`MODES`."""
+    if not isinstance(mode, str):
+        raise TypeError(f"{op}: mode must be a str, got {type(mode).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
 
 def check_floating(op: str, name: str, x: object) -> Tensor:
     """``x`` must be a floating tensor (float16, bfloat16, float32 or float64)."""

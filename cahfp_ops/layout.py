@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from . import _hugepages, _operators
-from ._inputs import KeepSets, canonical_keep, keep_set_entries, kept_counts
+from ._dtypes import acc_dtype
+from ._inputs import KeepSets, canonical_keep, check_mode, keep_set_entries, kept_counts
 from ._validation import validation_enabled
 from ._views import packed_views
 
@@ -694,6 +695,7 @@ def _flat_clients(clients: Sequence[Tensor | Sequence[Tensor]], N: int) -> tuple
             parts.append(N)
     return flat, parts
 
+
 def aggregate_packed(
     layout: RoundLayout,
     weights: Sequence[Tensor],
@@ -727,18 +729,24 @@ def aggregate_packed(
     return out, stats
 
 
+def _partial_sizes(weights: Sequence[Tensor]) -> tuple[int, int]:
+    """Elements of streaming partial sums for ``weights``: ``(sums, cover)``."""
+    cover = sum(w.shape[0] if w.dim() == 1 else w.shape[0] * w.shape[1] for w in weights)
+    return sum(w.numel() for w in weights), cover
+
+
 def _check_partials(
-    op: str, layout: RoundLayout, weights: Sequence[Tensor], mode: str, named: dict[str, Tensor]
+    op: str, weights: Sequence[Tensor], mode: str, named: dict[str, Tensor], layout: RoundLayout | None = None
 ) -> None:
     """Validation of the streaming ops' arguments: ``mode``, and each named partial-sum buffer
     a contiguous 1-D tensor of the accumulation dtype on the weights' device, of the size its
-    role needs (``sums*``: every weight element; ``cover*``: every tensor's ``R * Cin``)."""
-    if mode not in ("reconstruct", "overlap"):
-        raise ValueError(f"{op}: mode must be 'reconstruct' or 'overlap', got {mode!r}")
-    if len(weights) != layout.num_tensors:
+    role needs (``sums*``: every weight element; ``cover*``: every tensor's ``R * Cin``), as
+    ``layout`` lays the weights out (when given) or as the weights' shapes give."""
+    check_mode(op, mode)
+    if layout is not None and len(weights) != layout.num_tensors:
         raise ValueError(f"{op}: {len(weights)} weights for a layout of {layout.num_tensors} tensors")
-    acc = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
-    sizes = dict(zip(("sums", "cover"), layout._st.partial_sizes))
+    acc = acc_dtype(weights[0].dtype)
+    sizes = dict(zip(("sums", "cover"), layout._st.partial_sizes if layout is not None else _partial_sizes(weights)))
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
@@ -768,7 +776,7 @@ def accumulate_packed(
     1-D, the sum of every tensor's ``R * Cin``; both float32 (float64 for float64 weights)."""
     device = weights[0].device
     if validation_enabled():
-        _check_partials("accumulate_packed", layout, weights, mode, {"sums": sums, "cover": cover})
+        _check_partials("accumulate_packed", weights, mode, {"sums": sums, "cover": cover}, layout)
     stats = torch.empty(3, dtype=torch.float64, device=device)
     t = layout.tables(device)
     flat = [client] if isinstance(client, Tensor) else list(client)
@@ -777,7 +785,6 @@ def accumulate_packed(
         float(weight), float(max_ssq), mode, sums, cover, stats,
     )  # fmt: skip
     return stats
-
 
 
 def fold_packed(
@@ -810,8 +817,8 @@ def fold_packed(
     device = weights[0].device
     sums_out, cover_out = out if out is not None else (torch.empty_like(sums), torch.empty_like(cover))
     if validation_enabled():
-        _check_partials("fold_packed", layout, weights, mode,
-                        {"sums": sums, "cover": cover, "sums_out": sums_out, "cover_out": cover_out})  # fmt: skip
+        bufs = {"sums": sums, "cover": cover, "sums_out": sums_out, "cover_out": cover_out}
+        _check_partials("fold_packed", weights, mode, bufs, layout)
         if len(clients) != layout.num_clients:
             raise ValueError(f"fold_packed: {len(clients)} clients for a layout of {layout.num_clients}")
         if not isinstance(coef, Tensor) or coef.shape != (len(clients),) or coef.dtype != torch.float64:
@@ -850,22 +857,20 @@ def finish_partials(
     if out is None:
         out = _hugepages.empty(total, weights[0].dtype, device, prefault=True)
     if validation_enabled():
-        if mode not in ("reconstruct", "overlap"):
-            raise ValueError(f"finish_partials: mode must be 'reconstruct' or 'overlap', got {mode!r}")
-        acc = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
-        want = {"sums": (sums, total, acc), "out": (out, total, weights[0].dtype),
-                "cover": (cover, sum(w.shape[0] if w.dim() == 1 else w.shape[0] * w.shape[1] for w in weights), acc)}
-        for name, (t, n, dt) in want.items():
-            if not isinstance(t, Tensor) or t.shape != (n,) or t.dtype != dt or t.device != device:
-                raise ValueError(f"finish_partials: {name} must be a ({n},) {dt} tensor on {device}")
         if any(w.dtype != weights[0].dtype or w.device != device or w.dim() < 1 for w in weights):
             raise ValueError("finish_partials: weights must share one dtype and device, each at least 1-D")
+        _check_partials("finish_partials", weights, mode, {"sums": sums, "cover": cover})
+        if out.shape != (total,) or out.dtype != weights[0].dtype or out.device != device or not out.is_contiguous():
+            raise ValueError(
+                f"finish_partials: out must be a contiguous ({total},) {weights[0].dtype} tensor on {device}"
+            )
         if isinstance(weight_sum, bool) or not (
             isinstance(weight_sum, (int, float)) and math.isfinite(weight_sum) and weight_sum >= 0
         ):
             raise ValueError(f"finish_partials: weight_sum must be a finite number >= 0, got {weight_sum!r}")
     _operators.finish_partials_op(list(weights), sums, cover, float(weight_sum), mode, out)
     return out
+
 
 def empty_buffer(numel: int, dtype: torch.dtype, device: torch.device | str, *, prefault: bool = False) -> Tensor:
     """A 1-D ``torch.empty`` for a large buffer (tens of MB and up: a model's partial sums, an

@@ -19,10 +19,12 @@ from torch import Tensor
 from . import _operators
 from ._dtypes import FLOAT_DTYPES, DTypeError
 from ._inputs import (
+    MODES,  # noqa: F401  (public as cahfp_ops.ops.MODES, as before)
     KeepSets,
     canonical_coef,
     canonical_keep,
     check_floating,
+    check_mode,
     check_same_device,
     count_clients,
     is_int,
@@ -37,8 +39,6 @@ from ._views import packed_views
 from .layout import PackedModel, RoundLayout, aggregate_packed, slice_packed
 
 Clients = Union[Tensor, Sequence[Tensor]]
-#: The aggregation modes: CA-HFP reconstruction and HeteroFL-style overlap averaging.
-MODES = ("reconstruct", "overlap")
 REDUCERS = ("mean", "median", "trimmed_mean")
 
 
@@ -262,7 +262,7 @@ def reconstruct_aggregate(
         are bit-identical to ``weight``. Accumulation is float32 (float64 for float64).
     """
     op = "reconstruct_aggregate"
-    _check_mode(op, mode)
+    check_mode(op, mode)
     _check_reduce(op, reduce, trim)
     weight, client_list, padded_rows, padded_cols = _prepare_aggregate(op, "", weight, clients, rows, cols)
     if reduce != "mean":
@@ -283,13 +283,6 @@ def _check_reduce(op: str, reduce: object, trim: object) -> None:
         raise TypeError(f"{op}: trim must be a number, got {type(trim).__name__}")
     if not 0 <= trim < 0.5:
         raise ValueError(f"{op}: trim must be in [0, 0.5), got {trim!r}")
-
-
-def _check_mode(op: str, mode: object) -> None:
-    if not isinstance(mode, str):
-        raise TypeError(f"{op}: mode must be a str, got {type(mode).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
 
 
 def _prepare_aggregate(
@@ -426,7 +419,7 @@ def reconstruct_aggregate_many(
     distinct keep-set object) and each dtype group is one kernel call.
     """
     op = "reconstruct_aggregate_many"
-    _check_mode(op, mode)
+    check_mode(op, mode)
     _check_reduce(op, reduce, trim)
     if reduce != "mean":
         return _robust_many(weights, clients, rows, cols, coef, mode, reduce, trim)
