@@ -560,6 +560,23 @@ def aggregate_packed(
     stats[:, 1] = ssq_part.sum(0) if P else 0.0
 
 
+def _partials_grid(op: str, ws: list[Tensor], views: list, sums: Sequence[Tensor], covers: Sequence[Tensor],
+                   device: torch.device) -> tuple[Tensor, int, Tensor, int]:  # fmt: skip
+    """What the streaming kernels share: the partial-sum buffers checked against the weights,
+    and ``(w_meta, block, work, programs)``: per weight its offset, Cin, T and where its
+    sums and cover weights start; the work table of (tensor, row, block) programs."""
+    if any(t.numel() != sum(w.numel() for w in ws) for t in sums) or any(
+        t.numel() != sum(R * Cin for R, Cin, _ in views) for t in covers
+    ):
+        raise ValueError(f"{op}: the partial sums do not match the weights")
+    extra = [_starts([w.numel() for w in ws]), _starts([R * Cin for R, Cin, _ in views])]
+    w_meta = _weights_meta(ws, views, extra, device)
+    shapes = tuple((R, Cin * T) for R, Cin, T in views)
+    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
+    work = _work_table(shapes, block, device)
+    return w_meta, block, work, work.shape[0] // 3
+
+
 def accumulate_packed(
     weights: Sequence[Tensor],
     client: Sequence[Tensor],
@@ -584,16 +601,9 @@ def accumulate_packed(
     SC = col_keep.shape[1]
     views = [_view3(w) for w in ws]
     base, c_meta = _clients_in_place("accumulate_packed", client, [len(client)], views, counts, offsets)
-    shapes = tuple((R, Cin * T) for R, Cin, T in views)
-    if sums.numel() != sum(w.numel() for w in ws) or cover.numel() != sum(R * Cin for R, Cin, _ in views):
-        raise ValueError("accumulate_packed: sums / cover do not match the weights")
-    extra = [_starts([w.numel() for w in ws]), _starts([R * Cin for R, Cin, _ in views])]
-    w_meta = _weights_meta(ws, views, extra, device)
+    w_meta, block, work, P = _partials_grid("accumulate_packed", ws, views, [sums], [cover], device)
     col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
     acc = sums.dtype
-    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
-    work = _work_table(shapes, block, device)
-    P = work.shape[0] // 3
     ssq_part = torch.zeros(P, dtype=torch.float64, device=device)
     bad_part = torch.zeros(P, dtype=torch.int8, device=device)
     accept = torch.zeros(1, dtype=torch.int8, device=device)
@@ -639,20 +649,12 @@ def fold_packed(
     SC = col_keep.shape[1]
     views = [_view3(w) for w in ws]
     base, c_meta = _clients_in_place("fold_packed", clients, list(parts), views, counts, offsets)
-    shapes = tuple((R, Cin * T) for R, Cin, T in views)
-    total, total_cover = sum(w.numel() for w in ws), sum(R * Cin for R, Cin, _ in views)
-    if any(t.numel() != total for t in (sums_in, sums_out)) or any(
-        t.numel() != total_cover for t in (cover_in, cover_out)
-    ):
-        raise ValueError("fold_packed: sums / cover do not match the weights")
-    extra = [_starts([w.numel() for w in ws]), _starts([R * Cin for R, Cin, _ in views])]
-    w_meta = _weights_meta(ws, views, extra, device)
+    w_meta, block, work, P = _partials_grid(
+        "fold_packed", ws, views, [sums_in, sums_out], [cover_in, cover_out], device
+    )
     col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
     acc = sums_out.dtype
     p = coef.to(device=device, dtype=acc)
-    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
-    work = _work_table(shapes, block, device)
-    P = work.shape[0] // 3
     ssq_part = torch.zeros((P, K), dtype=torch.float64, device=device)
     bad_part = torch.zeros((P, K), dtype=torch.int8, device=device)
     if P and K:
@@ -674,16 +676,8 @@ def finish_partials(
     ws = [w.contiguous() for w in weights]
     device = out.device
     views = [_view3(w) for w in ws]
-    total, total_cover = sum(w.numel() for w in ws), sum(R * Cin for R, Cin, _ in views)
-    if sums.numel() != total or cover.numel() != total_cover or out.numel() != total:
-        raise ValueError("finish_partials: sums / cover / out do not match the weights")
-    shapes = tuple((R, Cin * T) for R, Cin, T in views)
-    extra = [_starts([w.numel() for w in ws]), _starts([R * Cin for R, Cin, _ in views])]
-    w_meta = _weights_meta(ws, views, extra, device)
+    w_meta, block, work, P = _partials_grid("finish_partials", ws, views, [sums, out], [cover], device)
     acc = sums.dtype
-    block = block_size(max(ct for _, ct in shapes), gpu_cap=1024)
-    work = _work_table(shapes, block, device)
-    P = work.shape[0] // 3
     if P:
         wsum = torch.tensor(float(weight_sum), dtype=acc, device=device)
         _finish_partials_kernel[(P,)](
