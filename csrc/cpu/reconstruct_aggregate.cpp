@@ -349,44 +349,52 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& weights, Scala
 
 namespace {
 
-// What aggregate_packed and fold_packed check and derive alike.
+// What aggregate_packed, fold_packed and accumulate_packed check and derive alike.
 struct PackedCall {
   LayoutTables lt;
   std::vector<int64_t> start;
   bool overlap;
   ScalarType wdtype, cdtype;
+  ScalarType adtype;  // accumulation dtype: float32, float64 for float64 weights
   std::vector<Tensor> ws;
   int64_t total = 0;        // elements of the weights
   int64_t total_cover = 0;  // sum of R * Cin
 };
 
+// one_client: the op folds one client (accumulate_packed), its name for the message.
 PackedCall packed_call(const std::vector<Tensor>& weights, const std::vector<Tensor>& clients,
                        const std::vector<int64_t>& parts, const Tensor& meta, const Tensor& row_inv,
-                       const Tensor& col_keep, const Tensor& counts, const Tensor& offsets, const Tensor& coef,
-                       const std::string& mode, const Tensor& stats) {
+                       const Tensor& col_keep, const Tensor& counts, const Tensor& offsets, const std::string& mode,
+                       const char* one_client = nullptr) {
   const int64_t N = static_cast<int64_t>(weights.size());
   STD_TORCH_CHECK(N > 0, "weights must not be empty");
   PackedCall pc{check_layout(N, meta, row_inv, col_keep, counts, offsets), {}, mode == "overlap",
-                weights[0].scalar_type(), ScalarType::Float, {}};
+                weights[0].scalar_type(), ScalarType::Float, ScalarType::Float, {}};
   const int64_t K = pc.lt.K;
   STD_TORCH_CHECK(K > 0, "the layout holds no clients");
+  if (one_client) STD_TORCH_CHECK(K == 1, one_client, " folds one client: the layout must hold K = 1");
   pc.start = client_starts(clients, parts, K, N);
-  STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
-                  "coef must be a (K,) float64 CPU tensor");
   STD_TORCH_CHECK(pc.overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
   pc.cdtype = clients[0].scalar_type();
   STD_TORCH_CHECK(is_floating(pc.wdtype) && is_floating(pc.cdtype), "weights and clients must be floating");
   for (int64_t k = 0; k < K; ++k)
     if (pc.start[k + 1] - pc.start[k] == 1) check_buffer(clients[pc.start[k]], pc.cdtype, k);
+  pc.adtype = pc.wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
   pc.ws = contiguous_weights(weights, pc.wdtype);
   for (int64_t n = 0; n < N; ++n) {
     pc.total += pc.ws[n].numel();
     pc.total_cover += pc.lt.meta[5 * n] * pc.lt.meta[5 * n + 1];
   }
+  return pc;
+}
+
+// The K clients' coefficients and the (K, 2) statistics of aggregate_packed / fold_packed.
+void check_coef_stats(const Tensor& coef, const Tensor& stats, int64_t K) {
+  STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
+                  "coef must be a (K,) float64 CPU tensor");
   STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.dim() == 2 &&
                       stats.size(0) == K && stats.size(1) == 2 && stats.is_contiguous(),
                   "stats must be a contiguous (K, 2) float64 CPU tensor");
-  return pc;
 }
 
 void check_flat(const Tensor& t, const char* name, ScalarType dtype, int64_t numel) {
@@ -404,7 +412,8 @@ void check_flat(const Tensor& t, const char* name, ScalarType dtype, int64_t num
 void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
                           std::string mode, Tensor out, Tensor stats) {
-  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, stats);
+  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode);
+  check_coef_stats(coef, stats, pc.lt.K);
   check_flat(out, "out", pc.wdtype, pc.total);
   const int64_t N = pc.lt.N, K = pc.lt.K;
   const double* cp = cdata<double>(coef);
@@ -442,12 +451,12 @@ void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, s
                      Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
                      std::string mode, Tensor sums_in, Tensor cover_in, Tensor sums_out, Tensor cover_out,
                      Tensor stats) {
-  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, stats);
-  const auto adtype = pc.wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-  check_flat(sums_in, "sums_in", adtype, pc.total);
-  check_flat(sums_out, "sums_out", adtype, pc.total);
-  check_flat(cover_in, "cover_in", adtype, pc.total_cover);
-  check_flat(cover_out, "cover_out", adtype, pc.total_cover);
+  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode);
+  check_coef_stats(coef, stats, pc.lt.K);
+  check_flat(sums_in, "sums_in", pc.adtype, pc.total);
+  check_flat(sums_out, "sums_out", pc.adtype, pc.total);
+  check_flat(cover_in, "cover_in", pc.adtype, pc.total_cover);
+  check_flat(cover_out, "cover_out", pc.adtype, pc.total_cover);
   const int64_t N = pc.lt.N, K = pc.lt.K;
   const double* cp = cdata<double>(coef);
   for (int64_t k = 0; k < K; ++k)
@@ -552,43 +561,28 @@ void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover,
 void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, Tensor meta, Tensor row_inv,
                            Tensor col_keep, Tensor counts, Tensor offsets, double weight, double max_ssq,
                            std::string mode, Tensor sums, Tensor cover, Tensor stats) {
-  const int64_t N = static_cast<int64_t>(weights.size());
-  STD_TORCH_CHECK(N > 0, "weights must not be empty");
-  const LayoutTables lt = check_layout(N, meta, row_inv, col_keep, counts, offsets);
-  STD_TORCH_CHECK(lt.K == 1, "accumulate_packed folds one client: the layout must hold K = 1");
-  const std::vector<int64_t> start = client_starts(client, {static_cast<int64_t>(client.size())}, 1, N);
-  const bool overlap = mode == "overlap";
-  STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  const PackedCall pc = packed_call(weights, client, {static_cast<int64_t>(client.size())}, meta, row_inv, col_keep,
+                                    counts, offsets, mode, "accumulate_packed");
   STD_TORCH_CHECK(std::isfinite(weight) && weight >= 0, "weight must be finite and >= 0, got ", weight);
-  const auto wdtype = weights[0].scalar_type();
-  const auto cdtype = client[0].scalar_type();
-  STD_TORCH_CHECK(is_floating(wdtype) && is_floating(cdtype), "weights and client must be floating");
-  if (client.size() == 1) check_buffer(client[0], cdtype, 0);
-  const std::vector<Tensor> ws = contiguous_weights(weights, wdtype);
-  const auto adtype = wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-  int64_t total = 0, total_cover = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    total += ws[n].numel();
-    total_cover += lt.meta[5 * n] * lt.meta[5 * n + 1];
-  }
-  check_flat(sums, "sums", adtype, total);
-  check_flat(cover, "cover", adtype, total_cover);
+  check_flat(sums, "sums", pc.adtype, pc.total);
+  check_flat(cover, "cover", pc.adtype, pc.total_cover);
   STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.numel() == 3 &&
                       stats.is_contiguous(),
                   "stats must be a contiguous (3,) float64 CPU tensor");
-  CAHFP_DISPATCH_FLOATING(wdtype, "accumulate_packed", [&] {
+  const int64_t N = pc.lt.N;
+  CAHFP_DISPATCH_FLOATING(pc.wdtype, "accumulate_packed", [&] {
     using wt = scalar_t;
     using acc = acc_t<wt>;
-    CAHFP_DISPATCH_FLOATING(cdtype, "accumulate_packed_client", [&] {
+    CAHFP_DISPATCH_FLOATING(pc.cdtype, "accumulate_packed_client", [&] {
       using ct = scalar_t;
       std::vector<Job<wt, ct>> jobs(N);
-      fill_jobs<wt, ct>(jobs, ws, client, start, lt, cdtype);
+      fill_jobs<wt, ct>(jobs, pc.ws, client, pc.start, pc.lt, pc.cdtype);
       std::vector<acc*> sum_ptr(N), cover_ptr(N);
       int64_t off = 0, coff = 0;
       for (int64_t n = 0; n < N; ++n) {
         sum_ptr[n] = mdata<acc>(sums) + off;
         cover_ptr[n] = mdata<acc>(cover) + coff;
-        off += ws[n].numel();
+        off += pc.ws[n].numel();
         coff += jobs[n].R * jobs[n].Cin;
       }
       size_tiles(jobs);
@@ -599,7 +593,7 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
       const auto run = accumulate_items_isa_pick<wt, ct>();
       const acc wk = static_cast<acc>(weight);
       torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
-        run(jobs, items, sum_ptr, cover_ptr, wk, overlap, false, ssq.data(), bad.data(), i0, i1);
+        run(jobs, items, sum_ptr, cover_ptr, wk, pc.overlap, false, ssq.data(), bad.data(), i0, i1);
       });
       double q = 0.0;
       bool b = false;
@@ -608,7 +602,7 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
       const bool accept = !b && q <= max_ssq;
       if (accept && weight > 0)
         torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
-          run(jobs, items, sum_ptr, cover_ptr, wk, overlap, true, nullptr, nullptr, i0, i1);
+          run(jobs, items, sum_ptr, cover_ptr, wk, pc.overlap, true, nullptr, nullptr, i0, i1);
         });
       mdata<double>(stats)[0] = b ? 1.0 : 0.0;
       mdata<double>(stats)[1] = q;
