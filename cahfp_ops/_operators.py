@@ -146,7 +146,11 @@ def _(
 # --------------------------------------------------------------------------- per-round layout ops
 # Tables of a RoundLayout (cahfp_ops/layout.py): meta (N, 5) int64, row_inv (K, SR) int32,
 # col_keep (K, SC) int32, counts (K, N, 2) int64, offsets / starts (K, N) int64. They write
-# into caller-given buffers (a workspace can own them) and return nothing.
+# into caller-given buffers (a workspace can own them) and return nothing. ``clients`` holds
+# every client's data end to end and ``parts[k]`` says its form: 0 for one packed 1-D buffer
+# (tensor n at ``offsets[k, n]``), N for its N compact tensors (a one-tensor layout cannot
+# tell the two apart by their count). Whatever the tables, client lists and buffers hold,
+# no backend reads or writes outside its tensors.
 @torch.library.custom_op("cahfp::slice_packed", mutates_args=("out",))
 def slice_packed_op(
     weights: list[Tensor], meta: Tensor, row_inv: Tensor, col_keep: Tensor, counts: Tensor, starts: Tensor, out: Tensor
@@ -190,6 +194,7 @@ def _(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, a
 def accumulate_packed_op(
     weights: list[Tensor],
     client: list[Tensor],
+    parts: list[int],
     meta: Tensor,
     row_inv: Tensor,
     col_keep: Tensor,
@@ -204,12 +209,13 @@ def accumulate_packed_op(
 ) -> None:
     """Fold one client into the partial sums ``sums`` / ``cover``; ``stats`` (2,) as above."""
     backend_for(sums.device).accumulate_packed(
-        weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, agg_mode, sums, cover, stats
+        weights, client, parts, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, agg_mode, sums, cover, stats
     )
 
 
 @accumulate_packed_op.register_fake
-def _(weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, agg_mode, sums, cover, stats) -> None:
+def _(weights, client, parts, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, agg_mode, sums, cover,
+      stats) -> None:  # fmt: skip
     return None
 
 

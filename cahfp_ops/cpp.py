@@ -389,6 +389,7 @@ def aggregate_packed(
 def accumulate_packed(
     weights: list[Tensor],
     client: list[Tensor],
+    parts: list[int],
     meta: Tensor,
     row_inv: Tensor,
     col_keep: Tensor,
@@ -402,7 +403,8 @@ def accumulate_packed(
     stats: Tensor,
 ) -> None:
     _kernels().accumulate_packed(
-        weights, client, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover, poison_(stats)
+        weights, client, parts, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover,
+        poison_(stats),
     )
 
 

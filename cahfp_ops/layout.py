@@ -23,6 +23,14 @@ views: :class:`PackedModel`.
 Buffer ownership: :meth:`RoundLayout.slice` returns new buffers unless given ``out=``; a
 buffer passed as ``out`` is overwritten, so pass only one no client model still uses.
 :class:`Workspace` keeps such buffers across rounds for callers that know their lifetime.
+
+Every function here checks its arguments as the per-tensor ops do (SPEC, "Bad input";
+:mod:`cahfp_ops._layout_checks`): a ``ValueError`` / ``TypeError`` naming the function, the
+argument and the client, before anything is written, for O(K + N) host work. A layout is
+shared (equal keep sets give the same layout back, ``_LAYOUTS``), so what it hands out
+cannot change it: :meth:`RoundLayout.tables` returns copies, ``row_inv`` / ``col_inv``
+likewise, and its numpy tables (``counts_host``, ``offsets_host``, ``sizes_host``,
+``numels``) are read-only arrays (an in-place edit raises ``ValueError``).
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _hugepages, _operators
+from . import _hugepages, _layout_checks, _operators
 from ._dtypes import acc_dtype
-from ._inputs import KeepSets, canonical_keep, check_mode, keep_set_entries, kept_counts
+from ._inputs import KeepSets, canonical_keep, check_floating, check_mode, keep_set_entries, kept_counts
 from ._validation import validation_enabled
 from ._views import packed_views
 
@@ -153,8 +161,14 @@ def _structure(
     return st
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` made read-only (layouts are shared: an in-place edit would change every holder's)."""
+    a.flags.writeable = False
+    return a
+
+
 def _table(a: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    t = torch.from_numpy(np.require(a, requirements=["C", "W"])).to(dtype)  # a copy of a read-only array
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -170,8 +184,11 @@ class RoundLayout:
     Attributes:
         names: the tensors' names (a state_dict's keys) or None for a list.
         shapes: the full tensors' shapes, ``num_clients``: K, ``device``.
-        counts_host ``(K, N, 2)`` / ``offsets_host`` ``(K, N)`` / ``numels`` ``(K,)``: numpy
-            copies of the kept counts, offsets and per-client buffer sizes (elements).
+        counts_host ``(K, N, 2)`` / ``offsets_host`` ``(K, N)`` / ``sizes_host`` ``(K, N)`` /
+            ``numels`` ``(K,)``: the kept counts, offsets, compact sizes and per-client buffer
+            sizes (elements), as read-only numpy arrays.
+        row_inv ``(K, SR)`` / ``col_inv`` ``(K, SC)``: copies of the per-tensor inverse maps
+            (client k's compact position of each row / column, or -1).
     """
 
     def __init__(
@@ -189,14 +206,14 @@ class RoundLayout:
         self.names = names
         self.device = device
         self.num_clients = int(counts.shape[0])
-        self.row_inv = row_inv
-        self.col_inv = col_inv
-        self.counts_host = np.ascontiguousarray(counts)
+        self._row_inv = row_inv
+        self._col_inv = col_inv
+        self.counts_host = _frozen(np.array(counts, np.int64, order="C"))
         T = np.asarray([v[2] for v in structure.views], np.int64)
         sizes = np.ascontiguousarray(counts[:, :, 0] * counts[:, :, 1] * T)
-        self.sizes_host = sizes  # (K, N) elements of each compact tensor
-        self.offsets_host = np.ascontiguousarray(np.cumsum(sizes, axis=1) - sizes)
-        self.numels = sizes.sum(axis=1)
+        self.sizes_host = _frozen(sizes)  # (K, N) elements of each compact tensor
+        self.offsets_host = _frozen(np.ascontiguousarray(np.cumsum(sizes, axis=1) - sizes))
+        self.numels = _frozen(sizes.sum(axis=1))
         self._tables: dict = {}
         self._shapes: dict[int, list[tuple[int, ...]]] = {}
 
@@ -226,16 +243,23 @@ class RoundLayout:
             group_counts: ``(K, G)`` kept channels per client and group.
             names, device: the tensors' names (or None) and the data's device.
         """
+        op = "RoundLayout.build"
         device = torch.device(device)
+        group_counts = np.asarray(group_counts, np.int64)
+        if group_counts.ndim != 2 or group_counts.shape[1] != len(group_sizes):
+            raise ValueError(f"{op}: group_counts must be (K, {len(group_sizes)}), got {group_counts.shape}")
+        if validation_enabled():
+            _layout_checks.check_specs(op, shapes, rows, cols, group_sizes, names)
+            _check_group_keeps(op, group_sizes, group_keeps, group_counts, device)
+        return cls._assemble(shapes, rows, cols, group_sizes, group_keeps, group_counts, names, device)
+
+    @classmethod
+    def _assemble(cls, shapes, rows, cols, group_sizes, group_keeps, group_counts, names, device) -> RoundLayout:
+        """:meth:`build` on arguments checked by the caller."""
         shapes_t = tuple(tuple(int(d) for d in s) for s in shapes)
         rows_t = tuple(None if r is None else (int(r[0]), int(r[1])) for r in rows)
         cols_t = tuple(None if c is None else (int(c[0]), int(c[1])) for c in cols)
         st = _structure(shapes_t, rows_t, cols_t, tuple(int(s) for s in group_sizes))
-        group_counts = np.asarray(group_counts, np.int64)
-        if group_counts.ndim != 2 or group_counts.shape[1] != len(group_sizes):
-            raise ValueError(
-                f"RoundLayout.build: group_counts must be (K, {len(group_sizes)}), got {group_counts.shape}"
-            )
         K = group_counts.shape[0]
         N = len(shapes_t)
         # Kept counts on the host: (K, N, 2) from the groups' counts.
@@ -291,7 +315,13 @@ class RoundLayout:
         layout recently built from keep sets of equal contents is returned instead of a new one
         (see ``_LAYOUTS``)."""
         device = torch.device(device)
+        if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+            raise ValueError(f"{op}: num_clients must be an int >= 1, got {num_clients!r}")
         K = int(num_clients)
+        if validation_enabled():
+            _layout_checks.check_specs(op, shapes, rows, cols, group_sizes, names)
+        if len(group_keeps) != len(group_sizes):
+            raise ValueError(f"{op}: {len(group_keeps)} groups of keep sets for {len(group_sizes)} group sizes")
         fingerprint = _keep_fingerprint(group_keeps, K, device) if reuse else None
         if fingerprint is not None:
             key = (
@@ -309,7 +339,7 @@ class RoundLayout:
             keeps.append(padded)
             counts.append(kept_counts(keep, padded))
         gcounts = np.asarray(counts, np.int64).T.reshape(K, len(keeps)) if keeps else np.zeros((K, 0), np.int64)
-        layout = cls.build(shapes, rows, cols, group_sizes, keeps, gcounts, names=names, device=device)
+        layout = cls._assemble(shapes, rows, cols, group_sizes, keeps, gcounts, names, device)
         if fingerprint is not None:
             _LAYOUTS[key] = (fingerprint[1], layout)
             if len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
@@ -372,15 +402,34 @@ class RoundLayout:
     def num_tensors(self) -> int:
         return len(self.shapes)
 
+    @property
+    def row_inv(self) -> Tensor:
+        """``(K, SR)`` int32: client k keeps row r of tensor n at compact row ``[k, row_off[n] + r]``
+        (or -1); a copy."""
+        return self._row_inv.clone()
+
+    @property
+    def col_inv(self) -> Tensor:
+        """``(K, SC)`` int32: client k keeps column c of tensor n at compact column ``[k, col_off[n] + c]``
+        (or -1); a copy."""
+        return self._col_inv.clone()
+
     def tables(self, device: torch.device | None = None) -> dict[str, Tensor]:
-        """The index tables on ``device`` (default: the layout's): meta, row_inv, col_keep, counts, offsets."""
+        """The index tables on ``device`` (default: the layout's): meta, row_inv, col_keep,
+        counts, offsets, col_inv. Copies: the layout's own tables are shared with every
+        holder of the layout (and with layouts found again for equal keep sets), so editing
+        what this returns changes nothing else."""
+        return {key: t.clone() for key, t in self._device_tables(device).items()}
+
+    def _device_tables(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The layout's own index tables on ``device``, cached (what the kernels read)."""
         device = torch.device(device) if device is not None else self.device
         hit = self._tables.get(str(device))
         if hit is None:
             st = self._st
             K = self.num_clients
-            SC = self.col_inv.shape[1]
-            col_inv = self.col_inv.to(device)
+            SC = self._col_inv.shape[1]
+            col_inv = self._col_inv.to(device)
             base = _table(st.col_base, device)
             local = _table(st.col_local, device, torch.int32)
             dst = torch.where(col_inv >= 0, base + col_inv, torch.full_like(base, SC))
@@ -388,7 +437,7 @@ class RoundLayout:
             col_keep.scatter_(1, dst, local.expand(K, -1).contiguous())
             hit = {
                 "meta": _table(st.meta, device),
-                "row_inv": self.row_inv.to(device).contiguous(),
+                "row_inv": self._row_inv.to(device).contiguous(),
                 "col_keep": col_keep[:, :SC].contiguous(),
                 "counts": _table(self.counts_host, device),
                 "offsets": _table(self.offsets_host, device),
@@ -416,15 +465,27 @@ class RoundLayout:
         """``(K,)`` elements each client keeps (the size of its buffer)."""
         return self.numels.copy()
 
+    def client_problem(self, k: int, data: object, dtype: torch.dtype | None = None) -> str | None:
+        """What is wrong with ``data`` as client k's upload (a packed 1-D buffer of
+        ``numels[k]`` elements, or its N compact tensors shaped ``compact_shapes(k)``; floating,
+        on the layout's device, of ``dtype`` when given), or None. Never raises: an upload is
+        untrusted input; the reason is a phrase to follow the client's name."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.num_clients:
+            return f"is client {k!r}, but the layout has clients 0..{self.num_clients - 1}"
+        return _layout_checks.client_problem(self, int(k), data, self.device, dtype)
+
     def client(self, k: int) -> RoundLayout:
         """The one-client layout of client k (for streaming accumulation)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.num_clients:
+            raise ValueError(f"RoundLayout.client: k must be a client index in [0, {self.num_clients}), got {k!r}")
+        k = int(k)
         st = self._st
         view = RoundLayout.__new__(RoundLayout)
         view._st = st
         view.shapes, view.names, view.device = self.shapes, self.names, self.device
         view.num_clients = 1
-        view.row_inv = self.row_inv[k : k + 1]
-        view.col_inv = self.col_inv[k : k + 1]
+        view._row_inv = self._row_inv[k : k + 1]
+        view._col_inv = self._col_inv[k : k + 1]
         view.counts_host = self.counts_host[k : k + 1]
         view.sizes_host = self.sizes_host[k : k + 1]
         view.offsets_host = self.offsets_host[k : k + 1]
@@ -448,13 +509,16 @@ class RoundLayout:
         view._st = self._st
         view.shapes, view.names, view.device = self.shapes, self.names, self.device
         view.num_clients = len(idx)
-        sel = torch.tensor(idx, dtype=torch.int64, device=self.row_inv.device)
-        view.row_inv = self.row_inv.index_select(0, sel)
-        view.col_inv = self.col_inv.index_select(0, sel)
-        view.counts_host = self.counts_host[idx]
-        view.sizes_host = self.sizes_host[idx]
-        view.offsets_host = self.offsets_host[idx]
-        view.numels = self.numels[idx]
+        if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.num_clients
+               for k in idx):  # fmt: skip
+            raise ValueError(f"RoundLayout.subset: clients must be indices in [0, {self.num_clients}), got {idx}")
+        sel = torch.tensor(idx, dtype=torch.int64, device=self._row_inv.device)
+        view._row_inv = self._row_inv.index_select(0, sel)
+        view._col_inv = self._col_inv.index_select(0, sel)
+        view.counts_host = _frozen(self.counts_host[idx])
+        view.sizes_host = _frozen(self.sizes_host[idx])
+        view.offsets_host = _frozen(self.offsets_host[idx])
+        view.numels = _frozen(self.numels[idx])
         view._tables = self._rows_of_tables(lambda t: t.index_select(0, sel.to(t.device)))
         view._shapes = {j: self._shapes[k] for j, k in enumerate(idx) if k in self._shapes}
         return view
@@ -480,6 +544,23 @@ class RoundLayout:
     ) -> tuple[Tensor, Tensor]:
         """Aggregate; returns ``(packed result, stats)`` (see :func:`aggregate_packed`)."""
         return aggregate_packed(self, weights, clients, coef, mode, out=out)
+
+
+def _check_group_keeps(op: str, group_sizes: Sequence[int], group_keeps: Sequence[Tensor], group_counts: np.ndarray,
+                       device: torch.device) -> None:  # fmt: skip
+    """:meth:`RoundLayout.build`'s keep sets: per group a canonical ``(K, m)`` int64 table
+    (rows ascending, in range, -1 padded at the end) whose kept counts are ``group_counts``."""
+    K = group_counts.shape[0]
+    if len(group_keeps) != len(group_sizes):
+        raise ValueError(f"{op}: {len(group_keeps)} keep-set tables for {len(group_sizes)} groups")
+    for g, (size, keep) in enumerate(zip(group_sizes, group_keeps)):
+        if not isinstance(keep, Tensor) or keep.dim() != 2 or keep.dtype != torch.int64:
+            raise ValueError(f"{op}: group_keeps[{g}] must be a (K, m) int64 tensor")
+        canonical_keep(op, f"group_keeps[{g}]", keep, int(size), K, device)  # checks the rows
+        counts = (keep >= 0).sum(dim=1).cpu().numpy()
+        if not np.array_equal(counts, group_counts[:, g]):
+            raise ValueError(f"{op}: group_counts[:, {g}] = {group_counts[:, g].tolist()} but the keep sets of "
+                             f"group {g} hold {counts.tolist()}")  # fmt: skip
 
 
 def _expand(ginv: Tensor, st: _Structure, space: str, device: torch.device) -> Tensor:
@@ -562,7 +643,7 @@ class PackedModel(Mapping):
     given itself. Iteration follows the layout's names, then the extras.
     """
 
-    __slots__ = ("buffer", "layout", "client", "names", "extras", "_views", "_name_set")
+    __slots__ = ("_buffer", "layout", "client", "names", "extras", "_views", "_name_set")
 
     def __init__(
         self,
@@ -582,7 +663,7 @@ class PackedModel(Mapping):
                 f"PackedModel: client {client}'s buffer must be 1-D with {int(layout.numels[client])} elements, "
                 f"got shape {tuple(buffer.shape)}"
             )
-        self.buffer = buffer
+        self._buffer = buffer
         self.layout = layout
         self.client = client
         self.names = names
@@ -590,8 +671,34 @@ class PackedModel(Mapping):
         self.extras = extras if isinstance(extras, PackedScalars) else dict(extras or {})
         self._views: dict | None = None
 
+    @property
+    def buffer(self) -> Tensor:
+        """The packed 1-D buffer (replacing it drops the views made of the old one)."""
+        return self._buffer
+
+    @buffer.setter
+    def buffer(self, value: Tensor) -> None:
+        self._buffer = value
+        self._views = None
+
+    def problem(self) -> str | None:
+        """Why the buffer does not hold this layout's client (it may have been replaced since it
+        was built: a reply is untrusted), or None: a floating 1-D tensor of the client's size."""
+        if not isinstance(self.layout, RoundLayout):
+            return f"its layout is a {type(self.layout).__name__}, not a RoundLayout"
+        k, K = self.client, self.layout.num_clients
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < K:
+            return f"it names client {k!r} of a layout of {K}"
+        if not isinstance(self.buffer, Tensor):
+            return f"its buffer is a {type(self.buffer).__name__}, not a tensor"
+        problem = _layout_checks.client_problem(self.layout, int(k), self.buffer, self.buffer.device)
+        return None if problem is None else f"its buffer {problem}"
+
     def _all_views(self) -> dict:
         if self._views is None:
+            problem = self.problem()
+            if problem is not None:
+                raise ValueError(f"PackedModel: {problem}")
             views = packed_views(self.buffer, self.layout.compact_shapes(self.client), self.buffer.storage_offset())
             self._views = dict(zip(self.names, views))
         return self._views
@@ -616,7 +723,10 @@ class PackedModel(Mapping):
         return dict(self.items())
 
     def matches(self, layout: RoundLayout, client: int, names: Sequence | None) -> bool:
-        """Whether the buffer is laid out as ``layout`` lays out client ``client`` under ``names``."""
+        """Whether the buffer is laid out as ``layout`` lays out client ``client`` under ``names``
+        (its layout says so and the buffer is a floating 1-D tensor of that client's size)."""
+        if self.problem() is not None:
+            return False
         if self.layout is layout and self.client == client:
             return names is None or tuple(names) == self.names
         mine, theirs = self.layout, layout
@@ -661,18 +771,27 @@ def _keep_fingerprint(group_keeps: Sequence[KeepSets], K: int, device: torch.dev
 
 
 # ---------------------------------------------------------------------- kernel calls
+def _check_layout(op: str, layout: object) -> None:
+    if not isinstance(layout, RoundLayout):
+        raise TypeError(f"{op}: layout must be a RoundLayout, got {type(layout).__name__}")
+
+
 def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor | None = None) -> list[Tensor]:
     """K client buffers (views of one allocation ``out``); see :meth:`RoundLayout.slice`."""
-    if len(weights) != layout.num_tensors:
-        raise ValueError(f"slice_packed: {len(weights)} weights for a layout of {layout.num_tensors} tensors")
+    op = "slice_packed"
+    _check_layout(op, layout)
     total = int(layout.numels.sum())
+    if validation_enabled():
+        _layout_checks.check_weights(op, layout, weights)
+    elif not isinstance(weights, (list, tuple)) or not weights:
+        raise ValueError(f"{op}: weights must be a non-empty list of tensors")
     dtype = weights[0].dtype
     device = weights[0].device
     if out is None:
         out = _hugepages.empty(total, dtype, device)
-    elif out.shape != (total,) or out.dtype != dtype or out.device != device:
-        raise ValueError(f"slice_packed: out must be a ({total},) {dtype} tensor on {device}")
-    t = layout.tables(device)
+    else:
+        _layout_checks.check_buffer(op, "out", out, total, dtype, device)
+    t = layout._device_tables(device)
     starts = layout.offsets_host + (np.cumsum(layout.numels) - layout.numels)[:, None]
     if total:
         _operators.slice_packed_op(
@@ -684,16 +803,31 @@ def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor 
 
 def _flat_clients(clients: Sequence[Tensor | Sequence[Tensor]], N: int) -> tuple[list[Tensor], list[int]]:
     """The kernels' client arguments: every client's buffer or N tensors in one list, and per
-    client how many entries it takes (1 or N)."""
+    client its form (``parts``: 0 for one packed buffer, made contiguous where it is not; N
+    for its N tensors). The form is what the caller passed, never inferred from a count."""
     flat, parts = [], []
     for c in clients:
         if isinstance(c, Tensor):
-            flat.append(c)
-            parts.append(1)
+            flat.append(c.contiguous())
+            parts.append(0)
         else:
             flat.extend(c)
             parts.append(N)
     return flat, parts
+
+
+def _check_client_args(op: str, layout: RoundLayout, weights: object, clients: object, name: str = "clients") -> Tensor:
+    """With validation on: the weights and the clients against the layout (see
+    :mod:`cahfp_ops._layout_checks`). Always: one entry per client. Returns ``weights[0]``."""
+    if validation_enabled():
+        ref = _layout_checks.check_weights(op, layout, weights)
+        _layout_checks.check_clients(op, layout, clients, ref.device, name)
+        return ref
+    if not isinstance(weights, (list, tuple)) or not weights or not isinstance(clients, (list, tuple)):
+        raise ValueError(f"{op}: weights and clients must be non-empty lists")
+    if len(clients) != layout.num_clients:
+        raise ValueError(f"{op}: {len(clients)} clients for a layout of {layout.num_clients}")
+    return weights[0]
 
 
 def aggregate_packed(
@@ -707,21 +841,30 @@ def aggregate_packed(
 ) -> tuple[Tensor, Tensor]:
     """Aggregate K clients on ``layout``; returns ``(out, stats)``.
 
-    ``clients[k]``: client k's packed 1-D buffer, or its N compact tensors. ``coef``: ``(K,)``
-    float64, normalised. ``out``: the N results packed in order (new unless given).
-    ``stats`` ``(K, 2)`` float64: column 0 is 1 where client k holds a value that is not
-    finite in the global dtype (or a delta not finite in the accumulation dtype), column 1
-    the sum of squares of its deltas ``c - w`` over its kept elements, both from the same
-    pass over the data as the aggregation (clients with coefficient 0 are read for the
-    statistics but add nothing).
+    ``clients[k]``: client k's packed 1-D buffer (``layout.numels[k]`` elements), or its N
+    compact tensors (shaped ``layout.compact_shapes(k)``); all of one floating dtype.
+    ``coef``: ``(K,)`` float64, finite, >= 0, normalised to sum 1. ``out``: the N results
+    packed in order (new unless given). ``stats`` ``(K, 2)`` float64: column 0 is 1 where
+    client k holds a value that is not finite in the global dtype (or a delta not finite in
+    the accumulation dtype), column 1 the sum of squares of its deltas ``c - w`` over its
+    kept elements, both from the same pass over the data as the aggregation (clients with
+    coefficient 0 are read for the statistics but add nothing).
     """
-    flat, parts = _flat_clients(clients, layout.num_tensors)
-    device = weights[0].device
+    op = "aggregate_packed"
+    _check_layout(op, layout)
+    check_mode(op, mode)
+    ref = _check_client_args(op, layout, weights, clients)
+    device = ref.device
     total = sum(w.numel() for w in weights)
+    if validation_enabled():
+        _layout_checks.check_coef(op, coef, layout.num_clients, device, normalised=True)
+        if out is not None:
+            _layout_checks.check_buffer(op, "out", out, total, ref.dtype, device)
+    flat, parts = _flat_clients(clients, layout.num_tensors)
     if out is None:
-        out = _hugepages.empty(total, weights[0].dtype, device, prefault=True)
+        out = _hugepages.empty(total, ref.dtype, device, prefault=True)
     stats = torch.empty((len(clients), 2), dtype=torch.float64, device=device)
-    t = layout.tables(device)
+    t = layout._device_tables(device)
     _operators.aggregate_packed_op(
         list(weights), flat, parts, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
         coef, mode, out, stats,
@@ -748,14 +891,7 @@ def _check_partials(
     acc = acc_dtype(weights[0].dtype)
     sizes = dict(zip(("sums", "cover"), layout._st.partial_sizes if layout is not None else _partial_sizes(weights)))
     for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        want = sizes[name.split("_")[0]]
-        if t.shape != (want,) or t.dtype != acc or t.device != weights[0].device or not t.is_contiguous():
-            raise ValueError(
-                f"{op}: {name} must be a contiguous ({want},) {acc} tensor on {weights[0].device}, "
-                f"got {tuple(t.shape)} {t.dtype} on {t.device}"
-            )
+        _layout_checks.check_buffer(op, name, t, sizes[name.split("_")[0]], acc, weights[0].device)
 
 
 def accumulate_packed(
@@ -772,16 +908,23 @@ def accumulate_packed(
     """Check one client (a one-client layout, :meth:`RoundLayout.client`), then fold it into
     ``sums`` / ``cover`` in place, unless it holds a non-finite value or its squared delta
     sum exceeds ``max_ssq`` (then nothing changes). Returns ``(3,)`` float64: non-finite
-    flag, squared delta sum, accepted. ``sums``: 1-D, the weights' total size; ``cover``:
-    1-D, the sum of every tensor's ``R * Cin``; both float32 (float64 for float64 weights)."""
-    device = weights[0].device
+    flag, squared delta sum, accepted. ``client``: its packed buffer or its N tensors.
+    ``weight``: finite, >= 0. ``sums``: 1-D, the weights' total size; ``cover``: 1-D, the
+    sum of every tensor's ``R * Cin``; both float32 (float64 for float64 weights)."""
+    op = "accumulate_packed"
+    _check_layout(op, layout)
+    if layout.num_clients != 1:
+        raise ValueError(f"{op}: the layout holds {layout.num_clients} clients; pass one client's, layout.client(k)")
+    ref = _check_client_args(op, layout, weights, [client], "client")
     if validation_enabled():
-        _check_partials("accumulate_packed", weights, mode, {"sums": sums, "cover": cover}, layout)
-    stats = torch.empty(3, dtype=torch.float64, device=device)
-    t = layout.tables(device)
-    flat = [client] if isinstance(client, Tensor) else list(client)
+        _check_partials(op, weights, mode, {"sums": sums, "cover": cover}, layout)
+        weight = _layout_checks.check_number(op, "weight", weight)
+        max_ssq = _layout_checks.check_number(op, "max_ssq", max_ssq, finite=False)
+    stats = torch.empty(3, dtype=torch.float64, device=ref.device)
+    t = layout._device_tables(ref.device)
+    flat, parts = _flat_clients([client], layout.num_tensors)
     _operators.accumulate_packed_op(
-        list(weights), flat, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
+        list(weights), flat, parts, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
         float(weight), float(max_ssq), mode, sums, cover, stats,
     )  # fmt: skip
     return stats
@@ -813,20 +956,20 @@ def fold_packed(
     (new ones unless given; ``(sums, cover)`` themselves folds in place, leaving nothing to
     fold again from).
     """
-    flat, parts = _flat_clients(clients, layout.num_tensors)
-    device = weights[0].device
-    sums_out, cover_out = out if out is not None else (torch.empty_like(sums), torch.empty_like(cover))
+    op = "fold_packed"
+    _check_layout(op, layout)
+    ref = _check_client_args(op, layout, weights, clients)
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
+        raise TypeError(f"{op}: out must be a (sums_out, cover_out) pair of tensors")
     if validation_enabled():
-        bufs = {"sums": sums, "cover": cover, "sums_out": sums_out, "cover_out": cover_out}
-        _check_partials("fold_packed", weights, mode, bufs, layout)
-        if len(clients) != layout.num_clients:
-            raise ValueError(f"fold_packed: {len(clients)} clients for a layout of {layout.num_clients}")
-        if not isinstance(coef, Tensor) or coef.shape != (len(clients),) or coef.dtype != torch.float64:
-            raise ValueError(f"fold_packed: coef must be a ({len(clients)},) float64 tensor")
-        if not bool(torch.isfinite(coef).all()) or bool((coef < 0).any()):
-            raise ValueError("fold_packed: coef must be finite and >= 0")
-    stats = torch.empty((len(clients), 2), dtype=torch.float64, device=device)
-    t = layout.tables(device)
+        _check_partials(op, weights, mode, {"sums": sums, "cover": cover}, layout)
+        if out is not None:
+            _check_partials(op, weights, mode, {"sums_out": out[0], "cover_out": out[1]}, layout)
+        _layout_checks.check_coef(op, coef, layout.num_clients, ref.device, normalised=False)
+    sums_out, cover_out = out if out is not None else (torch.empty_like(sums), torch.empty_like(cover))
+    flat, parts = _flat_clients(clients, layout.num_tensors)
+    stats = torch.empty((len(clients), 2), dtype=torch.float64, device=ref.device)
+    t = layout._device_tables(ref.device)
     _operators.fold_packed_op(
         list(weights), flat, parts, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
         coef, mode, sums, cover, sums_out, cover_out, stats,
@@ -852,22 +995,21 @@ def finish_partials(
     :func:`accumulate_packed` and :func:`fold_packed` keep them. ``weight_sum``: the sum of
     the folded clients' weights (finite, >= 0). ``out``: the buffer to write (new unless given).
     """
+    op = "finish_partials"
+    if not isinstance(weights, (list, tuple)) or not weights or not all(isinstance(w, Tensor) for w in weights):
+        raise TypeError(f"{op}: weights must be a non-empty list of tensors")
     device = weights[0].device
     total = sum(w.numel() for w in weights)
+    if validation_enabled():
+        check_floating(op, "weights[0]", weights[0])
+        if any(w.dtype != weights[0].dtype or w.device != device or w.dim() < 1 for w in weights):
+            raise ValueError(f"{op}: weights must share one dtype and device, each at least 1-D")
+        _check_partials(op, weights, mode, {"sums": sums, "cover": cover})
+        if out is not None:
+            _layout_checks.check_buffer(op, "out", out, total, weights[0].dtype, device)
+        weight_sum = _layout_checks.check_number(op, "weight_sum", weight_sum)
     if out is None:
         out = _hugepages.empty(total, weights[0].dtype, device, prefault=True)
-    if validation_enabled():
-        if any(w.dtype != weights[0].dtype or w.device != device or w.dim() < 1 for w in weights):
-            raise ValueError("finish_partials: weights must share one dtype and device, each at least 1-D")
-        _check_partials("finish_partials", weights, mode, {"sums": sums, "cover": cover})
-        if out.shape != (total,) or out.dtype != weights[0].dtype or out.device != device or not out.is_contiguous():
-            raise ValueError(
-                f"finish_partials: out must be a contiguous ({total},) {weights[0].dtype} tensor on {device}"
-            )
-        if isinstance(weight_sum, bool) or not (
-            isinstance(weight_sum, (int, float)) and math.isfinite(weight_sum) and weight_sum >= 0
-        ):
-            raise ValueError(f"finish_partials: weight_sum must be a finite number >= 0, got {weight_sum!r}")
     _operators.finish_partials_op(list(weights), sums, cover, float(weight_sum), mode, out)
     return out
 

@@ -24,6 +24,7 @@ from ._inputs import (
     canonical_coef,
     canonical_keep,
     check_floating,
+    check_has_data,
     check_mode,
     check_same_device,
     count_clients,
@@ -139,6 +140,7 @@ def topk_channel_masks(scores: Tensor, keep: int | Sequence[int] | Tensor) -> tu
     elif isinstance(keep, Tensor):
         if keep.dtype.is_floating_point or keep.dtype in (torch.bool,) or keep.is_complex():
             raise DTypeError(f"{op}: keep must be an integer tensor, got {keep.dtype}")
+        check_has_data(op, "keep", keep)
         if keep.dim() != 1:
             raise ValueError(f"{op}: keep must be an int or a 1-D tensor, got shape {tuple(keep.shape)}")
         counts = keep.tolist()
@@ -205,7 +207,9 @@ def slice_channels(weight: Tensor, rows: KeepSets = None, cols: KeepSets = None)
     K = count_clients(op, rows=rows, cols=cols)
     per_client = K is not None
     if per_client and K == 0:
-        raise ValueError(f"{op}: the per-client keep sets are empty (no clients)")
+        empty = "rows" if is_per_client(rows) and len(rows) == 0 else "cols"
+        raise ValueError(f"{op}: {empty} is an empty list of per-client keep sets (no clients); "
+                         "pass one keep set (or None) per client")  # fmt: skip
     Kc = K if per_client else 1
     padded_rows, padded_cols = _weight_keep(op, weight, rows, cols, Kc)
     row_counts = kept_counts(rows, padded_rows)
@@ -349,8 +353,12 @@ def _client_tensors(
     """Client k's part of the op: its packed buffer when ``model`` is a :class:`PackedModel`
     laid out as ``layout`` lays out client k, else its tensors for ``keys`` (checked); and
     the one dtype of that data (None: its tensors mix dtypes)."""
-    if isinstance(model, PackedModel) and model.matches(layout, k, keys if is_mapping else None):
-        return model.buffer, model.buffer.dtype
+    if isinstance(model, PackedModel):
+        problem = model.problem()
+        if problem is not None:
+            raise ValueError(f"{op}: clients[{k}] is a PackedModel: {problem}")
+        if model.matches(layout, k, keys if is_mapping else None):
+            return model.buffer, model.buffer.dtype
     try:
         tensors = [model[key] for key in keys]
     except (KeyError, IndexError, TypeError):
@@ -479,7 +487,9 @@ def slice_channels_many(
     op = "slice_channels_many"
     if torch.compiler.is_compiling():  # the layout is host-side bookkeeping: trace the per-tensor form
         return _slice_many_per_tensor(weights, rows, cols, num_clients=num_clients)
-    keys, is_mapping = named(weights, "weights", op)
+    keys, is_mapping, _, K = keep_set_entries(op, weights, rows, cols, num_clients)  # K from every entry
+    if num_clients is None:
+        num_clients = K
     groups = _dtype_groups(weights, keys, op)
     models: list[dict] | None = None
     packed_models: list[PackedModel] = []

@@ -1,6 +1,6 @@
 """The pure-PyTorch reference backend (backend ``torch``).
 
-The six functions take the canonical inputs every backend takes (see
+The functions take the canonical inputs every backend takes (see
 ``cahfp_ops/_operators.py``): N-D weights, ``(K, m)`` int64 keep sets padded with -1, a
 normalised ``(K,)`` float64 coefficient tensor. They are written for clarity, not speed:
 they define what the compiled backends must compute. Use them through the public API with
@@ -38,7 +38,25 @@ def curvature_scores(weight: Tensor, grad: Tensor | None, hess: Tensor | None, d
         terms.append(0.5 * hess.to(acc).clamp(min=0) * w * w)
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     dims = [d for d in range(1, total.dim()) if d != dim + 1]
-    return total.sum(dim=dims) if dims else total
+    return _sum_fixed_order(total, dims) if dims else total
+
+
+# torch's CPU sum of many elements into one output splits them over the threads (two-pass
+# reduction), so its bits depend on the thread count; a reduction with several outputs runs
+# each output on one thread. Below this many elements a reduction runs on one thread.
+_ONE_THREAD = 32768
+
+
+def _sum_fixed_order(x: Tensor, dims: list[int]) -> Tensor:
+    """``x.sum(dim=dims)`` whose bits do not depend on the thread count: a reduction into
+    one element is first cut into rows of 1024 (zero padded), summed row by row."""
+    out = x.sum(dim=dims)
+    if out.numel() != 1 or x.numel() < _ONE_THREAD:
+        return out
+    flat = x.reshape(-1)
+    while flat.numel() >= _ONE_THREAD:
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 1024)]).view(-1, 1024).sum(dim=1)
+    return flat.sum().reshape(out.shape)
 
 
 def topk_channel_masks(scores: Tensor, keep: Tensor, max_keep: int) -> tuple[Tensor, Tensor]:
@@ -254,26 +272,36 @@ def _layout_keeps(row_inv: Tensor, col_keep: Tensor, k: int, R: int, roff: int, 
 def slice_packed(
     weights: list[Tensor], meta: Tensor, row_inv: Tensor, col_keep: Tensor, counts: Tensor, starts: Tensor, out: Tensor
 ) -> None:
-    """Client k's ``weight_n[rows][:, cols]`` (the ``(R, Cin, T)`` view) into ``out[starts[k, n]:]``."""
+    """Client k's ``weight_n[rows][:, cols]`` (the ``(R, Cin, T)`` view) into ``out[starts[k, n]:]``.
+    Written into a copy first, so a call that raises on bad tables leaves ``out`` as it was."""
     K = row_inv.shape[0]
+    buf = out.clone()
     for n, w in enumerate(weights):
         w3 = w.reshape(*(int(x) for x in meta[n, :3]))
         for k in range(K):
             R, Cin, T, roff, coff, rc, cc = _layout_entry(meta, counts, n, k)
             rows, cols = _layout_keeps(row_inv, col_keep, k, R, roff, coff, cc)
             s = int(starts[k, n])
-            out[s : s + rc * cc * T] = w3[rows][:, cols].reshape(-1)
+            if s < 0 or s + rc * cc * T > buf.numel():
+                raise ValueError(f"slice_packed: the layout's starts of client {k}, tensor {n} are out of range")
+            buf[s : s + rc * cc * T] = w3[rows][:, cols].reshape(-1)
+    out.copy_(buf)
 
 
 def _client_tensors(clients: list[Tensor], parts: list[int], meta: Tensor, counts: Tensor, offsets: Tensor, k: int):
-    """Client k's N compact tensors as ``(rows, cols, T)`` views (from its buffer or its tensors)."""
+    """Client k's N compact tensors as ``(rows, cols, T)`` views, from its packed buffer
+    (``parts[k] == 0``) or its N tensors (``parts[k] == N``)."""
     N = meta.shape[0]
-    start = sum(parts[:k])
+    if len(parts) != counts.shape[0] or any(p not in (0, N) for p in parts):
+        raise ValueError(f"the client forms {list(parts)} do not fit {counts.shape[0]} clients of {N} tensors")
+    start = sum(1 if p == 0 else p for p in parts[:k])
     out = []
     for n in range(N):
         R, Cin, T, roff, coff, rc, cc = _layout_entry(meta, counts, n, k)
-        if parts[k] == 1:
+        if parts[k] == 0:
             off = int(offsets[k, n])
+            if off < 0 or off + rc * cc * T > clients[start].numel():
+                raise ValueError(f"the buffer of client {k} is too short for tensor {n} at offset {off}")
             out.append(clients[start][off : off + rc * cc * T].reshape(rc, cc, T))
         else:
             c = clients[start + n]
@@ -311,6 +339,7 @@ def aggregate_packed(
     bad = [False] * K
     ssq = [0.0] * K
     offset = 0
+    result = out.clone()  # written whole at the end: a call that raises leaves out as it was
     for n, w in enumerate(weights):
         R, Cin, T = (int(x) for x in meta[n, :3])
         w3 = w.reshape(R, Cin, T)
@@ -325,8 +354,9 @@ def aggregate_packed(
             bad[k] |= b
             ssq[k] += q
         res = reconstruct_aggregate(w3, [per_client[k][n] for k in range(K)], rows, cols, coef, mode)
-        out[offset : offset + w.numel()] = res.reshape(-1)
+        result[offset : offset + w.numel()] = res.reshape(-1)
         offset += w.numel()
+    out.copy_(result)
     stats[:, 0] = torch.tensor([float(b) for b in bad], dtype=torch.float64)
     stats[:, 1] = torch.tensor(ssq, dtype=torch.float64)
 
@@ -367,6 +397,7 @@ def _fold_client(entries, tensors: list[Tensor], weight: float, mode: str, sums:
 def accumulate_packed(
     weights: list[Tensor],
     client: list[Tensor],
+    parts: list[int],
     meta: Tensor,
     row_inv: Tensor,
     col_keep: Tensor,
@@ -382,12 +413,16 @@ def accumulate_packed(
     """Check one client, then fold it in: ``sums += weight * (c - w)`` (reconstruct) or
     ``weight * c`` (overlap) at its kept elements, ``cover += weight`` at its kept (row,
     column) pairs, only when it is finite and its squared delta sum is at most ``max_ssq``.
-    ``stats`` (3,): non-finite flag, squared delta sum, accepted."""
-    tensors = _client_tensors(client, [len(client)], meta, counts, offsets, 0)
+    ``stats`` (3,): non-finite flag, squared delta sum, accepted. The sums are folded in
+    copies first, so a call that raises leaves them as they were."""
+    tensors = _client_tensors(client, parts, meta, counts, offsets, 0)
     entries, bad, ssq = _client_entries(weights, tensors, meta, counts, row_inv, col_keep, 0)
     accept = not bad and ssq <= max_ssq
     if accept and weight > 0:
-        _fold_client(entries, tensors, weight, mode, sums, cover)
+        s, c = sums.clone(), cover.clone()
+        _fold_client(entries, tensors, weight, mode, s, c)
+        sums.copy_(s)
+        cover.copy_(c)
     stats[0] = float(bad)
     stats[1] = ssq
     stats[2] = float(accept)
@@ -434,6 +469,7 @@ def finish_partials(
     column) cover weight is > 0, ``w + sums / weight_sum`` (reconstruct) or ``sums / cover``
     (overlap), computed in the accumulation dtype; elsewhere ``w``."""
     offset = coffset = 0
+    result = out.clone()  # written whole at the end: a call that raises leaves out as it was
     for w in weights:
         R, Cin = (1, w.shape[0]) if w.dim() == 1 else (w.shape[0], w.shape[1])
         T = w.numel() // max(R * Cin, 1)
@@ -444,6 +480,7 @@ def finish_partials(
             value = s / torch.tensor(weight_sum, dtype=s.dtype) + w3.to(s.dtype)
         else:
             value = s / torch.where(c > 0, c, torch.ones_like(c))
-        out[offset : offset + w.numel()] = torch.where(c > 0, value.to(w.dtype), w3).reshape(-1)
+        result[offset : offset + w.numel()] = torch.where(c > 0, value.to(w.dtype), w3).reshape(-1)
         offset += w.numel()
         coffset += R * Cin
+    out.copy_(result)

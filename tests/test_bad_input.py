@@ -131,7 +131,8 @@ SLICE_CASES = [
     ("per-client K mismatch", dict(rows=[None, None], cols=[None]), ValueError, "cols"),
     ("rows bool", dict(rows=torch.tensor([True, False])), TypeError, "rows"),
     ("padded cols descending", dict(cols=torch.tensor([[0, 1], [2, 1]])), ValueError, r"cols\[1\]"),
-    ("empty client list", dict(rows=[]), ValueError, "no clients"),
+    ("empty client list", dict(rows=[]), ValueError, r"rows is an empty list .*no clients"),
+    ("empty client list of cols", dict(cols=[]), ValueError, r"cols is an empty list"),
 ]
 
 
@@ -154,6 +155,7 @@ TOPK_CASES = [
     ("keep bool", dict(keep=True), TypeError, "keep"),
     ("scores int", dict(scores=torch.ones(3, 7, dtype=torch.int64)), TypeError, "scores"),
     ("scores 3-D", dict(scores=torch.randn(2, 3, 7)), ValueError, "scores"),
+    ("keep on meta", dict(keep=torch.tensor([1, 2, 3], device="meta")), ValueError, "keep is on the meta device"),
 ]
 
 

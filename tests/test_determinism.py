@@ -49,3 +49,19 @@ def test_scores_slice_topk_bit_identical_across_threads(threads, gen):
     for r in results[1:]:
         for a, b in zip(r, results[0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+def test_curvature_scores_of_mixed_dtypes_bit_identical_across_threads(threads, gen, backend_name):
+    """float32 weight, non-contiguous float64 grad, float16 hess, long rows: every backend
+    (the reference included) reduces in a fixed order whatever the thread count."""
+    w = torch.randn(3, 50_001, generator=gen)
+    g = torch.randn(2, 50_001, 3, generator=gen, dtype=torch.float64).transpose(1, 2)
+    h = torch.randn(3, 50_001, generator=gen).half()
+    results = []
+    with cahfp_ops.use_backend(backend_name):
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append([cahfp_ops.curvature_scores(w, g, h, dim=d) for d in (0, 1)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -292,3 +292,67 @@ def test_packed_replies_with_malformed_integer_entries_are_rejected(gen, streami
     assert "(1000,)" in report.rejected[1] and "float64" in report.rejected[2] and "meta" in report.rejected[3]
     assert int(server.state[name]) == int(ex.values[0]) + 3  # the integer rule: the largest accepted value
     _check_equals_accepted_alone(server, twin, replies, None, report, streaming)
+
+
+def _tampered_packed_replies(server: Server, gen) -> dict:
+    """Clients 0 and 8 well formed; 1-6 a PackedModel whose buffer was replaced; 7 a dict
+    reply with a tensor one row too many."""
+    from cahfp_ops import PackedModel
+
+    replies = {}
+    for c, a in server.assignments.items():
+        s = a.state
+        buf = s.buffer + 0.01 * torch.randn(s.buffer.shape, generator=gen)
+        replies[c] = PackedModel(buf, s.layout, s.client, s.names, extras=s.extras)
+    n = replies[1].buffer.numel()
+    replies[1].buffer = replies[1].buffer[:-1].clone()  # one element short
+    replies[2].buffer = torch.cat([replies[2].buffer, replies[2].buffer[:1]])  # one too long
+    replies[3].buffer = replies[3].buffer[:0]  # empty
+    replies[4].buffer = replies[4].buffer.view(1, n)  # reshaped
+    replies[5].buffer = replies[5].buffer.long()  # integer
+    replies[6].buffer = torch.empty(n, device="meta")  # no data
+    d = dict(replies[7].items())
+    name = next(k for k, v in d.items() if v.is_floating_point() and v.dim() >= 2)
+    d[name] = torch.cat([d[name], d[name][:1]])
+    replies[7] = d
+    return replies
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_packed_replies_with_a_replaced_buffer_are_rejected_not_read(gen, streaming):
+    """A reply whose packed buffer is one short, one long, empty, 2-D, integer or on the meta
+    device (and a dict reply with an extra row) is rejected with a reason; the round goes on
+    and equals, bit for bit, the round without those clients."""
+    server = _server(gen)
+    server.assign({c: 0.5 for c in range(9)})
+    replies = _tampered_packed_replies(server, gen)
+    twin = copy.deepcopy(server)
+    report = server.aggregate(replies, streaming=streaming)
+    assert report.accepted == [0, 8]
+    assert set(report.rejected) == set(range(1, 8))
+    assert all(f"client {c}" in report.rejected[c] for c in report.rejected)
+    assert "int64" in report.rejected[5] and "meta" in report.rejected[6]
+    assert "shape" in report.rejected[4] and "shape" in report.rejected[7]
+    assert _finite(server)
+    _check_equals_accepted_alone(server, twin, replies, None, report, streaming)
+
+
+def test_add_many_rejects_malformed_updates_with_a_fold(gen):
+    """StreamingAggregator.add_many on the layout path: a short buffer and a wrong-shaped dict
+    tensor come back as rejected Folds with a reason; the partial sums equal add_many on the
+    well-formed updates alone, bit for bit."""
+    from cahfp_ops.fl.aggregate import StreamingAggregator
+
+    server = _server(gen)
+    server.assign({c: 0.5 for c in range(9)})
+    replies = _tampered_packed_replies(server, gen)
+    slots = [server._slots[c] for c in range(9)]
+    base = dict(server.state)
+    agg, alone = StreamingAggregator(base), StreamingAggregator(base)
+    folds = agg.add_many(list(replies.values()), [1.0] * 9, layout=server.layout, clients=slots)
+    assert [f.accepted for f in folds] == [True] + [False] * 7 + [True]
+    assert all(f.reason.startswith("malformed") and math.isnan(f.update_size) for f in folds[1:8])
+    alone.add_many([replies[0], replies[8]], [1.0, 1.0], layout=server.layout, clients=[slots[0], slots[8]])
+    assert agg.count == alone.count == 2
+    a, b = agg.result(), alone.result()
+    assert all(torch.equal(a[n], b[n]) for n in base)

@@ -211,8 +211,8 @@ def test_fold_packed_in_place_and_bad_input(backend, gen):
     for bad, match in [
         (dict(sums=sums[:-1]), "sums must be a contiguous"),
         (dict(cover=cover.double()), "cover must be a contiguous"),
-        (dict(coef=-coef), "coef must be finite and >= 0"),
-        (dict(coef=coef[:2]), "coef must be a"),
+        (dict(coef=-coef), r"coef\[0\] = -0.5 is negative or not finite"),
+        (dict(coef=coef[:2]), "coef must hold 3 values"),
         (dict(clients=clients[:2]), "2 clients for a layout of 3"),
         (dict(mode="median"), "mode must be"),
         (dict(out=(sums.clone(), cover[:-1].clone())), "cover_out must be"),
@@ -317,8 +317,8 @@ def test_layout_ops_opcheck_and_compile(backend, gen):
     st3 = torch.empty(3, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.cahfp.accumulate_packed,
-        (weights, list(clients[1].values()), one["meta"], one["row_inv"], one["col_keep"], one["counts"],
-         one["offsets"], 0.5, math.inf, "reconstruct", sums.clone(), cover.clone(), st3),
+        (weights, list(clients[1].values()), [len(model)], one["meta"], one["row_inv"], one["col_keep"],
+         one["counts"], one["offsets"], 0.5, math.inf, "reconstruct", sums.clone(), cover.clone(), st3),
     )  # fmt: skip
 
     torch.library.opcheck(
@@ -375,13 +375,13 @@ def test_hand_made_layout_tables_cannot_reach_out_of_bounds(gen):
     stats = torch.empty(K, 2, dtype=torch.float64)
     with cahfp_ops.use_backend("cpp"), pytest.raises(RuntimeError, match="out of range"):
         torch.ops.cahfp.aggregate_packed(
-            weights, clients, [1] * K, t["meta"], t["row_inv"], bad_keep, t["counts"], t["offsets"], coef,
+            weights, clients, [0] * K, t["meta"], t["row_inv"], bad_keep, t["counts"], t["offsets"], coef,
             "reconstruct", out, stats,
         )  # fmt: skip
     with cahfp_ops.use_backend("cpp"), pytest.raises(RuntimeError, match="too few"):
         short = [clients[0][:-1] if clients[0].numel() else clients[0], clients[1][: max(0, clients[1].numel() - 1)]]
         torch.ops.cahfp.aggregate_packed(
-            weights, short, [1] * K, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"], coef,
+            weights, short, [0] * K, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"], coef,
             "reconstruct", out, stats,
         )  # fmt: skip
 
@@ -425,7 +425,7 @@ def test_triton_layout_kernels_stay_in_bounds_with_corrupted_tables(gen):
         agg_whole, agg = guarded(torch.zeros(w_flat.numel()))
         stats = torch.zeros(K, 2, dtype=torch.float64)
         torch.ops.cahfp.aggregate_packed(
-            weights, [c[1] for c in clients], [1] * K, scrambled["meta"], scrambled["row_inv"],
+            weights, [c[1] for c in clients], [0] * K, scrambled["meta"], scrambled["row_inv"],
             scrambled["col_keep"], scrambled["counts"], scrambled["offsets"],
             torch.full((K,), 1 / K, dtype=torch.float64), "reconstruct", agg, stats,
         )  # fmt: skip
@@ -433,7 +433,7 @@ def test_triton_layout_kernels_stay_in_bounds_with_corrupted_tables(gen):
         fold_whole, fold_s = guarded(torch.zeros(sums.numel()))
         cov_whole, fold_c = guarded(torch.zeros(cover.numel()))
         torch.ops.cahfp.fold_packed(
-            weights, [c[1] for c in clients], [1] * K, scrambled["meta"], scrambled["row_inv"],
+            weights, [c[1] for c in clients], [0] * K, scrambled["meta"], scrambled["row_inv"],
             scrambled["col_keep"], scrambled["counts"], scrambled["offsets"],
             torch.full((K,), 0.5, dtype=torch.float64), "reconstruct", sums, cover, fold_s, fold_c,
             torch.zeros(K, 2, dtype=torch.float64),
@@ -567,3 +567,23 @@ def test_packed_scalars_views_write_through():
         s["z"]
     with pytest.raises(ValueError, match="3 names"):
         PackedScalars(["a", "b", "c"], torch.zeros(2))
+
+
+def test_tables_handed_out_are_copies_and_host_tables_read_only(gen):
+    """Editing what ``tables()``, ``row_inv`` or ``col_inv`` return changes nothing for this
+    layout or a later one of the same shapes (the cached tables stay the layout's own); the
+    numpy tables raise on an in-place edit."""
+    model, rows, cols, layout = _case(gen, 3)
+    weights = list(model.values())
+    before = layout.slice(weights)
+    for table in layout.tables().values():
+        table.fill_(-(2**30))
+    layout.row_inv.fill_(-7)
+    layout.col_inv.fill_(-7)
+    again = RoundLayout.from_keep_sets(model, rows, cols)  # the same shapes: cached tables
+    for lay in (layout, again):
+        assert all(torch.equal(a, b) for a, b in zip(lay.slice(weights), before))
+    for arr in (layout.counts_host, layout.offsets_host, layout.sizes_host, layout.numels,
+                layout.client(1).counts_host, layout.subset([0, 2]).offsets_host):  # fmt: skip
+        with pytest.raises(ValueError, match="read-only"):
+            arr[(0,) * arr.ndim] = 1

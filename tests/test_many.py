@@ -174,3 +174,16 @@ def test_many_ops_opcheck_and_compile(backend, gen):
     rc = [int((x >= 0).sum()) for n in range(2) for x in r[n]]
     cc = [int((x >= 0).sum()) for n in range(2) for x in c[n]]
     torch.library.opcheck(torch.ops.cahfp.slice_channels_many, (w, r, c, rc, cc))
+
+
+def test_slice_many_counts_clients_from_every_entry(backend, gen):
+    """K = 1 given only by a padded (1, m) keep set in one dtype group and a one-element list
+    in another, next to shared keep sets: each backend works out K = 1."""
+    w = {"a": torch.randn(5, 4, generator=gen), "b": torch.randn(6, 5, generator=gen).double(),
+         "c": torch.randn(6, 3, generator=gen).double()}  # fmt: skip
+    rows = {"a": [torch.tensor([0, 2])], "b": torch.tensor([[1, 3, -1]]), "c": torch.tensor([0, 5])}
+    cols = {"a": torch.tensor([1, 3])}
+    out = cahfp_ops.slice_channels_many(w, rows, cols)
+    assert len(out) == 1
+    assert torch.equal(out[0]["a"], w["a"][[0, 2]][:, [1, 3]])
+    assert torch.equal(out[0]["b"], w["b"][[1, 3]]) and torch.equal(out[0]["c"], w["c"][[0, 5]])

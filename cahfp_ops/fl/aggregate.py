@@ -21,6 +21,7 @@ from torch import Tensor
 from cahfp_ops import (
     MODES,
     PackedModel,
+    PackedScalars,
     RoundLayout,
     Workspace,
     accumulate_packed,
@@ -28,6 +29,7 @@ from cahfp_ops import (
     finish_partials,
     fold_packed,
     reconstruct_aggregate_many,
+    validation,
 )
 
 KeepMap = Mapping[str, Tensor | None]
@@ -197,7 +199,10 @@ class Fold:
     ``accepted``: folded in (False: the partial sums are unchanged). ``nonfinite``: it held a
     value that is not finite in the global dtype (or a delta not finite in the accumulation
     dtype). ``update_size``: the root-mean-square of its delta ``c - w`` over its kept floating
-    entries. ``kept``: how many entries that is.
+    entries (NaN for a malformed update, which is not read). ``kept``: how many entries that
+    is. ``reason``: why it was rejected (None when accepted): malformed (not a state_dict, a
+    missing tensor, a wrong shape, dtype kind or device, a packed buffer of the wrong size),
+    non-finite, or over ``max_update``.
     """
 
     accepted: bool
@@ -205,6 +210,7 @@ class Fold:
     update_size: float
     kept: int
     clip_scale: float | None = None  # the factor its delta was scaled by (``clip=True``), else None
+    reason: str | None = None
 
 
 class StreamingAggregator:
@@ -285,9 +291,11 @@ class StreamingAggregator:
             raise ValueError(f"StreamingAggregator.add: weight must be a finite number >= 0, got {weight!r}")
         if (layout is None) != (client is None):
             raise ValueError("StreamingAggregator.add: pass layout and client together")
-        calls = self._group_calls(
+        calls, problems = self._group_calls(
             "StreamingAggregator.add", [update], [rows], [cols], layout, None if client is None else [client]
         )
+        if problems[0] is not None:
+            return _malformed(problems[0])
         kept = sum(int(one.numels[0]) for _, one, *_ in calls)
         bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept, 1)
         verdict = None
@@ -296,7 +304,8 @@ class StreamingAggregator:
             # an oversized delta is scaled down), then the accumulation without a bound.
             bad, ssq = False, 0.0
             for _, one, ws, data, flat_s, flat_c in calls:
-                st = accumulate_packed(one, ws, data[0], 0.0, self.mode, flat_s, flat_c)
+                with validation(False):  # the update was checked above; the rest is the aggregator's own
+                    st = accumulate_packed(one, ws, data[0], 0.0, self.mode, flat_s, flat_c)
                 ssq += float(st[1])
                 bad = bool(st[0])
                 if bad:
@@ -310,7 +319,8 @@ class StreamingAggregator:
             bound = math.inf
         ssq = 0.0
         for _, one, ws, data, flat_s, flat_c in calls:
-            st = accumulate_packed(one, ws, data[0], float(weight), self.mode, flat_s, flat_c, max_ssq=bound)
+            with validation(False):
+                st = accumulate_packed(one, ws, data[0], float(weight), self.mode, flat_s, flat_c, max_ssq=bound)
             ssq += float(st[1])
             if not st[2]:  # rejected by the kernel: non-finite, or over the bound
                 return _verdict(bool(st[0]), ssq, kept, max_update, False)
@@ -365,9 +375,20 @@ class StreamingAggregator:
             return [self.add(updates[0], None if rows is None else rows[0], None if cols is None else cols[0],
                              weights[0], layout=layout, client=None if clients is None else clients[0],
                              max_update=max_update, clip=clip)]  # fmt: skip
-        calls = self._group_calls(
+        calls, problems = self._group_calls(
             "StreamingAggregator.add_many", updates, rows or [None] * K, cols or [None] * K, layout, clients
         )
+        if any(p is not None for p in problems):  # malformed updates: rejected, the others folded as a window
+            good = [j for j, p in enumerate(problems) if p is None]
+
+            def pick(seq: Sequence | None) -> list | None:
+                return None if seq is None else [seq[j] for j in good]
+
+            folded = iter(self.add_many(
+                pick(updates), pick(weights), pick(rows), pick(cols), layout=layout, clients=pick(clients),
+                max_update=max_update, clip=clip,
+            ))  # fmt: skip
+            return [next(folded) if p is None else _malformed(p) for p in problems]
         sig = [tuple(_data_dtype(call[3][j]) for call in calls) for j in range(K)]
         split = next((j for j in range(1, K) if sig[j] != sig[0]), None)
         if split is not None:  # one kernel call reads one client dtype: fold runs of equal dtypes in turn
@@ -381,7 +402,9 @@ class StreamingAggregator:
             spare = self._spare.get(names)
             if spare is None:
                 spare = self._spare[names] = self._second_set(i, flat_s, flat_c)
-            s_out, c_out, st = fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c, out=spare)
+            with validation(False):  # the updates were checked above; the rest is the aggregator's own
+                s_out, c_out, st = fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c,
+                                               out=spare)  # fmt: skip
             outs.append((s_out, c_out))
             for j, (b, q) in enumerate(st.cpu().tolist()):
                 bad[j] = bad[j] or bool(b)
@@ -395,7 +418,8 @@ class StreamingAggregator:
             for (_, sub, ws, data, flat_s, flat_c), out in zip(calls, outs):
                 data = [d if f.clip_scale is None else clipped_data(sub.client(j), ws, d, f.clip_scale)
                         for j, (d, f) in enumerate(zip(data, folds))]  # fmt: skip
-                fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c, out=out)
+                with validation(False):
+                    fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c, out=out)
         for (names, *_), (s_out, c_out) in zip(calls, outs):
             self._spare[names] = self._partials.adopt(names, s_out, c_out)
         for u, wt, f in zip(updates, weights, folds):
@@ -406,20 +430,22 @@ class StreamingAggregator:
     def _group_calls(
         self, op: str, updates: Sequence, rows: Sequence, cols: Sequence, layout: RoundLayout | None,
         clients: Sequence[int] | None,
-    ) -> list[tuple]:  # fmt: skip
+    ) -> tuple[list[tuple], list[str | None]]:  # fmt: skip
         """Per group of entries (one device and dtype): ``(names, layout of the updates, the
-        global's tensors, each update's data, flat sums, flat cover)``. The layout is the
-        round layout's clients (``layout`` / ``clients``) or one built from the updates'
+        global's tensors, each update's data, flat sums, flat cover)``; and per update why it
+        is malformed (None: well formed; its data is then in every group's call). The layout
+        is the round layout's clients (``layout`` / ``clients``) or one built from the updates'
         per-tensor keep sets (``rows[j]`` / ``cols[j]``, None: all channels)."""
         K = len(updates)
         calls = []
+        problems: list[str | None] = [ints_problem(u, self._partials.ints) for u in updates]
         for names, (flat_s, flat_c) in self._partials.flats.items():
             ws = [self.global_state[n] for n in names]
             if layout is not None:
                 if layout.names != names:
                     raise ValueError(f"{op}: the layout does not lay out this model's entries")
                 sub = layout.client(clients[0]) if K == 1 else layout.subset(list(clients))
-                data = [client_data(u, layout, k, names, ws[0].dtype) for u, k in zip(updates, clients)]
+                made = [update_data(u, layout, k, names, ws[0].dtype) for u, k in zip(updates, clients)]
             else:
                 rs, cs = [r or {} for r in rows], [c or {} for c in cols]
                 sub = RoundLayout.from_keep_sets(
@@ -427,9 +453,10 @@ class StreamingAggregator:
                     _per_tensor_lists(cs, [n for n in names if self.global_state[n].dim() > 1]),
                     num_clients=K, op=op,
                 )  # fmt: skip
-                data = [client_data(u, sub, j, names, ws[0].dtype) for j, u in enumerate(updates)]
-            calls.append((names, sub, ws, data, flat_s, flat_c))
-        return calls
+                made = [update_data(u, sub, j, names, ws[0].dtype) for j, u in enumerate(updates)]
+            problems = [p or q for p, (_, q) in zip(problems, made)]
+            calls.append((names, sub, ws, [d for d, _ in made], flat_s, flat_c))
+        return calls, problems
 
     def _count_in(self, update: Mapping[str, Tensor], weight: float) -> None:
         """An accepted client counted: its weight, and its integer entries (weight > 0)."""
@@ -487,16 +514,21 @@ def _is_weight(x: object) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
 
 
+def _malformed(problem: str) -> Fold:
+    """The :class:`Fold` of an update rejected unread: it is not the compact model it should be."""
+    return Fold(False, False, math.nan, 0, reason=f"malformed: the update {problem}")
+
+
 def _verdict(bad: bool, ssq: float, kept: int, max_update: float | None, clip: bool) -> Fold:
     """What becomes of a client from its statistics: non-finite (``bad``), or an update size
     (RMS of its delta over ``kept`` entries) over ``max_update``, is rejected, or clipped
     with ``clip``; else accepted."""
     size = math.sqrt(ssq / max(kept, 1))
     if bad:
-        return Fold(False, True, math.inf, kept)
+        return Fold(False, True, math.inf, kept, reason="holds non-finite values (in the global dtype or its update)")
     if max_update is not None and ssq > float(max_update) ** 2 * max(kept, 1):
         if not clip:
-            return Fold(False, False, size, kept)
+            return Fold(False, False, size, kept, reason=f"update size {size:.4g} exceeds the bound {max_update:.4g}")
         return Fold(True, False, size, kept, float(max_update) / size)
     return Fold(True, False, size, kept)
 
@@ -524,16 +556,69 @@ def client_data(
     update: Mapping[str, Tensor], layout: RoundLayout, k: int, names: tuple, dtype: torch.dtype
 ) -> Tensor | list[Tensor]:
     """The client's packed buffer when ``update`` is laid out as ``layout`` lays out client k,
-    else its tensors for ``names`` (cast to the global dtype when they mix dtypes)."""
-    if isinstance(update, PackedModel) and update.matches(layout, k, names):
-        return update.buffer
-    try:
-        tensors = [update[n] for n in names]
-    except KeyError as exc:
-        raise ValueError(f"StreamingAggregator.add: the update has no tensor {exc.args[0]!r}") from None
-    if len({t.dtype for t in tensors}) > 1:
+    else its tensors for ``names`` (cast to the global dtype when they mix dtypes). Raises
+    ValueError when ``update`` cannot be client k's compact model (see :func:`update_data`)."""
+    data, problem = update_data(update, layout, k, names, dtype)
+    if problem is not None:
+        raise ValueError(f"client {k}'s update {problem}")
+    return data
+
+
+def update_data(
+    update: object, layout: RoundLayout, k: int, names: tuple, dtype: torch.dtype
+) -> tuple[Tensor | list[Tensor] | None, str | None]:
+    """``(data, None)`` as :func:`client_data` gives it, or ``(None, why)`` when ``update`` is
+    not client k's compact model on ``layout`` (not a mapping, a missing tensor, a tensor of
+    the wrong shape, kind or device, a packed buffer of the wrong size). Never raises: an
+    update is untrusted input. Reads shapes only (one pass over the names)."""
+    if isinstance(update, PackedModel):
+        problem = update.problem()
+        if problem is not None:
+            return None, problem
+        if update.matches(layout, k, names):
+            problem = layout.client_problem(k, update.buffer)
+            return (None, f"packed buffer {problem}") if problem else (update.buffer, None)
+    if not isinstance(update, Mapping):
+        return None, f"is a {type(update).__name__}, not a state_dict"
+    missing = next((n for n in names if n not in update), None)
+    if missing is not None:
+        return None, f"has no tensor {missing!r}"
+    tensors = [update[n] for n in names]
+    if all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors) and len({t.dtype for t in tensors}) > 1:
         tensors = [t.to(dtype) for t in tensors]
-    return tensors
+    problem = layout.client_problem(k, tensors)
+    if problem is not None:
+        return None, ("tensor " + problem) if problem.startswith("[") else problem
+    return tensors, None
+
+
+def ints_problem(update: object, ints: Mapping[str, Tensor]) -> str | None:
+    """Why ``update``'s integer entries cannot be read like the global ``ints`` (missing, not
+    a tensor, floating, or another shape), or None. Scalars packed as one tensor
+    (:class:`~cahfp_ops.PackedScalars`) are checked as that tensor."""
+    if not ints:
+        return None
+    extras = update.extras if isinstance(update, PackedModel) else None
+    if isinstance(extras, PackedScalars) and set(extras.names) == set(ints):
+        v = extras.values
+        if not isinstance(v, Tensor) or v.shape != (len(extras.names),) or _not_integer(v):
+            return "has packed integer entries that are not one integer tensor per entry"
+        if any(ints[n].dim() != 0 for n in extras.names):
+            return "packs integer entries that are not scalars"
+        return None
+    for name, ref in ints.items():
+        if name not in update:
+            return f"has no entry {name!r}"
+        t = update[name]
+        if not isinstance(t, Tensor):
+            return f"entry {name!r} is a {type(t).__name__}, not a tensor"
+        if t.shape != ref.shape or _not_integer(t):
+            return f"entry {name!r} is a {tuple(t.shape)} {t.dtype} tensor, expected {tuple(ref.shape)} {ref.dtype}"
+    return None
+
+
+def _not_integer(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.device.type == "meta"
 
 
 def clipped_data(layout: RoundLayout, weights: list[Tensor], data: Tensor | list[Tensor], scale: float) -> Tensor:

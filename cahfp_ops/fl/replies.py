@@ -23,8 +23,13 @@ def check_reply(cid: Hashable, expected: Mapping[str, Tensor], update: object, *
 
     ``finite=False`` leaves the values unread (the server checks finiteness in the same pass
     as its aggregation kernel). A :class:`~cahfp_ops.layout.PackedModel` laid out as
-    ``expected`` is checked as one buffer.
+    ``expected`` is checked as one buffer; one whose buffer does not fit its own layout
+    (:meth:`~cahfp_ops.PackedModel.problem`) is rejected before any view of it is made.
     """
+    if isinstance(update, PackedModel):
+        problem = update.problem()  # a replaced buffer (short, long, reshaped, another kind): no views of it
+        if problem is not None:
+            return f"client {cid!r}: packed reply: {problem}"
     if isinstance(update, PackedModel) and isinstance(expected, PackedModel):
         if update.matches(expected.layout, expected.client, expected.names) and set(update.extras) == set(
             expected.extras

@@ -45,7 +45,7 @@ from cahfp_ops import (
     validation,
 )
 
-from .aggregate import StreamingAggregator, aggregate_state, client_data, clipped_data, largest_reported
+from .aggregate import StreamingAggregator, aggregate_state, clipped_data, largest_reported, update_data
 from .checkpoint import load_checkpoint, save_atomic
 from .compact import build_compact, count_flops, count_params, extract
 from .importance import Importance, make_importance, random_scores
@@ -83,7 +83,15 @@ def _reply_list(updates: object) -> list[tuple]:
 def _on_device(update: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """A well-formed reply with tensors on another device than the global model's, moved
     there (e.g. CPU uploads for a CUDA server); otherwise the reply itself."""
-    if isinstance(update, PackedModel) or all(update[k].device == v.device for k, v in expected.items()):
+    if isinstance(update, PackedModel) and isinstance(expected, PackedModel):
+        device = expected.buffer.device
+        if update.buffer.device == device:
+            return update
+        extras = update.extras
+        extras = PackedScalars(extras.names, extras.values.to(device)) if isinstance(extras, PackedScalars) else {
+            k: v.to(device) for k, v in extras.items()}  # fmt: skip
+        return PackedModel(update.buffer.to(device), update.layout, update.client, update.names, extras=extras)
+    if all(update[k].device == v.device for k, v in expected.items()):
         return update
     return {k: update[k].to(v.device) for k, v in expected.items()}
 
@@ -335,15 +343,25 @@ class Server:
     def _aggregate_batch(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
         names = self.layout.names
         floats = [self.state[n] for n in names]
+        made = [update_data(updates[c], self.layout, self._slots[c], names, floats[0].dtype) for c in good]
+        if any(problem is not None for _, problem in made):  # what the reply checks cannot see (e.g. its device)
+            for c, (_, problem) in zip(good, made):
+                if problem is not None:
+                    report.reject(c, f"client {c!r}: its reply {problem}")
+            ok = [j for j, (_, problem) in enumerate(made) if problem is None]
+            good, w, made = [good[j] for j in ok], [w[j] for j in ok], [made[j] for j in ok]
+            if not good or max(w) <= 0:
+                return
         sub = self.layout.subset([self._slots[c] for c in good])
-        data = [client_data(updates[c], sub, j, names, floats[0].dtype) for j, c in enumerate(good)]
+        data = [d for d, _ in made]
         dtypes = {d.dtype for d in data if isinstance(d, Tensor)}
         dtypes.update(t.dtype for d in data if not isinstance(d, Tensor) for t in d)
         if len(dtypes) > 1:
             wd = floats[0].dtype
             data = [d.to(wd) if isinstance(d, Tensor) else [t.to(wd) for t in d] for d in data]
         coef = torch.tensor(w, dtype=torch.float64, device=floats[0].device)
-        out, stats = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
+        with validation(False):  # the replies were checked above; weights, layout and coef are the server's own
+            out, stats = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
         stats = stats.cpu().tolist()
         kept = sub.numels.tolist()
         sizes = [math.inf if bad else math.sqrt(q / max(n, 1)) for (bad, q), n in zip(stats, kept)]
@@ -367,7 +385,8 @@ class Server:
             if sum(w_kept) <= 0:
                 return
             coef = torch.tensor(w_kept, dtype=torch.float64, device=floats[0].device)
-            out, _ = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
+            with validation(False):
+                out, _ = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
         accepted = [good[j] for j in keep]
         self._observe_replies(accepted, updates)
         if self.reduce != "mean":  # the checks above, then the robust reducer on the accepted
@@ -399,6 +418,8 @@ class Server:
             report.clients[c].update_size = fold.update_size
             if fold.nonfinite:
                 report.reject(c, f"client {c!r} holds non-finite values (in the global dtype or its update)")
+            elif not fold.accepted and math.isnan(fold.update_size):  # malformed, unread
+                report.reject(c, f"client {c!r}: {fold.reason}")
             elif not fold.accepted:
                 report.reject(c, f"client {c!r}: update size {fold.update_size:.4g} exceeds the bound {bound:.4g}")
             else:

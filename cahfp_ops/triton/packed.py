@@ -7,8 +7,12 @@ offset, column offset; ``row_inv`` (K, SR); ``col_keep`` (K, SC); ``counts`` (K,
 whatever N and K, with no host synchronisation: the launch grids come from the weights'
 shapes (host values), never from table contents. Every table entry a kernel follows is
 masked against the extent it indexes (the tables' shapes, the weights' sizes, each client
-buffer's or tensor's extent), so hand-made or stale tables cannot make a kernel read or write
-out of bounds, whatever the validation switch says.
+buffer's or tensor's extent ``[lo, end)``, so an offset that is negative or overflows reads
+nothing), and the host checks what the grid and the tables' strides rest on (the tables'
+shapes and dtypes, one form per client and as many client tensors as the forms say, the
+sizes of ``out``, ``coef``, ``stats`` and the partial sums: shapes only, no sync), so
+hand-made or stale tables and client lists cannot make a kernel read or write out of bounds,
+whatever the validation switch says.
 
 - ``slice_packed``: one program per (tensor, full row, block of the row's ``Cin * T``
   elements) and client (a 2-D grid); a program whose client does not keep the row exits.
@@ -66,8 +70,10 @@ def _compact_row(row_inv_k, rpos, SR):
 
 @triton.jit
 def _client_entry(cm):
-    """One row of the client address table: offset, row stride, column stride, rows, columns, end."""
-    return tl.load(cm), tl.load(cm + 1), tl.load(cm + 2), tl.load(cm + 3), tl.load(cm + 4), tl.load(cm + 5)
+    """One row of the client address table: offset, row stride, column stride, rows, columns,
+    and the readable extent ``[lo, end)`` of the client's buffer or tensor."""
+    return (tl.load(cm), tl.load(cm + 1), tl.load(cm + 2), tl.load(cm + 3), tl.load(cm + 4), tl.load(cm + 5),
+            tl.load(cm + 6))  # fmt: skip
 
 
 @triton.jit
@@ -97,14 +103,14 @@ def _work_item(work, w_meta, pid, WM: tl.constexpr):
 
 
 @triton.jit
-def _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, end, w, w_raw, SC, ssq_part, bad_part,
-                   pid):  # fmt: skip
+def _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, lo, end, w, w_raw, SC, ssq_part,
+                   bad_part, pid):  # fmt: skip
     """Client k's lanes of this program's block (it keeps the row, at compact row ``i``): the
     kept mask, its values in the accumulation dtype and their deltas to ``w``; stores its
     statistics partials (squared deltas in float64, a non-finite flag) at ``[pid, k]``."""
     j = tl.load(col_inv + k * (SC + 1) + cpos, mask=c_ok, other=-1).to(tl.int64)
     src = off + i * s0 + j * s1 + t
-    m = c_ok & (j >= 0) & (j < n1) & (src < end)
+    m = c_ok & (j >= 0) & (j < n1) & (src >= lo) & (src < end)  # any table entry: inside the client's data
     x_raw = tl.load(c_base + src, mask=m, other=0.0)
     x = x_raw.to(w.dtype)
     d = x - w
@@ -198,11 +204,11 @@ def _aggregate_packed_kernel(
     c_ok = em & _in_range(cpos, SC)
     for k in range(K):
         i = _compact_row(row_inv + k * SR, roff + r, SR)
-        off, s0, s1, n0, n1, end = _client_entry(c_meta + (n * K + k) * 6)
+        off, s0, s1, n0, n1, lo, end = _client_entry(c_meta + (n * K + k) * 7)
         if (i >= 0) & (i < n0):
             pk = tl.load(p_ptr + k)
-            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, end, w, w_raw, SC,
-                                     ssq_part, bad_part, pid)  # fmt: skip
+            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, lo, end, w, w_raw,
+                                     SC, ssq_part, bad_part, pid)  # fmt: skip
             if pk != 0:
                 if OVERLAP:
                     s += tl.where(m, pk * x, 0.0)
@@ -253,7 +259,7 @@ def _accumulate_packed_kernel(
     c = e // T
     t = e % T
     i = _compact_row(row_inv, roff + r, SR)
-    off, s0, s1, n0, n1, end = _client_entry(c_meta + n * 6)
+    off, s0, s1, n0, n1, lo, end = _client_entry(c_meta + n * 7)
     go = (i >= 0) & (i < n0)
     if ADD:
         go = go & (tl.load(accept) != 0)
@@ -262,7 +268,7 @@ def _accumulate_packed_kernel(
         c_ok = em & _in_range(cpos, SC)
         j = tl.load(col_inv + cpos, mask=c_ok, other=-1).to(tl.int64)
         src = off + i * s0 + j * s1 + t
-        m = c_ok & (j >= 0) & (j < n1) & (src < end)
+        m = c_ok & (j >= 0) & (j < n1) & (src >= lo) & (src < end)
         w_raw = tl.load(w_base + w_off + r * CT + e, mask=m, other=0.0)
         w = _to_acc(w_raw, ACC64)
         x_raw = tl.load(c_base + src, mask=m, other=0.0)
@@ -328,11 +334,11 @@ def _fold_packed_kernel(
     c_ok = em & _in_range(cpos, SC)
     for k in range(K):
         i = _compact_row(row_inv + k * SR, roff + r, SR)
-        off, s0, s1, n0, n1, end = _client_entry(c_meta + (n * K + k) * 6)
+        off, s0, s1, n0, n1, lo, end = _client_entry(c_meta + (n * K + k) * 7)
         if (i >= 0) & (i < n0):
             pk = tl.load(p_ptr + k)
-            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, end, w, w_raw, SC,
-                                     ssq_part, bad_part, pid)  # fmt: skip
+            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, lo, end, w, w_raw,
+                                     SC, ssq_part, bad_part, pid)  # fmt: skip
             if pk != 0:
                 if OVERLAP:
                     s = tl.where(m, s + pk * x, s)
@@ -402,6 +408,48 @@ def _starts(sizes: list[int]) -> list[int]:
     return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist() if sizes else []
 
 
+def _check_tables(op: str, weights: Sequence[Tensor], tables: dict[str, Tensor], device: torch.device) -> int:
+    """The layout tables' shapes, dtypes and device (host facts, no sync), whatever the
+    validation switch says: the kernels index them by K and N from these shapes. Returns K."""
+    N = len(weights)
+    if N == 0:
+        raise ValueError(f"{op}: weights must not be empty")
+    if any(w.dtype != weights[0].dtype or w.device != device for w in weights):  # read as one base pointer
+        raise ValueError(f"{op}: the weights must share one dtype and be on {device}")
+    K = tables["row_inv"].shape[0] if tables["row_inv"].dim() == 2 else -1
+    want = {"meta": ((N, 5), torch.int64), "row_inv": ((K, None), torch.int32),
+            "col_keep": ((K, None), torch.int32), "counts": ((K, N, 2), torch.int64)}  # fmt: skip
+    if "offsets" in tables:
+        want["offsets"] = ((K, N), torch.int64)
+    for name, (shape, dtype) in want.items():
+        t = tables[name]
+        ok = t.dim() == len(shape) and all(w is None or d == w for d, w in zip(t.shape, shape))
+        if not ok or t.dtype != dtype or t.device != device or not t.is_contiguous():
+            raise ValueError(
+                f"{op}: the layout table {name} must be a contiguous {dtype} tensor on {device} shaped "
+                f"{tuple('*' if w is None else w for w in shape)}, got {tuple(t.shape)} {t.dtype} on {t.device}"
+            )
+    return K
+
+
+def _check_clients(op: str, clients: Sequence[Tensor], parts: Sequence[int], K: int, N: int,
+                   device: torch.device) -> None:  # fmt: skip
+    """One form per client (``parts[k]``: 0 one buffer, N its tensors) and as many client
+    tensors as the forms say, on the device: the kernels' client table has a row per
+    (tensor, client) of the layout."""
+    if len(parts) != K or any(p not in (0, N) for p in parts):
+        raise ValueError(f"{op}: parts must hold {K} entries, each 0 (one buffer) or {N} (separate tensors)")
+    if len(clients) != sum(1 if p == 0 else N for p in parts):
+        raise ValueError(f"{op}: clients holds {len(clients)} tensors but parts says {list(parts)}")
+    if any(not isinstance(c, Tensor) or c.device != device for c in clients):
+        raise ValueError(f"{op}: every client tensor must be on {device}")
+
+
+def _check_flat(op: str, name: str, t: Tensor, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    if t.shape != (numel,) or t.dtype != dtype or t.device != device or not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be a contiguous ({numel},) {dtype} tensor on {device}")
+
+
 def _clients_in_place(
     op: str, clients: Sequence[Tensor], parts: list[int], views: list, counts: Tensor, offsets: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -426,9 +474,13 @@ def slice_packed(
 ) -> None:
     """Client k's compact tensor n -> ``out[starts[k, n]:]``; see the module docs."""
     ws = [w.contiguous() for w in weights]
-    if not ws or out.numel() == 0:
-        return
     device = out.device
+    _check_tables("slice_packed", ws, {"meta": meta, "row_inv": row_inv, "col_keep": col_keep, "counts": counts,
+                                       "offsets": starts}, device)  # fmt: skip
+    if out.dim() != 1 or not out.is_contiguous() or any(w.device != device or w.dtype != out.dtype for w in ws):
+        raise ValueError(f"slice_packed: out must be a contiguous 1-D tensor of the weights' dtype on {device}")
+    if out.numel() == 0:
+        return
     K, SR = row_inv.shape
     SC = col_keep.shape[1]
     views = [_view3(w) for w in ws]
@@ -467,8 +519,9 @@ def _col_inverse(meta: Tensor, col_keep: Tensor, counts: Tensor, cins: tuple[int
     kept = col_keep.index_select(1, safe).to(torch.int64)  # (K, sum Cin): col_keep[k, pos]
     cc = counts[:, :, 1].index_select(1, seg)  # (K, sum Cin)
     cin = _cached(("packed-cin", cins, str(device)), lambda: to_device_table(list(cins), device)).index_select(0, seg)
-    ok = pos_ok & (local < cc) & (kept >= 0) & (kept < cin)
-    target = torch.where(ok, meta[:, 4].index_select(0, seg) + kept, torch.full_like(kept, SC))
+    target = meta[:, 4].index_select(0, seg) + kept
+    ok = pos_ok & (local < cc) & (kept >= 0) & (kept < cin) & (target >= 0) & (target < SC)
+    target = torch.where(ok, target, torch.full_like(kept, SC))
     inv.scatter_(1, target, local.to(torch.int32).expand(K, -1).contiguous())
     inv[:, SC] = -1
     return inv
@@ -477,31 +530,35 @@ def _col_inverse(meta: Tensor, col_keep: Tensor, counts: Tensor, cins: tuple[int
 def _client_meta(
     clients: list[Tensor], parts: list[int], Ts: list[int], counts: Tensor, offsets: Tensor, base: Tensor
 ) -> Tensor:
-    """(N * K, 6) int64 rows (n, k): offset from ``base``, row stride, column stride, rows,
-    columns, end (one past the last readable element). Packed clients' rows come from the
-    device tables; separate tensors' from their shapes and strides."""
+    """(N * K, 7) int64 rows (n, k): offset from ``base``, row stride, column stride, rows,
+    columns, and the readable extent ``[lo, end)`` of the client's buffer or tensor (every
+    read is masked to it, whatever the layout's counts and offsets hold). Packed clients'
+    rows (``parts[k] == 0``) come from the device tables; separate tensors' from their shapes
+    and strides."""
     N, K = len(Ts), len(parts)
     device = counts.device
     starts, packed = [], []
     i = 0
     for k in range(K):
         starts.append(i)
-        packed.append(parts[k] == 1)
-        i += parts[k]
+        packed.append(parts[k] == 0)
+        i += 1 if parts[k] == 0 else N
     host = []
     for n in range(N):
         for k in range(K):
             if packed[k]:
-                host += [0, 0, 0, 0, 0, 0]
+                host += [0, 0, 0, 0, 0, 0, 0]
                 continue
             c = clients[starts[k] + n]
             off = element_offsets([c], base)[0]
-            if c.dim() == 1:
-                host += [off, 0, c.stride(0), 1, c.shape[0], off + (c.shape[0] - 1) * c.stride(0) + 1]
+            if c.numel() == 0:
+                host += [off, 0, 0, 0, 0, off, off]
+            elif c.dim() == 1:
+                host += [off, 0, c.stride(0), 1, c.shape[0], off, off + (c.shape[0] - 1) * c.stride(0) + 1]
             else:
                 span = 1 + sum((s - 1) * st for s, st in zip(c.shape, c.stride()))
-                host += [off, c.stride(0), c.stride(1), c.shape[0], c.shape[1], off + span]
-    table = to_device_table(host, device).view(N, K, 6)
+                host += [off, c.stride(0), c.stride(1), c.shape[0], c.shape[1], off, off + span]
+    table = to_device_table(host, device).view(N, K, 7)
     if any(packed):
         pk = [k for k in range(K) if packed[k]]
         bufs = [clients[starts[k]] for k in pk]
@@ -513,10 +570,11 @@ def _client_meta(
         cc = counts[:, :, 1].index_select(0, sel).T
         off = buf_off.unsqueeze(0) + offsets.index_select(0, sel).T
         rows = torch.stack(
-            [off, cc * T.unsqueeze(1), T.unsqueeze(1).expand_as(cc), rc, cc, buf_end.unsqueeze(0).expand_as(cc)], dim=2
-        )
+            [off, cc * T.unsqueeze(1), T.unsqueeze(1).expand_as(cc), rc, cc, buf_off.unsqueeze(0).expand_as(cc),
+             buf_end.unsqueeze(0).expand_as(cc)], dim=2,
+        )  # fmt: skip
         table[:, sel] = rows
-    return table.view(N * K, 6)
+    return table.view(N * K, 7)
 
 
 def aggregate_packed(
@@ -535,12 +593,19 @@ def aggregate_packed(
 ) -> None:
     """Aggregate into ``out`` (the N results packed); ``stats`` (K, 2): non-finite flag, sum of
     squared deltas. See the module docs."""
+    op = "aggregate_packed"
     ws = [w.contiguous() for w in weights]
     device = out.device
-    K, SR = row_inv.shape
+    K = _check_tables(op, ws, {"meta": meta, "row_inv": row_inv, "col_keep": col_keep, "counts": counts,
+                               "offsets": offsets}, device)  # fmt: skip
+    _check_clients(op, clients, parts, K, len(ws), device)
+    _check_flat(op, "out", out, sum(w.numel() for w in ws), ws[0].dtype, device)
+    _check_flat(op, "coef", coef, K, torch.float64, device)
+    _check_flat(op, "stats", stats.view(-1), 2 * K, torch.float64, device)
+    SR = row_inv.shape[1]
     SC = col_keep.shape[1]
     views = [_view3(w) for w in ws]
-    base, c_meta = _clients_in_place("aggregate_packed", clients, list(parts), views, counts, offsets)
+    base, c_meta = _clients_in_place(op, clients, list(parts), views, counts, offsets)
     shapes = tuple((R, Cin * T) for R, Cin, T in views)
     w_meta = _weights_meta(ws, views, [_starts([w.numel() for w in ws])], device)
     col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
@@ -565,10 +630,14 @@ def _partials_grid(op: str, ws: list[Tensor], views: list, sums: Sequence[Tensor
     """What the streaming kernels share: the partial-sum buffers checked against the weights,
     and ``(w_meta, block, work, programs)``: per weight its offset, Cin, T and where its
     sums and cover weights start; the work table of (tensor, row, block) programs."""
+    if any(w.dtype != ws[0].dtype or w.device != device for w in ws):  # read as one base pointer
+        raise ValueError(f"{op}: the weights must share one dtype and be on {device}")
     if any(t.numel() != sum(w.numel() for w in ws) for t in sums) or any(
         t.numel() != sum(R * Cin for R, Cin, _ in views) for t in covers
     ):
         raise ValueError(f"{op}: the partial sums do not match the weights")
+    if any(not t.is_contiguous() or t.device != device for t in (*sums, *covers)):
+        raise ValueError(f"{op}: the partial sums must be contiguous tensors on {device}")
     extra = [_starts([w.numel() for w in ws]), _starts([R * Cin for R, Cin, _ in views])]
     w_meta = _weights_meta(ws, views, extra, device)
     shapes = tuple((R, Cin * T) for R, Cin, T in views)
@@ -580,6 +649,7 @@ def _partials_grid(op: str, ws: list[Tensor], views: list, sums: Sequence[Tensor
 def accumulate_packed(
     weights: Sequence[Tensor],
     client: Sequence[Tensor],
+    parts: Sequence[int],
     meta: Tensor,
     row_inv: Tensor,
     col_keep: Tensor,
@@ -595,12 +665,19 @@ def accumulate_packed(
     """Check client 0 of the layout, then fold it into ``sums`` / ``cover`` only when it is
     finite and within ``max_ssq``; ``stats`` (3,): non-finite flag, squared delta sum,
     accepted. See the module docs."""
+    op = "accumulate_packed"
     ws = [w.contiguous() for w in weights]
     device = sums.device
+    K = _check_tables(op, ws, {"meta": meta, "row_inv": row_inv, "col_keep": col_keep, "counts": counts,
+                               "offsets": offsets}, device)  # fmt: skip
+    if K != 1:
+        raise ValueError(f"{op}: the layout must hold one client, got {K}")
+    _check_clients(op, client, parts, 1, len(ws), device)
+    _check_flat(op, "stats", stats, 3, torch.float64, device)
     SR = row_inv.shape[1]
     SC = col_keep.shape[1]
     views = [_view3(w) for w in ws]
-    base, c_meta = _clients_in_place("accumulate_packed", client, [len(client)], views, counts, offsets)
+    base, c_meta = _clients_in_place(op, client, list(parts), views, counts, offsets)
     w_meta, block, work, P = _partials_grid("accumulate_packed", ws, views, [sums], [cover], device)
     col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
     acc = sums.dtype
@@ -643,12 +720,18 @@ def fold_packed(
 ) -> None:
     """Fold the K clients into the partial sums (``*_in`` -> ``*_out``); ``stats`` (K, 2) as
     ``aggregate_packed``. See the module docs."""
+    op = "fold_packed"
     ws = [w.contiguous() for w in weights]
     device = sums_out.device
-    K, SR = row_inv.shape
+    K = _check_tables(op, ws, {"meta": meta, "row_inv": row_inv, "col_keep": col_keep, "counts": counts,
+                               "offsets": offsets}, device)  # fmt: skip
+    _check_clients(op, clients, parts, K, len(ws), device)
+    _check_flat(op, "coef", coef, K, torch.float64, device)
+    _check_flat(op, "stats", stats.view(-1), 2 * K, torch.float64, device)
+    SR = row_inv.shape[1]
     SC = col_keep.shape[1]
     views = [_view3(w) for w in ws]
-    base, c_meta = _clients_in_place("fold_packed", clients, list(parts), views, counts, offsets)
+    base, c_meta = _clients_in_place(op, clients, list(parts), views, counts, offsets)
     w_meta, block, work, P = _partials_grid(
         "fold_packed", ws, views, [sums_in, sums_out], [cover_in, cover_out], device
     )

@@ -14,6 +14,18 @@ namespace cahfp {
 //   col_keep (K, SC) int32: client k's kept columns of tensor n at [column offset, + kept);
 //   counts (K, N, 2) int64: kept rows and columns; offsets (K, N) int64: element offset of
 //       client k's tensor n in its buffer (slicing: in the one output buffer).
+// a * b * c for non-negative factors, or -1 where the product overflows int64.
+inline int64_t checked_product(int64_t a, int64_t b, int64_t c) {
+  int64_t ab = 0, abc = 0;
+  if (a < 0 || b < 0 || c < 0 || __builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc)) return -1;
+  return abc;
+}
+
+// Whether [off, off + len) lies inside [0, size), without overflow whatever off and len hold.
+inline bool range_inside(int64_t off, int64_t len, int64_t size) {
+  return off >= 0 && len >= 0 && len <= size && off <= size - len;
+}
+
 struct LayoutTables {
   int64_t N, K, SR, SC;
   const int64_t* meta;
@@ -45,8 +57,9 @@ inline LayoutTables check_layout(int64_t N, const Tensor& meta, const Tensor& ro
                   cdata<int32_t>(col_keep), cdata<int64_t>(counts), cdata<int64_t>(offsets)};
   for (int64_t n = 0; n < N; ++n) {
     const int64_t* m = lt.meta + 5 * n;
-    STD_TORCH_CHECK(m[0] >= 0 && m[1] >= 0 && m[2] >= 0 && m[3] >= 0 && m[4] >= 0 && m[3] + m[0] <= lt.SR &&
-                        m[4] + m[1] <= lt.SC,
+    // Every sum and product checked without overflow: a table may hold anything.
+    STD_TORCH_CHECK(range_inside(m[3], m[0], lt.SR) && range_inside(m[4], m[1], lt.SC) &&
+                        checked_product(m[0], m[1], m[2]) >= 0,
                     "layout meta row ", n, " is out of range");
     for (int64_t k = 0; k < K; ++k) {
       const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];

@@ -33,9 +33,9 @@ void slice_packed_cpu(std::vector<Tensor> weights, Tensor meta, Tensor row_inv, 
 void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
                           std::string mode, Tensor out, Tensor stats);
-void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, Tensor meta, Tensor row_inv,
-                           Tensor col_keep, Tensor counts, Tensor offsets, double weight, double max_ssq,
-                           std::string mode, Tensor sums, Tensor cover, Tensor stats);
+void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, std::vector<int64_t> parts,
+                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, double weight,
+                           double max_ssq, std::string mode, Tensor sums, Tensor cover, Tensor stats);
 void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
                      Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
                      std::string mode, Tensor sums_in, Tensor cover_in, Tensor sums_out, Tensor cover_out,
@@ -82,7 +82,7 @@ STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
       "aggregate_packed(Tensor[] weights, Tensor[] clients, int[] parts, Tensor meta, Tensor row_inv, "
       "Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef, str mode, Tensor(a!) out, Tensor(b!) stats) -> ()");
   m.def(
-      "accumulate_packed(Tensor[] weights, Tensor[] client, Tensor meta, Tensor row_inv, Tensor col_keep, "
+      "accumulate_packed(Tensor[] weights, Tensor[] client, int[] parts, Tensor meta, Tensor row_inv, Tensor col_keep, "
       "Tensor counts, Tensor offsets, float weight, float max_ssq, str mode, Tensor(a!) sums, Tensor(b!) cover, "
       "Tensor(c!) stats) -> ()");
   m.def(

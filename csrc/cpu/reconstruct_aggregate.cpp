@@ -276,15 +276,18 @@ Tensor reconstruct_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Ten
 
 namespace {
 
-// Client k's tensors: one packed buffer (parts[k] == 1) or N separate tensors.
-// Returns the first index of client k's tensors in `clients`.
+// Client k's tensors: one packed buffer (parts[k] == 0) or its N separate tensors
+// (parts[k] == N), as the caller says: a one-tensor layout (N = 1) cannot tell the two
+// apart by their count. Returns where each client's entries start in `clients`.
 std::vector<int64_t> client_starts(const std::vector<Tensor>& clients, const std::vector<int64_t>& parts, int64_t K,
                                    int64_t N) {
-  STD_TORCH_CHECK(static_cast<int64_t>(parts.size()) == K, "parts must hold one entry per client (", K, ")");
+  STD_TORCH_CHECK(static_cast<int64_t>(parts.size()) == K, "parts must hold one entry per client (", K, "), got ",
+                  parts.size());
   std::vector<int64_t> start(K + 1, 0);
   for (int64_t k = 0; k < K; ++k) {
-    STD_TORCH_CHECK(parts[k] == 1 || parts[k] == N, "parts[", k, "] must be 1 (one buffer) or ", N);
-    start[k + 1] = start[k] + parts[k];
+    STD_TORCH_CHECK(parts[k] == 0 || parts[k] == N, "parts[", k, "] must be 0 (one packed buffer) or ", N,
+                    " (separate tensors), got ", parts[k]);
+    start[k + 1] = start[k] + (parts[k] == 0 ? 1 : N);
   }
   STD_TORCH_CHECK(start[K] == static_cast<int64_t>(clients.size()), "clients holds ", clients.size(),
                   " tensors but parts says ", start[K]);
@@ -293,10 +296,11 @@ std::vector<int64_t> client_starts(const std::vector<Tensor>& clients, const std
 
 template <typename ct>
 ClientView<ct> packed_view(const Tensor& buffer, const LayoutTables& lt, const int64_t* m, int64_t n, int64_t k) {
+  // rc <= R and cc <= Cin (check_layout), and R * Cin * T does not overflow: neither does this.
   const int64_t rc = lt.counts[2 * (k * lt.N + n)], cc = lt.counts[2 * (k * lt.N + n) + 1], T = m[2];
   const int64_t off = lt.offsets[k * lt.N + n];
-  STD_TORCH_CHECK(off + rc * cc * T <= buffer.numel(), "the buffer of client ", k, " holds ", buffer.numel(),
-                  " elements, too few for tensor ", n, " at offset ", off);
+  STD_TORCH_CHECK(range_inside(off, rc * cc * T, buffer.numel()), "the buffer of client ", k, " holds ",
+                  buffer.numel(), " elements, too few for tensor ", n, " at offset ", off);
   return ClientView<ct>{cdata<ct>(buffer) + off, cc * T, T, rc, cc};
 }
 
@@ -308,13 +312,14 @@ void check_buffer(const Tensor& b, ScalarType cdtype, int64_t k) {
 
 template <typename wt, typename ct>
 void fill_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<Tensor>& ws, std::vector<Tensor>& clients,
-               const std::vector<int64_t>& start, const LayoutTables& lt, ScalarType cdtype) {
+               const std::vector<int64_t>& start, const std::vector<int64_t>& parts, const LayoutTables& lt,
+               ScalarType cdtype) {
   const int64_t N = lt.N, K = lt.K;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t* m = lt.meta + 5 * n;
     Job<wt, ct>& job = jobs[n];
     const View3 v{m[0], m[1], m[2], ws[n].dim() == 1};
-    STD_TORCH_CHECK(ws[n].numel() == m[0] * m[1] * m[2], "weights[", n, "] has ", ws[n].numel(),
+    STD_TORCH_CHECK(ws[n].numel() == checked_product(m[0], m[1], m[2]), "weights[", n, "] has ", ws[n].numel(),
                     " elements but the layout says ", m[0], " x ", m[1], " x ", m[2]);
     job.W = cdata<wt>(ws[n]);
     job.R = m[0];
@@ -327,7 +332,7 @@ void fill_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<Tensor>& ws, st
     job.clients.resize(K);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
-      if (start[k + 1] - start[k] == 1)
+      if (parts[k] == 0)
         job.clients[k] = packed_view<ct>(clients[start[k]], lt, m, n, k);
       else
         job.clients[k] = separate_view<ct>(clients[start[k] + n], cdtype, v, rc, cc, n, k);
@@ -352,7 +357,8 @@ namespace {
 // What aggregate_packed, fold_packed and accumulate_packed check and derive alike.
 struct PackedCall {
   LayoutTables lt;
-  std::vector<int64_t> start;
+  std::vector<int64_t> start;  // client k's first entry in the clients list
+  std::vector<int64_t> parts;  // 0: client k sent one packed buffer; N: its N tensors
   bool overlap;
   ScalarType wdtype, cdtype;
   ScalarType adtype;  // accumulation dtype: float32, float64 for float64 weights
@@ -368,17 +374,18 @@ PackedCall packed_call(const std::vector<Tensor>& weights, const std::vector<Ten
                        const char* one_client = nullptr) {
   const int64_t N = static_cast<int64_t>(weights.size());
   STD_TORCH_CHECK(N > 0, "weights must not be empty");
-  PackedCall pc{check_layout(N, meta, row_inv, col_keep, counts, offsets), {}, mode == "overlap",
+  PackedCall pc{check_layout(N, meta, row_inv, col_keep, counts, offsets), {}, parts, mode == "overlap",
                 weights[0].scalar_type(), ScalarType::Float, ScalarType::Float, {}};
   const int64_t K = pc.lt.K;
   STD_TORCH_CHECK(K > 0, "the layout holds no clients");
+  STD_TORCH_CHECK(!clients.empty(), "clients must not be empty");
   if (one_client) STD_TORCH_CHECK(K == 1, one_client, " folds one client: the layout must hold K = 1");
   pc.start = client_starts(clients, parts, K, N);
   STD_TORCH_CHECK(pc.overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
   pc.cdtype = clients[0].scalar_type();
   STD_TORCH_CHECK(is_floating(pc.wdtype) && is_floating(pc.cdtype), "weights and clients must be floating");
   for (int64_t k = 0; k < K; ++k)
-    if (pc.start[k + 1] - pc.start[k] == 1) check_buffer(clients[pc.start[k]], pc.cdtype, k);
+    if (pc.parts[k] == 0) check_buffer(clients[pc.start[k]], pc.cdtype, k);
   pc.adtype = pc.wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
   pc.ws = contiguous_weights(weights, pc.wdtype);
   for (int64_t n = 0; n < N; ++n) {
@@ -405,7 +412,7 @@ void check_flat(const Tensor& t, const char* name, ScalarType dtype, int64_t num
 }  // namespace
 
 // Whole-model aggregation on the per-round layout. clients: per client k, one packed
-// buffer (parts[k] == 1: 1-D, its tensors at offsets[k]) or its N tensors (parts[k] == N).
+// buffer (parts[k] == 0: 1-D, its tensors at offsets[k]) or its N tensors (parts[k] == N).
 // Writes the N results, packed in order, into `out` (1-D, weights' dtype) and the reply
 // statistics into `stats` ((K, 2) float64: non-finite flag, sum of squared deltas over
 // the client's kept elements), computed in the same pass.
@@ -424,7 +431,7 @@ void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clien
     CAHFP_DISPATCH_FLOATING(pc.cdtype, "aggregate_packed_client", [&] {
       using ct = scalar_t;
       std::vector<Job<wt, ct>> jobs(N);
-      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.lt, pc.cdtype);
+      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.parts, pc.lt, pc.cdtype);
       int64_t offset = 0;
       for (int64_t n = 0; n < N; ++n) {
         jobs[n].out = mdata<wt>(out) + offset;
@@ -469,7 +476,7 @@ void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, s
     CAHFP_DISPATCH_FLOATING(pc.cdtype, "fold_packed_client", [&] {
       using ct = scalar_t;
       std::vector<Job<wt, ct>> jobs(N);
-      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.lt, pc.cdtype);
+      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.parts, pc.lt, pc.cdtype);
       int64_t off = 0, coff = 0;
       for (int64_t n = 0; n < N; ++n) {
         jobs[n].sums_in = cdata<acc>(sums_in) + off;
@@ -558,11 +565,11 @@ void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover,
 // (float32; float64 for float64 weights). reconstruct: sums += weight * (c - w) at the
 // kept elements; overlap: sums += weight * c; both: cover += weight at the kept (row,
 // column) pairs. stats ((3,) float64): non-finite flag, squared delta sum, accepted.
-void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, Tensor meta, Tensor row_inv,
-                           Tensor col_keep, Tensor counts, Tensor offsets, double weight, double max_ssq,
-                           std::string mode, Tensor sums, Tensor cover, Tensor stats) {
-  const PackedCall pc = packed_call(weights, client, {static_cast<int64_t>(client.size())}, meta, row_inv, col_keep,
-                                    counts, offsets, mode, "accumulate_packed");
+void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, std::vector<int64_t> parts,
+                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, double weight,
+                           double max_ssq, std::string mode, Tensor sums, Tensor cover, Tensor stats) {
+  const PackedCall pc = packed_call(weights, client, parts, meta, row_inv, col_keep, counts, offsets, mode,
+                                    "accumulate_packed");
   STD_TORCH_CHECK(std::isfinite(weight) && weight >= 0, "weight must be finite and >= 0, got ", weight);
   check_flat(sums, "sums", pc.adtype, pc.total);
   check_flat(cover, "cover", pc.adtype, pc.total_cover);
@@ -576,7 +583,7 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
     CAHFP_DISPATCH_FLOATING(pc.cdtype, "accumulate_packed_client", [&] {
       using ct = scalar_t;
       std::vector<Job<wt, ct>> jobs(N);
-      fill_jobs<wt, ct>(jobs, pc.ws, client, pc.start, pc.lt, pc.cdtype);
+      fill_jobs<wt, ct>(jobs, pc.ws, client, pc.start, pc.parts, pc.lt, pc.cdtype);
       std::vector<acc*> sum_ptr(N), cover_ptr(N);
       int64_t off = 0, coff = 0;
       for (int64_t n = 0; n < N; ++n) {

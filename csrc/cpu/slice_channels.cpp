@@ -170,12 +170,12 @@ void slice_packed_cpu(std::vector<Tensor> weights, Tensor meta, Tensor row_inv, 
                     n, "] must be a CPU tensor of dtype ", dtype_name(dtype));
     const int64_t* mn = lt.meta + 5 * n;
     ws[n] = torch::stable::contiguous(weights[n]);
-    STD_TORCH_CHECK(ws[n].numel() == mn[0] * mn[1] * mn[2], "weights[", n, "] has ", ws[n].numel(),
+    STD_TORCH_CHECK(ws[n].numel() == checked_product(mn[0], mn[1], mn[2]), "weights[", n, "] has ", ws[n].numel(),
                     " elements but the layout says ", mn[0], " x ", mn[1], " x ", mn[2]);
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t* c = lt.counts + 2 * (k * N + n);
-      STD_TORCH_CHECK(lt.offsets[k * N + n] + c[0] * c[1] * mn[2] <= out.numel(), "layout starts of client ", k,
-                      ", tensor ", n, " are out of range");
+      const int64_t* c = lt.counts + 2 * (k * N + n);  // c[0] <= mn[0], c[1] <= mn[1]: no overflow
+      STD_TORCH_CHECK(range_inside(lt.offsets[k * N + n], c[0] * c[1] * mn[2], out.numel()),
+                      "layout starts of client ", k, ", tensor ", n, " are out of range");
     }
     Part& part = parts[n];
     part.w = ws[n].const_data_ptr();
