@@ -1,7 +1,7 @@
 """Whole-model and whole-round speed: state_dict aggregation, slicing, streaming and a server round.
 
     python bench/bench_round.py [--models vgg16 resnet56] [--clients 10 100] [--stream-clients 1000]
-        [--stream-window 8]
+        [--stream-window 8] [--device cuda] [--json out.json]
 
 Every figure is checked against the per-tensor path first. Prints ms (best of --repeat), the
 fraction of the measured copy bandwidth (bytes moved / copy bandwidth / time) and, side by
@@ -16,6 +16,7 @@ clients waiting for their window are printed).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -26,20 +27,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
+from models import MODELS  # noqa: E402
 from workloads import _model_case, _plain_slice  # noqa: E402
 
 import cahfp_ops  # noqa: E402
-from cahfp_ops.fl import Server, StreamingAggregator, resnet56, vgg16  # noqa: E402
-from common import half_and_half  # noqa: E402
+from cahfp_ops.fl import Server, StreamingAggregator  # noqa: E402
+from common import TINY, device_name, half_and_half  # noqa: E402
+
+DEV = torch.device("cpu")  # --device
+RECORDS: list[dict] = []  # every figure printed, for --json
+
+
+def _sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize(DEV)
+
+
+def _now() -> float:
+    """Wall time with the device's queued work finished (the kernels run asynchronously on CUDA)."""
+    _sync()
+    return time.perf_counter()
 
 
 def best_ms(fn, repeat: int) -> float:
     fn()
     best = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = _now()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _now() - t0)
     return best * 1e3
 
 
@@ -50,31 +66,37 @@ def paired_ms(fn, ref, repeat: int) -> tuple[float, float]:
     fn(), ref()
     best, ratios = float("inf"), []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = _now()
         ref()
-        t1 = time.perf_counter()
+        t1 = _now()
         fn()
-        t2 = time.perf_counter()
+        t2 = _now()
         best = min(best, t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
     return best * 1e3, statistics.median(ratios)
 
 
 def copy_bandwidth() -> float:
-    src = torch.empty(256 << 20, dtype=torch.uint8)
+    """GB/s (read + write) of ``dst.copy_(src)`` on the device, 256 MB (1 GB on CUDA: several
+    times the L2) between preallocated buffers."""
+    n = (1 << 30 if DEV.type == "cuda" else 256 << 20) >> (6 if TINY else 0)
+    src = torch.empty(n, dtype=torch.uint8, device=DEV)
     dst = torch.empty_like(src)
     ms = best_ms(lambda: dst.copy_(src), 5)
     return 2 * src.numel() / ms / 1e6  # GB/s, read + write
 
 
-def row(what: str, ms: float, nbytes: int, bw: float, peer: float | None = None) -> str:
+def row(what: str, ms: float, nbytes: int, bw: float, peer: float | None = None, case: str = "") -> str:
     frac = nbytes / (bw * 1e6) / ms
     vs = f"{peer / ms:6.2f}x" if peer else "      "
-    return f"  {what:<44} {ms:9.1f} ms  {nbytes / ms / 1e6:6.1f} GB/s  {frac:5.2f} of copy  {vs}"
+    RECORDS.append({"case": case, "what": what.strip(), "ms": ms, "GBps": nbytes / ms / 1e6, "of_copy": frac,
+                    "speedup": peer / ms if peer else None})  # fmt: skip
+    return f"  {what:<44} {ms:9.3f} ms  {nbytes / ms / 1e6:6.1f} GB/s  {frac:5.2f} of copy  {vs}"
 
 
 def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
-    model, clients, rows, cols, coef = _model_case(name, K, torch.device("cpu"))
+    model, clients, rows, cols, coef = _model_case(name, K, DEV)
+    case = f"{name} K={K}"
     params = sum(w.numel() for w in model.values())
     client_elems = sum(t.numel() for c in clients for t in c.values())
     agg_bytes = 4 * (2 * params + client_elems)
@@ -100,21 +122,21 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
     def agg_sd():
         return cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, coef)
 
-    print(row("aggregate state_dicts (separate tensors)", best_ms(agg_sd, repeat), agg_bytes, bw, peer_agg))
+    print(row("aggregate state_dicts (separate tensors)", best_ms(agg_sd, repeat), agg_bytes, bw, peer_agg, case))
     with cahfp_ops.validation(False):
         print(row("  same, validation off", best_ms(
             lambda: cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, coef), repeat), agg_bytes, bw,
-            peer_agg))  # fmt: skip
+            peer_agg, case))  # fmt: skip
     print(row("aggregate packed clients (one buffer each)", best_ms(
         lambda: cahfp_ops.reconstruct_aggregate_many(model, pclients, rows, cols, coef), repeat), agg_bytes, bw,
-        peer_agg))  # fmt: skip
-    print(row("index_add peer (per tensor)", peer_agg, agg_bytes, bw))
+        peer_agg, case))  # fmt: skip
+    print(row("index_add peer (per tensor)", peer_agg, agg_bytes, bw, case=case))
 
     slice_bytes = 4 * 2 * client_elems
     peer_slice = best_ms(lambda: [_plain_slice(model, rows, cols, k) for k in range(K)], max(1, repeat // 2))
     print(row("slice_channels_many", best_ms(lambda: cahfp_ops.slice_channels_many(model, rows, cols), repeat),
-              slice_bytes, bw, peer_slice))  # fmt: skip
-    print(row("per-client index_select peer", peer_slice, slice_bytes, bw))
+              slice_bytes, bw, peer_slice, case))  # fmt: skip
+    print(row("per-client index_select peer", peer_slice, slice_bytes, bw, case=case))
 
     layout = packed[0].layout
     per_client_keeps = [({n: v[k] for n, v in rows.items()}, {n: v[k] for n, v in cols.items()}) for k in range(K)]
@@ -153,14 +175,17 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
     print(f"  streaming (x: median ratio to the batch call, timed in pairs): keep-set dicts {s1:.1f} ms ({r1:.2f}x), "
           f"round layout, one client per call {s2:.1f} ms ({r2:.2f}x)")  # fmt: skip
     sw = {w: paired_ms(lambda w=w: stream_windows(w), batch, repeat) for w in windows}
+    RECORDS.append({"case": case, "what": "streaming", "keep_set_dicts_ms": s1, "keep_set_dicts_x": r1,
+                    "one_per_call_ms": s2, "one_per_call_x": r2,
+                    "windows": {str(w): {"ms": t, "x_batch": r} for w, (t, r) in sw.items()}})  # fmt: skip
     print("  streaming, windows of clients per call (add_many, partial sums in a reused Workspace): "
           + ", ".join(f"{w}: {t:.1f} ms ({r:.2f}x)" for w, (t, r) in sw.items()))  # fmt: skip
 
 
 def bench_server(name: str, K: int, repeat: int) -> None:
     torch.manual_seed(K)
-    net = {"vgg16": vgg16, "resnet56": resnet56}[name]()
-    x = torch.randn(1, 3, 32, 32)
+    net = MODELS[name]().to(DEV)
+    x = torch.randn(1, 3, 32, 32, device=DEV)
     ratios = dict(enumerate(half_and_half(K)))
     server = Server(net, x, criterion="l1", warmup_rounds=0)
     state0 = {k: v.clone() for k, v in server.state.items()}
@@ -168,24 +193,26 @@ def bench_server(name: str, K: int, repeat: int) -> None:
     for i in range(repeat + 1):  # round 0 warms up (tracing, FLOP counts, caches) and is not timed
         server.state = {k: v.clone() for k, v in state0.items()}
         server.round = 1
-        t0 = time.perf_counter()
+        t0 = _now()
         assigned = server.assign(ratios)
-        t1 = time.perf_counter()
+        t1 = _now()
         replies = {c: a.state for c, a in assigned.items()}
         server.aggregate(replies)
-        t2 = time.perf_counter()
+        t2 = _now()
         floats = [state0[n] for n in server.layout.names]
-        t3 = time.perf_counter()
+        t3 = _now()
         bufs = server.layout.slice(floats)
-        t4 = time.perf_counter()
-        coef = torch.full((K,), 1 / K, dtype=torch.float64)
+        t4 = _now()
+        coef = torch.full((K,), 1 / K, dtype=torch.float64, device=DEV)
         cahfp_ops.aggregate_packed(server.layout, floats, bufs, coef)
-        t5 = time.perf_counter()
+        t5 = _now()
         for key, v in zip(times, (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):
             if i:
                 times[key].append(v * 1e3)
     b = {k: min(v) for k, v in times.items()}
     kern = b["slice kernel"] + b["aggregate kernel"]
+    RECORDS.append({"case": f"{name} K={K}", "what": "server round", **{f"{k}_ms": v for k, v in b.items()},
+                    "round_ms": b["assign"] + b["aggregate"], "x_kernels": (b["assign"] + b["aggregate"]) / kern})
     print(f"  server round: assign {b['assign']:.1f} ms + aggregate {b['aggregate']:.1f} ms = "
           f"{b['assign'] + b['aggregate']:.1f} ms; its kernel calls {kern:.1f} ms "
           f"({(b['assign'] + b['aggregate']) / kern:.2f}x)")  # fmt: skip
@@ -194,7 +221,7 @@ def bench_server(name: str, K: int, repeat: int) -> None:
 def bench_stream_many(name: str, K: int, window: int) -> None:
     """K clients folded in as they arrive, each generated just before: one per call, and
     windows of ``window`` clients per call (held until their window is folded)."""
-    model, _, _, _, _ = _model_case(name, 2, torch.device("cpu"))
+    model, _, _, _, _ = _model_case(name, 2, DEV)
     keys = list(model)
     layout = cahfp_ops.slice_channels_many(model, None, None, num_clients=1)[0].layout
     model_mb = sum(w.numel() * 4 for w in model.values()) / 1e6
@@ -205,20 +232,20 @@ def bench_stream_many(name: str, K: int, window: int) -> None:
         agg = StreamingAggregator(model)
         t_add, pending = 0.0, []
         for i in range(K):
-            pending.append(torch.randn(int(layout.numels[0]), generator=gen))
+            pending.append(torch.randn(int(layout.numels[0]), generator=gen).to(DEV))
             if len(pending) < w and i + 1 < K:
                 continue
-            t0 = time.perf_counter()
+            t0 = _now()
             if w == 1:
                 agg.add(cahfp_ops.PackedModel(pending[0], layout, 0, keys), weight=1.0, layout=layout, client=0)
             else:
                 agg.add_many([cahfp_ops.PackedModel(b, sub, j, keys) for j, b in enumerate(pending)],
                              [1.0] * len(pending), layout=sub, clients=list(range(len(pending))))  # fmt: skip
-            t_add += time.perf_counter() - t0
+            t_add += _now() - t0
             pending = []
-        t0 = time.perf_counter()
+        t0 = _now()
         results.append(agg.result())
-        t_res = time.perf_counter() - t0
+        t_res = _now() - t0
         held = sum(t.untyped_storage().nbytes() for fl in agg.partials().flats.values() for t in fl)
         held += sum(t.untyped_storage().nbytes() for fl in agg._spare.values() for t in fl)
         clients_mb = (w - 1) * int(layout.numels[0]) * 4 / 1e6 if w > 1 else 0.0
@@ -237,16 +264,25 @@ def main() -> None:
     ap.add_argument("--stream-window", type=int, default=8, help="clients per call in the K = 1,000 streaming run")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = ap.parse_args()
+    global DEV
+    DEV = torch.device(args.device)
     torch.set_num_threads(args.threads)
     bw = copy_bandwidth()
-    print(f"threads {args.threads}, copy bandwidth {bw:.1f} GB/s, kernels {cahfp_ops.cpp.kernel_status().source}")
+    print(f"{device_name(DEV)}, backend {cahfp_ops.resolve_backend(DEV)}, threads {args.threads}, "
+          f"copy bandwidth {bw:.1f} GB/s, kernels {cahfp_ops.cpp.kernel_status().source}")  # fmt: skip
     for name in args.models:
         for K in args.clients:
             bench_model(name, K, bw, args.repeat)
             bench_server(name, K, args.repeat)
         if args.stream_clients:
             bench_stream_many(name, args.stream_clients, args.stream_window)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": device_name(DEV), "torch": torch.__version__, "copy_GBps": bw,
+                                         "results": RECORDS}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads  # noqa: E402
 
-from common import bench_parser, measure, print_table, speed_columns, start  # noqa: E402
+from common import bench_parser, measure, print_table, speed_columns, start, write_json  # noqa: E402
 
 
 def run(K: int, dev: torch.device, args) -> dict:
@@ -30,13 +30,17 @@ def run(K: int, dev: torch.device, args) -> dict:
 
 
 def main() -> None:
-    args = bench_parser(__doc__, clients=[1, 10]).parse_args()
+    p = bench_parser(__doc__, clients=[1, 10])
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args()
     dev = start(args)
+    rows = [run(K, dev, args) for K in args.clients]
     print_table(
         "curvature_scores, VGG-16 (CIFAR) conv weights, float32, per-client g and h",
-        [run(K, dev, args) for K in args.clients],
+        rows,
         speed_columns({"naive": "naive", "plain": "broadcast"}, mb_header="MB read"),
     )
+    write_json(args.json, dev, rows)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from common import (  # noqa: E402
     print_table,
     speed_columns,
     start,
+    write_json,
 )
 
 
@@ -35,13 +36,17 @@ def run(K: int, dev: torch.device, args) -> dict:
 
 
 def main() -> None:
-    args = bench_parser(__doc__, clients=[10, 100]).parse_args()
+    p = bench_parser(__doc__, clients=[10, 100])
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args()
     dev = start(args)
+    rows = [run(K, dev, args) for K in args.clients]
     print_table(
         "slice_channels, VGG-16 (CIFAR) conv layers, float32, clients pruned 50 % / 75 %",
-        [run(K, dev, args) for K in args.clients],
+        rows,
         speed_columns({"naive": "naive", "plain": "index_select"}),
     )
+    write_json(args.json, dev, rows)
 
 
 if __name__ == "__main__":

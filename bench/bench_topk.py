@@ -23,6 +23,7 @@ from common import (  # noqa: E402
     print_table,
     speed_columns,
     start,
+    write_json,
 )
 
 
@@ -34,13 +35,17 @@ def run(K: int, dev: torch.device, args) -> dict:
 
 
 def main() -> None:
-    args = bench_parser(__doc__, clients=[10, 100]).parse_args()
+    p = bench_parser(__doc__, clients=[10, 100])
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args()
     dev = start(args)
+    rows = [run(K, dev, args) for K in args.clients]
     print_table(
         "topk_channel_masks, 13 VGG-16 layers, (K, C) float32 scores, keep 50 % / 25 %",
-        [run(K, dev, args) for K in args.clients],
+        rows,
         speed_columns({"naive": "naive", "plain": "batched sort"}),
     )
+    write_json(args.json, dev, rows)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ bytes (read + write) between preallocated buffers on the same device.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -16,8 +17,12 @@ import torch
 from cahfp_ops.fl.masks import kept_count  # re-exported for the benchmark scripts
 from cahfp_ops.fl.zoo import VGG_CONFIGS
 
+# ``CAHFP_BENCH_TINY=1``: every benchmark on models 16-64x narrower (ResNet-8 for ResNet-56), so
+# that a dry run (``bench/gpu_suite.py --dry-run``, the Triton interpreter on CPU) takes seconds.
+TINY = os.environ.get("CAHFP_BENCH_TINY", "0") == "1"
+
 # CIFAR VGG-16: 13 3x3 conv layers (~14.7 M conv parameters), widths from the model zoo.
-VGG16_WIDTHS = [v for v in VGG_CONFIGS["vgg16"] if v != "M"]
+VGG16_WIDTHS = [v if not TINY else max(2, v // 64) for v in VGG_CONFIGS["vgg16"] if v != "M"]
 
 
 def vgg16_conv_shapes(in_channels: int = 3) -> list[tuple[int, ...]]:
@@ -92,12 +97,58 @@ def copy_roofline_ms(total_bytes: int, repeat: int = 14, device="cpu") -> float:
     return bench_ms(lambda: dst.copy_(src), device, repeat=repeat)
 
 
+def paired_copy_fraction(fn: Callable[[], object], total_bytes: int, device, repeat: int = 7) -> float:
+    """The fraction of copy bandwidth ``fn`` reaches, measured paired with each call: per
+    repetition a ``dst.copy_(src)`` moving ``total_bytes`` (read + write) and ``fn`` back to
+    back, the median of the per-pair ratios copy time / ``fn`` time (this machine's
+    bandwidth drifts within a minute: a ratio of two medians taken apart drifts with it).
+    CUDA: the pair is timed with events; CPU: with the wall clock."""
+    n = max(1, total_bytes // 2 // 4)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    cuda = str(device).startswith("cuda")
+    fn(), dst.copy_(src)
+    ratios = []
+    for _ in range(max(1, repeat)):
+        if cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            torch.cuda.synchronize()
+            ev[0].record()
+            dst.copy_(src)
+            ev[1].record()
+            fn()
+            ev[2].record()
+            torch.cuda.synchronize()
+            t_copy, t_fn = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2])
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            t1 = time.perf_counter()
+            fn()
+            t_copy, t_fn = t1 - t0, time.perf_counter() - t1
+        ratios.append(t_copy / t_fn)
+    return statistics.median(ratios)
+
+
 def device_name(device) -> str:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     import platform
 
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def write_json(path, device, rows: list[dict], **extra) -> None:
+    """``--json PATH``: the rows, with the device and versions."""
+    if path is None:
+        return
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": device_name(device), "torch": torch.__version__, **extra,
+                                "results": rows}, indent=1, default=str))  # fmt: skip
 
 
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
@@ -154,7 +205,7 @@ def measure(K: int, dev, nbytes: int, fns: dict[str, Callable[[], object]], repe
     t_copy = copy_roofline_ms(nbytes, device=dev)
     t = {name: bench_ms(fn, dev, repeat) for name, fn in fns.items()}
     row = {"K": K, "MB": nbytes / 1e6, "copy_ms": t_copy, **{f"{k}_ms": v for k, v in t.items()}}
-    row.update(GBps=nbytes / t["ours"] / 1e6, roofline=t_copy / t["ours"])
+    row.update(GBps=nbytes / t["ours"] / 1e6, roofline=paired_copy_fraction(fns["ours"], nbytes, dev, repeat))
     row.update({f"vs_{k}": t[k] / t["ours"] for k in t if k != "ours"})
     return row
 
@@ -167,7 +218,7 @@ def speed_columns(peers: dict[str, str], mb_header: str = "MB moved") -> list[tu
         ("copy_ms", "copy ms", ".3f"),
         ("ours_ms", "cahfp ms", ".3f"),
         ("GBps", "GB/s", ".1f"),
-        ("roofline", "of copy", ".1%"),
+        ("roofline", "of copy (paired)", ".1%"),
     ]
     cols += [(f"{k}_ms", f"{h} ms", ".3f") for k, h in peers.items()]
     cols += [(f"vs_{k}", f"vs {k}", ".1f") for k in peers]

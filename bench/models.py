@@ -8,9 +8,12 @@ from __future__ import annotations
 import torch
 
 from cahfp_ops.fl import resnet56, trace_plan, vgg16
-from common import random_keep
+from cahfp_ops.fl.zoo import ResNet
+from common import TINY, random_keep
 
 MODELS = {"vgg16": vgg16, "resnet56": resnet56}
+if TINY:  # CAHFP_BENCH_TINY=1 (dry runs): the same structure, a fraction of the size
+    MODELS = {"vgg16": lambda: vgg16(width=1 / 16), "resnet56": lambda: ResNet(depth=8)}
 
 
 def channel_plan(name: str, K: int, ratios: list[float], gen: torch.Generator, device="cpu"):

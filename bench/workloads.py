@@ -18,6 +18,7 @@ is timed. The roofline scripts (``bench_*.py``) and the pytest-benchmark suite
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,7 +68,11 @@ class Workload:
 
 
 def cahfp_backends(device: torch.device) -> list[str]:
-    """The compiled backends that run on ``device`` here (the reference is listed apart)."""
+    """The compiled backends that run on ``device`` here (the reference is listed apart);
+    ``CAHFP_BENCH_BACKENDS`` (comma-separated) names them instead (``triton`` on CPU tensors
+    under ``TRITON_INTERPRET=1``: the dry run of ``gpu_suite.py``)."""
+    if os.environ.get("CAHFP_BENCH_BACKENDS"):
+        return [b for b in os.environ["CAHFP_BENCH_BACKENDS"].split(",") if b]
     out = []
     if device.type == "cpu" and cahfp_ops.load_cpp():
         out.append("cpp")

@@ -180,9 +180,12 @@ def round_iter(cfg: Config, progress: bool, label: str):
 
 def summary(method: str, mode: str, cfg: Config, history: list[float], times: list[float], full_params: int,
             down: float, up: float, mflops: float, full_mflops: float,
-            rejected: tuple[int, int] = (0, 0)) -> dict:  # fmt: skip
+            rejected: tuple[int, int] = (0, 0), server_times: list[float] | None = None) -> dict:  # fmt: skip
     """A run's summary (what every method's loop returns): the accuracy per round, the
-    accounting per client (``down`` / ``up``: values per client summed over rounds), timing."""
+    accounting per client (``down`` / ``up``: values per client summed over rounds), timing
+    (``server_times``: the server's share of each round, assign + build + aggregate; the rest
+    of a round is client training and evaluation)."""
+    server_s = None if not server_times else sum(server_times) / len(server_times)
     return {
         "method": method,
         "mode": mode,
@@ -196,6 +199,8 @@ def summary(method: str, mode: str, cfg: Config, history: list[float], times: li
         "training_mflops_per_client": mflops,
         "full_training_mflops": full_mflops,
         "seconds_per_round": sum(times) / len(times),
+        "server_seconds_per_round": server_s,
+        "client_seconds_per_round": None if server_s is None else sum(times) / len(times) - server_s,
         "rejected": rejected[0],
         "rejected_total": rejected[1],
     }
@@ -241,6 +246,19 @@ def run(
     masks = fedsim_labelsplit.label_masks(data.y_train, parts, data.num_classes) if label_split else None
     head = fedsim_labelsplit.classifier_names(model, data.num_classes) if label_split else None
 
+    server_time = [0.0]  # this round's server work so far, in seconds
+
+    def on_server(fn: Callable, *args):
+        """``fn(*args)``, its wall time (the device synchronised) added to the server's share."""
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        server_time[0] += time.perf_counter() - t0
+        return out
+
     def local_work(cid: int) -> tuple[torch.Tensor, float, torch.Generator]:
         """Client ``cid``'s samples, share of the local steps and batch-order generator this round."""
         work = 1.0 - capacity[cid] if m.rank_local_work else 1.0  # FedProx: a client of ratio r does (1 - r)
@@ -268,7 +286,7 @@ def run(
         """The server's rule; with label split, the classifier's rows recombined afterwards from
         the clients holding each class (the other tensors keep the server's result)."""
         previous = {n: server.state[n] for n in head if n is not None} if head else None
-        report = server.aggregate(updates, weights)
+        report = on_server(server.aggregate, updates, weights)
         if head and report.accepted:
             _, cols = server.plan.tensor_keep_sets([server.assignments[c].keeps for c in report.accepted])
             col = dict(zip(report.accepted, cols.get(head[0], [None] * len(report.accepted))))
@@ -279,8 +297,8 @@ def run(
 
     def batched_round(ratios: dict[int, float]):
         """assign -> build -> train clients of equal compact shapes together -> aggregate."""
-        server.assign(ratios)
-        compacts = {cid: server.build(cid).to(dev).train() for cid in server.assignments}
+        on_server(server.assign, ratios)
+        compacts = {cid: on_server(server.build, cid).to(dev).train() for cid in server.assignments}
         groups: dict[tuple, list[int]] = {}
         for cid, cm in compacts.items():
             groups.setdefault(fedsim_batched.shape_key(cm), []).append(cid)
@@ -306,19 +324,21 @@ def run(
     def sequential_round(ratios: dict[int, float]):
         """assign -> build -> train each client -> aggregate (what ``Server.run_round`` does,
         with the label-split aggregation when it is on)."""
-        server.assign(ratios)
-        replies = {cid: train(cid, server.build(cid)) for cid in server.assignments}
+        on_server(server.assign, ratios)
+        replies = {cid: train(cid, on_server(server.build, cid)) for cid in server.assignments}
         return aggregate({c: r[0] for c, r in replies.items()}, {c: r[1] for c, r in replies.items()})
 
-    history, times = [], []
+    history, times, server_times = [], [], []
     rounds = round_iter(cfg, progress, label or f"{method}/{mode}")
     report, rejected = None, 0
     down = up = flops = 0.0
     for _ in rounds:
         t0 = time.perf_counter()
+        server_time[0] = 0.0
         ratios = methods.round_ratios(m, capacity, width_gen)
         report = sequential_round(ratios) if cfg.batched == "off" else batched_round(ratios)
         times.append(time.perf_counter() - t0)
+        server_times.append(server_time[0])
         rejected += len(report.rejected)
         clients = list(report.clients.values())
         down += sum(c.params_down for c in clients) / len(clients)
@@ -331,7 +351,7 @@ def run(
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
     return summary(m.name, mode, cfg, history, times, report.full_params, down, up, flops / cfg.rounds / 1e6,
-                   report.full_training_flops / 1e6, (len(report.rejected), rejected))  # fmt: skip
+                   report.full_training_flops / 1e6, (len(report.rejected), rejected), server_times)  # fmt: skip
 
 
 def summarise(results: list[dict], reference: tuple[str, str] = ("cahfp", "reconstruct")) -> list[dict]:
@@ -350,6 +370,8 @@ def summarise(results: list[dict], reference: tuple[str, str] = ("cahfp", "recon
                    "full_params", "params_down_per_client", "params_up_per_client", "training_mflops_per_client",
                    "full_training_mflops")},
                "seconds_per_round": statistics.mean(r["seconds_per_round"] for r in rs)}  # fmt: skip
+        server_s = [r["server_seconds_per_round"] for r in rs if r.get("server_seconds_per_round") is not None]
+        row["server_seconds_per_round"] = statistics.mean(server_s) if server_s else None
         diffs = [r["final_accuracy"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
         if (method, mode) != reference and diffs:
             mu, sd = mean_sd(diffs)
@@ -358,12 +380,17 @@ def summarise(results: list[dict], reference: tuple[str, str] = ("cahfp", "recon
     return out
 
 
+def _server_share(row: dict) -> str:
+    s = row.get("server_seconds_per_round")
+    return "" if s is None else f" ({s:.3f})"
+
+
 def format_table(results: list[dict]) -> str:
     rows = summarise(results)
     n = max(len(r["seeds"]) for r in rows)
     head = (
         f"| method | aggregation | final acc ({n} seed{'s' if n > 1 else ''}) | best acc | final - cahfp [95 % CI] "
-        "| params down / up per client | of full | train MFLOPs/sample per client | s / round |"
+        "| params down / up per client | of full | train MFLOPs/sample per client | s / round (server) |"
     )
     lines = [head, "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]
     for r in rows:
@@ -376,7 +403,7 @@ def format_table(results: list[dict]) -> str:
             f"| {r['method']} | {agg} | {fmt_mean_sd(r['final'])} | {fmt_mean_sd(r['best'])} | {diff} | "
             f"{r['params_down_per_client']:,.0f} / {r['params_up_per_client']:,.0f} | "
             f"{r['params_down_per_client'] / r['full_params']:.0%} | {r['training_mflops_per_client']:.2f} | "
-            f"{r['seconds_per_round']:.2f} |"
+            f"{r['seconds_per_round']:.2f}{_server_share(r)} |"
         )
     return "\n".join(lines)
 
@@ -478,7 +505,10 @@ def sweep(cfg: Config, data: Dataset, out: Path, progress: bool = True, seeds: i
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config()
-    p.add_argument("--data", default=d.data, choices=["digits", "fmnist", "cifar10", "cifar100", "synthetic"])
+    p.add_argument("--data", default=d.data,
+                   choices=["digits", "fmnist", "cifar10", "cifar100", "synthetic", "synthetic_cifar"])
+    p.add_argument("--samples", type=int, default=None,
+                   help="synthetic data: training images (default 400; synthetic_cifar 5,000)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="folder with the FashionMNIST IDX or CIFAR pickle files")
     p.add_argument("--model", default=None, choices=sorted(zoo.ZOO), help="default: small_cnn, resnet20 for CIFAR")
     p.add_argument("--clients", type=int, default=d.clients)
@@ -513,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    model = a.model or ("resnet20" if a.data.startswith("cifar") else "small_cnn")
+    model = a.model or ("resnet20" if "cifar" in a.data else "small_cnn")
     cfg = Config(
         a.data,
         a.data_dir,
@@ -532,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         a.batched,
     )
     try:
-        data = load(cfg.data, cfg.data_dir, cfg.seed)
+        data = load(cfg.data, cfg.data_dir, cfg.seed, a.samples)
     except FileNotFoundError as exc:
         raise SystemExit(f"fedsim: {exc}") from None
     a.out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ Dirichlet label partition.
 * ``cifar10`` / ``cifar100``: the CIFAR python pickles (``cifar-10-batches-py/``,
   ``cifar-100-python/``) in ``--data-dir``.
 * ``synthetic``: random class-dependent images, for tests.
+* ``synthetic_cifar``: the same, CIFAR-shaped (3 x 32 x 32, 10 classes; 5,000 training
+  images unless ``samples`` says otherwise, a fifth as many test images), for timing runs.
 
 Nothing is downloaded: a missing file raises FileNotFoundError saying what to put where.
 """
@@ -143,11 +145,16 @@ def synthetic(n_train: int = 400, n_test: int = 100, shape=(1, 8, 8), classes: i
     return Dataset("synthetic", xtr, ytr, xte, yte, classes)
 
 
-def load(name: str, data_dir: str | Path | None = None, seed: int = 0) -> Dataset:
+def load(name: str, data_dir: str | Path | None = None, seed: int = 0, samples: int | None = None) -> Dataset:
+    """``samples``: training images of the synthetic datasets (default 400 / 5,000)."""
     if name == "digits":
         return load_digits(seed)
     if name == "synthetic":
-        return synthetic(seed=seed)
+        return synthetic(samples or 400, max(1, (samples or 400) // 4), seed=seed)
+    if name == "synthetic_cifar":
+        n = samples or 5000
+        data = synthetic(n, max(1, n // 5), shape=(3, 32, 32), seed=seed)
+        return Dataset("synthetic_cifar", data.x_train, data.y_train, data.x_test, data.y_test, data.num_classes)
     if data_dir is None:
         raise FileNotFoundError(f"dataset {name!r} is read from local files: pass --data-dir")
     if name == "fmnist":
