@@ -36,7 +36,7 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
                                      "bench-scores", "bench-robust", "bench-model", "bench-round", "fedsim-vgg16",
                                      "fedsim-resnet20"]  # fmt: skip
     tests = report["steps"]["cuda-tests"]["junit"]
-    assert tests["tests"] > 20 and tests["failures"] == tests["errors"] == 0
+    assert tests["tests"] - tests["skipped"] >= 15 and tests["failures"] == tests["errors"] == 0
     for step in ("bench-aggregate", "bench-model", "bench-round", "bench-robust", "fedsim-vgg16"):
         assert report["steps"][step]["data"]["results"], step
     fedsim = report["steps"]["fedsim-vgg16"]["data"]["results"][0]
