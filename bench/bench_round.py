@@ -1,6 +1,6 @@
 """Whole-model and whole-round speed: state_dict aggregation, slicing, streaming and a server round.
 
-    python bench/bench_round.py [--models vgg16 resnet56] [--clients 10 100] [--stream-clients 1000]
+    python bench/bench_round.py [--models vgg16 resnet56 resnet50 vit_small] [--clients 10 100] [--stream-clients 1000]
         [--stream-window 8] [--device cuda] [--json out.json]
 
 Every figure is checked against the per-tensor path first. Prints ms (best of --repeat), the
@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
-from models import MODELS  # noqa: E402
+from models import MODELS, example_input  # noqa: E402
 from workloads import _model_case, _plain_slice  # noqa: E402
 
 import cahfp_ops  # noqa: E402
-from cahfp_ops.fl import Server, StreamingAggregator  # noqa: E402
+from cahfp_ops.fl import Server, StreamingAggregator, trace_plan  # noqa: E402
 from common import TINY, device_name, half_and_half  # noqa: E402
 
 DEV = torch.device("cpu")  # --device
@@ -185,8 +185,15 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
 def bench_server(name: str, K: int, repeat: int) -> None:
     torch.manual_seed(K)
     net = MODELS[name]().to(DEV)
-    x = torch.randn(1, 3, 32, 32, device=DEV)
+    x = example_input(name, DEV)
     ratios = dict(enumerate(half_and_half(K)))
+    traced = []
+    for _ in range(3):  # trace_plan alone (torch.fx trace, shape propagation, the compact check)
+        t0 = time.perf_counter()
+        trace_plan(net, x)
+        traced.append((time.perf_counter() - t0) * 1e3)
+    RECORDS.append({"case": name, "what": "trace_plan", "ms": statistics.median(traced)})
+    print(f"  trace_plan: {statistics.median(traced):.0f} ms (median of 3)")
     server = Server(net, x, criterion="l1", warmup_rounds=0)
     state0 = {k: v.clone() for k, v in server.state.items()}
     times = {"assign": [], "aggregate": [], "slice kernel": [], "aggregate kernel": []}

@@ -207,9 +207,11 @@ def check_specs(
     names: Sequence | None,
 ) -> None:
     """A layout's structure: N shapes of at least one dim, per tensor a channel group
-    ``(group, block)`` or None for dim 0 (``rows``) and dim 1 (``cols``, ignored for a 1-D
-    tensor), each group index among the G groups and each dim exactly ``group_sizes[g] *
-    block`` long (channel c owns ``[c * block, (c + 1) * block)``)."""
+    (a ``cahfp_ops.layout.DimSpec``) or None for dim 0 (``rows``) and dim 1 or the dim it
+    names (``cols``, ignored for a 1-D tensor), each group index among the G groups; a
+    ``(group, block)`` dim is exactly ``group_sizes[g] * block`` long (channel c owns
+    ``[c * block, (c + 1) * block)``), a ``(group, block, offset, copies)`` dim is ``copies``
+    whole stretches of blocks of channels inside the group."""
     for what, seq in (("shapes", shapes), ("rows", rows), ("cols", cols), ("group_sizes", group_sizes)):
         if not isinstance(seq, (list, tuple)):
             raise TypeError(f"{op}: {what} must be a sequence, got {type(seq).__name__}")
@@ -231,18 +233,37 @@ def check_specs(
             if spec is None or (dim == 1 and len(shape) == 1):
                 continue
             what = f"{'rows' if dim == 0 else 'cols'}[{n}]"
+            lengths = (2, 4, 5) if dim == 1 else (2, 4)
             if (
-                not isinstance(spec, (list, tuple)) or len(spec) != 2
+                not isinstance(spec, (list, tuple)) or len(spec) not in lengths
                 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in spec)
             ):  # fmt: skip
-                raise TypeError(f"{op}: {what} must be None or a (group, block) pair of ints, got {spec!r}")
+                form = "(group, block) or (group, block, offset, copies" + (", dim)" if dim else ")")
+                raise TypeError(f"{op}: {what} must be None or {form} of ints, got {spec!r}")
             g, block = int(spec[0]), int(spec[1])
             if not 0 <= g < G:
                 raise ValueError(f"{op}: {what} names group {g}, but there are {G} groups")
             if block < 1:
                 raise ValueError(f"{op}: {what} has block {block}; a block is at least 1")
-            if shape[dim] != group_sizes[g] * block:
+            at = dim
+            if len(spec) == 5:
+                at = int(spec[4])
+                if not 1 <= at < len(shape):
+                    raise ValueError(f"{op}: {what} prunes dim {at} of shapes[{n}] {tuple(shape)}")
+                if at >= 2 and rows[n] is not None:
+                    raise ValueError(f"{op}: {what} prunes dim {at}, so rows[{n}] must be None")
+            if len(spec) == 2:
+                if shape[at] != group_sizes[g] * block:
+                    raise ValueError(
+                        f"{op}: {what}: dim {at} of shapes[{n}] {tuple(shape)} has {shape[at]} entries, but group "
+                        f"{g} of {group_sizes[g]} channels in blocks of {block} covers {group_sizes[g] * block}"
+                    )
+                continue
+            offset, copies = int(spec[2]), int(spec[3])
+            channels, rest = divmod(shape[at], block * copies) if copies >= 1 else (0, 1)
+            if copies < 1 or rest or offset < 0 or offset + channels > group_sizes[g]:
                 raise ValueError(
-                    f"{op}: {what}: dim {dim} of shapes[{n}] {tuple(shape)} has {shape[dim]} entries, but group {g} "
-                    f"of {group_sizes[g]} channels in blocks of {block} covers {group_sizes[g] * block}"
+                    f"{op}: {what}: dim {at} of shapes[{n}] {tuple(shape)} has {shape[at]} entries, which are not "
+                    f"{copies} copies of channels [{offset}, ...) of group {g} ({group_sizes[g]} channels) "
+                    f"in blocks of {block}"
                 )

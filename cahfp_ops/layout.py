@@ -65,9 +65,25 @@ __all__ = [
     "slice_packed",
 ]
 
-#: A tensor dim's channel group: ``(group index, block)`` (channel c owns indices
-#: ``[c * block, (c + 1) * block)`` of the dim), or None when the dim is never pruned.
-DimSpec = "tuple[int, int] | None"
+#: A tensor dim's channel group: ``(group, block)``: channel c of the group owns indices
+#: ``[c * block, (c + 1) * block)`` of the dim, which spans the whole group; or ``(group,
+#: block, offset, copies)``: the dim holds ``copies`` equal stretches, each covering channels
+#: ``[offset, offset + n)`` of the group in blocks (``n = len / (copies * block)``; a
+#: concatenated input, an LSTM's gates, a fused q/k/v projection); a column spec may add a
+#: fifth entry ``dim`` >= 1, the tensor dim it prunes (default 1; with ``dim >= 2`` the
+#: tensor's dim 0 is not pruned). None: the dim is never pruned.
+DimSpec = "tuple[int, int] | tuple[int, int, int, int] | tuple[int, int, int, int, int] | None"
+
+
+def dim_spec(spec: object, default_dim: int) -> tuple[int, int, int, int, int] | None:
+    """``spec`` (a :data:`DimSpec`, checked by the caller) as ``(group, block, offset, copies,
+    dim)``; ``offset == -1`` marks the 2-tuple form (the whole group)."""
+    if spec is None:
+        return None
+    g, b = int(spec[0]), int(spec[1])
+    if len(spec) == 2:
+        return g, b, -1, 1, default_dim
+    return g, b, int(spec[2]), int(spec[3]), int(spec[4]) if len(spec) == 5 else default_dim
 
 
 @dataclass(frozen=True)
@@ -77,20 +93,30 @@ class _Structure:
     meta: np.ndarray  # (N, 5) int64
     views: tuple[tuple[int, int, int], ...]  # (R, Cin, T)
     row_vector: np.ndarray  # (N,) bool: a 1-D tensor
-    row_group: np.ndarray  # (N,) int64, -1: not pruned
-    row_block: np.ndarray
-    col_group: np.ndarray
-    col_block: np.ndarray
+    col_dim: np.ndarray  # (N,) the tensor dim the column space indexes (1; >= 2 for a later dim)
+    # Per tensor: the channel range a dim reads (index into ``ranges``, -1: not pruned) and
+    # the entries per kept channel (copies * block).
+    row_range: np.ndarray
+    row_mult: np.ndarray
+    col_range: np.ndarray
+    col_mult: np.ndarray
+    ranges: tuple[tuple[int, int, int], ...]  # (group, first channel, channels)
+    partial: bool  # some dim covers part of its group or repeats it: per-client offsets needed
     # Per position of the row space (SR) and column space (SC): source column in the
-    # concatenated group space (-1: not pruned), block, offset inside the block, local index.
+    # concatenated group space (-1: not pruned), block, offset inside the block, local index,
+    # channel range (-1: not pruned) and stretch (which copy).
     row_src: np.ndarray
     row_blk: np.ndarray
     row_sub: np.ndarray
     row_local: np.ndarray
+    row_rng: np.ndarray
+    row_str: np.ndarray
     col_src: np.ndarray
     col_blk: np.ndarray
     col_sub: np.ndarray
     col_local: np.ndarray
+    col_rng: np.ndarray
+    col_str: np.ndarray
     col_base: np.ndarray  # (SC,) the tensor's column offset
     rowvec_pos: np.ndarray  # row-space positions of 1-D tensors
     rowvec_n: np.ndarray  # their tensor indices
@@ -117,7 +143,11 @@ def _structure(
     goff = np.concatenate([[0], np.cumsum(group_sizes, dtype=np.int64)]) if group_sizes else np.zeros(1, np.int64)
     views, meta = [], np.zeros((N, 5), np.int64)
     row_vector = np.zeros(N, bool)
-    rg, rb, cg, cb = (np.full(N, -1, np.int64), np.ones(N, np.int64), np.full(N, -1, np.int64), np.ones(N, np.int64))
+    col_dim = np.ones(N, np.int64)
+    per_tensor = {k: np.full(N, -1, np.int64) for k in ("row_range", "col_range")}
+    per_tensor.update({k: np.ones(N, np.int64) for k in ("row_mult", "col_mult")})
+    ranges: dict[tuple[int, int, int], int] = {}
+    partial = False
     r_parts: list[tuple] = []
     c_parts: list[tuple] = []
     rv_pos, rv_n = [], []
@@ -125,23 +155,38 @@ def _structure(
     for n, shape in enumerate(shapes):
         if len(shape) == 1:
             R, Cin, T = 1, shape[0], 1
-            row_spec, col_spec = None, rows[n]
+            row_spec, col_spec = None, dim_spec(rows[n], 0)
             row_vector[n] = True
             rv_pos.append(SR)
             rv_n.append(n)
         else:
-            R, Cin, T = shape[0], shape[1], math.prod(shape[2:])
-            row_spec, col_spec = rows[n], cols[n]
+            row_spec, col_spec = dim_spec(rows[n], 0), dim_spec(cols[n], 1)
+            d = col_spec[4] if col_spec is not None else 1
+            col_dim[n] = d
+            R, Cin, T = math.prod(shape[:d]), shape[d], math.prod(shape[d + 1 :])
         views.append((R, Cin, T))
         meta[n] = (R, Cin, T, SR, SC)
-        for spec, size, parts, g_arr, b_arr in ((row_spec, R, r_parts, rg, rb), (col_spec, Cin, c_parts, cg, cb)):
+        for spec, size, parts, space in ((row_spec, R, r_parts, "row"), (col_spec, Cin, c_parts, "col")):
             local = np.arange(size, dtype=np.int64)
             if spec is None:
-                parts.append((np.full(size, -1, np.int64), np.ones(size, np.int64), np.zeros(size, np.int64), local))
-            else:
-                g, b = spec
-                g_arr[n], b_arr[n] = g, b
-                parts.append((goff[g] + local // b, np.full(size, b, np.int64), local % b, local))
+                zeros = np.zeros(size, np.int64)
+                parts.append((np.full(size, -1, np.int64), np.ones(size, np.int64), zeros, local, zeros - 1, zeros))
+                continue
+            g, b, o, c, _ = spec
+            if o < 0:
+                o, c = 0, 1
+            channels = size // max(1, c * b)
+            if not (0 <= g < len(group_sizes) and b >= 1 and c >= 1 and 0 <= o and channels * c * b == size
+                    and o + channels <= group_sizes[g]):  # fmt: skip
+                # Checked whatever the validation switch: the index maps must stay inside the group.
+                raise ValueError(f"RoundLayout: tensor {n}'s {space} spec {rows[n] if space == 'row' else cols[n]!r} "
+                                 f"does not fit its {size} entries and the group sizes")  # fmt: skip
+            partial |= c != 1 or o != 0 or channels != group_sizes[g]
+            rid = ranges.setdefault((g, o, channels), len(ranges))
+            per_tensor[f"{space}_range"][n], per_tensor[f"{space}_mult"][n] = rid, c * b
+            within = local % (channels * b)
+            parts.append((goff[g] + o + within // b, np.full(size, b, np.int64), within % b, local,
+                          np.full(size, rid, np.int64), local // (channels * b)))  # fmt: skip
         c_parts[-1] = (*c_parts[-1], np.full(Cin, SC, np.int64))
         SR += R
         SC += Cin
@@ -150,9 +195,10 @@ def _structure(
         return np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int64)
 
     st = _Structure(
-        meta, tuple(views), row_vector, rg, rb, cg, cb,
-        cat(r_parts, 0), cat(r_parts, 1), cat(r_parts, 2), cat(r_parts, 3),
-        cat(c_parts, 0), cat(c_parts, 1), cat(c_parts, 2), cat(c_parts, 3), cat(c_parts, 4),
+        meta, tuple(views), row_vector, col_dim,
+        per_tensor["row_range"], per_tensor["row_mult"], per_tensor["col_range"], per_tensor["col_mult"],
+        tuple(ranges), partial,
+        *(cat(r_parts, i) for i in range(6)), *(cat(c_parts, i) for i in range(7)),
         np.asarray(rv_pos, np.int64), np.asarray(rv_n, np.int64),
     )  # fmt: skip
     _STRUCTURES[key] = st
@@ -257,17 +303,28 @@ class RoundLayout:
     def _assemble(cls, shapes, rows, cols, group_sizes, group_keeps, group_counts, names, device) -> RoundLayout:
         """:meth:`build` on arguments checked by the caller."""
         shapes_t = tuple(tuple(int(d) for d in s) for s in shapes)
-        rows_t = tuple(None if r is None else (int(r[0]), int(r[1])) for r in rows)
-        cols_t = tuple(None if c is None else (int(c[0]), int(c[1])) for c in cols)
+        rows_t = tuple(None if r is None else tuple(int(v) for v in r) for r in rows)
+        cols_t = tuple(None if c is None else tuple(int(v) for v in c) for c in cols)
         st = _structure(shapes_t, rows_t, cols_t, tuple(int(s) for s in group_sizes))
         K = group_counts.shape[0]
         N = len(shapes_t)
-        # Kept counts on the host: (K, N, 2) from the groups' counts.
+        # Kept channels of every channel range a dim reads (K, ranges), and the compact
+        # position of each range's first channel (0 for whole groups; host tables for others).
+        gc = group_counts if group_counts.size else np.zeros((K, 1), np.int64)
+        groups_of = np.asarray([g for g, _, _ in st.ranges] or [0], np.int64)
+        rcount = gc[:, groups_of]
+        rbase = np.zeros_like(rcount)
+        if st.partial:
+            host = {g: group_keeps[g].cpu().numpy() for g in {g for g, _, _ in st.ranges}}
+            for r, (g, o, n) in enumerate(st.ranges):
+                kept = host[g] >= 0
+                rbase[:, r] = (kept & (host[g] < o)).sum(1)
+                rcount[:, r] = (kept & (host[g] < o + n)).sum(1) - rbase[:, r]
+        # Kept counts on the host: (K, N, 2).
         R = st.meta[:, 0]
         Cin = st.meta[:, 1]
-        gc = group_counts if group_counts.size else np.zeros((K, 1), np.int64)
-        cc = np.where(st.col_group >= 0, gc[:, np.clip(st.col_group, 0, None)] * st.col_block, Cin)
-        rc = np.where(st.row_group >= 0, gc[:, np.clip(st.row_group, 0, None)] * st.row_block, R)
+        cc = np.where(st.col_range >= 0, rcount[:, np.clip(st.col_range, 0, None)] * st.col_mult, Cin)
+        rc = np.where(st.row_range >= 0, rcount[:, np.clip(st.row_range, 0, None)] * st.row_mult, R)
         rc = np.where(st.row_vector, (cc > 0).astype(np.int64), rc)
         counts = np.stack([rc, cc], axis=2).astype(np.int64).reshape(K, N, 2)
         # Index maps on the device: group inverse maps, then one gather per space.
@@ -285,11 +342,14 @@ class RoundLayout:
             ok = (cat >= 0) & (cat < limit)
             idx = torch.where(ok, cat + shift, torch.full_like(cat, SG))
             ginv.scatter_(1, idx, pos.expand(K, -1).contiguous())
-        row_inv = _expand(ginv, st, "row", device)
+        offs = None
+        if st.partial:
+            offs = (_table(rbase, device, torch.int32), _table(rcount, device, torch.int32))
+        row_inv = _expand(ginv, st, "row", device, offs)
         if st.rowvec_pos.size:
             kept = _table(counts[:, st.rowvec_n, 1] > 0, device, torch.bool)
             row_inv[:, _table(st.rowvec_pos, device)] = torch.where(kept, 0, -1).to(torch.int32)
-        col_inv = _expand(ginv, st, "col", device)
+        col_inv = _expand(ginv, st, "col", device, offs)
         return cls(st, shapes_t, tuple(names) if names is not None else None, device, row_inv, col_inv, counts)
 
     @classmethod
@@ -450,10 +510,14 @@ class RoundLayout:
         """Client k's compact tensor shapes (all clients' are built at once, on first use)."""
         hit = self._shapes.get(k)
         if hit is None:
-            tails = [tuple(s[2:]) for s in self.shapes]
-            one_d = [len(s) == 1 for s in self.shapes]
+            dims = self._st.col_dim.tolist()
             for j, row in enumerate(self.counts_host.tolist()):
-                self._shapes[j] = [(c[1],) if od else (c[0], c[1], *tl) for c, od, tl in zip(row, one_d, tails)]
+                self._shapes[j] = [
+                    (c[1],) if len(s) == 1
+                    else (c[0], c[1], *s[2:]) if d == 1
+                    else (*s[:d], c[1], *s[d + 1 :])
+                    for c, s, d in zip(row, self.shapes, dims)
+                ]  # fmt: skip
             hit = self._shapes[k]
         return hit
 
@@ -563,33 +627,44 @@ def _check_group_keeps(op: str, group_sizes: Sequence[int], group_keeps: Sequenc
                              f"group {g} hold {counts.tolist()}")  # fmt: skip
 
 
-def _expand(ginv: Tensor, st: _Structure, space: str, device: torch.device) -> Tensor:
+def _expand(ginv: Tensor, st: _Structure, space: str, device: torch.device,
+            offs: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     """Per-tensor inverse maps ``(K, S)`` of the row or column space from the group inverse
     maps ``ginv`` ``(K, SG + 2)`` (its last column 0): position p of a pruned dim with block
     b reads its channel's compact position i and becomes ``i * b + sub`` (-1 where the channel
     is not kept); a dim that is not pruned reads the zero column with block 0 and becomes its
-    local index. One gather and one select over ``(K, S)``; the per-position tables are made
-    once per structure and device."""
+    local index. A dim covering part of its group, or several copies of it (``st.partial``),
+    also needs ``offs``: per client and channel range, the compact position of the range's
+    first channel and the range's kept count ``(K, ranges)``; position p of copy s then
+    becomes ``(i - base) * b + sub + s * count * b``. One gather and one select over
+    ``(K, S)``; the per-position tables are made once per structure and device."""
     K = ginv.shape[0]
     key = (space, str(device))
     maps = st.device_maps.get(key)
     if maps is None:
-        src, blk, sub, local = (
-            (st.row_src, st.row_blk, st.row_sub, st.row_local) if space == "row"
-            else (st.col_src, st.col_blk, st.col_sub, st.col_local)
+        src, blk, sub, local, rng, stretch = (
+            (st.row_src, st.row_blk, st.row_sub, st.row_local, st.row_rng, st.row_str) if space == "row"
+            else (st.col_src, st.col_blk, st.col_sub, st.col_local, st.col_rng, st.col_str)
         )  # fmt: skip
         pruned = src >= 0
         maps = (
             _table(np.where(pruned, src, ginv.shape[1] - 1), device),
             _table(np.where(pruned, blk, 0), device, torch.int32),
             _table(np.where(pruned, sub, local), device, torch.int32),
+            _table(np.clip(rng, 0, None), device),
+            _table(np.where(pruned, stretch, 0), device, torch.int32),
         )
         st.device_maps[key] = maps
-    src_t, blk_t, sub_t = maps
+    src_t, blk_t, sub_t, rng_t, str_t = maps
     if src_t.numel() == 0:
         return torch.zeros((K, 0), dtype=torch.int32, device=device)
     gathered = ginv[:, src_t]
-    return torch.where(gathered >= 0, gathered * blk_t + sub_t, -1).to(torch.int32).contiguous()
+    if offs is None:
+        pos = gathered * blk_t + sub_t
+    else:
+        base, count = offs[0][:, rng_t], offs[1][:, rng_t]
+        pos = (gathered - base) * blk_t + sub_t + str_t * count * blk_t
+    return torch.where(gathered >= 0, pos, -1).to(torch.int32).contiguous()
 
 
 # ---------------------------------------------------------------------- packed client models

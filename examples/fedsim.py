@@ -66,6 +66,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     batched: str = "auto"  # train clients of equal compact shapes together: auto | on | off (fedsim_batched)
+    residual: str = "tie"  # channel plans: residual streams pruned as groups ("tie") or kept whole ("internal")
 
 
 def client_ratios(rank: int, n: int) -> list[float]:
@@ -238,6 +239,7 @@ def run(
         lr=cfg.lr,
         local_steps=mean_local_steps(cfg, parts),
         seed=cfg.seed,
+        residual=cfg.residual,
         **(server_options or {}),
     )
     width_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
@@ -521,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-rounds", type=int, default=d.warmup_rounds)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--residual", default=d.residual, choices=["tie", "internal"],
+                   help="residual streams pruned as one group each (tie) or kept whole (internal)")
     p.add_argument("--batched", default=d.batched, choices=["auto", "on", "off"],
                    help="train clients of equal compact shapes together: on (groups of 2 or more), off, or auto "
                    "(where measured faster: groups of 6 or more on CPU, 2 or more on CUDA)")  # fmt: skip
@@ -560,6 +564,7 @@ def main(argv: list[str] | None = None) -> None:
         a.seed,
         a.device,
         a.batched,
+        residual=a.residual,
     )
     try:
         data = load(cfg.data, cfg.data_dir, cfg.seed, a.samples)

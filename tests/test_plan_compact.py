@@ -8,7 +8,8 @@ from cahfp_ops.fl import zoo
 from cahfp_ops.fl.aggregate import aggregate_state
 from cahfp_ops.fl.compact import build_compact, count_flops, count_params, extract
 from cahfp_ops.fl.masks import kept_count
-from cahfp_ops.fl.plan import ChannelGroup, ChannelPlan, Member, trace_plan
+from cahfp_ops.fl.plan import ChannelGroup, ChannelPlan, Member
+from cahfp_ops.fl.trace import trace_plan
 
 CASES = {
     "vgg11": (lambda: zoo.vgg11(), (2, 3, 32, 32), 8),
@@ -113,13 +114,13 @@ def test_hand_counts_small_cnn():
 def test_residual_modes():
     model = zoo.resnet20()
     x = torch.randn(2, 3, 32, 32)
-    internal = trace_plan(model, x)
+    internal = trace_plan(model, x, residual="internal")
     assert all(g.name.endswith(".conv1") for g in internal.groups)
     assert "conv1" in internal.frozen and "fc" in internal.frozen
-    tied = trace_plan(model, x, residual="tie")
-    # option-A shortcuts pad and slice the stream between stages, so every stream stays whole
+    tied = trace_plan(model, x)  # the default
+    # option-A shortcuts zero-pad the stream's channels between stages: every stream stays whole
     assert [g.name for g in tied.groups] == [g.name for g in internal.groups]
-    assert any("shortcut" in why for why in tied.frozen.values())
+    assert any("padding" in why for why in tied.frozen.values())
 
     class Identity(nn.Module):  # identity shortcuts: the stream is one tied group
         def __init__(self):
@@ -137,12 +138,13 @@ def test_residual_modes():
             return self.fc(torch.flatten(self.pool(h), 1))
 
     small = Identity().eval()
-    assert trace_plan(small, x).groups == []  # internal: everything reaches an addition
+    with pytest.warns(UserWarning, match="prunes no channel group"):
+        assert trace_plan(small, x, residual="internal").groups == []  # everything reaches an addition
     tied_small = trace_plan(small, x, residual="tie")
-    assert [(g.name, g.size) for g in tied_small.groups] == [("stem+a+b", 8)]
+    assert [(g.name, g.size) for g in tied_small.groups] == [("stem", 8)]
     names = {m.name for m in tied_small.groups[0].members}
     assert names == {"stem.weight", "stem.bias", "a.weight", "a.bias", "b.weight", "b.bias", "fc.weight"}
-    keeps = {"stem+a+b": torch.tensor([0, 2, 3, 7])}
+    keeps = {"stem": torch.tensor([0, 2, 3, 7])}
     compact = build_compact(small, extract(small.state_dict(), tied_small, [keeps])[0]).eval()
     with torch.no_grad():
         torch.testing.assert_close(compact(x), zero_pruned(small, tied_small, keeps)(x), rtol=1e-5, atol=1e-5)
@@ -158,8 +160,10 @@ def test_unsupported_op_names_module():
         def forward(self, x):
             return self.fc(torch.cumsum(self.conv(x), 1).mean((2, 3)))
 
-    with pytest.raises(ValueError, match="'conv'"):
-        trace_plan(Odd(), torch.randn(1, 3, 8, 8))
+    plan = trace_plan(Odd(), torch.randn(1, 3, 8, 8), warn=False)  # never raises by default
+    assert "cumsum" in plan.frozen["conv"]
+    with pytest.raises(ValueError, match="cumsum"):
+        trace_plan(Odd(), torch.randn(1, 3, 8, 8), strict=True)
 
 
 def test_explicit_plan():

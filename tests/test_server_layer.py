@@ -231,7 +231,7 @@ def test_keep_set_tables_match_the_per_client_keep_sets(gen):
     call) gives each client the keep sets ``assign_keep_sets`` does, row by row, and a layout
     built from the tables equals the one built from the per-client keep sets."""
     from cahfp_ops.fl.masks import assign_keep_tables, keep_sets_of_tables
-    from cahfp_ops.fl.plan import trace_plan
+    from cahfp_ops.fl.trace import trace_plan
 
     model = zoo.resnet20()
     plan = trace_plan(model, torch.randn(1, 3, 32, 32, generator=gen))

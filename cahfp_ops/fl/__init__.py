@@ -28,9 +28,10 @@ from .importance import (
     tracker_scores,
 )
 from .masks import KeepSetRows, assign_keep_sets, assign_keep_tables, keep_sets_of_tables, kept_count
-from .plan import RESIDUAL_MODES, ChannelGroup, ChannelPlan, Member, trace_plan
+from .plan import RESIDUAL_MODES, ChannelGroup, ChannelPlan, Member
 from .report import ClientRecord, RoundReport
 from .server import Assignment, Server
+from .trace import trace_plan
 from .zoo import mlp, resnet20, resnet32, resnet56, small_cnn, vgg11, vgg16
 
 __all__ = [

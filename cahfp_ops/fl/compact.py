@@ -9,6 +9,7 @@ client side) into a real, smaller ``nn.Module`` whose forward runs; :func:`count
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -43,9 +44,13 @@ def extract(
 def build_compact(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
     """A copy of ``model`` resized to ``state``'s shapes and loaded with it.
 
-    Conv2d / Linear / BatchNorm layers take their channel counts from the tensors; the
-    architecture is otherwise unchanged. Raises ValueError naming the module when a tensor
-    cannot be placed (a grouped conv, a missing key).
+    Every layer a plan may prune takes its sizes from its own tensors: convolutions of any
+    dimension (grouped and depthwise ones keep their channels per group: ``groups`` follows
+    the output count), ConvTranspose, Linear, BatchNorm / InstanceNorm / GroupNorm (its
+    ``num_groups`` follows whole groups) / LayerNorm (``normalized_shape``), PReLU, Embedding,
+    ``nn.MultiheadAttention`` (whole heads: ``num_heads`` follows the width), LSTM / GRU / RNN.
+    The architecture is otherwise unchanged. Raises ValueError naming the entry the model
+    lacks.
     """
     compact = copy.deepcopy(model)
     modules = dict(compact.named_modules())
@@ -59,17 +64,48 @@ def build_compact(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
             setattr(mod, attr, nn.Parameter(tensor.detach().clone(), requires_grad=current.requires_grad))
         else:
             mod._buffers[attr] = tensor.detach().clone()
-    for name, mod in compact.named_modules():
-        if isinstance(mod, nn.Conv2d):
-            if mod.groups != 1:
-                raise ValueError(f"build_compact: grouped conv {name!r} cannot be resized")
-            mod.out_channels, mod.in_channels = mod.weight.shape[0], mod.weight.shape[1]
-        elif isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = mod.weight.shape
-        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            ref = mod.weight if mod.weight is not None else mod.running_mean
-            mod.num_features = ref.shape[0]
+    for mod in compact.modules():
+        _resize(mod)
     return compact
+
+
+def _resize(mod: nn.Module) -> None:
+    """Set ``mod``'s size attributes from its (already replaced) tensors."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        w = mod.weight
+        if mod.transposed:  # (in, out / groups, *k)
+            groups = mod.groups * w.shape[0] // mod.in_channels if mod.groups > 1 else 1
+            mod.in_channels, mod.out_channels = w.shape[0], w.shape[1] * groups
+        else:  # (out, in / groups, *k)
+            groups = mod.groups * w.shape[0] // mod.out_channels if mod.groups > 1 else 1
+            mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * groups
+        mod.groups = groups
+    elif isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, nn.modules.batchnorm._NormBase):
+        ref = mod.weight if mod.weight is not None else mod.running_mean
+        if ref is not None:
+            mod.num_features = ref.shape[0]
+    elif isinstance(mod, nn.GroupNorm):
+        if mod.weight is not None:
+            C = mod.weight.shape[0]
+            mod.num_groups = 1 if mod.num_groups == 1 else mod.num_groups * C // mod.num_channels
+            mod.num_channels = C
+    elif isinstance(mod, nn.LayerNorm):
+        if mod.weight is not None:
+            mod.normalized_shape = tuple(mod.weight.shape)
+    elif isinstance(mod, nn.PReLU):
+        mod.num_parameters = mod.weight.numel()
+    elif isinstance(mod, nn.Embedding):
+        mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+    elif isinstance(mod, nn.MultiheadAttention):
+        E = mod.out_proj.weight.shape[0]
+        mod.num_heads = max(1, E // mod.head_dim)
+        mod.embed_dim = mod.kdim = mod.vdim = E
+    elif isinstance(mod, nn.RNNBase):
+        mod.input_size = mod.weight_ih_l0.shape[1]
+        mod.hidden_size = mod.weight_hh_l0.shape[1]
+        mod._init_flat_weights()
 
 
 def count_params(model_or_state: nn.Module | Mapping[str, Tensor]) -> int:
@@ -82,21 +118,27 @@ def count_params(model_or_state: nn.Module | Mapping[str, Tensor]) -> int:
 def count_flops(model: nn.Module, example_input: Tensor) -> dict[str, int]:
     """Per-sample cost of ``model`` on inputs shaped like ``example_input``.
 
-    ``macs``: multiply-accumulates of Conv2d and Linear layers (the dominant cost; norms,
-    activations and pooling are not counted). ``forward_flops`` = 2 * macs;
+    ``macs``: multiply-accumulates of convolution (any dimension, transposed too) and Linear
+    layers called as modules (the dominant cost; norms, activations, pooling, attention's
+    score products and recurrent cells are not counted). ``forward_flops`` = 2 * macs;
     ``training_flops`` = 3 * forward_flops (forward, plus a backward of about twice the forward).
     """
     macs = 0
 
     def hook(mod, inputs, output):
         nonlocal macs
-        if isinstance(mod, nn.Conv2d):
-            per_out = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-            macs += (output.numel() // output.shape[0]) * per_out
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            kernel = math.prod(mod.kernel_size)
+            if mod.transposed:
+                x = inputs[0]
+                macs += (x.numel() // x.shape[0]) * (mod.out_channels // mod.groups) * kernel
+            else:
+                macs += (output.numel() // output.shape[0]) * (mod.in_channels // mod.groups) * kernel
         elif isinstance(mod, nn.Linear):
             macs += (output.numel() // output.shape[0]) * mod.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    kinds = (nn.modules.conv._ConvNd, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()

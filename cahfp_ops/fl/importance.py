@@ -27,7 +27,7 @@ from torch import Tensor
 
 from cahfp_ops import curvature_scores, reconstruct_aggregate_many
 
-from .plan import ChannelGroup, ChannelPlan
+from .plan import ChannelGroup, ChannelPlan, Member
 
 CURVATURES = ("secant", "fisher")
 CRITERIA = ("curvature", "l1", "l2", "random", "prefix", "rolling")
@@ -85,6 +85,20 @@ class CurvatureTracker:
             setattr(self, key, {k: v.clone() for k, v in state[key].items()})
 
 
+def member_channels(values: Tensor, group: ChannelGroup, member: Member) -> Tensor:
+    """Per-index values along a member's dim ``(..., length)`` summed into the group's channels
+    ``(..., C)``: over the member's block and copies, placed at its offset (0 elsewhere)."""
+    if member.whole() and member.block == 1:
+        return values
+    n = member.span(group.size)
+    v = values.reshape(*values.shape[:-1], member.copies, n, member.block).sum((-3, -1))
+    if n == group.size:
+        return v
+    out = v.new_zeros(*v.shape[:-1], group.size)
+    out[..., member.offset : member.offset + n] = v
+    return out
+
+
 def _member_scores(
     group: ChannelGroup,
     state: Mapping[str, Tensor],
@@ -101,9 +115,7 @@ def _member_scores(
         if g is None and h is None:
             continue
         batched = (g is not None and g.dim() > w.dim()) or (h is not None and h.dim() > w.dim())
-        s = curvature_scores(w, g, h, dim=m.dim, batched=True if batched else None)
-        if m.block > 1:
-            s = s.reshape(*s.shape[:-1], group.size, m.block).sum(-1)
+        s = member_channels(curvature_scores(w, g, h, dim=m.dim, batched=True if batched else None), group, m)
         total = s if total is None else total + s
     if total is None:
         raise ValueError(f"group_scores: no member of group {group.name!r} has a gradient or curvature proxy")
@@ -133,8 +145,11 @@ def magnitude_scores(plan: ChannelPlan, state: Mapping[str, Tensor], p: int = 1)
     """L1 (``p=1``) or L2 (``p=2``) norm of each producing filter (the group's first member)."""
     out = {}
     for g in plan.groups:
-        w = state[g.members[0].name].float()
-        out[g.name] = w.abs().flatten(1).sum(1) if p == 1 else w.pow(2).flatten(1).sum(1).sqrt()
+        m = g.members[0]
+        w = state[m.name].float().movedim(m.dim, 0)
+        norms = w.abs().flatten(1).sum(1) if p == 1 else w.pow(2).flatten(1).sum(1)
+        norms = member_channels(norms, g, m)
+        out[g.name] = norms if p == 1 else norms.sqrt()
     return out
 
 

@@ -50,9 +50,10 @@ from .checkpoint import load_checkpoint, save_atomic
 from .compact import build_compact, count_flops, count_params, extract
 from .importance import Importance, make_importance, random_scores
 from .masks import Ratio, assign_keep_tables, keep_sets_of_tables
-from .plan import ChannelPlan, trace_plan
+from .plan import ChannelPlan
 from .replies import check_reply, check_weight
 from .report import ClientRecord, RoundReport
+from .trace import trace_plan
 
 BOUND_ACTIONS = ("reject", "clip")
 #: Replies folded per kernel call by streaming aggregation (``StreamingAggregator.add_many``):
@@ -115,7 +116,10 @@ class Server:
         model: the global model (its state is copied; the module is the architecture; it is
             not changed).
         example_input: one input batch (for tracing and FLOP counts; a batch of one works).
-        plan: a channel plan; default ``trace_plan(model, example_input, residual)``.
+        plan: a channel plan; default ``trace_plan(model, example_input, residual)`` (checked
+            against the model either way).
+        residual: ``"tie"`` (default: each residual stream is one group, pruned in step) or
+            ``"internal"`` (channels that reach an addition stay whole); see ``trace_plan``.
         criterion: an :class:`~cahfp_ops.fl.importance.Importance`, or the shorthand
             ``"curvature"`` (CA-HFP), ``"l1"`` / ``"l2"`` (filter norm), ``"random"``.
         curvature, personalized: with the ``"curvature"`` shorthand, the curvature proxy
@@ -149,7 +153,7 @@ class Server:
         criterion: str | Importance = "curvature",
         curvature: str = "secant",
         mode: str = "reconstruct",
-        residual: str = "internal",
+        residual: str = "tie",
         warmup_rounds: int = 1,
         lr: float = 0.1,
         local_steps: int = 1,

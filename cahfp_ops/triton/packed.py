@@ -87,6 +87,18 @@ def _to_acc(x, ACC64: tl.constexpr):
 
 
 @triton.jit
+def _in_global_dtype(x_raw, w_raw):
+    """An upload's values in the global model's dtype; float64 to bfloat16 goes through float32
+    (Triton's interpreter converts float64 to bfloat16 wrongly; the double rounding can only
+    move a value at bfloat16's overflow boundary)."""
+    if x_raw.dtype == tl.float64 and w_raw.dtype == tl.bfloat16:
+        y = x_raw.to(tl.float32).to(w_raw.dtype)
+    else:
+        y = x_raw.to(w_raw.dtype)
+    return y
+
+
+@triton.jit
 def _nonfinite(d, xw):
     """A delta not finite in the accumulation dtype, or a value not finite once in the global dtype."""
     return (d != d) | (tl.abs(d) == float("inf")) | (xw != xw) | (tl.abs(xw) == float("inf"))
@@ -116,7 +128,7 @@ def _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, lo,
     d = x - w
     dd = tl.where(m, d.to(tl.float64), 0.0)
     tl.store(ssq_part + pid * K + k, tl.sum(dd * dd, axis=0))  # untouched (zero) where k keeps nothing here
-    nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
+    nonfinite = _nonfinite(d, _in_global_dtype(x_raw, w_raw).to(w.dtype))
     tl.store(bad_part + pid * K + k, tl.max(tl.where(m & nonfinite, 1, 0), axis=0).to(tl.int8))
     return m, x, d
 
@@ -287,7 +299,7 @@ def _accumulate_packed_kernel(
         else:
             dd = tl.where(m, d.to(tl.float64), 0.0)
             tl.store(ssq_part + pid, tl.sum(dd * dd, axis=0))
-            nonfinite = _nonfinite(d, x_raw.to(w_raw.dtype).to(w.dtype))
+            nonfinite = _nonfinite(d, _in_global_dtype(x_raw, w_raw).to(w.dtype))
             tl.store(bad_part + pid, tl.max(tl.where(m & nonfinite, 1, 0), axis=0).to(tl.int8))
 
 
