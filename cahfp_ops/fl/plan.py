@@ -57,7 +57,7 @@ class Member:
         """Whether it holds the whole group once (channel c at ``[c*block, (c+1)*block)``)."""
         return self.offset == 0 and self.copies == 1 and self.channels is None
 
-    def spec(self, group: int, group_size: int) -> tuple[int, ...]:
+    def spec(self, group: int) -> tuple[int, ...]:
         """The member's ``cahfp_ops.layout.DimSpec`` for group index ``group``."""
         return (group, self.block) if self.whole() else (group, self.block, self.offset, self.copies)
 
@@ -227,7 +227,7 @@ class ChannelPlan:
                 if all(k is None for k in per_client):
                     continue
             for m in g.members:
-                spec[(m.name, m.dim)] = m.spec(len(sizes), g.size)
+                spec[(m.name, m.dim)] = m.spec(len(sizes))
             sizes.append(g.size)
             keeps.append(per_client)
         return RoundLayout.from_groups(

@@ -275,16 +275,7 @@ class _Planner:
                 self.tracks[node] = {}
 
     def inputs_of(self, node: Node) -> list:
-        out = []
-
-        def visit(a):
-            if isinstance(a, Node):
-                out.append(self.tracks.get(a, {}))
-            return a
-
-        torch.fx.node.map_aggregate(node.args, visit)
-        torch.fx.node.map_aggregate(node.kwargs, visit)
-        return out
+        return [self.tracks.get(a, {}) for a in _flat((node.args, node.kwargs)) if isinstance(a, Node)]
 
     def visit(self, node: Node) -> object:
         if node.op == "placeholder":
@@ -468,14 +459,17 @@ class _Planner:
             self.unite(t, _Track(s, E), f"{what}")
         t = _Track(s, E)
         self.spaces.coarsen(s, mod.head_dim)  # whole heads: the residual width in head-sized units
-        self.param_member(f"{name}.in_proj_weight", 0, s, 3 * E, 3)
-        self.param_member(f"{name}.in_proj_weight", 1, s, E)
-        self.param_member(f"{name}.in_proj_bias", 0, s, 3 * E, 3)
-        self.param_member(f"{name}.out_proj.weight", 0, s, E)
-        self.param_member(f"{name}.out_proj.weight", 1, s, E)
-        self.param_member(f"{name}.out_proj.bias", 0, s, E)
+        self.attention_members(name, s, E)
         out = {len(shapes[0]) - 1: t}
         return (out, {})
+
+    def attention_members(self, name: str, s: int, E: int) -> None:
+        """An ``nn.MultiheadAttention``'s entries, all in the residual space ``s`` of width E."""
+        self.param_member(f"{name}.in_proj_weight", 0, s, 3 * E, 3)  # q, k, v rows: three copies
+        self.param_member(f"{name}.in_proj_bias", 0, s, 3 * E, 3)
+        self.param_member(f"{name}.in_proj_weight", 1, s, E)
+        for p, dim in (("out_proj.weight", 0), ("out_proj.weight", 1), ("out_proj.bias", 0)):
+            self.param_member(f"{name}.{p}", dim, s, E)
 
     def encoder_layer(self, name: str, mod: nn.TransformerEncoderLayer, tin: Tracks, in_shape: tuple,
                       what: str) -> Tracks:  # fmt: skip
@@ -490,12 +484,7 @@ class _Planner:
         self.unite(t, _Track(t.space, E), what)
         s = t.space
         self.spaces.coarsen(s, attn.head_dim)
-        a = f"{name}.self_attn"
-        self.param_member(f"{a}.in_proj_weight", 0, s, 3 * E, 3)
-        self.param_member(f"{a}.in_proj_weight", 1, s, E)
-        self.param_member(f"{a}.in_proj_bias", 0, s, 3 * E, 3)
-        for p, dim in (("out_proj.weight", 0), ("out_proj.weight", 1), ("out_proj.bias", 0)):
-            self.param_member(f"{a}.{p}", dim, s, E)
+        self.attention_members(f"{name}.self_attn", s, E)
         hidden = self.produce(mod.linear1.out_features, f"{name}.linear1")
         F_ = mod.linear1.out_features
         self.param_member(f"{name}.linear1.weight", 0, hidden, F_)
