@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,7 +326,7 @@ def summary(report: dict) -> str:
         rows = []
         for r in rnd["results"]:
             if "ms" in r:
-                rows.append([r["case"], r["what"], _f(r["ms"]), _pct(r["of_copy"]),
+                rows.append([r["case"], r["what"], _f(r["ms"]), _pct(r.get("of_copy")),
                              "" if r.get("speedup") is None else f"{r['speedup']:.1f}x"])  # fmt: skip
             elif r["what"] == "server round":
                 rows.append([r["case"], "server round: assign + aggregate", _f(r["round_ms"]), "",
@@ -416,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
             (a.out / "suite.json").write_text(json.dumps(report, indent=1, default=str))  # after every step
     report["seconds"] = time.perf_counter() - t0
     (a.out / "suite.json").write_text(json.dumps(report, indent=1, default=str))
-    text = summary(report)
+    try:
+        text = summary(report)
+    except Exception:  # noqa: BLE001 (suite.json holds every figure; the summary must not lose them)
+        text = "# GPU suite: the summary failed; read suite.json\n\n```\n" + traceback.format_exc() + "```\n"
+        report["steps"]["summary"] = {"what": "summary.md", "ok": False, "error": traceback.format_exc()}
+        (a.out / "suite.json").write_text(json.dumps(report, indent=1, default=str))
     (a.out / "summary.md").write_text(text)
     print("\n" + text)
     return 0 if all(r.get("ok") for r in report["steps"].values()) else 1
