@@ -252,6 +252,19 @@ def named(container: object, what: str, op: str) -> tuple[list, bool]:
     raise TypeError(f"{op}: {what} must be a sequence of tensors or a mapping (a state_dict)")
 
 
+def check_names(op: str, weights: object, **keep_sets: object) -> None:
+    """Every name a rows / cols mapping holds is a tensor of ``weights`` (a typo such as
+    ``"fc.weigth"`` would otherwise leave that tensor whole and slice its neighbours)."""
+    if not isinstance(weights, Mapping):
+        return
+    for name, arg in keep_sets.items():
+        if isinstance(arg, Mapping):
+            unknown = [key for key in arg if key not in weights]
+            if unknown:
+                shown = ", ".join(repr(k) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+                raise ValueError(f"{op}: {name} names {len(unknown)} tensor(s) that weights does not hold: {shown}")
+
+
 def per_tensor(arg: object, key: object, is_mapping: bool, op: str, name: str) -> object:
     """The per-tensor entry of a rows / cols argument of a whole-model op (None when absent)."""
     if arg is None:

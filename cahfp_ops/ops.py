@@ -26,6 +26,7 @@ from ._inputs import (
     check_floating,
     check_has_data,
     check_mode,
+    check_names,
     check_same_device,
     count_clients,
     is_int,
@@ -427,6 +428,7 @@ def reconstruct_aggregate_many(
     distinct keep-set object) and each dtype group is one kernel call.
     """
     op = "reconstruct_aggregate_many"
+    check_names(op, weights, rows=rows, cols=cols)
     check_mode(op, mode)
     _check_reduce(op, reduce, trim)
     if reduce != "mean":
@@ -485,6 +487,7 @@ def slice_channels_many(
         of views; for a list, K lists of views. Buffers lie client after client.
     """
     op = "slice_channels_many"
+    check_names(op, weights, rows=rows, cols=cols)
     if torch.compiler.is_compiling():  # the layout is host-side bookkeeping: trace the per-tensor form
         return _slice_many_per_tensor(weights, rows, cols, num_clients=num_clients)
     keys, is_mapping, _, K = keep_set_entries(op, weights, rows, cols, num_clients)  # K from every entry

@@ -187,3 +187,22 @@ def test_slice_many_counts_clients_from_every_entry(backend, gen):
     assert len(out) == 1
     assert torch.equal(out[0]["a"], w["a"][[0, 2]][:, [1, 3]])
     assert torch.equal(out[0]["b"], w["b"][[1, 3]]) and torch.equal(out[0]["c"], w["c"][[0, 5]])
+
+
+@pytest.mark.parametrize("where", ["rows", "cols"])
+def test_many_unknown_names_raise(backend, gen, where):
+    """A typo in a keep-set mapping would leave one tensor whole and slice its neighbours."""
+    model = random_model(gen)
+    rows, cols = random_plan(gen, 2)
+    clients = compact_models(gen, model, rows, cols, 2)
+    bad = dict(rows if where == "rows" else cols)
+    bad["fc.weigth"] = next(iter(bad.values()))
+    args = {"rows": rows, "cols": cols, where: bad}
+    snapshot = {k: v.clone() for k, v in model.items()}
+    with pytest.raises(ValueError, match=rf"{where} names 1 tensor\(s\) that weights does not hold: 'fc.weigth'"):
+        cahfp_ops.slice_channels_many(model, **args)
+    with pytest.raises(ValueError, match=rf"{where} names 1 tensor\(s\).*'fc.weigth'"):
+        cahfp_ops.reconstruct_aggregate_many(model, clients, **args)
+    with pytest.raises(ValueError, match="fc.weigth"):
+        cahfp_ops.reconstruct_aggregate_many(model, clients, **args, reduce="median")
+    assert all(torch.equal(model[k], snapshot[k]) for k in model)
