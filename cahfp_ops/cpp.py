@@ -154,7 +154,7 @@ def _jit_build() -> str:
     build_dir = Path(_get_build_directory(_JIT_NAME, False))
     library = build_dir / f"{_JIT_NAME}.so"
     if not library.exists():  # a cached build loads in well under a second; a fresh one does not
-        _notice("cahfp_ops: compiling the C++ CPU kernels (first use only, a few minutes on 2 cores; cached afterwards)...")
+        _notice("cahfp_ops: compiling the C++ CPU kernels (first use only, minutes on 2 cores; then cached)...")
     load(
         name=_JIT_NAME,
         sources=[str(p) for p in config.sources(src)],
