@@ -75,6 +75,11 @@ def is_per_client(keep: object) -> bool:
 def _check_index_tensor(op: str, name: str, x: object, ndim: int) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {name} must be an integer tensor or None, got {type(x).__name__}")
+    if x.dtype == torch.bool:
+        raise DTypeError(
+            f"{op}: {name} is a bool mask; a keep set holds the kept indices: pass {name}.nonzero().flatten() "
+            "(for a (K, C) mask, one such keep set per row)"
+        )
     if x.dtype not in INDEX_DTYPES:
         raise DTypeError(f"{op}: {name} must be an int64 or int32 tensor, got {x.dtype}")
     if x.dim() != ndim:
@@ -109,7 +114,8 @@ def _check_padded(
         problems.append((valid & (padded < 0), "holds a negative index"))
     desc = torch.zeros_like(valid)
     desc[:, 1:] = valid[:, 1:] & valid[:, :-1] & (padded[:, 1:] <= padded[:, :-1])
-    problems += [(valid & (padded >= size), f"holds an index outside [0, {size})"), (desc, "is not strictly ascending")]
+    unsorted = "is not strictly ascending (sort it: keep.sort().values; with duplicates: keep.unique())"
+    problems += [(valid & (padded >= size), f"holds an index outside [0, {size})"), (desc, unsorted)]
     bad = torch.stack([p.any(dim=1) for p, _ in problems])  # (checks, K)
     if bool(bad.any()):
         for (_, what), row in zip(problems, bad):

@@ -14,8 +14,9 @@ build them; each backend module implements the six functions below with these si
 
 The body of each operator picks the backend for the data's device and calls it; nothing
 more. The fake kernels give output shapes and dtypes without computing, so the operators
-work under ``torch.compile`` and ``opcheck``. There is no autograd formula: these are
-server-side aggregation tools.
+work under ``torch.compile`` and ``opcheck``. Slicing and mean aggregation (single and
+whole-model forms) have autograd formulas (``_autograd.py``, registered at the end of this
+file); the other operators are not differentiable.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _autograd
 from ._dispatch import backend_for
 from ._dtypes import acc_dtype
 from ._views import packed_slice_numel
@@ -262,3 +264,22 @@ def finish_partials_op(
 @finish_partials_op.register_fake
 def _(weights, sums, cover, weight_sum, agg_mode, out) -> None:
     return None
+
+
+# --------------------------------------------------------------------------- autograd
+# Slicing and mean aggregation are linear in their tensors: their gradients are registered
+# (cahfp_ops/_autograd.py). The other operators are not differentiable; the public functions
+# call them without recording a graph, so their results never require grad.
+torch.library.register_autograd(
+    "cahfp::slice_channels", _autograd.backward_slice, setup_context=_autograd.setup_slice
+)
+torch.library.register_autograd(
+    "cahfp::reconstruct_aggregate", _autograd.backward_aggregate, setup_context=_autograd.setup_aggregate
+)
+torch.library.register_autograd(
+    "cahfp::slice_channels_many", _autograd.backward_slice_many, setup_context=_autograd.setup_slice_many
+)
+torch.library.register_autograd(
+    "cahfp::reconstruct_aggregate_many", _autograd.backward_aggregate_many,
+    setup_context=_autograd.setup_aggregate_many,
+)  # fmt: skip

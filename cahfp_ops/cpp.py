@@ -8,8 +8,9 @@ Where the kernels come from, in order:
 2. **jit**: otherwise (a source checkout, a package built without torch, a prebuilt library
    that failed to load) the same sources are compiled on first use with
    ``torch.utils.cpp_extension.load`` and cached in ``TORCH_EXTENSIONS_DIR`` (default
-   ``~/.cache/torch_extensions``); this needs a C++ compiler and ninja and takes about a
-   minute once. ``CAHFP_OPS_JIT=0`` forbids it.
+   ``~/.cache/torch_extensions``, in a folder named after the build key below, so checkouts
+   and torch versions do not rebuild over each other); this needs a C++ compiler and ninja
+   and takes 1.5-3 minutes once on a busy 2-core machine. ``CAHFP_OPS_JIT=0`` forbids it.
 3. **unavailable**: backend ``auto`` then runs the pure-PyTorch reference on CPU, after one
    short warning. A failed build is remembered for the process and, per build key (sources,
    flags, torch version, compiler), across processes in ``~/.cache/cahfp_ops``, so later
@@ -43,7 +44,7 @@ from ._debug import poison_, poison_enabled
 from ._views import packed_slice_numel
 
 _LOCK = threading.Lock()
-_JIT_NAME = "cahfp_ops_cpu"
+_JIT_PREFIX = "cahfp_ops_cpu"
 #: Names of the CPU code variants (``csrc/cpu/isa.h``), by level.
 ISA_NAMES = ("baseline", "avx2", "avx512")
 
@@ -125,6 +126,12 @@ def build_key() -> str:
     return h.hexdigest()[:16]
 
 
+def jit_name() -> str:
+    """The JIT build's folder and library name under ``TORCH_EXTENSIONS_DIR``, keyed by
+    :func:`build_key`: two checkouts or two torch versions never build over each other."""
+    return f"{_JIT_PREFIX}_{build_key()}"
+
+
 def _failure_marker() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "cahfp_ops" / f"jit-build-failed-{build_key()}.txt"
@@ -151,12 +158,13 @@ def _jit_build() -> str:
     if not shutil.which("ninja"):
         raise RuntimeError("ninja is not installed (pip install ninja)")
     src = source_dir()
-    build_dir = Path(_get_build_directory(_JIT_NAME, False))
-    library = build_dir / f"{_JIT_NAME}.so"
+    name = jit_name()
+    build_dir = Path(_get_build_directory(name, False))
+    library = build_dir / f"{name}.so"
     if not library.exists():  # a cached build loads in well under a second; a fresh one does not
         _notice("cahfp_ops: compiling the C++ CPU kernels (first use only, minutes on 2 cores; then cached)...")
     load(
-        name=_JIT_NAME,
+        name=name,
         sources=[str(p) for p in config.sources(src)],
         extra_cflags=list(config.CXX_FLAGS),
         extra_include_paths=[str(src / "cpu")],

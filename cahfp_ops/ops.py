@@ -1,5 +1,8 @@
 """The public ops: argument checking, canonical forms, then one registered operator call.
 
+The examples in the docstrings run as doctests (``tests/test_readme.py``) with ``torch`` and
+``cahfp_ops`` imported.
+
 Shapes follow SPEC.md: a parameter tensor ``W`` has output channels on dim 0 and
 input channels on dim 1 (when it has 2+ dims). Keep sets are 1-D int64/int32
 tensors, strictly ascending, or ``None`` for all channels. Per-client keep sets
@@ -16,7 +19,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from . import _operators
+from . import _entries, _operators
 from ._dtypes import FLOAT_DTYPES, DTypeError
 from ._inputs import (
     MODES,  # noqa: F401  (public as cahfp_ops.ops.MODES, as before)
@@ -65,6 +68,13 @@ def curvature_scores(
 
     Returns:
         ``(S[dim],)`` or ``(K, S[dim])``, float32 (float64 when any input is float64).
+
+    Not differentiable: the result never requires grad.
+
+    Example:
+        >>> w = torch.tensor([[1.0, -2.0], [0.5, 0.0], [3.0, 1.0]])  # 3 channels
+        >>> cahfp_ops.curvature_scores(w, grad=torch.ones_like(w), hess=torch.ones_like(w))
+        tensor([5.5000, 0.6250, 9.0000])
     """
     op = "curvature_scores"
     weight = check_floating(op, "weight", weight)
@@ -113,7 +123,8 @@ def curvature_scores(
         t = t.to(common)
         return (t if t.dim() == s_rank + 1 else t.unsqueeze(0)).contiguous()
 
-    out = _operators.curvature_scores_op(canon(weight), canon(grad), canon(hess), dim)
+    with torch.no_grad():  # not differentiable: the scores are a constant of the model
+        out = _operators.curvature_scores_op(canon(weight), canon(grad), canon(hess), dim)
     return out if has_k else out.squeeze(0)
 
 
@@ -129,6 +140,13 @@ def topk_channel_masks(scores: Tensor, keep: int | Sequence[int] | Tensor) -> tu
         ``mask``: bool, shaped like ``scores``, exactly ``keep_k`` True per row.
         ``indices``: int64 kept channels, ascending: ``(keep,)`` for 1-D scores,
         ``(K, max(keep))`` padded with -1 for 2-D scores.
+
+    Example:
+        >>> scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [1.0, 0.0, 2.0, 3.0]])
+        >>> mask, indices = cahfp_ops.topk_channel_masks(scores, [2, 3])
+        >>> indices  # client 0 keeps 2 channels, client 1 keeps 3
+        tensor([[ 1,  3, -1],
+                [ 0,  2,  3]])
     """
     op = "topk_channel_masks"
     scores = check_floating(op, "scores", scores)
@@ -140,7 +158,7 @@ def topk_channel_masks(scores: Tensor, keep: int | Sequence[int] | Tensor) -> tu
         counts = [int(keep)] * rows
     elif isinstance(keep, Tensor):
         if keep.dtype.is_floating_point or keep.dtype in (torch.bool,) or keep.is_complex():
-            raise DTypeError(f"{op}: keep must be an integer tensor, got {keep.dtype}")
+            raise DTypeError(f"{op}: keep must be an integer tensor (kept counts, one per row), got {keep.dtype}")
         check_has_data(op, "keep", keep)
         if keep.dim() != 1:
             raise ValueError(f"{op}: keep must be an int or a 1-D tensor, got shape {tuple(keep.shape)}")
@@ -153,6 +171,10 @@ def topk_channel_masks(scores: Tensor, keep: int | Sequence[int] | Tensor) -> tu
         raise TypeError(f"{op}: keep must be an int, a sequence of ints or a 1-D tensor, got {type(keep).__name__}")
     if len(counts) != rows:
         raise ValueError(f"{op}: keep has {len(counts)} values but scores has {rows} rows")
+    if C == 0:
+        raise ValueError(
+            f"{op}: scores has no channels (shape {tuple(scores.shape)}); a channel group needs at least one"
+        )
     for k, n in enumerate(counts):
         if not 1 <= n <= C:
             raise ValueError(f"{op}: keep[{k}] = {n} is outside [1, {C}]")
@@ -202,6 +224,18 @@ def slice_channels(weight: Tensor, rows: KeepSets = None, cols: KeepSets = None)
     client): a list of K compact contiguous tensors, client k shaped
     ``(len(rows_k), len(cols_k), *weight.shape[2:])``, all views into one packed
     buffer written in one pass over ``weight``.
+
+    Differentiable in ``weight`` (the gradient of a copy: each client's gradient placed at its
+    kept entries, summed over clients).
+
+    Example:
+        >>> w = torch.arange(12.0).reshape(4, 3)
+        >>> a, b = cahfp_ops.slice_channels(w, rows=[torch.tensor([0, 2]), None], cols=[torch.tensor([1]), None])
+        >>> a
+        tensor([[1.],
+                [7.]])
+        >>> b.shape
+        torch.Size([4, 3])
     """
     op = "slice_channels"
     weight = check_floating(op, "weight", weight)
@@ -265,6 +299,23 @@ def reconstruct_aggregate(
     Returns:
         A new tensor with ``weight``'s shape and dtype. Elements no client keeps
         are bit-identical to ``weight``. Accumulation is float32 (float64 for float64).
+
+    With ``reduce="mean"`` the result is differentiable in ``weight`` and in every client
+    tensor (the coefficients are constants: a ``coef`` that requires grad is refused); the
+    robust reducers are not differentiable (their result never requires grad).
+
+    Example:
+        >>> w = torch.zeros(3, 2)
+        >>> rows = [torch.tensor([0, 1]), torch.tensor([1, 2])]  # client 0 trained rows 0-1, client 1 rows 1-2
+        >>> clients = [torch.ones(2, 2), 3 * torch.ones(2, 2)]
+        >>> cahfp_ops.reconstruct_aggregate(w, clients, rows, coef=[1, 1])  # pruned entries count as w
+        tensor([[0.5000, 0.5000],
+                [2.0000, 2.0000],
+                [1.5000, 1.5000]])
+        >>> cahfp_ops.reconstruct_aggregate(w, clients, rows, mode="overlap")  # mean of the keepers
+        tensor([[1., 1.],
+                [2., 2.],
+                [3., 3.]])
     """
     op = "reconstruct_aggregate"
     check_mode(op, mode)
@@ -272,11 +323,37 @@ def reconstruct_aggregate(
     weight, client_list, padded_rows, padded_cols = _prepare_aggregate(op, "", weight, clients, rows, cols)
     if reduce != "mean":
         coef_t = canonical_coef(op, coef, len(client_list), weight.device, normalised=False)
-        return _operators.robust_aggregate_op(
-            weight, client_list, padded_rows, padded_cols, coef_t, mode, reduce, float(trim)
-        )
+        with torch.no_grad():  # a median or trimmed mean has no gradient formula here
+            return _operators.robust_aggregate_op(
+                weight, client_list, padded_rows, padded_cols, coef_t, mode, reduce, float(trim)
+            )
+    _check_constant_coef(op, coef)
     coef_t = canonical_coef(op, coef, len(client_list), weight.device)
     return _operators.reconstruct_aggregate_op(weight, client_list, padded_rows, padded_cols, coef_t, mode)
+
+
+def _check_constant_coef(op: str, coef: object) -> None:
+    """The coefficients are constants of the aggregation (sample counts): no gradient flows to them."""
+    if isinstance(coef, Tensor) and coef.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: coef requires grad, but the coefficients are constants here; pass coef.detach()")
+
+
+def _wants_grad(weights: object, clients: object = ()) -> bool:
+    """Whether a whole-model call must record a graph: grad mode on and a floating input
+    (a global tensor, a client tensor or a packed client buffer) requiring grad."""
+    if not torch.is_grad_enabled():
+        return False
+
+    def values(container: object) -> list:
+        if isinstance(container, PackedModel):
+            return [container.buffer]
+        if isinstance(container, Mapping):
+            return list(container.values())
+        return list(container) if isinstance(container, (list, tuple)) else []
+
+    if any(isinstance(t, Tensor) and t.requires_grad for t in values(weights)):
+        return True
+    return any(isinstance(t, Tensor) and t.requires_grad for model in values(clients) for t in values(model))
 
 
 def _check_reduce(op: str, reduce: object, trim: object) -> None:
@@ -426,14 +503,43 @@ def reconstruct_aggregate_many(
 
     The keep sets become a :class:`~cahfp_ops.layout.RoundLayout` (one channel group per
     distinct keep-set object) and each dtype group is one kernel call.
+
+    A whole ``state_dict()`` is taken as it is: entries that are not floating (integer or bool,
+    e.g. BatchNorm's ``num_batches_tracked``) become the largest of the global value and the
+    values of the clients with a positive ``coef`` (every client must send them); rows / cols
+    must not name them. When a global or client tensor requires grad (and grad mode is on),
+    the call records a graph through the per-tensor operator (differentiable like
+    :func:`reconstruct_aggregate`; results are then not views of one buffer).
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(4)
+        >>> sd = bn.state_dict()  # weight, bias, running stats, num_batches_tracked
+        >>> keep = [torch.tensor([0, 2]), None]
+        >>> rows = {"weight": keep, "bias": keep, "running_mean": keep, "running_var": keep}
+        >>> clients = cahfp_ops.slice_channels_many(sd, rows)
+        >>> replies = [{k: v + 1 for k, v in c.items()} for c in clients]
+        >>> new = cahfp_ops.reconstruct_aggregate_many(sd, replies, rows, coef=[1, 3])
+        >>> new["weight"], new["num_batches_tracked"]
+        (tensor([2.0000, 1.7500, 2.0000, 1.7500]), tensor(1))
     """
     op = "reconstruct_aggregate_many"
     check_names(op, weights, rows=rows, cols=cols)
     check_mode(op, mode)
     _check_reduce(op, reduce, trim)
+    floats, others = _peel_others(op, weights, rows, cols)
+    if others:  # a whole state_dict: its integer entries follow the largest-reported rule
+        if not isinstance(clients, (list, tuple)) or not clients:
+            raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
+        counted = (canonical_coef(op, coef, len(clients), torch.device("cpu"), normalised=False) > 0).tolist()
+        ints = _entries.largest_reported(op, weights, others, clients, counted)
+        new = reconstruct_aggregate_many(floats, clients, rows, cols, coef, mode=mode, reduce=reduce, trim=trim)
+        return _entries.merge(list(weights), new, ints)
     if reduce != "mean":
         return _robust_many(weights, clients, rows, cols, coef, mode, reduce, trim)
-    if torch.compiler.is_compiling():  # the layout is host-side bookkeeping: trace the per-tensor form
+    # Under torch.compile (the layout is host-side bookkeeping) and when a graph is recorded
+    # (the layout ops write into buffers), the per-tensor operator: traceable, differentiable.
+    if torch.compiler.is_compiling() or _wants_grad(weights, clients):
+        _check_constant_coef(op, coef)
         return _aggregate_many_per_tensor(weights, clients, rows, cols, coef, mode=mode)
     keys, is_mapping = named(weights, "weights", op)
     if not isinstance(clients, (list, tuple)) or not clients:
@@ -485,10 +591,33 @@ def slice_channels_many(
         :class:`~cahfp_ops.layout.PackedModel` (a read-only mapping; client k's tensors are
         views into one contiguous buffer, ``model.buffer``); for several dtypes, K dicts
         of views; for a list, K lists of views. Buffers lie client after client.
+
+    A whole ``state_dict()`` is taken as it is: entries that are not floating (integer or bool,
+    e.g. ``num_batches_tracked``) are copied to every client (a PackedModel holds them in its
+    ``extras``); rows / cols must not name them. When a global tensor requires grad (and grad
+    mode is on), the call records a graph through the per-tensor operator: K dicts (or lists)
+    of differentiable views.
+
+    Example:
+        >>> sd = torch.nn.Linear(3, 4).state_dict()
+        >>> keep = [torch.tensor([1, 3]), torch.tensor([0])]
+        >>> models = cahfp_ops.slice_channels_many(sd, {"weight": keep, "bias": keep})
+        >>> [tuple(m["weight"].shape) for m in models]
+        [(2, 3), (1, 3)]
     """
     op = "slice_channels_many"
     check_names(op, weights, rows=rows, cols=cols)
-    if torch.compiler.is_compiling():  # the layout is host-side bookkeeping: trace the per-tensor form
+    floats, others = _peel_others(op, weights, rows, cols)
+    if others:  # a whole state_dict: every client gets its own copy of the integer entries
+        if not floats:
+            K = keep_set_entries(op, weights, rows, cols, num_clients)[3]
+            return _entries.copies(weights, others, K)
+        models = slice_channels_many(floats, rows, cols, num_clients=num_clients)
+        extras = _entries.copies(weights, others, len(models))
+        if isinstance(models[0], PackedModel):
+            return [PackedModel(m.buffer, m.layout, m.client, extras=x) for m, x in zip(models, extras)]
+        return [_entries.merge(list(weights), m, x) for m, x in zip(models, extras)]
+    if torch.compiler.is_compiling() or _wants_grad(weights):  # traceable, differentiable (as above)
         return _slice_many_per_tensor(weights, rows, cols, num_clients=num_clients)
     keys, is_mapping, _, K = keep_set_entries(op, weights, rows, cols, num_clients)  # K from every entry
     if num_clients is None:
@@ -522,6 +651,17 @@ def slice_channels_many(
     return [[m[key] for key in keys] for m in models]
 
 
+def _peel_others(op: str, weights: object, rows: object, cols: object) -> tuple[object, list]:
+    """A state_dict's floating entries (a new dict) and the names of its other entries; a list
+    of tensors, or a mapping of floating tensors only, comes back as it is, with no others."""
+    if not isinstance(weights, Mapping):
+        return weights, []
+    float_keys, others = _entries.split_keys(op, weights, list(weights), rows=rows, cols=cols)
+    if not others:
+        return weights, []
+    return {key: weights[key] for key in float_keys}, others
+
+
 def _aggregate_many_per_tensor(
     weights: Sequence[Tensor] | Mapping[str, Tensor],
     clients: Sequence[Sequence[Tensor] | Mapping[str, Tensor]],
@@ -541,7 +681,7 @@ def _aggregate_many_per_tensor(
     memo: dict = {}
     for key in keys:
         where = f" for {key!r}" if is_mapping else f"[{key}]"
-        per_client = _entries(op, clients, key)
+        per_client = _client_entries(op, clients, key)
         prepared.append(
             _prepare_aggregate(
                 op,
@@ -573,7 +713,7 @@ def _aggregate_many_per_tensor(
     return dict(zip(keys, out)) if is_mapping else out
 
 
-def _entries(op: str, clients: Sequence, key: object) -> list[Tensor]:
+def _client_entries(op: str, clients: Sequence, key: object) -> list[Tensor]:
     """Every client model's tensor ``key`` (a ValueError naming the client that lacks it)."""
     out = []
     for k, model in enumerate(clients):
@@ -592,7 +732,7 @@ def _robust_many(weights, clients, rows, cols, coef, mode: str, reduce: str, tri
         raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
     out = []
     for key in keys:
-        per_client = _entries(op, clients, key)
+        per_client = _client_entries(op, clients, key)
         r = per_tensor(rows, key, is_mapping, op, "rows")
         c = per_tensor(cols, key, is_mapping, op, "cols")
         out.append(reconstruct_aggregate(weights[key], per_client, r, c, coef, mode=mode, reduce=reduce, trim=trim))

@@ -1,5 +1,5 @@
 """Data for the federated simulator: datasets from local files or packages, and the
-Dirichlet label partition.
+Dirichlet label partition (digits and the partition come from :mod:`cahfp_ops.fl.data`).
 
 * ``digits``: scikit-learn's 8x8 digits (ships inside scikit-learn, no download).
 * ``fmnist``: FashionMNIST from its IDX files (``train-images-idx3-ubyte[.gz]`` ...) in ``--data-dir``.
@@ -16,49 +16,14 @@ from __future__ import annotations
 
 import gzip
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
+from cahfp_ops.fl.data import Dataset, dirichlet_partition, load_digits, normalise
 
-@dataclass
-class Dataset:
-    name: str
-    x_train: Tensor  # (N, C, H, W) float32, normalised
-    y_train: Tensor  # (N,) int64
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-
-def _normalise(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
-    dims = (0, 2, 3)
-    mean, std = x_train.mean(dims, keepdim=True), x_train.std(dims, keepdim=True).clamp(min=1e-6)
-    return (x_train - mean) / std, (x_test - mean) / std
-
-
-def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
-    """scikit-learn's digits: 1,797 8x8 grey images, a stratified train / test split."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    d = sk_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
-    g = torch.Generator().manual_seed(seed)
-    test = torch.zeros(len(y), dtype=torch.bool)
-    for c in range(10):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        test[idx[: int(round(test_fraction * len(idx)))]] = True
-    xtr, xte = _normalise(x[~test], x[test])
-    return Dataset("digits", xtr, y[~test], xte, y[test], 10)
+__all__ = ["Dataset", "dirichlet_partition", "load", "load_cifar", "load_digits", "load_fashion_mnist", "synthetic"]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -93,7 +58,7 @@ def load_fashion_mnist(data_dir: str | Path) -> Dataset:
         xi = _read_idx(_find(root, [f"{prefix}-images-idx3-ubyte"], "FashionMNIST"))
         yi = _read_idx(_find(root, [f"{prefix}-labels-idx1-ubyte"], "FashionMNIST"))
         parts[split] = (torch.tensor(xi, dtype=torch.float32).unsqueeze(1) / 255.0, torch.tensor(yi, dtype=torch.int64))
-    xtr, xte = _normalise(parts["train"][0], parts["test"][0])
+    xtr, xte = normalise(parts["train"][0], parts["test"][0])
     return Dataset("fmnist", xtr, parts["train"][1], xte, parts["test"][1], 10)
 
 
@@ -128,7 +93,7 @@ def load_cifar(data_dir: str | Path, classes: int = 10) -> Dataset:
         return torch.tensor(np.concatenate(xs), dtype=torch.float32) / 255.0, torch.tensor(np.concatenate(ys))
 
     (xtr, ytr), (xte, yte) = read(train_files), read(test_files)
-    xtr, xte = _normalise(xtr, xte)
+    xtr, xte = normalise(xtr, xte)
     return Dataset(f"cifar{classes}", xtr, ytr, xte, yte, classes)
 
 
@@ -162,26 +127,3 @@ def load(name: str, data_dir: str | Path | None = None, seed: int = 0, samples: 
     if name in ("cifar10", "cifar100"):
         return load_cifar(data_dir, int(name[5:]))
     raise ValueError(f"unknown dataset {name!r}")
-
-
-def dirichlet_partition(labels: Tensor, n_clients: int, alpha: float, seed: int = 0, min_size: int = 2) -> list[Tensor]:
-    """Split sample indices among clients with per-class proportions ~ Dirichlet(alpha).
-
-    Small alpha gives each client few classes (non-IID); large alpha approaches an IID split.
-    Resamples until every client has at least ``min_size`` samples.
-    """
-    rng = np.random.default_rng(seed)
-    y = labels.numpy()
-    classes = np.unique(y)
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(n_clients)]
-        for c in classes:
-            idx = np.flatnonzero(y == c)
-            rng.shuffle(idx)
-            p = rng.dirichlet(np.full(n_clients, alpha))
-            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-            for k, chunk in enumerate(np.split(idx, cuts)):
-                parts[k].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [torch.tensor(sorted(p), dtype=torch.int64) for p in parts]
-    raise ValueError(f"could not give each of {n_clients} clients {min_size} samples with alpha={alpha}")

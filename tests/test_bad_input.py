@@ -130,6 +130,11 @@ SLICE_CASES = [
     ("rows negative", dict(rows=torch.tensor([-1, 1])), ValueError, "rows"),
     ("per-client K mismatch", dict(rows=[None, None], cols=[None]), ValueError, "cols"),
     ("rows bool", dict(rows=torch.tensor([True, False])), TypeError, "rows"),
+    ("rows a bool mask", dict(rows=torch.tensor([True, False, True, True])), TypeError,
+     r"rows is a bool mask.*rows.nonzero\(\).flatten\(\)"),
+    ("per-client bool mask", dict(rows=[torch.tensor([True, False, True, True])]), TypeError,
+     r"rows\[0\] is a bool mask.*rows\[0\].nonzero"),
+    ("rows unsorted", dict(rows=torch.tensor([2, 0])), ValueError, r"not strictly ascending \(sort it: keep.sort"),
     ("padded cols descending", dict(cols=torch.tensor([[0, 1], [2, 1]])), ValueError, r"cols\[1\]"),
     ("empty client list", dict(rows=[]), ValueError, r"rows is an empty list .*no clients"),
     ("empty client list of cols", dict(cols=[]), ValueError, r"cols is an empty list"),
@@ -156,6 +161,7 @@ TOPK_CASES = [
     ("scores int", dict(scores=torch.ones(3, 7, dtype=torch.int64)), TypeError, "scores"),
     ("scores 3-D", dict(scores=torch.randn(2, 3, 7)), ValueError, "scores"),
     ("keep on meta", dict(keep=torch.tensor([1, 2, 3], device="meta")), ValueError, "keep is on the meta device"),
+    ("no channels", dict(scores=torch.randn(0), keep=1), ValueError, r"scores has no channels \(shape \(0,\)\)"),
 ]
 
 

@@ -170,20 +170,29 @@ def test_whole_run_through_flower_start(gen):
     assert 3 in result.evaluate_metrics_clientapp and "accuracy" in result.evaluate_metrics_clientapp[3]
 
 
-def test_flower_app_end_to_end_in_the_simulation_engine():
-    """The example app in Flower's simulation engine (Ray): 4 nodes, 2 rounds."""
+def test_flower_app_end_to_end_with_flwr_run(tmp_path):
+    """The example app through Flower's run command (``flwr run``, a local SuperLink in
+    simulation mode): 4 nodes, 2 rounds; the SuperLink it starts is stopped afterwards."""
     pytest.importorskip("ray")
     pytest.importorskip("sklearn")  # the app's clients read scikit-learn's digits
+    import os
+    import random
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "examples" / "flower_app" / "run.py"
+    port = random.Random(os.getpid()).randrange(40000, 60000, 2)  # apart from a user's SuperLink
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(port + 1)}  # fmt: skip
     res = subprocess.run(
-        [sys.executable, str(script), "--nodes", "4", "--rounds", "2"], capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, str(script), "--nodes", "4", "--rounds", "2", "--stop-superlink"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "CA-HFP over Flower: 2 rounds" in res.stdout and "accepted per round [4, 4]" in res.stdout
+    left = subprocess.run(["pgrep", "-f", f"flower-superlink.*--port {port}"], capture_output=True, text=True)
+    assert not left.stdout.strip(), "the local SuperLink was left running"
 
 
 def test_strategy_is_a_fedavg_overriding_only_the_train_side():

@@ -111,6 +111,14 @@ def test_build_key_follows_sources_and_compiler(monkeypatch, tmp_path):
     assert cpp.build_key() != key
 
 
+def test_jit_build_folder_is_keyed_by_sources_and_torch(monkeypatch):
+    """Two checkouts or two torch versions never build into the same folder."""
+    name = cpp.jit_name()
+    assert name == f"cahfp_ops_cpu_{cpp.build_key()}"
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    assert cpp.jit_name() != name
+
+
 def test_kernels_loaded_and_status_consistent():
     assert cpp.load_cpp(), cpp.load_error()
     status = cpp.kernel_status()

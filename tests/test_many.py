@@ -206,3 +206,55 @@ def test_many_unknown_names_raise(backend, gen, where):
     with pytest.raises(ValueError, match="fc.weigth"):
         cahfp_ops.reconstruct_aggregate_many(model, clients, **args, reduce="median")
     assert all(torch.equal(model[k], snapshot[k]) for k in model)
+
+
+def _bn_model_state(gen) -> tuple[dict, dict, dict]:
+    """A whole state_dict (num_batches_tracked included) and keep sets for 3 clients."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 4, 1))  # fmt: skip
+    model.train()(torch.randn(2, 3, 5, 5))  # num_batches_tracked = 1, running stats moved
+    keep = [torch.tensor([0, 2, 5]), None, torch.tensor([4])]
+    rows = {n: keep for n in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var")}
+    return model.state_dict(), rows, {"3.weight": keep}
+
+
+@pytest.mark.parametrize("reduce", ["mean", "median"])
+def test_whole_state_dict_integer_entries_are_copied_and_the_largest_reported(backend, gen, reduce):
+    sd, rows, cols = _bn_model_state(gen)
+    snapshot = {k: v.clone() for k, v in sd.items()}
+    compact = cahfp_ops.slice_channels_many(sd, rows, cols)
+    order = [k for k in sd if k != "1.num_batches_tracked"] + ["1.num_batches_tracked"]  # the packed ones first
+    assert [list(m) for m in compact] == [order] * 3
+    for m in compact:  # a copy each, not the global tensor
+        assert m["1.num_batches_tracked"].item() == 1
+        assert m["1.num_batches_tracked"].data_ptr() != sd["1.num_batches_tracked"].data_ptr()
+    replies = [{k: v + 0.5 if v.is_floating_point() else v + 10 * (j + 1) for k, v in m.items()}
+               for j, m in enumerate(compact)]  # fmt: skip
+    coef = [1.0, 2.0, 0.0]  # client 2 (the largest count) has weight 0: not counted
+    new = cahfp_ops.reconstruct_aggregate_many(sd, replies, rows, cols, coef, reduce=reduce)
+    assert list(new) == list(sd) and new["1.num_batches_tracked"].item() == 21
+    floats = {k: v for k, v in sd.items() if v.is_floating_point()}
+    alone = cahfp_ops.reconstruct_aggregate_many(floats, [{k: r[k] for k in floats} for r in replies], rows, cols,
+                                                 coef, reduce=reduce)  # fmt: skip
+    assert all(torch.equal(new[k], alone[k]) for k in floats)
+    assert all(torch.equal(sd[k], snapshot[k]) for k in sd)
+    torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                        torch.nn.Conv2d(6, 4, 1)).load_state_dict(new)  # fmt: skip
+
+
+def test_whole_state_dict_bad_integer_entries(backend, gen):
+    sd, rows, cols = _bn_model_state(gen)
+    replies = [dict(m) for m in cahfp_ops.slice_channels_many(sd, rows, cols)]
+    with pytest.raises(ValueError, match=r"rows gives keep sets for '1.num_batches_tracked'.*drop it from rows"):
+        cahfp_ops.slice_channels_many(sd, {**rows, "1.num_batches_tracked": rows["0.bias"]}, cols)
+    bad = [dict(r) for r in replies]
+    bad[1]["1.num_batches_tracked"] = torch.tensor(3.0)
+    with pytest.raises(TypeError, match=r"clients\[1\]\['1.num_batches_tracked'\] must be an integer or bool tensor"):
+        cahfp_ops.reconstruct_aggregate_many(sd, bad, rows, cols)
+    del bad[1]["1.num_batches_tracked"]
+    with pytest.raises(ValueError, match=r"clients\[1\] has no entry '1.num_batches_tracked'"):
+        cahfp_ops.reconstruct_aggregate_many(sd, bad, rows, cols)
+    bad[1]["1.num_batches_tracked"] = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"clients\[1\]\['1.num_batches_tracked'\] has shape \(2,\)"):
+        cahfp_ops.reconstruct_aggregate_many(sd, bad, rows, cols)

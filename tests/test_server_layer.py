@@ -5,13 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cahfp_ops
 from cahfp_ops import curvature_scores
 from cahfp_ops.fl import zoo
 from cahfp_ops.fl.aggregate import StreamingAggregator, aggregate_state
 from cahfp_ops.fl.importance import CurvatureTracker, group_scores, magnitude_scores
 from cahfp_ops.fl.masks import assign_keep_sets, kept_count
 from cahfp_ops.fl.server import Server
-from helpers import fl_round_setup, retained_tensor_bytes
+from helpers import fl_round_setup, retained_tensor_bytes, to_padded
 
 
 @pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
@@ -106,6 +107,28 @@ def test_add_many_equals_add_one_at_a_time_bit_for_bit(gen, mode, path, clip):
         many.add_many(states[:2], [1.0, 1.0], [r for r, _ in ks], [c for _, c in ks])
     r_one, r_many = one.result(), many.result()
     assert all(torch.equal(r_one[n], r_many[n]) for n in base)
+
+def test_add_many_takes_both_keep_set_forms_bit_for_bit(gen):
+    """``{name: [K keep sets]}`` (the *_many ops' form, also padded) and ``[K x {name: keep}]``
+    give the same folds and result; a list of keep sets says which forms it takes."""
+    global_sd = {"a.weight": torch.randn(8, 5, generator=gen), "a.bias": torch.randn(8, generator=gen),
+                 "b.weight": torch.randn(3, 8, generator=gen)}  # fmt: skip
+    keep = [torch.tensor([0, 3, 4]), None, torch.arange(0, 8, 2)]
+    by_name = {"a.weight": keep, "a.bias": to_padded(keep, 8)}, {"b.weight": keep}
+    by_client = [{"a.weight": k, "a.bias": k} for k in keep], [{"b.weight": k} for k in keep]
+    updates = [dict(m) for m in cahfp_ops.slice_channels_many(global_sd, *by_name)]
+    results = []
+    for rows, cols in (by_name, by_client):
+        agg = StreamingAggregator(global_sd)
+        folds = agg.add_many(updates, [1.0, 2.0, 3.0], rows, cols)
+        assert [f.accepted for f in folds] == [True, True, True]
+        results.append(agg.result())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in global_sd)
+    with pytest.raises(TypeError, match=r"rows\[0\] is a Tensor; pass rows as one mapping per update.*\*_many"):
+        StreamingAggregator(global_sd).add_many(updates, [1.0, 2.0, 3.0], keep, None)
+    with pytest.raises(ValueError, match=r"rows\['a.weight'\] holds 2 keep sets for 3 updates"):
+        StreamingAggregator(global_sd).add_many(updates, [1.0, 2.0, 3.0], {"a.weight": keep[:2]}, None)
+
 
 def test_add_many_checks_its_arguments(gen):
     _, plan, keeps, sd, states = fl_round_setup(gen)

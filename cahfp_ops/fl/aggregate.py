@@ -35,6 +35,49 @@ from cahfp_ops import (
 KeepMap = Mapping[str, Tensor | None]
 
 
+def client_major(op: str, name: str, keep: object, K: int) -> list | None:
+    """Per-client keep sets in the client-major form ``[K x {tensor: keep}]`` (None: all
+    channels), from that form or from the ``*_many`` ops' form ``{tensor: [K keep sets]}``
+    (or a padded ``(K, m)`` tensor, or one 1-D keep set shared by every client)."""
+    if keep is None:
+        return None
+    if isinstance(keep, Mapping):
+        out: list[dict] = [{} for _ in range(K)]
+        for tensor, per_client in keep.items():
+            for k, one in enumerate(_per_client(op, f"{name}[{tensor!r}]", per_client, K)):
+                out[k][tensor] = one
+        return out
+    if isinstance(keep, (list, tuple)):
+        if len(keep) != K:
+            raise ValueError(f"{op}: {name} holds {len(keep)} entries for {K} updates (one mapping per update)")
+        for k, one in enumerate(keep):
+            if one is not None and not isinstance(one, Mapping):
+                raise TypeError(
+                    f"{op}: {name}[{k}] is a {type(one).__name__}; pass {name} as one mapping per update "
+                    f"([K x {{tensor: keep}}]) or as {{tensor: [K keep sets]}} (the *_many ops' form)"
+                )
+        return list(keep)
+    raise TypeError(
+        f"{op}: {name} must be None, [K x {{tensor: keep}}] or {{tensor: [K keep sets]}}, got {type(keep).__name__}"
+    )
+
+
+def _per_client(op: str, name: str, keep: object, K: int) -> list:
+    """One tensor's keep sets for K clients: a sequence of K, a padded ``(K, m)`` tensor, one
+    1-D keep set shared by every client, or None."""
+    if keep is None or (isinstance(keep, Tensor) and keep.dim() == 1):
+        return [keep] * K
+    if isinstance(keep, Tensor) and keep.dim() == 2:
+        if keep.shape[0] != K:
+            raise ValueError(f"{op}: {name} has {keep.shape[0]} rows for {K} updates")
+        return [row[row >= 0] for row in keep]
+    if isinstance(keep, (list, tuple)):
+        if len(keep) != K:
+            raise ValueError(f"{op}: {name} holds {len(keep)} keep sets for {K} updates")
+        return list(keep)
+    raise TypeError(f"{op}: {name} must be K keep sets, a padded (K, m) tensor, a 1-D keep set or None")
+
+
 def _split(flat: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
     """Views of ``shapes`` laid end to end in the 1-D ``flat``."""
     return [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
@@ -58,23 +101,10 @@ def aggregate_state(
 
     ``rows`` / ``cols``: tensor name -> K keep sets (from ``ChannelPlan.tensor_keep_sets``).
     ``weights``: K non-negative client weights (e.g. sample counts; default equal).
+    Integer entries follow :func:`largest_reported` (``reconstruct_aggregate_many`` applies
+    that rule to a whole state_dict).
     """
-    floats = {k: v for k, v in global_state.items() if v.is_floating_point()}
-    clients = [{k: c[k] for k in floats} for c in client_states]
-    new = reconstruct_aggregate_many(floats, clients, rows, cols, weights, mode=mode)
-    counted = [c for k, c in enumerate(client_states) if weights is None or float(weights[k]) > 0]
-    out = {}
-    for name, v in global_state.items():
-        if name in new:
-            out[name] = new[name]
-            continue
-        if counted:  # one stack per entry: this runs for every integer entry of every round
-            out[name] = largest_reported(
-                v, torch.stack([torch.as_tensor(c[name]).to(v.dtype) for c in counted]).amax(0)
-            )
-        else:
-            out[name] = v.clone()
-    return out
+    return dict(reconstruct_aggregate_many(global_state, client_states, rows, cols, weights, mode=mode))
 
 
 @dataclass
@@ -345,16 +375,27 @@ class StreamingAggregator:
 
         ``updates[j]``, ``weights[j]``: client j's compact state_dict (or
         :class:`~cahfp_ops.layout.PackedModel`) and weight (>= 0). Keep sets: ``rows[j]`` /
-        ``cols[j]`` as :meth:`add` takes them, or ``layout=`` (a round's
+        ``cols[j]`` as :meth:`add` takes them (client-major: ``[K x {name: keep}]``), or
+        ``{name: [K keep sets]}`` as the ``*_many`` ops take them, or ``layout=`` (a round's
         :class:`~cahfp_ops.layout.RoundLayout`) with ``clients=`` (each update's client index
         in it), the fast path. ``max_update`` / ``clip``: as :meth:`add`, per client. The
         window's replies stay referenced until the call returns; its cost beyond the clients'
         data is one read and one write of the partial sums, so windows of a few tens of
         clients bring streaming close to the batch call.
+
+        Example:
+            >>> global_sd = {"w": torch.zeros(3, 2)}
+            >>> rows = {"w": [torch.tensor([0, 1]), torch.tensor([1, 2])]}  # the *_many ops' form
+            >>> agg = StreamingAggregator(global_sd)
+            >>> folds = agg.add_many([{"w": torch.ones(2, 2)}, {"w": 3 * torch.ones(2, 2)}], [1, 1], rows)
+            >>> [f.accepted for f in folds], agg.result()["w"][:, 0]
+            ([True, True], tensor([0.5000, 2.0000, 1.5000]))
         """
         K = len(updates)
         if len(weights) != K:
             raise ValueError(f"StreamingAggregator.add_many: {K} updates but {len(weights)} weights")
+        rows = client_major("StreamingAggregator.add_many", "rows", rows, K)
+        cols = client_major("StreamingAggregator.add_many", "cols", cols, K)
         for wt in weights:
             if not _is_weight(wt):
                 raise ValueError(f"StreamingAggregator.add_many: weights must be finite numbers >= 0, got {wt!r}")

@@ -1018,6 +1018,15 @@ def trace_plan(
         ValueError: the model cannot be traced (data-dependent control flow: the message names
             the module and how to declare the plan by hand), a bad ``residual``, or with
             ``strict=True`` an op the tracer cannot place.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+        >>> plan = trace_plan(model, torch.randn(2, 3, 4, 4))
+        >>> [(g.name, g.size) for g in plan.groups]  # the conv's 16 filters; the classifier's rows stay
+        [('0', 16)]
+        >>> [(m.name, m.dim, m.block) for m in plan.groups[0].members][-1]  # 2 x 2 columns per channel
+        ('4.weight', 1, 4)
     """
     if residual not in RESIDUAL_MODES:
         raise ValueError(f"trace_plan: residual must be one of {RESIDUAL_MODES}, got {residual!r}")

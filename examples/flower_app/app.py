@@ -4,17 +4,15 @@ The ServerApp drives :class:`cahfp_ops.integrations.flower.CAHFPStrategy`: every
 physically smaller copy of the small CNN (half the nodes pruned 50 %, half 75 %), and the
 heterogeneous replies are reconstruct-aggregated into the full model. The ClientApp builds the
 compact model from what it receives, trains one local epoch on its Dirichlet(1) share of the
-digits, and replies. Run it with ``python examples/flower_app/run.py`` (Flower's simulation
-engine) or with ``flwr run`` like any Flower app.
+digits, and replies. Run it like any Flower app, ``flwr run examples/flower_app --stream``
+(``--run-config "num-server-rounds=5"``, ``--federation-config "num-supernodes=10"``), or with
+``python examples/flower_app/run.py --nodes 10 --rounds 10``, which does the same.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +20,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fedsim_data import dirichlet_partition, load_digits  # noqa: E402
-
-from cahfp_ops.fl import zoo  # noqa: E402
-from cahfp_ops.fl.compact import build_compact  # noqa: E402
-from cahfp_ops.fl.server import Server  # noqa: E402
-from cahfp_ops.integrations.flower import CAHFPStrategy, compact_model, reply_content  # noqa: E402
+from cahfp_ops.fl import zoo
+from cahfp_ops.fl.compact import build_compact
+from cahfp_ops.fl.data import dirichlet_partition, load_digits
+from cahfp_ops.fl.server import Server
+from cahfp_ops.integrations.flower import CAHFPStrategy, compact_model, reply_content
 
 RATIOS = (0.5, 0.75)  # heterogeneity rank 2: half the nodes each
 
@@ -87,7 +83,7 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    rounds = int(os.environ.get("CAHFP_FLOWER_ROUNDS", context.run_config.get("num-server-rounds", 10)))
+    rounds = int(context.run_config.get("num-server-rounds", 10))
     torch.manual_seed(0)
     model = zoo.small_cnn(8)
     cahfp = Server(model, torch.randn(2, 1, 8, 8), criterion="curvature", warmup_rounds=2, lr=0.1, local_steps=8)
