@@ -303,7 +303,7 @@ class StreamingAggregator:
         cols: KeepMap | None = None,
         weight: float = 1.0,
         *,
-        layout: RoundLayout | None = None,
+        layout: RoundLayout | Sequence[RoundLayout] | None = None,
         client: int | None = None,
         max_update: float | None = None,
         clip: bool = False,
@@ -328,7 +328,7 @@ class StreamingAggregator:
             return _malformed(problems[0])
         kept = sum(int(one.numels[0]) for _, one, *_ in calls)
         bound = math.inf if max_update is None else float(max_update) ** 2 * max(kept, 1)
-        verdict = None
+        decided = None
         if (clip and bound < math.inf) or len(calls) > 1:
             # Statistics first (several dtype groups: all checked before any is folded; clip:
             # an oversized delta is scaled down), then the accumulation without a bound.
@@ -340,11 +340,11 @@ class StreamingAggregator:
                 bad = bool(st[0])
                 if bad:
                     break
-            verdict = _verdict(bad, ssq, kept, max_update, clip)
-            if not verdict.accepted:
-                return verdict
-            if verdict.clip_scale is not None:
-                calls = [(n, o, ws, [clipped_data(o, ws, d[0], verdict.clip_scale)], fs, fc)
+            decided = verdict(bad, ssq, kept, max_update, clip)
+            if not decided.accepted:
+                return decided
+            if decided.clip_scale is not None:
+                calls = [(n, o, ws, [clipped_data(o, ws, d[0], decided.clip_scale)], fs, fc)
                          for n, o, ws, d, fs, fc in calls]  # fmt: skip
             bound = math.inf
         ssq = 0.0
@@ -353,9 +353,9 @@ class StreamingAggregator:
                 st = accumulate_packed(one, ws, data[0], float(weight), self.mode, flat_s, flat_c, max_ssq=bound)
             ssq += float(st[1])
             if not st[2]:  # rejected by the kernel: non-finite, or over the bound
-                return _verdict(bool(st[0]), ssq, kept, max_update, False)
+                return verdict(bool(st[0]), ssq, kept, max_update, False)
         self._count_in(update, weight)
-        return verdict if verdict is not None else _verdict(False, ssq, kept, None, False)
+        return decided if decided is not None else verdict(False, ssq, kept, None, False)
 
     def add_many(
         self,
@@ -364,7 +364,7 @@ class StreamingAggregator:
         rows: Sequence[KeepMap | None] | None = None,
         cols: Sequence[KeepMap | None] | None = None,
         *,
-        layout: RoundLayout | None = None,
+        layout: RoundLayout | Sequence[RoundLayout] | None = None,
         clients: Sequence[int] | None = None,
         max_update: float | None = None,
         clip: bool = False,
@@ -377,11 +377,12 @@ class StreamingAggregator:
         :class:`~cahfp_ops.layout.PackedModel`) and weight (>= 0). Keep sets: ``rows[j]`` /
         ``cols[j]`` as :meth:`add` takes them (client-major: ``[K x {name: keep}]``), or
         ``{name: [K keep sets]}`` as the ``*_many`` ops take them, or ``layout=`` (a round's
-        :class:`~cahfp_ops.layout.RoundLayout`) with ``clients=`` (each update's client index
-        in it), the fast path. ``max_update`` / ``clip``: as :meth:`add`, per client. The
-        window's replies stay referenced until the call returns; its cost beyond the clients'
-        data is one read and one write of the partial sums, so windows of a few tens of
-        clients bring streaming close to the batch call.
+        :class:`~cahfp_ops.layout.RoundLayout`, or one per dtype group for a model with several
+        floating dtypes) with ``clients=`` (each update's client index in it), the fast path.
+        ``max_update`` / ``clip``: as :meth:`add`, per client. The window's replies stay
+        referenced until the call returns; its cost beyond the clients' data is one read and
+        one write of the partial sums, so windows of a few tens of clients bring streaming
+        close to the batch call.
 
         Example:
             >>> global_sd = {"w": torch.zeros(3, 2)}
@@ -430,7 +431,7 @@ class StreamingAggregator:
                 max_update=max_update, clip=clip,
             ))  # fmt: skip
             return [next(folded) if p is None else _malformed(p) for p in problems]
-        sig = [tuple(_data_dtype(call[3][j]) for call in calls) for j in range(K)]
+        sig = [tuple(data_dtype(call[3][j]) for call in calls) for j in range(K)]
         split = next((j for j in range(1, K) if sig[j] != sig[0]), None)
         if split is not None:  # one kernel call reads one client dtype: fold runs of equal dtypes in turn
             return window(slice(None, split)) + window(slice(split, None))
@@ -451,7 +452,7 @@ class StreamingAggregator:
                 bad[j] = bad[j] or bool(b)
                 ssq[j] += q
                 kept[j] += int(sub.numels[j])
-        folds = [_verdict(bad[j], ssq[j], kept[j], max_update, clip) for j in range(K)]
+        folds = [verdict(bad[j], ssq[j], kept[j], max_update, clip) for j in range(K)]
         if any(not f.accepted or f.clip_scale is not None for f in folds):
             # fold again from the unchanged sums: rejected clients at coefficient 0 (absent, bit
             # for bit), clipped ones with their scaled data
@@ -480,13 +481,15 @@ class StreamingAggregator:
         K = len(updates)
         calls = []
         problems: list[str | None] = [ints_problem(u, self._partials.ints) for u in updates]
+        layouts = {} if layout is None else {one.names: one for one in _layouts(layout)}
         for names, (flat_s, flat_c) in self._partials.flats.items():
             ws = [self.global_state[n] for n in names]
             if layout is not None:
-                if layout.names != names:
-                    raise ValueError(f"{op}: the layout does not lay out this model's entries")
-                sub = layout.client(clients[0]) if K == 1 else layout.subset(list(clients))
-                made = [update_data(u, layout, k, names, ws[0].dtype) for u, k in zip(updates, clients)]
+                lay = layouts.get(names)
+                if lay is None:
+                    raise ValueError(f"{op}: no layout lays out this model's entries {names[:3]}...")
+                sub = lay.client(clients[0]) if K == 1 else lay.subset(list(clients))
+                made = [update_data(u, lay, k, names, ws[0].dtype) for u, k in zip(updates, clients)]
             else:
                 rs, cs = [r or {} for r in rows], [c or {} for c in cols]
                 sub = RoundLayout.from_keep_sets(
@@ -560,10 +563,12 @@ def _malformed(problem: str) -> Fold:
     return Fold(False, False, math.nan, 0, reason=f"malformed: the update {problem}")
 
 
-def _verdict(bad: bool, ssq: float, kept: int, max_update: float | None, clip: bool) -> Fold:
-    """What becomes of a client from its statistics: non-finite (``bad``), or an update size
-    (RMS of its delta over ``kept`` entries) over ``max_update``, is rejected, or clipped
-    with ``clip``; else accepted."""
+def verdict(bad: bool, ssq: float, kept: int, max_update: float | None, clip: bool) -> Fold:
+    """What becomes of a client from its statistics, the one rule of every aggregation path
+    (batch and streaming, the server's and the aggregator's): non-finite (``bad``), or an
+    update size (RMS of its delta over its ``kept`` entries, ``ssq`` the sum of its squared
+    deltas, pooled over every dtype group) over ``max_update``, is rejected, or clipped with
+    ``clip``; else accepted. ``Fold.reason`` says why a client was rejected."""
     size = math.sqrt(ssq / max(kept, 1))
     if bad:
         return Fold(False, True, math.inf, kept, reason="holds non-finite values (in the global dtype or its update)")
@@ -572,6 +577,11 @@ def _verdict(bad: bool, ssq: float, kept: int, max_update: float | None, clip: b
             return Fold(False, False, size, kept, reason=f"update size {size:.4g} exceeds the bound {max_update:.4g}")
         return Fold(True, False, size, kept, float(max_update) / size)
     return Fold(True, False, size, kept)
+
+
+def _layouts(layout: RoundLayout | Sequence[RoundLayout]) -> list[RoundLayout]:
+    """One round layout, or one per dtype group of a model with several floating dtypes."""
+    return [layout] if isinstance(layout, RoundLayout) else list(layout)
 
 
 def _per_tensor_lists(maps: Sequence[KeepMap], names: Sequence[str]) -> dict[str, list]:
@@ -586,7 +596,7 @@ def _per_tensor_lists(maps: Sequence[KeepMap], names: Sequence[str]) -> dict[str
     return out
 
 
-def _data_dtype(data: Tensor | list[Tensor]) -> torch.dtype | None:
+def data_dtype(data: Tensor | list[Tensor]) -> torch.dtype | None:
     """The dtype of one client's data for a kernel call (None: no tensors)."""
     if isinstance(data, Tensor):
         return data.dtype

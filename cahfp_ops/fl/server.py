@@ -45,9 +45,9 @@ from cahfp_ops import (
     validation,
 )
 
-from .aggregate import StreamingAggregator, aggregate_state, clipped_data, largest_reported, update_data
+from .aggregate import Fold, StreamingAggregator, clipped_data, data_dtype, largest_reported, update_data, verdict
 from .checkpoint import load_checkpoint, save_atomic
-from .compact import build_compact, count_flops, count_params, extract
+from .compact import build_compact, count_flops, count_params
 from .importance import Importance, make_importance, random_scores
 from .masks import Ratio, assign_keep_tables, keep_sets_of_tables
 from .plan import ChannelPlan
@@ -197,7 +197,8 @@ class Server:
             raise ValueError(f"Server: trim must be in [0, 0.5), got {trim!r}")
         self.reduce, self.trim = reduce, float(trim)
         self._open = False  # whether the current round has assignments and takes replies
-        self.layout: RoundLayout | None = None
+        self.layout: RoundLayout | None = None  # the round's layout when the model has one floating dtype
+        self.layouts: dict[tuple[str, ...], RoundLayout] = {}  # names -> layout, per dtype group
         self._slots: dict[Hashable, int] = {}
         self._previous_sizes: list[float] = []
         self._workspace = Workspace()  # streaming rounds' partial sums, reused round after round
@@ -213,9 +214,12 @@ class Server:
     def assign(self, ratios: Mapping[Hashable, Ratio]) -> dict[Hashable, Assignment]:
         """Keep sets and compact state_dicts for the clients of this round.
 
-        The round's :class:`~cahfp_ops.layout.RoundLayout` (``self.layout``) is built once from
-        the channel plan and the keep sets; one slicing call gives every client's compact model
-        as one contiguous buffer (:class:`~cahfp_ops.layout.PackedModel`, ``Assignment.state``).
+        The round's :class:`~cahfp_ops.layout.RoundLayout` s are built once from the channel
+        plan and the keep sets, one per group of floating entries of one dtype and device
+        (``self.layouts``; ``self.layout`` is the only one when the model has one floating
+        dtype). One slicing call per group gives every client's compact model: one contiguous
+        buffer per client (:class:`~cahfp_ops.layout.PackedModel`, ``Assignment.state``), or,
+        with several dtype groups, a state_dict of views into one buffer per group.
         """
         ids = list(ratios)
         ratio_list = [ratios[c] for c in ids]
@@ -223,38 +227,46 @@ class Server:
         keeps = keep_sets_of_tables(tables, ratio_list)
         self.assignments = {}
         self.layout = None
+        self.layouts = {}
         self._slots = {}
         self._open = True
         if not ids:
             return self.assignments
-        floats = [v for v in self.state.values() if v.is_floating_point()]
-        if len({(v.dtype, v.device) for v in floats}) == 1:
+        extras = _extras_copies({k: v for k, v in self.state.items() if not v.is_floating_point()}, len(ids))
+        per_group = []  # per dtype group: each client's PackedModel
+        for names in _dtype_groups(self.state):
+            sub = {n: self.state[n] for n in names}
             if tables:  # the server's own top-k tables: valid by construction, not checked again
                 with validation(False):  # (the kernels still check every table entry's bounds)
-                    self.layout = self.plan.layout(self.state, tables)
+                    layout = self.plan.layout(sub, tables)
             else:
-                self.layout = self.plan.layout(self.state, keeps)
-            buffers = self.layout.slice(floats)
-            extras = _extras_copies({k: v for k, v in self.state.items() if not v.is_floating_point()}, len(ids))
-            states = [PackedModel(b, self.layout, j, extras=extras[j]) for j, b in enumerate(buffers)]
-            sizes = [(int(b.numel()), int(b.numel()) * b.element_size()) for b in buffers]
-        else:  # several floating dtypes: one buffer per client cannot hold them
-            states = extract(self.state, self.plan, keeps)
-            sizes = [
-                (count_params(st), sum(v.numel() * v.element_size() for v in st.values() if v.is_floating_point()))
-                for st in states
-            ]
+                layout = self.plan.layout(sub, keeps)
+            self.layouts[names] = layout
+            buffers = layout.slice(list(sub.values()))
+            per_group.append([PackedModel(b, layout, j) for j, b in enumerate(buffers)])
+        if len(per_group) == 1:
+            self.layout = next(iter(self.layouts.values()))
+            states = [PackedModel(m.buffer, m.layout, j, extras=extras[j]) for j, m in enumerate(per_group[0])]
+        else:  # several floating dtypes: a state_dict of views, one buffer per group
+            states = []
+            for j, models in enumerate(zip(*per_group)):
+                views = dict(extras[j])
+                for m in models:
+                    views.update(m)
+                states.append({n: views[n] for n in self.state})
         for j, (cid, keep, st) in enumerate(zip(ids, keeps, states)):
+            buffers = [models[j].buffer for models in per_group]
             self._slots[cid] = j
             self.assignments[cid] = Assignment(
-                keep, st, sizes[j][0], sizes[j][1], self._training_flops(st, j), self.round
-            )
+                keep, st, sum(int(b.numel()) for b in buffers), sum(int(b.numel()) * b.element_size() for b in buffers),
+                self._training_flops(st, j), self.round,
+            )  # fmt: skip
         return self.assignments
 
     def _training_flops(self, compact_state: Mapping[str, Tensor], j: int) -> int:
         """Per-sample training FLOPs of a compact model (they depend on its shapes only)."""
-        if self.layout is not None:
-            shapes = self.layout.counts_host[j].tobytes()
+        if self.layouts:
+            shapes = b"".join(layout.counts_host[j].tobytes() for layout in self.layouts.values())
         else:
             shapes = tuple((k, tuple(v.shape)) for k, v in compact_state.items())
         if shapes not in self._flops_cache:
@@ -310,26 +322,34 @@ class Server:
         :data:`STREAM_WINDOW` replies per kernel pass, instead of one batch call. A round
         takes replies once: after it is aggregated, replies to it are rejected until the next
         :meth:`assign`.
+
+        Every path is one pipeline: intake (the reply checks, :meth:`_check_round`) -> one
+        kernel pass that yields each client's statistics (batch: ``aggregate_packed``;
+        streaming: ``fold_packed`` in windows) -> one verdict per client
+        (:func:`~cahfp_ops.fl.aggregate.verdict`: non-finite, over the bound, clipped) -> the
+        pass again on the accepted when a client was rejected or clipped -> the reducer ->
+        the criterion observes -> commit. A model with several floating dtypes runs it per
+        dtype group, each client's statistics pooled over the groups.
         """
         if streaming and self.reduce != "mean":
             raise ValueError(
                 f"Server.aggregate: reduce={self.reduce!r} needs every reply of the round at once; "
                 "streaming aggregation supports reduce='mean' only"
             )
-        fused = self.layout is not None
-        report, chosen = self._check_round(updates, weights, rounds, finite=not fused)
+        report, chosen = self._check_round(updates, weights, rounds, finite=False)
         report.reduce = self.reduce
         good = report.accepted
         w = [report.clients[c].weight for c in good]
         top = max(w, default=0.0)
         if good and top > 0:
             coef = [x / top for x in w]  # scaled so that no sum of weights overflows
-            if not fused:
-                self._aggregate_unfused(report, chosen, good, coef, streaming)
-            elif streaming:
-                self._aggregate_streaming(report, chosen, good, coef)
-            else:
-                self._aggregate_batch(report, chosen, good, coef)
+            run = self._streaming_pass if streaming else self._batch_pass
+            new = run(report, chosen, good, coef)
+            if new is not None:
+                accepted = report.accepted
+                self._observe_replies(accepted, chosen)
+                counted = [chosen[c] for c in accepted if report.clients[c].weight > 0]
+                self.state = self._with_ints(new, counted)
         if self._open:
             self.criterion.observe(self.state, self.lr, self.local_steps)
             self.round += 1
@@ -344,111 +364,113 @@ class Server:
             self.state, good, [updates[c] for c in good], rows, cols, self.lr, self.local_steps
         )
 
-    def _aggregate_batch(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
-        names = self.layout.names
-        floats = [self.state[n] for n in names]
-        made = [update_data(updates[c], self.layout, self._slots[c], names, floats[0].dtype) for c in good]
-        if any(problem is not None for _, problem in made):  # what the reply checks cannot see (e.g. its device)
-            for c, (_, problem) in zip(good, made):
-                if problem is not None:
-                    report.reject(c, f"client {c!r}: its reply {problem}")
-            ok = [j for j, (_, problem) in enumerate(made) if problem is None]
-            good, w, made = [good[j] for j in ok], [w[j] for j in ok], [made[j] for j in ok]
-            if not good or max(w) <= 0:
-                return
-        sub = self.layout.subset([self._slots[c] for c in good])
-        data = [d for d, _ in made]
-        dtypes = {d.dtype for d in data if isinstance(d, Tensor)}
-        dtypes.update(t.dtype for d in data if not isinstance(d, Tensor) for t in d)
-        if len(dtypes) > 1:
-            wd = floats[0].dtype
-            data = [d.to(wd) if isinstance(d, Tensor) else [t.to(wd) for t in d] for d in data]
-        coef = torch.tensor(w, dtype=torch.float64, device=floats[0].device)
-        with validation(False):  # the replies were checked above; weights, layout and coef are the server's own
-            out, stats = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
-        stats = stats.cpu().tolist()
-        kept = sub.numels.tolist()
-        sizes = [math.inf if bad else math.sqrt(q / max(n, 1)) for (bad, q), n in zip(stats, kept)]
-        bound = self._bound(report, [x for x, wc in zip(sizes, w) if wc > 0])  # positive-weight clients
-        keep, changed = [], False
-        for j, c in enumerate(good):
-            report.clients[c].update_size = sizes[j]
-            if stats[j][0]:
-                report.reject(c, f"client {c!r} holds non-finite values (in the global dtype or its update)")
-            elif bound is not None and sizes[j] > bound and self.bound_action == "reject":
-                report.reject(c, f"client {c!r}: update size {sizes[j]:.4g} exceeds the bound {bound:.4g}")
-            else:
-                keep.append(j)
-                if bound is not None and sizes[j] > bound:  # clip: its delta scaled down to the bound
-                    scale = bound / sizes[j]
-                    report.clients[c].clip_scale = scale
-                    data[j] = clipped_data(sub.client(j), floats, data[j], scale)
-                    changed = True
-        if len(keep) < len(good) or changed:  # recompute: bit for bit the accepted (clipped) replies alone
-            w_kept = [w[j] if j in keep else 0.0 for j in range(len(good))]
-            if sum(w_kept) <= 0:
-                return
-            coef = torch.tensor(w_kept, dtype=torch.float64, device=floats[0].device)
-            with validation(False):
-                out, _ = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
-        accepted = [good[j] for j in keep]
-        self._observe_replies(accepted, updates)
-        if self.reduce != "mean":  # the checks above, then the robust reducer on the accepted
-            given = [report.clients[c].weight for c in accepted]  # as given: exact boundaries (SPEC)
-            new = self._robust(sub, names, floats, [data[j] for j in keep], keep, given, accepted)
+    def _record(self, report: RoundReport, cid: Hashable, fold: Fold) -> None:
+        """One client's verdict into the report (the one place its reasons are worded)."""
+        report.clients[cid].update_size = fold.update_size
+        if fold.accepted:
+            report.clients[cid].clip_scale = fold.clip_scale
         else:
-            new = dict(zip(names, sub.full_views(out)))
-        counted = [updates[c] for j, c in enumerate(good) if j in keep and w[j] > 0]
-        self.state = self._with_ints(new, counted)
+            report.reject(cid, f"client {cid!r}: {fold.reason}")
 
-    def _robust(self, sub, names, floats, data, slots, w, accepted) -> dict[str, Tensor]:
+    def _batch_pass(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> dict | None:
+        """The batch implementation of the pass: every reply in one ``aggregate_packed`` call per
+        dtype group; the bound from this round's sizes. Returns the new floating entries (None:
+        no accepted weight)."""
+        groups = []  # per dtype group: (global tensors, the clients' layout, their data)
+        for names, layout in self.layouts.items():
+            floats = [self.state[n] for n in names]
+            made = [update_data(updates[c], layout, self._slots[c], names, floats[0].dtype) for c in good]
+            groups.append((names, floats, layout, made))
+        problems = [next((p for *_, made in groups if (p := made[j][1]) is not None), None) for j in range(len(good))]
+        if any(p is not None for p in problems):  # what the reply checks cannot see (e.g. its device)
+            for c, p in zip(good, problems):
+                if p is not None:
+                    report.reject(c, f"client {c!r}: its reply {p}")
+            ok = [j for j, p in enumerate(problems) if p is None]
+            good, w = [good[j] for j in ok], [w[j] for j in ok]
+            groups = [(names, floats, layout, [made[j] for j in ok]) for names, floats, layout, made in groups]
+            if not good or max(w) <= 0:
+                return None
+        slots = [self._slots[c] for c in good]
+        passes = []  # per group: (names, floats, the accepted clients' layout, their data)
+        for names, floats, layout, made in groups:
+            data = [d for d, _ in made]
+            if len({data_dtype(d) for d in data}) > 1:  # one client dtype per kernel call: the global's
+                wd = floats[0].dtype
+                data = [d.to(wd) if isinstance(d, Tensor) else [t.to(wd) for t in d] for d in data]
+            passes.append((names, floats, layout.subset(slots), data))
+        outs, stats = self._packed_pass(passes, w)
+        sizes = [math.inf if bad else math.sqrt(q / max(n, 1)) for bad, q, n in stats]
+        bound = self._bound(report, [x for x, wc in zip(sizes, w) if wc > 0])  # positive-weight clients
+        folds = [verdict(bad, q, n, bound, self.bound_action == "clip") for bad, q, n in stats]
+        for c, fold in zip(good, folds):
+            self._record(report, c, fold)
+        keep = [j for j, f in enumerate(folds) if f.accepted]
+        if len(keep) < len(good) or any(f.clip_scale is not None for f in folds):
+            # the pass again: the rejected at coefficient 0 (absent, bit for bit), the clipped
+            # with their delta scaled down to the bound
+            w = [wc if f.accepted else 0.0 for wc, f in zip(w, folds)]
+            if sum(w) <= 0:
+                return None
+            passes = [(names, floats, sub, _clipped(sub, floats, data, folds)) for names, floats, sub, data in passes]
+            outs, _ = self._packed_pass(passes, w)
+        if self.reduce != "mean":  # the verdicts above, then the robust reducer on the accepted
+            accepted = [good[j] for j in keep]
+            given = [report.clients[c].weight for c in accepted]  # as given: exact boundaries (SPEC)
+            return self._robust(passes, keep, given, accepted)
+        new = {}
+        for (names, _, sub, _), out in zip(passes, outs):
+            new.update(zip(names, sub.full_views(out)))
+        return new
+
+    def _packed_pass(self, passes: list, w: list[float]) -> tuple[list[Tensor], list[tuple[bool, float, int]]]:
+        """One ``aggregate_packed`` call per dtype group: the packed results, and per client
+        ``(non-finite, sum of squared deltas, kept entries)`` pooled over the groups."""
+        outs = []
+        pooled = [(False, 0.0, 0)] * len(w)
+        for _, floats, sub, data in passes:
+            coef = torch.tensor(w, dtype=torch.float64, device=floats[0].device)
+            with validation(False):  # the replies were checked; weights, layout and coef are the server's own
+                out, stats = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
+            outs.append(out)
+            kept = sub.numels.tolist()
+            pooled = [(b0 or bool(b), q0 + q, n0 + n)
+                      for (b0, q0, n0), (b, q), n in zip(pooled, stats.cpu().tolist(), kept)]  # fmt: skip
+        return outs, pooled
+
+    def _robust(self, passes: list, slots: list[int], w: list[float], accepted: list) -> dict[str, Tensor]:
         """The accepted (clipped) replies combined by the robust reducer, tensor by tensor."""
-        models = [PackedModel(d, sub, j, names) if isinstance(d, Tensor) else dict(zip(names, d))
-                  for j, d in zip(slots, data)]  # fmt: skip
+        models: list[dict] = [{} for _ in slots]
+        for names, _, sub, data in passes:
+            for model, j in zip(models, slots):
+                d = data[j]
+                model.update(PackedModel(d, sub, j, names) if isinstance(d, Tensor) else zip(names, d))
+        floats = {n: self.state[n] for names in self.layouts for n in names}
         rows, cols = self.plan.tensor_keep_sets([self.assignments[c].keeps for c in accepted])
         return reconstruct_aggregate_many(
-            dict(zip(names, floats)), models, {n: rows[n] for n in names if n in rows},
-            {n: cols[n] for n in names if n in cols}, w, mode=self.mode, reduce=self.reduce, trim=self.trim,
+            floats, models, {n: rows[n] for n in floats if n in rows}, {n: cols[n] for n in floats if n in cols}, w,
+            mode=self.mode, reduce=self.reduce, trim=self.trim,
         )  # fmt: skip
 
-    def _aggregate_streaming(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> None:
+    def _streaming_pass(self, report: RoundReport, updates: Mapping, good: list, w: list[float]) -> dict | None:
+        """The streaming implementation of the pass: the replies folded into running partial
+        sums, :data:`STREAM_WINDOW` per ``fold_packed`` call per dtype group (the verdicts
+        inside, :meth:`StreamingAggregator.add_many`); the bound from the previous round's
+        accepted sizes. Returns the new floating entries (None: no accepted weight)."""
         agg = StreamingAggregator(self.state, self.mode, workspace=self._workspace)
-        bound = self._bound(report, self._previous_sizes)  # streaming: the previous round's accepted
-        clip = self.bound_action == "clip"
+        bound = self._bound(report, self._previous_sizes)
         folds = _fold_windows(agg, [updates[c] for c in good], w, {"clients": [self._slots[c] for c in good]},
-                              layout=self.layout, max_update=bound, clip=clip)  # fmt: skip
-        accepted, sizes = [], []
+                              layout=list(self.layouts.values()), max_update=bound,
+                              clip=self.bound_action == "clip")  # fmt: skip
+        sizes = []
         for c, wc, fold in zip(good, w, folds):
-            report.clients[c].update_size = fold.update_size
-            if fold.nonfinite:
-                report.reject(c, f"client {c!r} holds non-finite values (in the global dtype or its update)")
-            elif not fold.accepted and math.isnan(fold.update_size):  # malformed, unread
-                report.reject(c, f"client {c!r}: {fold.reason}")
-            elif not fold.accepted:
-                report.reject(c, f"client {c!r}: update size {fold.update_size:.4g} exceeds the bound {bound:.4g}")
-            else:
-                accepted.append(c)
-                report.clients[c].clip_scale = fold.clip_scale
-                if wc > 0:
-                    sizes.append(min(fold.update_size, bound) if fold.clip_scale is not None else fold.update_size)
+            self._record(report, c, fold)
+            if fold.accepted and wc > 0:
+                sizes.append(min(fold.update_size, bound) if fold.clip_scale is not None else fold.update_size)
         self._previous_sizes = sizes
-        if agg.weight_sum > 0:
-            self._observe_replies(accepted, updates)
-            self.state = agg.result()
-
-    def _aggregate_unfused(self, report: RoundReport, updates: Mapping, good: list, w: list[float], streaming) -> None:
-        """Models with several floating dtypes: per-tensor replies, checked beforehand."""
-        rows, cols = self.plan.tensor_keep_sets([self.assignments[c].keeps for c in good])
-        replies = [updates[c] for c in good]
-        self.criterion.observe_replies(self.state, good, replies, rows, cols, self.lr, self.local_steps)
-        if streaming:
-            agg = StreamingAggregator(self.state, self.mode, workspace=self._workspace)
-            keeps = {"rows": [{n: v[j] for n, v in rows.items()} for j in range(len(replies))],
-                     "cols": [{n: v[j] for n, v in cols.items()} for j in range(len(replies))]}  # fmt: skip
-            _fold_windows(agg, replies, w, keeps)
-            self.state = agg.result()
-        else:
-            self.state = aggregate_state(self.state, replies, rows, cols, w, self.mode)
+        if agg.weight_sum <= 0:
+            return None
+        return {n: v for n, v in agg.result().items() if v.is_floating_point()}
 
     def _with_ints(self, floats: dict[str, Tensor], counted: list) -> dict[str, Tensor]:
         ints = [(n, v) for n, v in self.state.items() if n not in floats]
@@ -608,7 +630,23 @@ class Server:
         self.mode = payload["mode"]
         self.assignments = {}
         self.layout = None
+        self.layouts = {}
         self._slots = {}
+
+
+def _clipped(layout: RoundLayout, floats: list[Tensor], data: list, folds: list[Fold]) -> list:
+    """The clients' data with each clipped client's delta scaled down (the others as they are)."""
+    return [d if f.clip_scale is None else clipped_data(layout.client(j), floats, d, f.clip_scale)
+            for j, (d, f) in enumerate(zip(data, folds))]  # fmt: skip
+
+
+def _dtype_groups(state: Mapping[str, Tensor]) -> list[tuple[str, ...]]:
+    """The names of ``state``'s floating entries, grouped by (device, dtype), in order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, v in state.items():
+        if v.is_floating_point():
+            groups.setdefault((v.device, v.dtype), []).append(name)
+    return [tuple(names) for names in groups.values()]
 
 
 def _fold_windows(agg: StreamingAggregator, replies: list, weights: list[float], per_client: dict[str, list],
