@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from . import reference
 from ._dispatch import BACKENDS, get_backend, resolve_backend, use_backend
-from ._dtypes import DTypeError
+from ._dtypes import DTypeError, acc_dtype
 from ._validation import set_validation, validation, validation_enabled
 from .cpp import load_cpp
 from .layout import (
@@ -51,6 +51,7 @@ __all__ = [
     "PackedScalars",
     "RoundLayout",
     "Workspace",
+    "acc_dtype",
     "accumulate_packed",
     "aggregate_packed",
     "curvature_scores",

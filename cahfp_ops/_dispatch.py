@@ -6,7 +6,8 @@ thread and per asyncio task: a :class:`contextvars.ContextVar`) or else from the
 means compiled C++ on CPU tensors and Triton on CUDA tensors, falling back to the
 pure-PyTorch reference (``torch``) where the compiled kernels are unavailable.
 
-Every backend is a module with the same six functions on the same canonical inputs
+Every backend is a module with one function per registered operator
+(``cahfp_ops._operators.OPERATORS``, the one list) on the same canonical inputs
 (:mod:`cahfp_ops.cpp`, :mod:`cahfp_ops.triton`, :mod:`cahfp_ops.reference`);
 :func:`backend_for` returns the one that runs tensors on a device.
 """

@@ -152,9 +152,10 @@ def check_clients(op: str, layout: RoundLayout, clients: object, device: torch.d
             dtype = data.dtype if isinstance(data, Tensor) else (data[0].dtype if len(data) else None)
 
 
-def check_coef(op: str, coef: object, K: int, device: torch.device, *, normalised: bool) -> None:
-    """``coef``: a ``(K,)`` float64 tensor on ``device``, finite and >= 0; ``normalised``:
-    also summing to 1 (within 1e-6), else any sum (0 included)."""
+def check_coef(op: str, coef: object, K: int, device: torch.device, *, positive_sum: bool) -> None:
+    """``coef``: a ``(K,)`` float64 tensor on ``device``, finite and >= 0 (the one convention
+    of the layout ops: weights as given); ``positive_sum``: their sum must be > 0 (an
+    aggregation normalises by it), else any sum (0 included: a fold that adds nothing)."""
     if not isinstance(coef, Tensor):
         raise TypeError(f"{op}: coef must be a ({K},) float64 tensor, got {type(coef).__name__}")
     if coef.dtype != torch.float64:
@@ -170,11 +171,8 @@ def check_coef(op: str, coef: object, K: int, device: torch.device, *, normalise
         bad = ~(torch.isfinite(coef) & (coef >= 0))
         k = int(bad.nonzero()[0, 0])
         raise ValueError(f"{op}: coef[{k}] = {float(coef[k])} is negative or not finite")
-    if normalised:
-        if not total > 0:
-            raise ValueError(f"{op}: coef sums to zero; at least one client needs a positive weight")
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"{op}: coef must be normalised (sum to 1), it sums to {total!r}; pass coef / coef.sum()")
+    if positive_sum and not total > 0:
+        raise ValueError(f"{op}: coef sums to zero; at least one client needs a positive weight")
 
 
 def check_buffer(op: str, name: str, t: object, numel: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -1,7 +1,8 @@
 """The registered operators ``torch.ops.cahfp.*``: schemas, one fake kernel each, backend dispatch.
 
 Canonical inputs, the same for every backend (the public functions in :mod:`cahfp_ops.ops`
-build them; each backend module implements the six functions below with these signatures):
+and :mod:`cahfp_ops.layout` build them; each backend module implements one function per
+operator, :data:`OPERATORS`, with these arguments):
 
 * ``weight``: the N-D global tensor, output channels on dim 0, input channels on dim 1;
 * ``rows`` / ``cols``: ``(K, m)`` int64 keep sets on the data's device, each row strictly
@@ -27,6 +28,7 @@ from torch import Tensor
 from . import _autograd
 from ._dispatch import backend_for
 from ._dtypes import acc_dtype
+from ._layout_tables import LayoutTables
 from ._views import packed_slice_numel
 
 
@@ -147,7 +149,8 @@ def _(
 
 # --------------------------------------------------------------------------- per-round layout ops
 # Tables of a RoundLayout (cahfp_ops/layout.py): meta (N, 5) int64, row_inv (K, SR) int32,
-# col_keep (K, SC) int32, counts (K, N, 2) int64, offsets / starts (K, N) int64. They write
+# col_keep (K, SC) int32, counts (K, N, 2) int64, offsets / starts (K, N) int64: separate
+# arguments here (a schema has no named tuples), one LayoutTables value on either side. They write
 # into caller-given buffers (a workspace can own them) and return nothing. ``clients`` holds
 # every client's data end to end and ``parts[k]`` says its form: 0 for one packed 1-D buffer
 # (tensor n at ``offsets[k, n]``), N for its N compact tensors (a one-tensor layout cannot
@@ -158,7 +161,7 @@ def slice_packed_op(
     weights: list[Tensor], meta: Tensor, row_inv: Tensor, col_keep: Tensor, counts: Tensor, starts: Tensor, out: Tensor
 ) -> None:
     """Client k's compact tensor n -> ``out[starts[k, n]:]`` (one buffer per client, end to end)."""
-    backend_for(out.device).slice_packed(weights, meta, row_inv, col_keep, counts, starts, out)
+    backend_for(out.device).slice_packed(weights, LayoutTables(meta, row_inv, col_keep, counts, starts), out)
 
 
 @slice_packed_op.register_fake
@@ -182,9 +185,8 @@ def aggregate_packed_op(
     stats: Tensor,
 ) -> None:
     """Aggregate into ``out`` (N results packed); ``stats`` (K, 2): non-finite flag, sum of squared deltas."""
-    backend_for(out.device).aggregate_packed(
-        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, out, stats
-    )
+    tables = LayoutTables(meta, row_inv, col_keep, counts, offsets)
+    backend_for(out.device).aggregate_packed(weights, clients, parts, tables, coef, agg_mode, out, stats)
 
 
 @aggregate_packed_op.register_fake
@@ -210,8 +212,9 @@ def accumulate_packed_op(
     stats: Tensor,
 ) -> None:
     """Fold one client into the partial sums ``sums`` / ``cover``; ``stats`` (2,) as above."""
+    tables = LayoutTables(meta, row_inv, col_keep, counts, offsets)
     backend_for(sums.device).accumulate_packed(
-        weights, client, parts, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, agg_mode, sums, cover, stats
+        weights, client, parts, tables, weight, max_ssq, agg_mode, sums, cover, stats
     )
 
 
@@ -241,10 +244,10 @@ def fold_packed_op(
 ) -> None:
     """Fold the layout's K clients, in order, into the partial sums ``sums_in`` / ``cover_in``,
     writing ``sums_out`` / ``cover_out``; ``stats`` (K, 2) as for ``aggregate_packed``."""
+    tables = LayoutTables(meta, row_inv, col_keep, counts, offsets)
     backend_for(sums_out.device).fold_packed(
-        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, sums_in, cover_in,
-        sums_out, cover_out, stats,
-    )  # fmt: skip
+        weights, clients, parts, tables, coef, agg_mode, sums_in, cover_in, sums_out, cover_out, stats
+    )
 
 
 @fold_packed_op.register_fake
@@ -283,3 +286,12 @@ torch.library.register_autograd(
     "cahfp::reconstruct_aggregate_many", _autograd.backward_aggregate_many,
     setup_context=_autograd.setup_aggregate_many,
 )  # fmt: skip
+
+
+#: The registered operators' names (``torch.ops.cahfp.NAME``), in definition order: the one
+#: list of the backend interface. Every backend module (``cpp``, ``triton``, ``reference``)
+#: implements a function NAME for each, with the operator's arguments (the five layout tables
+#: as one ``LayoutTables``), and the compiled library a ``torch.ops._cahfp_cpp.NAME`` kernel.
+OPERATORS = tuple(
+    op._name for op in globals().values() if isinstance(op, torch._library.custom_ops.CustomOpDef)
+)

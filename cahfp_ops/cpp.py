@@ -21,7 +21,8 @@ Where the kernels come from, in order:
 The library registers its kernels in the private operator namespace
 ``torch.ops._cahfp_cpp``: a loading detail, not an API. It has no fake kernels and no
 autograd; only this module calls it, from inside the public ``torch.ops.cahfp.*``
-operators. The six backend functions below take the canonical inputs every backend takes
+operators. The backend functions below, one per operator (``_operators.OPERATORS``), take
+the canonical inputs every backend takes
 (see ``cahfp_ops/_operators.py``).
 """
 
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from . import _build_config as config
 from ._debug import poison_, poison_enabled
+from ._layout_tables import LayoutTables
 from ._views import packed_slice_numel
 
 _LOCK = threading.Lock()
@@ -369,28 +371,22 @@ def reconstruct_aggregate_many(
     return _kernels().reconstruct_aggregate_many(weights, clients, rows, cols, coef, mode)
 
 
-def slice_packed(
-    weights: list[Tensor], meta: Tensor, row_inv: Tensor, col_keep: Tensor, counts: Tensor, starts: Tensor, out: Tensor
-) -> None:
-    _kernels().slice_packed(weights, meta, row_inv, col_keep, counts, starts, poison_(out))
+def slice_packed(weights: list[Tensor], tables: LayoutTables, out: Tensor) -> None:
+    _kernels().slice_packed(weights, *tables, poison_(out))
 
 
 def aggregate_packed(
     weights: list[Tensor],
     clients: list[Tensor],
     parts: list[int],
-    meta: Tensor,
-    row_inv: Tensor,
-    col_keep: Tensor,
-    counts: Tensor,
-    offsets: Tensor,
+    tables: LayoutTables,
     coef: Tensor,
     mode: str,
     out: Tensor,
     stats: Tensor,
 ) -> None:
     _kernels().aggregate_packed(
-        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, poison_(out), poison_(stats)
+        weights, clients, parts, *tables, coef, mode, poison_(out), poison_(stats)
     )
 
 
@@ -398,11 +394,7 @@ def accumulate_packed(
     weights: list[Tensor],
     client: list[Tensor],
     parts: list[int],
-    meta: Tensor,
-    row_inv: Tensor,
-    col_keep: Tensor,
-    counts: Tensor,
-    offsets: Tensor,
+    tables: LayoutTables,
     weight: float,
     max_ssq: float,
     mode: str,
@@ -411,7 +403,7 @@ def accumulate_packed(
     stats: Tensor,
 ) -> None:
     _kernels().accumulate_packed(
-        weights, client, parts, meta, row_inv, col_keep, counts, offsets, weight, max_ssq, mode, sums, cover,
+        weights, client, parts, *tables, weight, max_ssq, mode, sums, cover,
         poison_(stats),
     )
 
@@ -420,11 +412,7 @@ def fold_packed(
     weights: list[Tensor],
     clients: list[Tensor],
     parts: list[int],
-    meta: Tensor,
-    row_inv: Tensor,
-    col_keep: Tensor,
-    counts: Tensor,
-    offsets: Tensor,
+    tables: LayoutTables,
     coef: Tensor,
     mode: str,
     sums_in: Tensor,
@@ -438,7 +426,7 @@ def fold_packed(
     if cover_out.data_ptr() != cover_in.data_ptr():
         poison_(cover_out)
     _kernels().fold_packed(
-        weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, mode, sums_in, cover_in, sums_out,
+        weights, clients, parts, *tables, coef, mode, sums_in, cover_in, sums_out,
         cover_out, poison_(stats),
     )  # fmt: skip
 

@@ -47,7 +47,8 @@ from torch import Tensor
 
 from . import _hugepages, _layout_checks, _operators
 from ._dtypes import acc_dtype
-from ._inputs import KeepSets, canonical_keep, check_floating, check_mode, keep_set_entries, kept_counts
+from ._inputs import KeepSets, canonical_keep, check_floating, check_mode, keep_set_entries, kept_counts, normalise
+from ._layout_tables import LayoutTables
 from ._validation import validation_enabled
 from ._views import packed_views
 
@@ -479,10 +480,14 @@ class RoundLayout:
         counts, offsets, col_inv. Copies: the layout's own tables are shared with every
         holder of the layout (and with layouts found again for equal keep sets), so editing
         what this returns changes nothing else."""
-        return {key: t.clone() for key, t in self._device_tables(device).items()}
+        tables, col_inv = self._tables_and_col_inv(device)
+        return {**{key: t.clone() for key, t in tables._asdict().items()}, "col_inv": col_inv.clone()}
 
-    def _device_tables(self, device: torch.device | None = None) -> dict[str, Tensor]:
+    def _device_tables(self, device: torch.device | None = None) -> LayoutTables:
         """The layout's own index tables on ``device``, cached (what the kernels read)."""
+        return self._tables_and_col_inv(device)[0]
+
+    def _tables_and_col_inv(self, device: torch.device | None = None) -> tuple[LayoutTables, Tensor]:
         device = torch.device(device) if device is not None else self.device
         hit = self._tables.get(str(device))
         if hit is None:
@@ -495,15 +500,14 @@ class RoundLayout:
             dst = torch.where(col_inv >= 0, base + col_inv, torch.full_like(base, SC))
             col_keep = torch.full((K, SC + 1), -1, dtype=torch.int32, device=device)
             col_keep.scatter_(1, dst, local.expand(K, -1).contiguous())
-            hit = {
-                "meta": _table(st.meta, device),
-                "row_inv": self._row_inv.to(device).contiguous(),
-                "col_keep": col_keep[:, :SC].contiguous(),
-                "counts": _table(self.counts_host, device),
-                "offsets": _table(self.offsets_host, device),
-                "col_inv": col_inv.contiguous(),
-            }
-            self._tables[str(device)] = hit
+            tables = LayoutTables(
+                meta=_table(st.meta, device),
+                row_inv=self._row_inv.to(device).contiguous(),
+                col_keep=col_keep[:, :SC].contiguous(),
+                counts=_table(self.counts_host, device),
+                offsets=_table(self.offsets_host, device),
+            )
+            hit = self._tables[str(device)] = (tables, col_inv.contiguous())
         return hit
 
     def compact_shapes(self, k: int) -> list[tuple[int, ...]]:
@@ -560,8 +564,9 @@ class RoundLayout:
 
     def _rows_of_tables(self, pick) -> dict:
         """The cached tables of some clients (``pick`` selects their rows; ``meta`` is shared)."""
-        return {dev: {key: t if key == "meta" else pick(t) for key, t in tabs.items()}
-                for dev, tabs in self._tables.items()}  # fmt: skip
+        return {dev: (tables._replace(**{key: pick(t) for key, t in tables._asdict().items() if key != "meta"}),
+                      pick(col_inv))
+                for dev, (tables, col_inv) in self._tables.items()}  # fmt: skip
 
     def subset(self, clients: Sequence[int]) -> RoundLayout:
         """The layout of some of the clients (in the given order); this layout itself when
@@ -870,7 +875,7 @@ def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor 
     starts = layout.offsets_host + (np.cumsum(layout.numels) - layout.numels)[:, None]
     if total:
         _operators.slice_packed_op(
-            list(weights), t["meta"], t["row_inv"], t["col_keep"], t["counts"], _table(starts, device), out
+            list(weights), *t._replace(offsets=_table(starts, device)), out
         )
     bounds = np.concatenate([[0], np.cumsum(layout.numels)]).tolist()
     return [out[bounds[k] : bounds[k + 1]] for k in range(layout.num_clients)]
@@ -918,7 +923,10 @@ def aggregate_packed(
 
     ``clients[k]``: client k's packed 1-D buffer (``layout.numels[k]`` elements), or its N
     compact tensors (shaped ``layout.compact_shapes(k)``); all of one floating dtype.
-    ``coef``: ``(K,)`` float64, finite, >= 0, normalised to sum 1. ``out``: the N results
+    ``coef``: ``(K,)`` float64 weights as given (finite, >= 0, a positive sum: sample counts,
+    or already normalised), normalised here by their sum as :func:`~cahfp_ops.reconstruct_aggregate`
+    does (the layout ops' one convention: :func:`fold_packed` takes the same weights and
+    accumulates them as given). ``out``: the N results
     packed in order (new unless given). ``stats`` ``(K, 2)`` float64: column 0 is 1 where
     client k holds a value that is not finite in the global dtype (or a delta not finite in
     the accumulation dtype), column 1 the sum of squares of its deltas ``c - w`` over its
@@ -932,7 +940,7 @@ def aggregate_packed(
     device = ref.device
     total = sum(w.numel() for w in weights)
     if validation_enabled():
-        _layout_checks.check_coef(op, coef, layout.num_clients, device, normalised=True)
+        _layout_checks.check_coef(op, coef, layout.num_clients, device, positive_sum=True)
         if out is not None:
             _layout_checks.check_buffer(op, "out", out, total, ref.dtype, device)
     flat, parts = _flat_clients(clients, layout.num_tensors)
@@ -941,8 +949,8 @@ def aggregate_packed(
     stats = torch.empty((len(clients), 2), dtype=torch.float64, device=device)
     t = layout._device_tables(device)
     _operators.aggregate_packed_op(
-        list(weights), flat, parts, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
-        coef, mode, out, stats,
+        list(weights), flat, parts, *t,
+        normalise(coef), mode, out, stats,
     )  # fmt: skip
     return out, stats
 
@@ -999,7 +1007,7 @@ def accumulate_packed(
     t = layout._device_tables(ref.device)
     flat, parts = _flat_clients([client], layout.num_tensors)
     _operators.accumulate_packed_op(
-        list(weights), flat, parts, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
+        list(weights), flat, parts, *t,
         float(weight), float(max_ssq), mode, sums, cover, stats,
     )  # fmt: skip
     return stats
@@ -1040,13 +1048,13 @@ def fold_packed(
         _check_partials(op, weights, mode, {"sums": sums, "cover": cover}, layout)
         if out is not None:
             _check_partials(op, weights, mode, {"sums_out": out[0], "cover_out": out[1]}, layout)
-        _layout_checks.check_coef(op, coef, layout.num_clients, ref.device, normalised=False)
+        _layout_checks.check_coef(op, coef, layout.num_clients, ref.device, positive_sum=False)
     sums_out, cover_out = out if out is not None else (torch.empty_like(sums), torch.empty_like(cover))
     flat, parts = _flat_clients(clients, layout.num_tensors)
     stats = torch.empty((len(clients), 2), dtype=torch.float64, device=ref.device)
     t = layout._device_tables(ref.device)
     _operators.fold_packed_op(
-        list(weights), flat, parts, t["meta"], t["row_inv"], t["col_keep"], t["counts"], t["offsets"],
+        list(weights), flat, parts, *t,
         coef, mode, sums, cover, sums_out, cover_out, stats,
     )  # fmt: skip
     return sums_out, cover_out, stats

@@ -562,7 +562,7 @@ def reconstruct_aggregate_many(
         if len(dtypes) > 1 or None in dtypes:  # mixed uploads: one dtype per kernel call, the global's
             wd = sub[members[0]].dtype
             per_client = [c.to(wd) if isinstance(c, Tensor) else [t.to(wd) for t in c] for c in per_client]
-        coef_t = canonical_coef(op, coef, K, device)
+        coef_t = canonical_coef(op, coef, K, device, normalised=False)  # aggregate_packed normalises them
         packed, _ = aggregate_packed(layout, list(sub.values()), per_client, coef_t, mode)
         for key, part in zip(members, packed_views(packed, [tuple(sub[key].shape) for key in members])):
             results[key] = part

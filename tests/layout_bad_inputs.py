@@ -60,10 +60,10 @@ class Case:
             )  # fmt: skip
         L = self.layout
         self.K, self.N = L.num_clients, L.num_tensors
-        tables = L._device_tables("cpu")  # the layout's own tables, guarded too (what the kernels read)
-        for key in list(tables):
-            tables[key] = self.g(tables[key])
-        self.tables = tables
+        # the layout's own tables, guarded too (what the kernels read)
+        own, col_inv = L._tables_and_col_inv("cpu")
+        self.tables = {key: self.g(t) for key, t in own._asdict().items()}
+        L._tables["cpu"] = (type(own)(**self.tables), self.g(col_inv))
         self.weights = [self.g(torch.randn(s, generator=gen)) for s in L.shapes]
         with cahfp_ops.use_backend("torch"):  # set-up, not under test (and fast on every backend)
             plain = L.slice([w.clone() for w in self.weights])
@@ -203,8 +203,7 @@ CASES = {
                                  lambda c: c.agg(coef=c.g(t([0.5, 0.5, math.inf], dtype=F64)))),
     "aggregate: all-zero coef": ("bad", r"aggregate_packed: coef sums to zero",
                                  lambda c: c.agg(coef=c.g(torch.zeros(3, dtype=F64)))),
-    "aggregate: unnormalised coef": ("bad", r"aggregate_packed: coef must be normalised",
-                                     lambda c: c.agg(coef=c.g(torch.ones(3, dtype=F64)))),
+    "aggregate: sample counts as coef": ("ok", None, lambda c: c.agg(coef=c.g(t([30.0, 0.0, 10.0], dtype=F64)))),
     "aggregate: float32 coef": ("bad", r"aggregate_packed: coef must be float64",
                                 lambda c: c.agg(coef=c.g(torch.full((3,), 1 / 3)))),
     "aggregate: short coef": ("bad", r"aggregate_packed: coef must hold 3 values",

@@ -12,16 +12,14 @@ import pytest
 
 import cahfp_ops
 from cahfp_ops import cpp, reference
+from cahfp_ops._operators import OPERATORS
 
 PACKAGE = Path(cahfp_ops.__file__).resolve().parent
-BACKEND_FUNCTIONS = (
-    "curvature_scores",
-    "topk_channel_masks",
-    "slice_channels",
-    "slice_channels_many",
-    "reconstruct_aggregate",
-    "reconstruct_aggregate_many",
-)
+#: The backend interface: one function per registered operator (the one list, in _operators.py).
+BACKEND_FUNCTIONS = OPERATORS
+#: The op families: each backend keeps one file per family, under the same name
+#: (``reference/NAME.py``, ``triton/NAME.py``, ``csrc/cpu/NAME.cpp`` with ``NAME.h``).
+FAMILIES = ("scores", "masks", "slice", "aggregate", "robust", "packed")
 
 
 def _module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -127,6 +125,30 @@ def test_fl_uses_only_the_public_kernel_api():
             assert target == "cahfp_ops" and set(names) <= public, f"{path.name} imports {names} from {target}"
 
 
+def test_the_operator_list_covers_every_operator():
+    import torch
+
+    registered = {name for name in dir(torch.ops.cahfp) if isinstance(getattr(torch.ops.cahfp, name),
+                                                                        torch._ops.OpOverloadPacket)}  # fmt: skip
+    assert registered == set(OPERATORS) and len(OPERATORS) == 12
+
+
+def test_every_backend_keeps_one_file_per_family_under_one_name():
+    csrc = PACKAGE / "_csrc" if (PACKAGE / "_csrc").is_dir() else PACKAGE.parent / "csrc"
+    homes = {"reference": PACKAGE / "reference", "triton": PACKAGE / "triton"}
+    for family in FAMILIES:
+        for backend, folder in homes.items():
+            assert (folder / f"{family}.py").is_file(), f"{backend} has no {family}.py"
+        assert (csrc / "cpu" / f"{family}.cpp").is_file() and (csrc / "cpu" / f"{family}.h").is_file(), family
+    # and each operator is defined in its family's file of every Python backend
+    for name in OPERATORS:
+        for folder in homes.values():
+            if folder.name == "triton" and not (folder / "__init__.py").is_file():
+                continue
+            defined = [f.stem for f in folder.glob("*.py") if f"\ndef {name}(" in f.read_text()]
+            assert len(defined) == 1 and defined[0] in FAMILIES, (folder.name, name, defined)
+
+
 @pytest.mark.parametrize("name", BACKEND_FUNCTIONS)
 def test_backends_share_one_interface(name):
     modules = [cpp, reference]
@@ -136,7 +158,9 @@ def test_backends_share_one_interface(name):
         modules.append(triton_backend)
     except ImportError:
         pass
-    signatures = {m.__name__: list(inspect.signature(getattr(m, name)).parameters) for m in modules}
+    signatures = {m.__name__: [p.name for p in inspect.signature(getattr(m, name)).parameters.values()
+                               if p.kind != p.KEYWORD_ONLY]  # a backend's own tuning knobs are keyword-only
+                  for m in modules}  # fmt: skip
     assert len({tuple(s) for s in signatures.values()}) == 1, signatures
 
 

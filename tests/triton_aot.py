@@ -14,7 +14,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from cahfp_ops.triton.curvature_scores import _scores_kernel  # noqa: E402
+from cahfp_ops.triton.aggregate import _aggregate_kernel  # noqa: E402
+from cahfp_ops.triton.masks import _topk_kernel  # noqa: E402
 from cahfp_ops.triton.packed import (  # noqa: E402
     _accumulate_packed_kernel,
     _aggregate_packed_kernel,
@@ -22,9 +23,8 @@ from cahfp_ops.triton.packed import (  # noqa: E402
     _fold_packed_kernel,
     _slice_packed_kernel,
 )
-from cahfp_ops.triton.reconstruct_aggregate import _aggregate_kernel  # noqa: E402
-from cahfp_ops.triton.slice_channels import _slice_kernel  # noqa: E402
-from cahfp_ops.triton.topk_channel_masks import _topk_kernel  # noqa: E402
+from cahfp_ops.triton.scores import _scores_kernel  # noqa: E402
+from cahfp_ops.triton.slice import _slice_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 

@@ -24,6 +24,7 @@ from cahfp_ops import (
     PackedScalars,
     RoundLayout,
     Workspace,
+    acc_dtype,
     accumulate_packed,
     empty_buffer,
     finish_partials,
@@ -145,7 +146,7 @@ class AggregatePartials:
                 ints[name] = w.clone()
         sums, cover, flats = {}, {}, {}
         for i, ((device, dtype), names) in enumerate(groups.items()):
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            acc = acc_dtype(dtype)
             shapes = [tuple(global_state[n].shape) for n in names]
             cover_shapes = [(s[0],) if len(s) == 1 else s[:2] for s in shapes]
             n_s, n_c = sum(math.prod(s) for s in shapes), sum(math.prod(s) for s in cover_shapes)
@@ -678,7 +679,7 @@ def clipped_data(layout: RoundLayout, weights: list[Tensor], data: Tensor | list
     global dtype, computed in the accumulation dtype. With ``0 <= scale <= 1`` every value
     lies between ``g`` and ``c``, so a finite reply stays finite."""
     g = layout.slice(weights)[0]
-    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(g.dtype)
     c = data if isinstance(data, Tensor) else torch.cat([t.reshape(-1) for t in data])
     g32 = g.to(acc)
     return (g32 + scale * (c.to(device=g.device, dtype=acc) - g32)).to(g.dtype)

@@ -431,7 +431,7 @@ class Server:
         for _, floats, sub, data in passes:
             coef = torch.tensor(w, dtype=torch.float64, device=floats[0].device)
             with validation(False):  # the replies were checked; weights, layout and coef are the server's own
-                out, stats = aggregate_packed(sub, floats, data, coef / coef.sum(), self.mode)
+                out, stats = aggregate_packed(sub, floats, data, coef, self.mode)
             outs.append(out)
             kept = sub.numels.tolist()
             pooled = [(b0 or bool(b), q0 + q, n0 + n)

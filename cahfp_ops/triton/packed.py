@@ -48,8 +48,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .._dtypes import acc_dtype
+from .._layout_tables import LayoutTables
 from ._common import block_size, element_offsets, to_device_table
-from .reconstruct_aggregate import _cached, _work_table
+from .aggregate import _cached, _work_table
 
 __all__ = ["accumulate_packed", "aggregate_packed", "finish_partials", "fold_packed", "slice_packed"]
 
@@ -477,14 +478,11 @@ def _clients_in_place(
 
 def slice_packed(
     weights: Sequence[Tensor],
-    meta: Tensor,
-    row_inv: Tensor,
-    col_keep: Tensor,
-    counts: Tensor,
-    starts: Tensor,
+    tables: LayoutTables,
     out: Tensor,
 ) -> None:
     """Client k's compact tensor n -> ``out[starts[k, n]:]``; see the module docs."""
+    meta, row_inv, col_keep, counts, starts = tables
     ws = [w.contiguous() for w in weights]
     device = out.device
     _check_tables("slice_packed", ws, {"meta": meta, "row_inv": row_inv, "col_keep": col_keep, "counts": counts,
@@ -593,11 +591,7 @@ def aggregate_packed(
     weights: Sequence[Tensor],
     clients: Sequence[Tensor],
     parts: Sequence[int],
-    meta: Tensor,
-    row_inv: Tensor,
-    col_keep: Tensor,
-    counts: Tensor,
-    offsets: Tensor,
+    tables: LayoutTables,
     coef: Tensor,
     mode: str,
     out: Tensor,
@@ -605,6 +599,7 @@ def aggregate_packed(
 ) -> None:
     """Aggregate into ``out`` (the N results packed); ``stats`` (K, 2): non-finite flag, sum of
     squared deltas. See the module docs."""
+    meta, row_inv, col_keep, counts, offsets = tables
     op = "aggregate_packed"
     ws = [w.contiguous() for w in weights]
     device = out.device
@@ -662,11 +657,7 @@ def accumulate_packed(
     weights: Sequence[Tensor],
     client: Sequence[Tensor],
     parts: Sequence[int],
-    meta: Tensor,
-    row_inv: Tensor,
-    col_keep: Tensor,
-    counts: Tensor,
-    offsets: Tensor,
+    tables: LayoutTables,
     weight: float,
     max_ssq: float,
     mode: str,
@@ -677,6 +668,7 @@ def accumulate_packed(
     """Check client 0 of the layout, then fold it into ``sums`` / ``cover`` only when it is
     finite and within ``max_ssq``; ``stats`` (3,): non-finite flag, squared delta sum,
     accepted. See the module docs."""
+    meta, row_inv, col_keep, counts, offsets = tables
     op = "accumulate_packed"
     ws = [w.contiguous() for w in weights]
     device = sums.device
@@ -717,11 +709,7 @@ def fold_packed(
     weights: Sequence[Tensor],
     clients: Sequence[Tensor],
     parts: Sequence[int],
-    meta: Tensor,
-    row_inv: Tensor,
-    col_keep: Tensor,
-    counts: Tensor,
-    offsets: Tensor,
+    tables: LayoutTables,
     coef: Tensor,
     mode: str,
     sums_in: Tensor,
@@ -732,6 +720,7 @@ def fold_packed(
 ) -> None:
     """Fold the K clients into the partial sums (``*_in`` -> ``*_out``); ``stats`` (K, 2) as
     ``aggregate_packed``. See the module docs."""
+    meta, row_inv, col_keep, counts, offsets = tables
     op = "fold_packed"
     ws = [w.contiguous() for w in weights]
     device = sums_out.device

@@ -10,40 +10,19 @@
 // Python.h first, as CPython asks; only the limited API is used (the wheel is abi3).
 #include <Python.h>
 
+#include "aggregate.h"
 #include "common.h"
 #include "isa.h"
+#include "masks.h"
+#include "packed.h"
+#include "robust.h"
+#include "scores.h"
+#include "slice.h"
 
 #include <optional>
 #include <tuple>
 
 namespace cahfp {
-
-Tensor reconstruct_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Tensor rows, Tensor cols, Tensor coef,
-                                 std::string mode);
-Tensor reconstruct_aggregate_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients,
-                                      std::vector<Tensor> rows, std::vector<Tensor> cols, Tensor coef,
-                                      std::string mode);
-Tensor robust_aggregate_cpu(Tensor weight, std::vector<Tensor> clients, Tensor rows, Tensor cols, Tensor coef,
-                            std::string mode, std::string reduce, double trim);
-Tensor slice_channels_cpu(Tensor weight, Tensor rows, Tensor cols, int64_t total);
-Tensor slice_channels_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> rows, std::vector<Tensor> cols,
-                               int64_t total);
-void slice_packed_cpu(std::vector<Tensor> weights, Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts,
-                      Tensor starts, Tensor out);
-void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
-                          Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
-                          std::string mode, Tensor out, Tensor stats);
-void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, std::vector<int64_t> parts,
-                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, double weight,
-                           double max_ssq, std::string mode, Tensor sums, Tensor cover, Tensor stats);
-void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
-                     Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
-                     std::string mode, Tensor sums_in, Tensor cover_in, Tensor sums_out, Tensor cover_out,
-                     Tensor stats);
-void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover, double weight_sum, std::string mode,
-                         Tensor out);
-std::tuple<Tensor, Tensor> topk_channel_masks_cpu(Tensor scores, Tensor keep, int64_t max_keep);
-Tensor curvature_scores_cpu(Tensor weight, std::optional<Tensor> grad, std::optional<Tensor> hess, int64_t dim);
 
 namespace {
 

@@ -2,6 +2,8 @@
 // the lower index, NaN below every number. The comparator is a strict total
 // order, so the selection is unique and deterministic. (A sort, not a SIMD loop:
 // one baseline variant only.)
+#include "masks.h"
+
 #include "common.h"
 
 #include <algorithm>

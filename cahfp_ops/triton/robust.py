@@ -23,7 +23,7 @@ from .._debug import poison_
 from .._dtypes import acc_dtype
 from .._views import as_3d
 from ._common import batched_inverse_maps, block_size, element_offsets, next_pow2, to_device_table
-from .reconstruct_aggregate import _as_row_view
+from .aggregate import _as_row_view
 
 
 @triton.jit

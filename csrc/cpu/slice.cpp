@@ -4,12 +4,13 @@
 // copied into every client that keeps it, using per-client inverse row maps.
 // The copy loop comes in baseline / AVX2 / AVX-512 variants (isa.h).
 //
-// Two entries share the loop: slice_channels_many (per-tensor (K, m) keep sets, a new
-// client-major output) and slice_packed (the per-round layout's tables, written into a
-// caller-given buffer at the layout's offsets: one contiguous buffer per client).
-#include "common.h"
+// Two entries share the loop (detail::run_parts): slice_channels_many here (per-tensor
+// (K, m) keep sets, a new client-major output) and slice_packed in packed.cpp (the
+// per-round layout's tables, written into a caller-given buffer at the layout's offsets:
+// one contiguous buffer per client).
+#include "slice.h"
+
 #include "isa.h"
-#include "layout_tables.h"
 
 #include <algorithm>
 #include <utility>
@@ -17,22 +18,9 @@
 namespace cahfp {
 namespace {
 
-// One weight's slicing: client k keeps row r at compact row inv_rows[k * inv_stride + r]
-// (or -1) and columns cols[k * col_stride + j], j < cc[k]; its compact tensor starts at
-// dst[k * dst_stride] in the output.
-struct Part {
-  const void* w = nullptr;
-  int64_t R = 0, Cin = 0, T = 0;
-  const int32_t* inv_rows = nullptr;
-  int64_t inv_stride = 0;
-  const int32_t* cols = nullptr;
-  int64_t col_stride = 0;
-  const int64_t* cc = nullptr;
-  int64_t cc_stride = 1;
-  const int64_t* dst = nullptr;
-  int64_t dst_stride = 1;
-  int64_t chunk = 1;
-};
+using detail::Part;
+
+
 
 // Work items [i0, i1): chunks of rows of one weight, copied into every client keeping them.
 template <typename scalar_t>
@@ -67,6 +55,11 @@ CAHFP_ISA_VARIANTS(CAHFP_SC_HEAD, CAHFP_SC_ARGS, copy_items_isa, copy_items<scal
                     scalar_t* O, int64_t i0, int64_t i1),
                    (parts, items, K, O, i0, i1))
 
+
+}  // namespace
+
+namespace detail {
+
 void run_parts(std::vector<Part>& parts, int64_t K, Tensor& out) {
   std::vector<std::pair<int32_t, int64_t>> items;
   for (size_t n = 0; n < parts.size(); ++n) {
@@ -83,7 +76,9 @@ void run_parts(std::vector<Part>& parts, int64_t K, Tensor& out) {
   });
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 // weights[n]: N-D, one dtype. rows[n] / cols[n]: (K, m) int64, -1 padded (cols of a
 // 1-D weight: (K, 1) zeros). Returns one packed buffer, client-major: client 0's
@@ -146,52 +141,6 @@ Tensor slice_channels_many_cpu(std::vector<Tensor> weights, std::vector<Tensor> 
 // Single tensor: the N = 1 case (packed in client order).
 Tensor slice_channels_cpu(Tensor weight, Tensor rows, Tensor cols, int64_t total) {
   return slice_channels_many_cpu({weight}, {rows}, {cols}, total);
-}
-
-// Whole-model slicing on the per-round layout (tables as in layout_tables.h, `starts` in
-// the place of offsets):
-// client k's tensor n goes to out[starts[k, n] : + kept rows * kept cols * T]
-// (starts: (K, N) int64, absolute offsets into the 1-D out). Every range is checked
-// against out's size, so a hand-made layout cannot write out of bounds.
-void slice_packed_cpu(std::vector<Tensor> weights, Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts,
-                      Tensor starts, Tensor out) {
-  const int64_t N = static_cast<int64_t>(weights.size());
-  STD_TORCH_CHECK(N > 0, "weights must not be empty");
-  const LayoutTables lt = check_layout(N, meta, row_inv, col_keep, counts, starts);
-  const int64_t K = lt.K;
-  const auto dtype = weights[0].scalar_type();
-  STD_TORCH_CHECK(is_floating(dtype), "weights must be floating");
-  STD_TORCH_CHECK(out.is_cpu() && out.scalar_type() == dtype && out.dim() == 1 && out.is_contiguous(),
-                  "out must be a contiguous 1-D CPU tensor of dtype ", dtype_name(dtype));
-  std::vector<Tensor> ws(N);
-  std::vector<Part> parts(N);
-  for (int64_t n = 0; n < N; ++n) {
-    STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == dtype && weights[n].dim() >= 1, "weights[",
-                    n, "] must be a CPU tensor of dtype ", dtype_name(dtype));
-    const int64_t* mn = lt.meta + 5 * n;
-    ws[n] = torch::stable::contiguous(weights[n]);
-    STD_TORCH_CHECK(ws[n].numel() == checked_product(mn[0], mn[1], mn[2]), "weights[", n, "] has ", ws[n].numel(),
-                    " elements but the layout says ", mn[0], " x ", mn[1], " x ", mn[2]);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t* c = lt.counts + 2 * (k * N + n);  // c[0] <= mn[0], c[1] <= mn[1]: no overflow
-      STD_TORCH_CHECK(range_inside(lt.offsets[k * N + n], c[0] * c[1] * mn[2], out.numel()),
-                      "layout starts of client ", k, ", tensor ", n, " are out of range");
-    }
-    Part& part = parts[n];
-    part.w = ws[n].const_data_ptr();
-    part.R = mn[0];
-    part.Cin = mn[1];
-    part.T = mn[2];
-    part.inv_rows = lt.row_inv + mn[3];
-    part.inv_stride = lt.SR;
-    part.cols = lt.col_keep + mn[4];
-    part.col_stride = lt.SC;
-    part.cc = lt.counts + 2 * n + 1;
-    part.cc_stride = 2 * N;
-    part.dst = lt.offsets + n;
-    part.dst_stride = N;
-  }
-  if (out.numel() > 0) run_parts(parts, K, out);
 }
 
 }  // namespace cahfp

@@ -6,6 +6,8 @@
 // elements, lanes combined pairwise), so results do not depend on the thread
 // count and the float32 error stays small for large channels. The loop comes in
 // baseline / AVX2 / AVX-512 variants (isa.h), bit-identical.
+#include "scores.h"
+
 #include "common.h"
 #include "isa.h"
 

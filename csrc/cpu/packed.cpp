@@ -1,0 +1,403 @@
+// The per-round layout family on the CPU: slice_packed (the slicing engine of slice.h on
+// the layout's tables), aggregate_packed, fold_packed, accumulate_packed and
+// finish_partials (the aggregation engine of aggregate.h on the layout's tables).
+#include "packed.h"
+
+#include "aggregate.h"
+#include "slice.h"
+
+namespace cahfp {
+
+using namespace detail;
+
+namespace {
+
+// Client k's tensors: one packed buffer (parts[k] == 0) or its N separate tensors
+// (parts[k] == N), as the caller says: a one-tensor layout (N = 1) cannot tell the two
+// apart by their count. Returns where each client's entries start in `clients`.
+std::vector<int64_t> client_starts(const std::vector<Tensor>& clients, const std::vector<int64_t>& parts, int64_t K,
+                                   int64_t N) {
+  STD_TORCH_CHECK(static_cast<int64_t>(parts.size()) == K, "parts must hold one entry per client (", K, "), got ",
+                  parts.size());
+  std::vector<int64_t> start(K + 1, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    STD_TORCH_CHECK(parts[k] == 0 || parts[k] == N, "parts[", k, "] must be 0 (one packed buffer) or ", N,
+                    " (separate tensors), got ", parts[k]);
+    start[k + 1] = start[k] + (parts[k] == 0 ? 1 : N);
+  }
+  STD_TORCH_CHECK(start[K] == static_cast<int64_t>(clients.size()), "clients holds ", clients.size(),
+                  " tensors but parts says ", start[K]);
+  return start;
+}
+
+template <typename ct>
+ClientView<ct> packed_view(const Tensor& buffer, const LayoutTables& lt, const int64_t* m, int64_t n, int64_t k) {
+  // rc <= R and cc <= Cin (check_layout), and R * Cin * T does not overflow: neither does this.
+  const int64_t rc = lt.counts[2 * (k * lt.N + n)], cc = lt.counts[2 * (k * lt.N + n) + 1], T = m[2];
+  const int64_t off = lt.offsets[k * lt.N + n];
+  STD_TORCH_CHECK(range_inside(off, rc * cc * T, buffer.numel()), "the buffer of client ", k, " holds ",
+                  buffer.numel(), " elements, too few for tensor ", n, " at offset ", off);
+  return ClientView<ct>{cdata<ct>(buffer) + off, cc * T, T, rc, cc};
+}
+
+// A packed buffer must be a 1-D contiguous CPU tensor of the clients' dtype.
+void check_buffer(const Tensor& b, ScalarType cdtype, int64_t k) {
+  STD_TORCH_CHECK(b.is_cpu() && b.scalar_type() == cdtype && b.dim() == 1 && b.is_contiguous(), "the buffer of client ",
+                  k, " must be a 1-D contiguous CPU tensor of dtype ", dtype_name(cdtype));
+}
+
+template <typename wt, typename ct>
+void fill_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<Tensor>& ws, std::vector<Tensor>& clients,
+               const std::vector<int64_t>& start, const std::vector<int64_t>& parts, const LayoutTables& lt,
+               ScalarType cdtype) {
+  const int64_t N = lt.N, K = lt.K;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t* m = lt.meta + 5 * n;
+    Job<wt, ct>& job = jobs[n];
+    const View3 v{m[0], m[1], m[2], ws[n].dim() == 1};
+    STD_TORCH_CHECK(ws[n].numel() == checked_product(m[0], m[1], m[2]), "weights[", n, "] has ", ws[n].numel(),
+                    " elements but the layout says ", m[0], " x ", m[1], " x ", m[2]);
+    job.W = cdata<wt>(ws[n]);
+    job.R = m[0];
+    job.Cin = m[1];
+    job.T = m[2];
+    job.inv_rows = lt.row_inv + m[3];
+    job.inv_stride = lt.SR;
+    job.cols = lt.col_keep + m[4];
+    job.col_stride = lt.SC;
+    job.clients.resize(K);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
+      if (parts[k] == 0)
+        job.clients[k] = packed_view<ct>(clients[start[k]], lt, m, n, k);
+      else
+        job.clients[k] = separate_view<ct>(clients[start[k] + n], cdtype, v, rc, cc, n, k);
+    }
+  }
+}
+
+std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& weights, ScalarType wdtype) {
+  std::vector<Tensor> ws(weights.size());
+  for (size_t n = 0; n < weights.size(); ++n) {
+    STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == wdtype && weights[n].dim() >= 1,
+                    "weights[", n, "] must be a CPU tensor of dtype ", dtype_name(wdtype));
+    ws[n] = torch::stable::contiguous(weights[n]);
+  }
+  return ws;
+}
+
+}  // namespace
+
+namespace {
+
+// What aggregate_packed, fold_packed and accumulate_packed check and derive alike.
+struct PackedCall {
+  LayoutTables lt;
+  std::vector<int64_t> start;  // client k's first entry in the clients list
+  std::vector<int64_t> parts;  // 0: client k sent one packed buffer; N: its N tensors
+  bool overlap;
+  ScalarType wdtype, cdtype;
+  ScalarType adtype;  // accumulation dtype: float32, float64 for float64 weights
+  std::vector<Tensor> ws;
+  int64_t total = 0;        // elements of the weights
+  int64_t total_cover = 0;  // sum of R * Cin
+};
+
+// one_client: the op folds one client (accumulate_packed), its name for the message.
+PackedCall packed_call(const std::vector<Tensor>& weights, const std::vector<Tensor>& clients,
+                       const std::vector<int64_t>& parts, const Tensor& meta, const Tensor& row_inv,
+                       const Tensor& col_keep, const Tensor& counts, const Tensor& offsets, const std::string& mode,
+                       const char* one_client = nullptr) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  PackedCall pc{check_layout(N, meta, row_inv, col_keep, counts, offsets), {}, parts, mode == "overlap",
+                weights[0].scalar_type(), ScalarType::Float, ScalarType::Float, {}};
+  const int64_t K = pc.lt.K;
+  STD_TORCH_CHECK(K > 0, "the layout holds no clients");
+  STD_TORCH_CHECK(!clients.empty(), "clients must not be empty");
+  if (one_client) STD_TORCH_CHECK(K == 1, one_client, " folds one client: the layout must hold K = 1");
+  pc.start = client_starts(clients, parts, K, N);
+  STD_TORCH_CHECK(pc.overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  pc.cdtype = clients[0].scalar_type();
+  STD_TORCH_CHECK(is_floating(pc.wdtype) && is_floating(pc.cdtype), "weights and clients must be floating");
+  for (int64_t k = 0; k < K; ++k)
+    if (pc.parts[k] == 0) check_buffer(clients[pc.start[k]], pc.cdtype, k);
+  pc.adtype = pc.wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  pc.ws = contiguous_weights(weights, pc.wdtype);
+  for (int64_t n = 0; n < N; ++n) {
+    pc.total += pc.ws[n].numel();
+    pc.total_cover += pc.lt.meta[5 * n] * pc.lt.meta[5 * n + 1];
+  }
+  return pc;
+}
+
+// The K clients' coefficients and the (K, 2) statistics of aggregate_packed / fold_packed.
+void check_coef_stats(const Tensor& coef, const Tensor& stats, int64_t K) {
+  STD_TORCH_CHECK(coef.dim() == 1 && coef.size(0) == K && coef.scalar_type() == ScalarType::Double && coef.is_cpu(),
+                  "coef must be a (K,) float64 CPU tensor");
+  STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.dim() == 2 &&
+                      stats.size(0) == K && stats.size(1) == 2 && stats.is_contiguous(),
+                  "stats must be a contiguous (K, 2) float64 CPU tensor");
+}
+
+void check_flat(const Tensor& t, const char* name, ScalarType dtype, int64_t numel) {
+  STD_TORCH_CHECK(t.is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.numel() == numel && t.is_contiguous(),
+                  name, " must be a contiguous 1-D CPU tensor of ", numel, " elements of dtype ", dtype_name(dtype));
+}
+
+}  // namespace
+
+// Whole-model aggregation on the per-round layout. clients: per client k, one packed
+// buffer (parts[k] == 0: 1-D, its tensors at offsets[k]) or its N tensors (parts[k] == N).
+// Writes the N results, packed in order, into `out` (1-D, weights' dtype) and the reply
+// statistics into `stats` ((K, 2) float64: non-finite flag, sum of squared deltas over
+// the client's kept elements), computed in the same pass.
+void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
+                          Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
+                          std::string mode, Tensor out, Tensor stats) {
+  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode);
+  check_coef_stats(coef, stats, pc.lt.K);
+  check_flat(out, "out", pc.wdtype, pc.total);
+  const int64_t N = pc.lt.N, K = pc.lt.K;
+  const double* cp = cdata<double>(coef);
+  CAHFP_DISPATCH_FLOATING(pc.wdtype, "aggregate_packed", [&] {
+    using wt = scalar_t;
+    std::vector<acc_t<wt>> p(K);
+    for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc_t<wt>>(cp[k]);
+    CAHFP_DISPATCH_FLOATING(pc.cdtype, "aggregate_packed_client", [&] {
+      using ct = scalar_t;
+      std::vector<Job<wt, ct>> jobs(N);
+      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.parts, pc.lt, pc.cdtype);
+      int64_t offset = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        jobs[n].out = mdata<wt>(out) + offset;
+        offset += pc.ws[n].numel();
+      }
+      size_tiles(jobs);
+      run_jobs<wt, ct>(jobs, p, pc.overlap, mdata<double>(stats));
+    });
+  });
+}
+
+// Streaming, several clients per call: folds the K clients of the layout, in order 0..K-1,
+// into running partial sums read from sums_in / cover_in and written to sums_out / cover_out
+// (in place when they are the same tensors), with the reply statistics of every client
+// ((K, 2) float64, as aggregate_packed) from the same pass. Every element receives its
+// clients' terms one by one in client order, the arithmetic of accumulate_packed, so the
+// result is bit for bit that of K accumulate_packed calls. Nothing is decided here: a client
+// with coefficient 0 adds nothing (its statistics are still taken); the caller reruns from
+// the unchanged inputs with a rejected client's coefficient set to 0. sums: 1-D, the weights'
+// total size; cover: 1-D, the sum of every tensor's R * Cin; accumulation dtype (float32;
+// float64 for float64 weights). reconstruct: sums += coef[k] * (c - w); overlap: sums +=
+// coef[k] * c; cover += coef[k] at the kept (row, column) pairs.
+void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
+                     Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
+                     std::string mode, Tensor sums_in, Tensor cover_in, Tensor sums_out, Tensor cover_out,
+                     Tensor stats) {
+  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode);
+  check_coef_stats(coef, stats, pc.lt.K);
+  check_flat(sums_in, "sums_in", pc.adtype, pc.total);
+  check_flat(sums_out, "sums_out", pc.adtype, pc.total);
+  check_flat(cover_in, "cover_in", pc.adtype, pc.total_cover);
+  check_flat(cover_out, "cover_out", pc.adtype, pc.total_cover);
+  const int64_t N = pc.lt.N, K = pc.lt.K;
+  const double* cp = cdata<double>(coef);
+  for (int64_t k = 0; k < K; ++k)
+    STD_TORCH_CHECK(std::isfinite(cp[k]) && cp[k] >= 0, "coef must be finite and >= 0, got ", cp[k]);
+  CAHFP_DISPATCH_FLOATING(pc.wdtype, "fold_packed", [&] {
+    using wt = scalar_t;
+    using acc = acc_t<wt>;
+    std::vector<acc> p(K);
+    for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc>(cp[k]);
+    CAHFP_DISPATCH_FLOATING(pc.cdtype, "fold_packed_client", [&] {
+      using ct = scalar_t;
+      std::vector<Job<wt, ct>> jobs(N);
+      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.parts, pc.lt, pc.cdtype);
+      int64_t off = 0, coff = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        jobs[n].sums_in = cdata<acc>(sums_in) + off;
+        jobs[n].sums_out = mdata<acc>(sums_out) + off;
+        jobs[n].cover_in = cdata<acc>(cover_in) + coff;
+        jobs[n].cover_out = mdata<acc>(cover_out) + coff;
+        off += pc.ws[n].numel();
+        coff += jobs[n].R * jobs[n].Cin;
+      }
+      size_tiles(jobs);
+      run_jobs<wt, ct>(jobs, p, pc.overlap, mdata<double>(stats), true);
+    });
+  });
+}
+
+// Streaming, the end: the new global model from running partial sums, in one pass. Per
+// tensor n viewed as (R, Cin, T), at the elements whose (row, column) cover weight is > 0:
+// reconstruct w + sums / weight_sum, overlap sums / cover (in the accumulation dtype, then
+// rounded to the weights' dtype); elsewhere w, bit for bit. out: 1-D, the N results packed
+// in order, the weights' dtype. Work items are row blocks of one tensor; each element is
+// written once, so the result does not depend on the thread count.
+void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover, double weight_sum, std::string mode,
+                         Tensor out) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  const bool overlap = mode == "overlap";
+  STD_TORCH_CHECK(overlap || mode == "reconstruct", "mode must be 'reconstruct' or 'overlap'");
+  STD_TORCH_CHECK(std::isfinite(weight_sum) && weight_sum >= 0, "weight_sum must be finite and >= 0, got ",
+                  weight_sum);
+  const auto wdtype = weights[0].scalar_type();
+  STD_TORCH_CHECK(is_floating(wdtype), "weights must be floating");
+  const std::vector<Tensor> ws = contiguous_weights(weights, wdtype);
+  const auto adtype = wdtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  std::vector<View3> views(N);
+  std::vector<int64_t> off(N + 1, 0), coff(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    views[n] = view3(ws[n]);
+    off[n + 1] = off[n] + ws[n].numel();
+    coff[n + 1] = coff[n] + views[n].R * views[n].Cin;
+  }
+  check_flat(sums, "sums", adtype, off[N]);
+  check_flat(cover, "cover", adtype, coff[N]);
+  check_flat(out, "out", wdtype, off[N]);
+  // (tensor, first row) items of about kTileElems elements each
+  std::vector<std::pair<int32_t, int64_t>> items;
+  std::vector<int64_t> rows_per(N);
+  for (int64_t n = 0; n < N; ++n) {
+    const View3& v = views[n];
+    rows_per[n] = std::max<int64_t>(1, kTileElems / std::max<int64_t>(1, v.Cin * v.T));
+    for (int64_t r = 0; r < v.R; r += rows_per[n]) items.emplace_back(static_cast<int32_t>(n), r);
+  }
+  CAHFP_DISPATCH_FLOATING(wdtype, "finish_partials", [&] {
+    using wt = scalar_t;
+    using acc = acc_t<wt>;
+    const acc wsum = static_cast<acc>(weight_sum);
+    torch::stable::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t n = items[it].first, r0 = items[it].second;
+        const View3& v = views[n];
+        const int64_t r1 = std::min(v.R, r0 + rows_per[n]);
+        const wt* W = cdata<wt>(ws[n]);
+        const acc* S = cdata<acc>(sums) + off[n];
+        const acc* C = cdata<acc>(cover) + coff[n];
+        wt* O = mdata<wt>(out) + off[n];
+        for (int64_t q = r0 * v.Cin; q < r1 * v.Cin; ++q) {  // (row, column) pairs
+          const acc cw = C[q];
+          const int64_t e = q * v.T;
+          if (!(cw > acc(0))) {
+            std::memcpy(O + e, W + e, sizeof(wt) * v.T);
+          } else if (overlap) {
+            for (int64_t t = 0; t < v.T; ++t) O[e + t] = static_cast<wt>(S[e + t] / cw);
+          } else {
+            for (int64_t t = 0; t < v.T; ++t) O[e + t] = static_cast<wt>(S[e + t] / wsum + static_cast<acc>(W[e + t]));
+          }
+        }
+      }
+    });
+  });
+}
+
+// Streaming: check one client (layout with K = 1), then fold it with weight `weight`
+// into running partial sums, in two passes: the first takes its statistics (as in
+// aggregate_packed); the second runs only when the client is finite and its squared
+// delta sum is at most max_ssq, so a rejected client leaves no trace. sums (1-D, the
+// weights' total size) and cover (1-D, sum of R * Cin) are in the accumulation dtype
+// (float32; float64 for float64 weights). reconstruct: sums += weight * (c - w) at the
+// kept elements; overlap: sums += weight * c; both: cover += weight at the kept (row,
+// column) pairs. stats ((3,) float64): non-finite flag, squared delta sum, accepted.
+void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> client, std::vector<int64_t> parts,
+                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, double weight,
+                           double max_ssq, std::string mode, Tensor sums, Tensor cover, Tensor stats) {
+  const PackedCall pc = packed_call(weights, client, parts, meta, row_inv, col_keep, counts, offsets, mode,
+                                    "accumulate_packed");
+  STD_TORCH_CHECK(std::isfinite(weight) && weight >= 0, "weight must be finite and >= 0, got ", weight);
+  check_flat(sums, "sums", pc.adtype, pc.total);
+  check_flat(cover, "cover", pc.adtype, pc.total_cover);
+  STD_TORCH_CHECK(stats.is_cpu() && stats.scalar_type() == ScalarType::Double && stats.numel() == 3 &&
+                      stats.is_contiguous(),
+                  "stats must be a contiguous (3,) float64 CPU tensor");
+  const int64_t N = pc.lt.N;
+  CAHFP_DISPATCH_FLOATING(pc.wdtype, "accumulate_packed", [&] {
+    using wt = scalar_t;
+    using acc = acc_t<wt>;
+    CAHFP_DISPATCH_FLOATING(pc.cdtype, "accumulate_packed_client", [&] {
+      using ct = scalar_t;
+      std::vector<Job<wt, ct>> jobs(N);
+      fill_jobs<wt, ct>(jobs, pc.ws, client, pc.start, pc.parts, pc.lt, pc.cdtype);
+      std::vector<acc*> sum_ptr(N), cover_ptr(N);
+      int64_t off = 0, coff = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        sum_ptr[n] = mdata<acc>(sums) + off;
+        cover_ptr[n] = mdata<acc>(cover) + coff;
+        off += pc.ws[n].numel();
+        coff += jobs[n].R * jobs[n].Cin;
+      }
+      size_tiles(jobs);
+      const auto items = work_items(jobs);
+      const int64_t n_items = static_cast<int64_t>(items.size());
+      std::vector<double> ssq(n_items, 0.0);
+      std::vector<uint8_t> bad(n_items, 0);
+      const auto run = accumulate_items_isa_pick<wt, ct>();
+      const acc wk = static_cast<acc>(weight);
+      torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
+        run(jobs, items, sum_ptr, cover_ptr, wk, pc.overlap, false, ssq.data(), bad.data(), i0, i1);
+      });
+      double q = 0.0;
+      bool b = false;
+      for (int64_t it = 0; it < n_items; ++it) q += ssq[it], b |= bad[it] != 0;
+      if constexpr (std::is_same_v<acc, float>) b |= !std::isfinite(q);
+      const bool accept = !b && q <= max_ssq;
+      if (accept && weight > 0)
+        torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
+          run(jobs, items, sum_ptr, cover_ptr, wk, pc.overlap, true, nullptr, nullptr, i0, i1);
+        });
+      mdata<double>(stats)[0] = b ? 1.0 : 0.0;
+      mdata<double>(stats)[1] = q;
+      mdata<double>(stats)[2] = accept ? 1.0 : 0.0;
+    });
+  });
+}
+
+// Whole-model slicing on the per-round layout (tables as in layout_tables.h, `starts` in
+// the place of offsets):
+// client k's tensor n goes to out[starts[k, n] : + kept rows * kept cols * T]
+// (starts: (K, N) int64, absolute offsets into the 1-D out). Every range is checked
+// against out's size, so a hand-made layout cannot write out of bounds.
+void slice_packed_cpu(std::vector<Tensor> weights, Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts,
+                      Tensor starts, Tensor out) {
+  const int64_t N = static_cast<int64_t>(weights.size());
+  STD_TORCH_CHECK(N > 0, "weights must not be empty");
+  const LayoutTables lt = check_layout(N, meta, row_inv, col_keep, counts, starts);
+  const int64_t K = lt.K;
+  const auto dtype = weights[0].scalar_type();
+  STD_TORCH_CHECK(is_floating(dtype), "weights must be floating");
+  STD_TORCH_CHECK(out.is_cpu() && out.scalar_type() == dtype && out.dim() == 1 && out.is_contiguous(),
+                  "out must be a contiguous 1-D CPU tensor of dtype ", dtype_name(dtype));
+  std::vector<Tensor> ws(N);
+  std::vector<Part> parts(N);
+  for (int64_t n = 0; n < N; ++n) {
+    STD_TORCH_CHECK(weights[n].is_cpu() && weights[n].scalar_type() == dtype && weights[n].dim() >= 1, "weights[",
+                    n, "] must be a CPU tensor of dtype ", dtype_name(dtype));
+    const int64_t* mn = lt.meta + 5 * n;
+    ws[n] = torch::stable::contiguous(weights[n]);
+    STD_TORCH_CHECK(ws[n].numel() == checked_product(mn[0], mn[1], mn[2]), "weights[", n, "] has ", ws[n].numel(),
+                    " elements but the layout says ", mn[0], " x ", mn[1], " x ", mn[2]);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t* c = lt.counts + 2 * (k * N + n);  // c[0] <= mn[0], c[1] <= mn[1]: no overflow
+      STD_TORCH_CHECK(range_inside(lt.offsets[k * N + n], c[0] * c[1] * mn[2], out.numel()),
+                      "layout starts of client ", k, ", tensor ", n, " are out of range");
+    }
+    Part& part = parts[n];
+    part.w = ws[n].const_data_ptr();
+    part.R = mn[0];
+    part.Cin = mn[1];
+    part.T = mn[2];
+    part.inv_rows = lt.row_inv + mn[3];
+    part.inv_stride = lt.SR;
+    part.cols = lt.col_keep + mn[4];
+    part.col_stride = lt.SC;
+    part.cc = lt.counts + 2 * n + 1;
+    part.cc_stride = 2 * N;
+    part.dst = lt.offsets + n;
+    part.dst_stride = N;
+  }
+  if (out.numel() > 0) run_parts(parts, K, out);
+}
+
+}  // namespace cahfp
