@@ -19,15 +19,12 @@ preallocated buffers), and the speedups, all measured side by side in one run.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
+import workloads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workloads  # noqa: E402
-
-from common import (  # noqa: E402
+from common import (
     bench_ms,
     bench_parser,
     copy_roofline_ms,

@@ -60,6 +60,11 @@ load(name="cahfp_old_build", sources=sorted(glob.glob({str(src / "csrc" / "cpu" 
     return src / "cahfp_old_build.so"
 
 
+def _bench_path() -> str:
+    """PYTHONPATH for a worker: this folder (its modules import each other by name) first."""
+    return os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p)
+
+
 WORKER = r"""
 import json, statistics, sys, time
 from collections.abc import Mapping
@@ -68,8 +73,7 @@ config, library, threads, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), i
 torch.set_num_threads(threads)
 if library:
     torch.ops.load_library(library)  # before cahfp_ops looks: it then uses this library
-sys.path.insert(0, sys.argv[5])
-import workloads
+import workloads  # bench/ is on PYTHONPATH
 import cahfp_ops
 from cahfp_ops import cpp
 assert cpp.load_cpp(), cpp.load_error()
@@ -82,7 +86,7 @@ if config == "old":  # the old library has no per-round layout ops: its whole-mo
     cahfp_ops.slice_channels_many = lambda w, r=None, c=None, *, num_clients=None: \
         ops._slice_many_per_tensor(w, r, c, num_clients=num_clients)
 out = {"isa": cpp.cpu_isa() if config != "old" else "old build", "times": {}, "digest": {}}
-for op, model, K in json.loads(sys.argv[6]):
+for op, model, K in json.loads(sys.argv[5]):
     case = workloads.SINGLE_OPS[op](K, torch.device("cpu")) if model is None else \
         workloads.MODEL_OPS[op](model, K, torch.device("cpu"))
     fn = case.ours(novalidate=True)
@@ -133,12 +137,11 @@ def main() -> None:
                         library,
                         str(args.threads),
                         str(args.repeat),
-                        str(Path(__file__).resolve().parent),
                         json.dumps(CASES),
                     ],
                     capture_output=True,
                     text=True,
-                    env={**os.environ, "CAHFP_OPS_VALIDATE": "0"},
+                    env={**os.environ, "CAHFP_OPS_VALIDATE": "0", "PYTHONPATH": _bench_path()},
                 )
                 line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:

@@ -14,15 +14,12 @@ that must move; "of copy" is the copy roofline fraction.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
+import workloads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workloads  # noqa: E402
-
-from common import (  # noqa: E402
+from common import (
     bench_ms,
     bench_parser,
     device_name,

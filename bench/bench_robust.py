@@ -25,18 +25,15 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import channel_plan, make_client_models, make_model  # noqa: E402
+from models import channel_plan, make_client_models, make_model
 
 import cahfp_ops  # noqa: E402
-from common import bench_ms, bench_parser, device_name, half_and_half, print_table, start  # noqa: E402
+from common import bench_ms, bench_parser, device_name, half_and_half, print_table, start
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:

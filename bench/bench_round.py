@@ -18,21 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import peers  # noqa: E402
-from models import MODELS, example_input  # noqa: E402
-from workloads import _model_case, _plain_slice  # noqa: E402
+import torch
+from models import MODELS, example_input
+from workloads import _model_case, _plain_slice
 
 import cahfp_ops  # noqa: E402
 from cahfp_ops.fl import Server, StreamingAggregator, trace_plan  # noqa: E402
-from common import TINY, device_name, half_and_half  # noqa: E402
+from common import TINY, device_name, half_and_half
 
 DEV = torch.device("cpu")  # --device
 RECORDS: list[dict] = []  # every figure printed, for --json

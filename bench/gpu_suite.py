@@ -74,10 +74,10 @@ class Step:
     result: dict = field(default_factory=dict)
 
 
-def _bench(script: str, full: list[str], dry: list[str], out: str):
+def _bench(script: str, full: list[str], dry: list[str], out: str, fixed: tuple[str, ...] = ()):
     def cmd(is_dry: bool, tmp: Path) -> list[str]:
         dev = ["--device", "cpu" if is_dry else "cuda"]
-        return [PY, str(ROOT / "bench" / script), *dev, *(dry if is_dry else full), "--json", str(tmp / out)]
+        return [PY, str(ROOT / "bench" / script), *fixed, *dev, *(dry if is_dry else full), "--json", str(tmp / out)]
 
     return cmd
 
@@ -115,11 +115,14 @@ def steps() -> list[Step]:
         Step("bench-aggregate", "reconstruct_aggregate, VGG-16 conv layers",
              _bench("bench_aggregate.py", ["--clients", "10", "100"], k2, "aggregate.json"), 45, 120,
              "aggregate.json", True),
-        Step("bench-slice", "slice_channels", _bench("bench_slice.py", ["--clients", "10", "100"], k2, "slice.json"),
+        Step("bench-slice", "slice_channels",
+             _bench("bench_ops.py", ["--clients", "10", "100"], k2, "slice.json", ("--op", "slice_channels")),
              25, 120, "slice.json", True),
-        Step("bench-topk", "topk_channel_masks", _bench("bench_topk.py", ["--clients", "10", "100"], k2, "topk.json"),
+        Step("bench-topk", "topk_channel_masks",
+             _bench("bench_ops.py", ["--clients", "10", "100"], k2, "topk.json", ("--op", "topk_channel_masks")),
              20, 120, "topk.json", True),
-        Step("bench-scores", "curvature_scores", _bench("bench_scores.py", ["--clients", "1", "10"], k2, "scores.json"),
+        Step("bench-scores", "curvature_scores",
+             _bench("bench_ops.py", ["--clients", "1", "10"], k2, "scores.json", ("--op", "curvature_scores")),
              20, 120, "scores.json", True),
         Step("bench-robust", "median and trimmed mean, VGG-16 conv layers",
              _bench("bench_robust.py", ["--clients", "10", "100"],
