@@ -24,6 +24,7 @@ the library pieces directly (``trace_plan``, ``magnitude_scores``, ``assign_keep
 
 from __future__ import annotations
 
+import fedsim_core
 import torch
 from torch import nn
 
@@ -55,22 +56,22 @@ def representation_norm(model: nn.Module):
     return handle, lambda: seen[0].flatten(1).norm(dim=1).mean()
 
 
-def run_dapperfl(fedsim, cfg, method, data, parts, progress: bool = True, label: str | None = None) -> dict:
-    """One DapperFL run with the simulator's data, model, local SGD and evaluation (``fedsim``:
-    the simulator module); returns the same summary as ``fedsim.run``."""
+def run_dapperfl(cfg, method, data, parts, progress: bool = True, label: str | None = None) -> dict:
+    """One DapperFL run with the simulator's data, model, local SGD and evaluation
+    (``fedsim_core``); returns the same summary as ``fedsim_core.run``."""
     import copy
     import time
 
     from cahfp_ops import reconstruct_aggregate_many
     from cahfp_ops.fl import assign_keep_sets, count_flops, extract, magnitude_scores, trace_plan
 
-    dev, model, capacity, (x_train, y_train), (x_test, y_test) = fedsim.setup(cfg, data)
+    dev, model, capacity, (x_train, y_train), (x_test, y_test) = fedsim_core.setup(cfg, data)
     plan = trace_plan(copy.deepcopy(model), data.x_train[:2].to(dev))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     full_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     flops = count_flops(model, data.x_train[:1].to(dev))["training_flops"]
     history, times, up = [], [], 0.0
-    rounds = fedsim.round_iter(cfg, progress, label or f"{method}/reconstruct")
+    rounds = fedsim_core.round_iter(cfg, progress, label or f"{method}/reconstruct")
     for t in rounds:
         t0 = time.perf_counter()
         alpha = fusion_coefficient(t)
@@ -81,7 +82,7 @@ def run_dapperfl(fedsim, cfg, method, data, parts, progress: bool = True, label:
             local.train()
             handle, penalty = representation_norm(local)
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t * 1009 + cid)
-            fedsim.local_sgd(cfg, local, parts[cid], x_train, y_train, g,
+            fedsim_core.local_sgd(cfg, local, parts[cid], x_train, y_train, g,
                              extra_loss=lambda penalty=penalty: DAR_COEFF * penalty())  # fmt: skip
             handle.remove()
             fused = fuse(state, {k: v.detach() for k, v in local.state_dict().items()}, alpha)
@@ -97,9 +98,10 @@ def run_dapperfl(fedsim, cfg, method, data, parts, progress: bool = True, label:
         state = {k: new[k] if k in new else compact[0][k].clone() for k in state}
         times.append(time.perf_counter() - t0)
         model.load_state_dict(state)
-        history.append(fedsim.evaluate(model, x_test, y_test))
+        history.append(fedsim_core.evaluate(model, x_test, y_test))
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
     down = float(full_params) * cfg.rounds  # the full model, every round
-    return fedsim.summary(method, "reconstruct", cfg, history, times, full_params, down, up, flops / 1e6, flops / 1e6)
+    mflops = flops / 1e6
+    return fedsim_core.summary(method, "reconstruct", cfg, history, times, full_params, down, up, mflops, mflops)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+import fedsim_core
 import torch
 from torch import nn
 
@@ -89,14 +90,14 @@ def sparse_params(state: dict, mask: dict[str, torch.Tensor]) -> int:
     return n
 
 
-def run_prunefl(fedsim, cfg, method, data, parts, progress: bool = True, label: str | None = None) -> dict:
-    """One PruneFL run with the simulator's data, model, local SGD and evaluation (``fedsim``:
-    the simulator module); returns the same summary as ``fedsim.run``."""
+def run_prunefl(cfg, method, data, parts, progress: bool = True, label: str | None = None) -> dict:
+    """One PruneFL run with the simulator's data, model, local SGD and evaluation
+    (``fedsim_core``); returns the same summary as ``fedsim_core.run``."""
     import time
 
     from cahfp_ops.fl import count_flops
 
-    dev, model, capacity, (x_train, y_train), (x_test, y_test) = fedsim.setup(cfg, data)
+    dev, model, capacity, (x_train, y_train), (x_test, y_test) = fedsim_core.setup(cfg, data)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     names = prunable(model)
     importance = {n: state[n].abs().float() for n in names}  # initial pruning: magnitude
@@ -104,7 +105,7 @@ def run_prunefl(fedsim, cfg, method, data, parts, progress: bool = True, label: 
     full_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     flops = count_flops(model, data.x_train[:1].to(dev))["training_flops"]
     history, times, down = [], [], 0.0
-    rounds = fedsim.round_iter(cfg, progress, label or f"{method}/overlap")
+    rounds = fedsim_core.round_iter(cfg, progress, label or f"{method}/overlap")
     masks = client_masks(importance, capacity)
     for t in rounds:
         t0 = time.perf_counter()
@@ -112,7 +113,7 @@ def run_prunefl(fedsim, cfg, method, data, parts, progress: bool = True, label: 
             masks = client_masks(accumulated, capacity)
         replies, weights, mask_list = [], [], []
         for cid in capacity:
-            local = fedsim.make_model(cfg.model, data).to(dev)
+            local = fedsim_core.make_model(cfg.model, data).to(dev)
             sent = {k: (v * masks[cid][k] if k in masks[cid] else v).clone() for k, v in state.items()}
             local.load_state_dict(sent)
             local.train()
@@ -125,19 +126,20 @@ def run_prunefl(fedsim, cfg, method, data, parts, progress: bool = True, label: 
                         p.mul_(m)
 
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t * 1009 + cid)
-            fedsim.local_sgd(cfg, local, parts[cid], x_train, y_train, g, after_step=zero_pruned)
+            fedsim_core.local_sgd(cfg, local, parts[cid], x_train, y_train, g, after_step=zero_pruned)
             replies.append({k: v.detach().clone() for k, v in local.state_dict().items()})
             weights.append(float(len(parts[cid])))
             mask_list.append(masks[cid])
             down += sparse_params(state, masks[cid]) / len(capacity)
         new = aggregate_sparse(state, replies, mask_list, weights)
-        scale = 1.0 / (cfg.lr * fedsim.mean_local_steps(cfg, parts))
+        scale = 1.0 / (cfg.lr * fedsim_core.mean_local_steps(cfg, parts))
         for n in names:  # the server's accumulated squared pseudo-gradient
             accumulated[n] += ((state[n].float() - new[n].float()) * scale).pow(2)
         state = new
         times.append(time.perf_counter() - t0)
         model.load_state_dict(state)
-        history.append(fedsim.evaluate(model, x_test, y_test))
+        history.append(fedsim_core.evaluate(model, x_test, y_test))
         if progress:
             rounds.set_postfix(acc=f"{history[-1]:.3f}")
-    return fedsim.summary(method, "overlap", cfg, history, times, full_params, down, down, flops / 1e6, flops / 1e6)
+    mflops = flops / 1e6
+    return fedsim_core.summary(method, "overlap", cfg, history, times, full_params, down, down, mflops, mflops)
