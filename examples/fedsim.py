@@ -10,7 +10,7 @@ Protocol (the paper's): N clients (default 10) with a Dirichlet(alpha) label par
 heterogeneity rank 0-3 sets the clients' pruning ratios (rank 0: half 25 %, half unpruned;
 1: 25 % / 50 %; 2: 50 % / 75 %; 3: 75 % / 90 %); local SGD with momentum 0.9, lr 0.1, one local
 epoch, batch 128 scaled down for small data (at least 8 steps per epoch); every client every round.
-Methods (``fedsim_methods.py``): FedAvg, FedProx, PruneFL, FedMP (L1 filter norm), DapperFL,
+Methods (one module each in ``baselines/``): FedAvg, FedProx, PruneFL, FedMP (L1 filter norm), DapperFL,
 HeteroFL, FedRolex, FjORD, random masks and CA-HFP, each with its published aggregation rule
 (reconstruction or overlap averaging where a method takes either). Clients whose compact models
 have equal shapes train together in one vmapped step (``fedsim_batched.py``; ``--batched``).
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,12 +29,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baselines  # noqa: E402
 import fedsim_attack  # noqa: E402
 import fedsim_batched  # noqa: E402
-import fedsim_dapperfl  # noqa: E402
-import fedsim_labelsplit  # noqa: E402
-import fedsim_methods as methods  # noqa: E402
-import fedsim_prunefl  # noqa: E402
+from baselines import heterofl  # noqa: E402
 from fedsim_core import (  # noqa: E402, F401  (Config, RANKS, ...: the simulator's API, as before)
     RANKS,
     Config,
@@ -52,13 +48,13 @@ from fedsim_core import (  # noqa: E402, F401  (Config, RANKS, ...: the simulato
     summary,
 )
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
-from fedsim_stats import fmt_mean_sd, mean_sd, t975  # noqa: E402
+from fedsim_report import format_table, plot, summarise, sweep_tables  # noqa: E402, F401  (the simulator's API)
 
 from cahfp_ops import MODES, load_cpp  # noqa: E402
 from cahfp_ops.fl import zoo  # noqa: E402
 from cahfp_ops.fl.server import Server  # noqa: E402
 
-METHODS = methods.METHODS
+METHODS = baselines.METHODS
 
 
 def run(
@@ -79,16 +75,16 @@ def run(
     replies instead of its trained compact state_dict (``sent``: the compact global it
     received), for attack experiments.
     """
-    m = methods.get(method)
-    if m.runner != "server":  # a method with its own round loop (on the same data, model and local SGD)
-        runner = {"prunefl": fedsim_prunefl.run_prunefl, "dapperfl": fedsim_dapperfl.run_dapperfl}[m.runner]
-        return runner(cfg, m.name, data, parts, progress, label)
+    m = baselines.get(method)
+    own = baselines.own_loop(m)
+    if own is not None:  # a method with its own round loop (on the same data, model and local SGD)
+        return own(cfg, m.name, data, parts, progress, label)
     dev, model, capacity, (x_train, y_train), (x_test, y_test) = setup(cfg, data)
     server = Server(
         model,
         data.x_train[:2].to(dev),
         criterion=m.criterion or "random",
-        mode="overlap" if mode == fedsim_labelsplit.MODE else mode,
+        mode="overlap" if mode == heterofl.MODE else mode,
         warmup_rounds=cfg.warmup_rounds if m.warmup else 0,
         lr=cfg.lr,
         local_steps=mean_local_steps(cfg, parts),
@@ -98,9 +94,9 @@ def run(
     )
     width_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
     keep_sent = tamper is not None or m.prox_mu > 0
-    label_split = mode == fedsim_labelsplit.MODE  # HeteroFL's option: overlap plus the classifier's label split
-    masks = fedsim_labelsplit.label_masks(data.y_train, parts, data.num_classes) if label_split else None
-    head = fedsim_labelsplit.classifier_names(model, data.num_classes) if label_split else None
+    label_split = mode == heterofl.MODE  # HeteroFL's option: overlap plus the classifier's label split
+    masks = heterofl.label_masks(data.y_train, parts, data.num_classes) if label_split else None
+    head = heterofl.classifier_names(model, data.num_classes) if label_split else None
 
     server_time = [0.0]  # this round's server work so far, in seconds
 
@@ -146,7 +142,7 @@ def run(
         if head and report.accepted:
             _, cols = server.plan.tensor_keep_sets([server.assignments[c].keeps for c in report.accepted])
             col = dict(zip(report.accepted, cols.get(head[0], [None] * len(report.accepted))))
-            fixed = fedsim_labelsplit.aggregate_classifier(
+            fixed = heterofl.aggregate_classifier(
                 previous, {c: updates[c] for c in report.accepted}, {c: masks[c] for c in report.accepted}, col, head)
             server.adopt({**server.state, **fixed})  # HeteroFL's prefix criterion ignores what it observes
         return report
@@ -191,7 +187,7 @@ def run(
     for _ in rounds:
         t0 = time.perf_counter()
         server_time[0] = 0.0
-        ratios = methods.round_ratios(m, capacity, width_gen)
+        ratios = baselines.round_ratios(m, capacity, width_gen)
         report = sequential_round(ratios) if cfg.batched == "off" else batched_round(ratios)
         times.append(time.perf_counter() - t0)
         server_times.append(server_time[0])
@@ -210,91 +206,6 @@ def run(
                    report.full_training_flops / 1e6, (len(report.rejected), rejected), server_times)  # fmt: skip
 
 
-def summarise(results: list[dict], reference: tuple[str, str] = ("cahfp", "reconstruct")) -> list[dict]:
-    """Per (method, mode), over seeds: final and best accuracy (mean, sd, values), the accounting,
-    and the paired difference of final accuracy against ``reference`` run on the same seeds
-    (mean and 95 % t interval half-width; None when the reference did not run)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["method"], r["mode"]), []).append(r)
-    ref = {r["seed"]: r["final_accuracy"] for r in groups.get(reference, [])}
-    out = []
-    for (method, mode), rs in groups.items():
-        finals = [r["final_accuracy"] for r in rs]
-        row = {"method": method, "mode": mode, "seeds": [r["seed"] for r in rs], "final": finals,
-               "best": [r["best_accuracy"] for r in rs], **{k: rs[0][k] for k in (
-                   "full_params", "params_down_per_client", "params_up_per_client", "training_mflops_per_client",
-                   "full_training_mflops")},
-               "seconds_per_round": statistics.mean(r["seconds_per_round"] for r in rs)}  # fmt: skip
-        server_s = [r["server_seconds_per_round"] for r in rs if r.get("server_seconds_per_round") is not None]
-        row["server_seconds_per_round"] = statistics.mean(server_s) if server_s else None
-        diffs = [r["final_accuracy"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
-        if (method, mode) != reference and diffs:
-            mu, sd = mean_sd(diffs)
-            row["diff"] = (mu, t975(len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan"))
-        out.append(row)
-    return out
-
-
-def _server_share(row: dict) -> str:
-    s = row.get("server_seconds_per_round")
-    return "" if s is None else f" ({s:.3f})"
-
-
-def format_table(results: list[dict]) -> str:
-    rows = summarise(results)
-    n = max(len(r["seeds"]) for r in rows)
-    head = (
-        f"| method | aggregation | final acc ({n} seed{'s' if n > 1 else ''}) | best acc | final - cahfp [95 % CI] "
-        "| params down / up per client | of full | train MFLOPs/sample per client | s / round (server) |"
-    )
-    lines = [head, "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]
-    for r in rows:
-        diff = "-"
-        if "diff" in r:
-            mu, half = r["diff"]
-            diff = f"{mu:+.3f} [{mu - half:+.3f}, {mu + half:+.3f}]" if half == half else f"{mu:+.3f}"
-        agg = r["mode"] if METHODS[r["method"]].prunes else "-"
-        lines.append(
-            f"| {r['method']} | {agg} | {fmt_mean_sd(r['final'])} | {fmt_mean_sd(r['best'])} | {diff} | "
-            f"{r['params_down_per_client']:,.0f} / {r['params_up_per_client']:,.0f} | "
-            f"{r['params_down_per_client'] / r['full_params']:.0%} | {r['training_mflops_per_client']:.2f} | "
-            f"{r['seconds_per_round']:.2f}{_server_share(r)} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], path: Path, title: str) -> None:
-    """Mean test-accuracy curve per (method, mode) over seeds, with a ±1 sd band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}  # one colour per method, line style per aggregation
-    groups: dict[tuple[str, str], list[list[float]]] = {}
-    for r in results:
-        groups.setdefault((r["method"], r["mode"]), []).append(r["accuracy"])
-    for (method, mode), curves in groups.items():
-        acc = torch.tensor(curves)
-        mu = acc.mean(0)
-        sd = acc.std(0) if len(curves) > 1 else torch.zeros_like(mu)
-        xs = range(1, len(mu) + 1)
-        label = method if not METHODS[method].prunes or len(METHODS[method].modes) == 1 else f"{method} ({mode})"
-        style = "-" if mode == METHODS[method].modes[0] else "--"
-        ax.plot(xs, mu, label=label, color=colors.get(method), linestyle=style)
-        ax.fill_between(xs, mu - sd, mu + sd, color=colors.get(method), alpha=0.12, linewidth=0)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def compare(cfg: Config, data: Dataset, runs: list[tuple[str, str]], progress: bool = True,
             seeds: int = 1) -> list[dict]:  # fmt: skip
     """Every (method, mode) on seeds ``cfg.seed .. cfg.seed + seeds - 1`` (each seed its own
@@ -308,7 +219,7 @@ def compare(cfg: Config, data: Dataset, runs: list[tuple[str, str]], progress: b
 
 
 def default_runs() -> list[tuple[str, str]]:
-    return [(m, METHODS[m].modes[0]) for m in methods.DEFAULT_METHODS]
+    return [(m, METHODS[m].modes[0]) for m in baselines.DEFAULT_METHODS]
 
 
 def sweep(cfg: Config, data: Dataset, out: Path, progress: bool = True, seeds: int = 1,
@@ -322,38 +233,7 @@ def sweep(cfg: Config, data: Dataset, out: Path, progress: bool = True, seeds: i
         table1[a] = summarise(compare(Config(**{**asdict(cfg), "alpha": a}), data, runs, progress, seeds))
     scores = ("fedmp", "random", "cahfp")
     table2 = summarise(compare(cfg, data, [(m, mode) for m in scores for mode in MODES], progress, seeds))
-    lines = [
-        f"Data {data.name}, model {cfg.model}, {cfg.clients} clients, rank {cfg.rank}, {cfg.rounds} rounds, "
-        f"seeds {cfg.seed}..{cfg.seed + seeds - 1}; final test accuracy, mean ± sd over seeds.",
-        "",
-        "Table I: methods x Dirichlet alpha (each method's own aggregation)",
-        "",
-        "| method | aggregation | "
-        + " | ".join(f"alpha={a:g}" for a in alphas)
-        + " | params down / up per client | train MFLOPs/sample |",
-        "| --- | --- | " + " | ".join("--:" for _ in alphas) + " | --: | --: |",
-    ]
-    for m, mode in runs:
-        cells = [fmt_mean_sd(next(r for r in table1[a] if r["method"] == m)["final"]) for a in alphas]
-        acct = next(r for r in table1[alphas[0]] if r["method"] == m)
-        lines.append(
-            f"| {m} | {mode if METHODS[m].prunes else '-'} | "
-            + " | ".join(cells)
-            + f" | {acct['params_down_per_client']:,.0f} / {acct['params_up_per_client']:,.0f}"
-            + f" | {acct['training_mflops_per_client']:.2f} |"
-        )
-    lines += [
-        "",
-        f"Table II: importance score x aggregation (alpha={cfg.alpha:g})",
-        "",
-        "| score | reconstruction | overlap |",
-        "| --- | --: | --: |",
-    ]
-    for m in scores:
-        cells = [fmt_mean_sd(next(r for r in table2 if r["method"] == m and r["mode"] == mode)["final"])
-                 for mode in MODES]  # fmt: skip
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    text = sweep_tables(cfg, data.name, seeds, alphas, runs, table1, scores, table2)
     (out / f"sweep_{data.name}.md").write_text(text + "\n")
     return text
 
@@ -389,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU threads (default 1: on 2 cores, two threads made the tiny steps ~3x slower)",
     )
     p.add_argument("--methods", nargs="+", default=None,
-                   help="method[/mode] ... or all (default: " + " ".join(methods.DEFAULT_METHODS) + "); methods: "
+                   help="method[/mode] ... or all (default: " + " ".join(baselines.DEFAULT_METHODS) + "); methods: "
                    + ", ".join(METHODS) + " (magnitude = fedmp)")  # fmt: skip
     p.add_argument("--sweep", action="store_true", help="run the Table I / Table II grid and write markdown")
     p.add_argument("--attack", nargs="+", default=None, choices=list(fedsim_attack.ATTACKS),
@@ -438,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
               f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
         return
     try:
-        runs = methods.parse_runs(a.methods) if a.methods else None
+        runs = baselines.parse_runs(a.methods) if a.methods else None
     except ValueError as exc:
         raise SystemExit(f"fedsim: {exc}") from None
     if a.seeds < 1:

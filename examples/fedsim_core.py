@@ -2,7 +2,7 @@
 model set-up, local SGD, evaluation and the run summary.
 
 The server-driven methods run on it in ``fedsim.py``; the methods with their own round loop
-(``fedsim_prunefl.py``, ``fedsim_dapperfl.py``) import it as well, so no module hands another
+(``baselines/prunefl.py``, ``baselines/dapperfl.py``) import it as well, so no module hands another
 module around.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import fedsim_batched
-import fedsim_labelsplit
 import torch
 import torch.nn.functional as F
 from fedsim_data import Dataset
+from torch import Tensor
 
 from cahfp_ops.fl import zoo
 
@@ -47,6 +47,14 @@ def client_ratios(rank: int, n: int) -> list[float]:
     """First half of the clients at the rank's first ratio, the rest at its second."""
     low, high = RANKS[rank]
     return [low if k < (n + 1) // 2 else high for k in range(n)]
+
+
+def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """``logits`` ``(..., C)`` with the classes where ``mask`` ``(C,)`` is False set to 0
+    (``mask`` None: unchanged). Works under ``vmap`` with a per-client mask."""
+    if mask is None:
+        return logits
+    return torch.where(mask.to(logits.device), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
 
 
 def batch_size_for(n_samples: int, cap: int) -> int:
@@ -110,7 +118,7 @@ def local_sgd(cfg: Config, model: torch.nn.Module, idx: torch.Tensor, x_train: t
     done = 0
     for b in fedsim_batched.batch_plan(idx, bs, cfg.local_epochs, work, generator):
         b = b.to(dev)
-        loss = F.cross_entropy(fedsim_labelsplit.mask_logits(model(x_train[b]), label_mask), y_train[b])
+        loss = F.cross_entropy(mask_logits(model(x_train[b]), label_mask), y_train[b])
         if anchors:
             loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
         if extra_loss is not None:

@@ -184,7 +184,7 @@ def test_attack_cli_writes_table_json_plot(tmp_path, capsys):
 
 
 def test_method_names_modes_and_aliases():
-    import fedsim_methods as methods
+    import baselines as methods
 
     assert set(methods.METHODS) == {
         "fedavg", "fedprox", "prunefl", "dapperfl", "fedmp", "heterofl", "fedrolex", "fjord", "random",
@@ -202,7 +202,7 @@ def test_method_names_modes_and_aliases():
 
 
 def test_fjord_widths_nest_below_capacity():
-    import fedsim_methods as methods
+    import baselines as methods
 
     g = torch.Generator().manual_seed(0)
     fjord = methods.METHODS["fjord"]
@@ -220,7 +220,7 @@ def test_fedprox_proximal_term_and_local_work():
     steps for weaker ranks change the run."""
     import dataclasses
 
-    import fedsim_methods as methods
+    import baselines as methods
 
     data = synthetic(n_train=120, n_test=40, seed=1)
     cfg = fedsim.Config(data="synthetic", clients=2, rounds=2, warmup_rounds=1, rank=2)
@@ -253,7 +253,7 @@ def test_seeds_table_has_mean_sd_and_paired_difference():
 
 
 def test_prunefl_masks_and_sparse_aggregation_by_hand():
-    import fedsim_prunefl as pf
+    from baselines import prunefl as pf
 
     score = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.9]])
     assert pf.top_mask(score, 0.5).tolist() == [[False, True, False], [True, False, True]]  # tie 0.9: index 1 first
@@ -275,7 +275,7 @@ def test_prunefl_masks_and_sparse_aggregation_by_hand():
 
 
 def test_dapperfl_fusion_and_regulariser():
-    import fedsim_dapperfl as dfl
+    from baselines import dapperfl as dfl
 
     assert dfl.fusion_coefficient(0) == 0.0 and dfl.fusion_coefficient(1) == pytest.approx(0.9 * 0.8)
     assert dfl.fusion_coefficient(50) == dfl.ALPHA_MIN
@@ -354,8 +354,8 @@ def test_batched_rounds_run_and_repeat():
     cfg = fedsim.Config(data="synthetic", clients=4, rounds=2, warmup_rounds=1, rank=2, batched="on")
     parts = dirichlet_partition(data.y_train, 4, 1.0, seed=0)
     for method in ("fedavg", "cahfp", "fjord"):
-        r = fedsim.run(cfg, method, fedsim.methods.get(method).modes[0], data, parts, progress=False)
-        again = fedsim.run(cfg, method, fedsim.methods.get(method).modes[0], data, parts, progress=False)
+        r = fedsim.run(cfg, method, fedsim.baselines.get(method).modes[0], data, parts, progress=False)
+        again = fedsim.run(cfg, method, fedsim.baselines.get(method).modes[0], data, parts, progress=False)
         assert r["accuracy"] == again["accuracy"] and r["rejected_total"] == 0
     import fedsim_batched
 
@@ -382,14 +382,14 @@ def test_static_bn_statistics_are_the_data_statistics():
     torch.testing.assert_close(bn.running_var, (h[:256].var(0) + h[256:].var(0)) / 2)
     assert out is model and not model.training and bn.momentum == 0.1
     assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
-    assert fedsim.methods.get("heterofl").static_bn and fedsim.methods.get("fedrolex").static_bn
-    assert not fedsim.methods.get("cahfp").static_bn
+    assert fedsim.baselines.get("heterofl").static_bn and fedsim.baselines.get("fedrolex").static_bn
+    assert not fedsim.baselines.get("cahfp").static_bn
 
 
 def test_label_split_classifier_rule_by_hand():
     """HeteroFL's label split: each classifier row is the plain mean over the clients holding
     its class (and, for a weight entry, keeping its column); the old value where none does."""
-    import fedsim_labelsplit as ls
+    from baselines import heterofl as ls
 
     g = torch.Generator().manual_seed(5)
     w_old, b_old = torch.randn(4, 5, generator=g), torch.randn(4, generator=g)

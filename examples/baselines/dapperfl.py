@@ -28,7 +28,10 @@ import fedsim_core
 import torch
 from torch import nn
 
+from .method import Method
+
 ALPHA_0, ALPHA_MIN, EPSILON, DAR_COEFF = 0.9, 0.1, 0.2, 0.01
+METHOD = Method("dapperfl", "l1", ("reconstruct",), warmup=False)  # its own round loop: run()
 
 
 def fusion_coefficient(t: int) -> float:
@@ -56,7 +59,7 @@ def representation_norm(model: nn.Module):
     return handle, lambda: seen[0].flatten(1).norm(dim=1).mean()
 
 
-def run_dapperfl(cfg, method, data, parts, progress: bool = True, label: str | None = None) -> dict:
+def run(cfg, method, data, parts, progress: bool = True, label: str | None = None) -> dict:
     """One DapperFL run with the simulator's data, model, local SGD and evaluation
     (``fedsim_core``); returns the same summary as ``fedsim_core.run``."""
     import copy

@@ -1,6 +1,18 @@
-"""HeteroFL's label-split masking of the classifier (Diao et al., ICLR 2021, Sec. 3.1-3.2 and
-its reference code's ``mask`` option): the simulator's ``heterofl/label-split`` (HeteroFL's
-overlap rule plus the label split; plain ``heterofl`` runs without it).
+"""HeteroFL (Diao et al., ICLR 2021, Sec. 3.1-3.2): static prefix submodels (the first
+``(1 - r) C`` channels of every layer) and its combine rule: each entry is the plain mean over
+the clients that hold it (count based: weight 1 per client), the global value where none does.
+``heterofl/label-split`` adds HeteroFL's optional label-split masking of the classifier
+(its ``mask`` option, below): a client's logits of classes absent from its
+data are set to 0 in training, and each classifier row is averaged over the clients holding
+its class only. Static batch normalisation (sBN, Sec. 3.2): BatchNorm normalises by batch
+statistics in training, and the statistics used to evaluate the global model are the
+cumulative ones of its pass over the clients' training data (HeteroFL queries the clients
+after training; the simulator makes the same pass over the union of their data before each
+evaluation).
+
+The label split (Sec. 3.1-3.2 and the reference code's ``mask`` option): the simulator's
+``heterofl/label-split`` (HeteroFL's overlap rule plus the label split; plain ``heterofl`` runs
+without it).
 
 Two parts:
 
@@ -27,7 +39,10 @@ from torch import Tensor, nn
 
 from cahfp_ops import reconstruct_aggregate
 
+from .method import Method
+
 MODE = "label-split"  # the aggregation-mode name that turns it on
+METHOD = Method("heterofl", "prefix", ("overlap", MODE), weighting="count", warmup=False, static_bn=True)
 
 
 def label_masks(y: Tensor, parts: Sequence[Tensor], num_classes: int) -> Tensor:
@@ -36,14 +51,6 @@ def label_masks(y: Tensor, parts: Sequence[Tensor], num_classes: int) -> Tensor:
     for k, idx in enumerate(parts):
         out[k, y[idx.to(y.device)].unique().cpu()] = True
     return out
-
-
-def mask_logits(logits: Tensor, mask: Tensor | None) -> Tensor:
-    """``logits`` ``(..., C)`` with the classes where ``mask`` ``(C,)`` is False set to 0
-    (``mask`` None: unchanged). Works under ``vmap`` with a per-client mask."""
-    if mask is None:
-        return logits
-    return torch.where(mask.to(logits.device), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
 
 
 def classifier_names(model: nn.Module, num_classes: int) -> tuple[str, str | None]:

@@ -32,7 +32,10 @@ import fedsim_core
 import torch
 from torch import nn
 
+from .method import Method
+
 RECONFIGURE_EVERY = 5
+METHOD = Method("prunefl", "gradient", ("overlap",), warmup=False)  # its own round loop: run()
 
 
 def prunable(model: nn.Module) -> list[str]:
@@ -90,7 +93,7 @@ def sparse_params(state: dict, mask: dict[str, torch.Tensor]) -> int:
     return n
 
 
-def run_prunefl(cfg, method, data, parts, progress: bool = True, label: str | None = None) -> dict:
+def run(cfg, method, data, parts, progress: bool = True, label: str | None = None) -> dict:
     """One PruneFL run with the simulator's data, model, local SGD and evaluation
     (``fedsim_core``); returns the same summary as ``fedsim_core.run``."""
     import time
