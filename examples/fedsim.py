@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 import fedsim_attack  # noqa: E402
-import fedsim_batched  # noqa: E402
 from baselines import heterofl  # noqa: E402
+from fedsim_clients import Clients  # noqa: E402
 from fedsim_core import (  # noqa: E402, F401  (Config, RANKS, ...: the simulator's API, as before)
     RANKS,
     Config,
@@ -48,9 +48,9 @@ from fedsim_core import (  # noqa: E402, F401  (Config, RANKS, ...: the simulato
     summary,
 )
 from fedsim_data import Dataset, dirichlet_partition, load  # noqa: E402
-from fedsim_report import format_table, plot, summarise, sweep_tables  # noqa: E402, F401  (the simulator's API)
+from fedsim_report import format_table, plot, summarise, sweep  # noqa: E402, F401  (summarise: the simulator's API)
 
-from cahfp_ops import MODES, load_cpp  # noqa: E402
+from cahfp_ops import load_cpp  # noqa: E402
 from cahfp_ops.fl import zoo  # noqa: E402
 from cahfp_ops.fl.server import Server  # noqa: E402
 
@@ -93,11 +93,10 @@ def run(
         **(server_options or {}),
     )
     width_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
-    keep_sent = tamper is not None or m.prox_mu > 0
     label_split = mode == heterofl.MODE  # HeteroFL's option: overlap plus the classifier's label split
     masks = heterofl.label_masks(data.y_train, parts, data.num_classes) if label_split else None
     head = heterofl.classifier_names(model, data.num_classes) if label_split else None
-
+    local = Clients(cfg, m, parts, capacity, x_train, y_train, masks, tamper)
     server_time = [0.0]  # this round's server work so far, in seconds
 
     def on_server(fn: Callable, *args):
@@ -111,74 +110,24 @@ def run(
         server_time[0] += time.perf_counter() - t0
         return out
 
-    def local_work(cid: int) -> tuple[torch.Tensor, float, torch.Generator]:
-        """Client ``cid``'s samples, share of the local steps and batch-order generator this round."""
-        work = 1.0 - capacity[cid] if m.rank_local_work else 1.0  # FedProx: a client of ratio r does (1 - r)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server.round * 1009 + cid)
-        return parts[cid], work, g
-
-    def snapshot(compact: torch.nn.Module) -> dict:
-        return {k: v.detach().clone() for k, v in compact.state_dict().items()}
-
-    def reply(cid: int, sent: dict | None, compact: torch.nn.Module) -> tuple[dict, float]:
-        trained = snapshot(compact)
-        weight = float(len(parts[cid])) if m.weighting == "samples" else 1.0
-        return (tamper(cid, sent, trained) if tamper else trained), weight
-
-    def train(cid: int, compact: torch.nn.Module):
-        compact = compact.to(dev).train()
-        sent = snapshot(compact) if keep_sent else None
-        anchors = [(p, sent[n]) for n, p in compact.named_parameters()] if m.prox_mu > 0 else []
-        idx, work, g = local_work(cid)
-        local_sgd(cfg, compact, idx, x_train, y_train, g, work, anchors, m.prox_mu,
-                  label_mask=None if masks is None else masks[cid])  # fmt: skip
-        return reply(cid, sent, compact)
-
-    def aggregate(updates: dict, weights: dict):
-        """The server's rule; with label split, the classifier's rows recombined afterwards from
-        the clients holding each class (the other tensors keep the server's result)."""
+    def one_round(ratios: dict[int, float]):
+        """assign -> build -> the clients train (``--batched``: equal shapes together) -> aggregate;
+        with label split, the classifier's rows recombined afterwards from the clients holding
+        each class (the other tensors keep the server's result)."""
+        assignments = on_server(server.assign, ratios)
+        if cfg.batched == "off":
+            replies = {cid: local.train(cid, on_server(server.build, cid), server.round) for cid in assignments}
+            updates, weights = {c: r[0] for c, r in replies.items()}, {c: r[1] for c, r in replies.items()}
+        else:
+            compacts = {cid: on_server(server.build, cid).to(dev).train() for cid in assignments}
+            updates, weights = local.train_grouped(compacts, server.round)
         previous = {n: server.state[n] for n in head if n is not None} if head else None
         report = on_server(server.aggregate, updates, weights)
         if head and report.accepted:
-            _, cols = server.plan.tensor_keep_sets([server.assignments[c].keeps for c in report.accepted])
-            col = dict(zip(report.accepted, cols.get(head[0], [None] * len(report.accepted))))
-            fixed = heterofl.aggregate_classifier(
-                previous, {c: updates[c] for c in report.accepted}, {c: masks[c] for c in report.accepted}, col, head)
+            fixed = heterofl.aggregate_label_split(server.plan, assignments, previous, updates, masks,
+                                                   report.accepted, head)  # fmt: skip
             server.adopt({**server.state, **fixed})  # HeteroFL's prefix criterion ignores what it observes
         return report
-
-    def batched_round(ratios: dict[int, float]):
-        """assign -> build -> train clients of equal compact shapes together -> aggregate."""
-        on_server(server.assign, ratios)
-        compacts = {cid: on_server(server.build, cid).to(dev).train() for cid in server.assignments}
-        groups: dict[tuple, list[int]] = {}
-        for cid, cm in compacts.items():
-            groups.setdefault(fedsim_batched.shape_key(cm), []).append(cid)
-        updates, weights = {}, {}
-        smallest = fedsim_batched.smallest_group(cfg.batched, dev)
-        for cids in groups.values():
-            if len(cids) < smallest:  # a small group: the client-by-client loop
-                for cid in cids:
-                    updates[cid], weights[cid] = train(cid, compacts[cid])
-                continue
-            sent = {cid: snapshot(compacts[cid]) for cid in cids} if keep_sent else {}
-            plans = []
-            for cid in cids:
-                idx, work, g = local_work(cid)
-                plans.append(fedsim_batched.batch_plan(idx, batch_size_for(len(idx), cfg.batch_size),
-                                                       cfg.local_epochs, work, g))  # fmt: skip
-            fedsim_batched.train_group([compacts[c] for c in cids], plans, x_train, y_train, cfg.lr, cfg.momentum,
-                                       m.prox_mu, None if masks is None else masks[cids])  # fmt: skip
-            for cid in cids:
-                updates[cid], weights[cid] = reply(cid, sent.get(cid), compacts[cid])
-        return aggregate(updates, weights)
-
-    def sequential_round(ratios: dict[int, float]):
-        """assign -> build -> train each client -> aggregate (what ``Server.run_round`` does,
-        with the label-split aggregation when it is on)."""
-        on_server(server.assign, ratios)
-        replies = {cid: train(cid, on_server(server.build, cid)) for cid in server.assignments}
-        return aggregate({c: r[0] for c, r in replies.items()}, {c: r[1] for c, r in replies.items()})
 
     history, times, server_times = [], [], []
     rounds = round_iter(cfg, progress, label or f"{method}/{mode}")
@@ -188,7 +137,7 @@ def run(
         t0 = time.perf_counter()
         server_time[0] = 0.0
         ratios = baselines.round_ratios(m, capacity, width_gen)
-        report = sequential_round(ratios) if cfg.batched == "off" else batched_round(ratios)
+        report = one_round(ratios)
         times.append(time.perf_counter() - t0)
         server_times.append(server_time[0])
         rejected += len(report.rejected)
@@ -222,22 +171,6 @@ def default_runs() -> list[tuple[str, str]]:
     return [(m, METHODS[m].modes[0]) for m in baselines.DEFAULT_METHODS]
 
 
-def sweep(cfg: Config, data: Dataset, out: Path, progress: bool = True, seeds: int = 1,
-          runs: list[tuple[str, str]] | None = None) -> str:  # fmt: skip
-    """Table I: methods (default aggregation) x alpha, with the accounting; Table II: score x
-    aggregation at cfg.alpha. Mean ± sd of the final accuracy over ``seeds``."""
-    alphas = (0.1, 1.0, 10.0)
-    runs = runs or [(m.name, m.modes[0]) for m in METHODS.values()]
-    table1: dict[float, list[dict]] = {}
-    for a in alphas:
-        table1[a] = summarise(compare(Config(**{**asdict(cfg), "alpha": a}), data, runs, progress, seeds))
-    scores = ("fedmp", "random", "cahfp")
-    table2 = summarise(compare(cfg, data, [(m, mode) for m in scores for mode in MODES], progress, seeds))
-    text = sweep_tables(cfg, data.name, seeds, alphas, runs, table1, scores, table2)
-    (out / f"sweep_{data.name}.md").write_text(text + "\n")
-    return text
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config()
@@ -262,12 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batched", default=d.batched, choices=["auto", "on", "off"],
                    help="train clients of equal compact shapes together: on (groups of 2 or more), off, or auto "
                    "(where measured faster: groups of 6 or more on CPU, 2 or more on CUDA)")  # fmt: skip
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: on 2 cores, two threads made the tiny steps ~3x slower)",
-    )
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: on 2 cores, two threads made the tiny steps ~3x slower)")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=None,
                    help="method[/mode] ... or all (default: " + " ".join(baselines.DEFAULT_METHODS) + "); methods: "
                    + ", ".join(METHODS) + " (magnitude = fedmp)")  # fmt: skip
@@ -281,25 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    model = a.model or ("resnet20" if "cifar" in a.data else "small_cnn")
-    cfg = Config(
-        a.data,
-        a.data_dir,
-        model,
-        a.clients,
-        a.alpha,
-        a.rank,
-        a.rounds,
-        a.local_epochs,
-        a.lr,
-        0.9,
-        a.batch_size,
-        a.warmup_rounds,
-        a.seed,
-        a.device,
-        a.batched,
-        residual=a.residual,
-    )
+    cfg = Config(a.data, a.data_dir, a.model or ("resnet20" if "cifar" in a.data else "small_cnn"), a.clients,
+                 a.alpha, a.rank, a.rounds, a.local_epochs, a.lr, 0.9, a.batch_size, a.warmup_rounds, a.seed,
+                 a.device, a.batched, residual=a.residual)  # fmt: skip
     try:
         data = load(cfg.data, cfg.data_dir, cfg.seed, a.samples)
     except FileNotFoundError as exc:
@@ -324,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.seeds < 1:
         raise SystemExit(f"fedsim: --seeds must be >= 1, got {a.seeds}")
     if a.sweep:
-        print(sweep(cfg, data, a.out, progress, a.seeds, runs))
+        print(sweep(compare, cfg, data, a.out, progress, a.seeds, runs))
         print(f"\nwrote {a.out / f'sweep_{data.name}.md'} in {time.perf_counter() - t0:.0f} s")
         return
     results = compare(cfg, data, runs or default_runs(), progress, a.seeds)

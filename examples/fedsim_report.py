@@ -4,13 +4,17 @@ difference to CA-HFP with a 95 % interval) and the accuracy plot (mean curves, �
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from baselines import METHODS
 from fedsim_stats import fmt_mean_sd, mean_sd, t975
+
+from cahfp_ops import MODES
 
 
 def summarise(results: list[dict], reference: tuple[str, str] = ("cahfp", "reconstruct")) -> list[dict]:
@@ -98,12 +102,27 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def sweep(compare: Callable, cfg, data, out: Path, progress: bool = True, seeds: int = 1,
+          runs: list[tuple[str, str]] | None = None) -> str:  # fmt: skip
+    """Table I: methods (default aggregation) x alpha, with the accounting; Table II: score x
+    aggregation at cfg.alpha. Mean ± sd of the final accuracy over ``seeds``. ``compare``: the
+    simulator's ``compare(cfg, data, runs, progress, seeds)``, run per grid cell."""
+    alphas = (0.1, 1.0, 10.0)
+    runs = runs or [(m.name, m.modes[0]) for m in METHODS.values()]
+    table1: dict[float, list[dict]] = {}
+    for a in alphas:
+        table1[a] = summarise(compare(dataclasses.replace(cfg, alpha=a), data, runs, progress, seeds))
+    scores = ("fedmp", "random", "cahfp")
+    table2 = summarise(compare(cfg, data, [(m, mode) for m in scores for mode in MODES], progress, seeds))
+    text = sweep_tables(cfg, data.name, seeds, alphas, runs, table1, scores, table2)
+    (out / f"sweep_{data.name}.md").write_text(text + "\n")
+    return text
+
+
 def sweep_tables(cfg, data_name: str, seeds: int, alphas: tuple, runs: list[tuple[str, str]],
                  table1: dict[float, list[dict]], scores: tuple, table2: list[dict]) -> str:  # fmt: skip
     """The sweep's Table I (methods x Dirichlet alpha, with the accounting) and Table II
     (score x aggregation), from :func:`summarise` rows."""
-    from cahfp_ops import MODES
-
     lines = [
         f"Data {data_name}, model {cfg.model}, {cfg.clients} clients, rank {cfg.rank}, {cfg.rounds} rounds, "
         f"seeds {cfg.seed}..{cfg.seed + seeds - 1}; final test accuracy, mean ± sd over seeds.",

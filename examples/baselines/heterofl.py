@@ -102,3 +102,16 @@ def aggregate_classifier(
         cs = [cols.get(c) for c in clients] if previous[name].dim() > 1 else None
         out[name] = reconstruct_aggregate(previous[name], compacts, rows, cs, [1.0] * len(clients), mode="overlap")
     return out
+
+
+def aggregate_label_split(
+    plan, assignments: Mapping, previous: Mapping[str, Tensor], updates: Mapping[Hashable, Mapping[str, Tensor]],
+    masks: Tensor, accepted: Sequence[Hashable], names: tuple[str, str | None],
+) -> dict[str, Tensor]:  # fmt: skip
+    """:func:`aggregate_classifier` after a server round: the accepted clients' kept input
+    columns of the classifier from the round's channel ``plan`` and ``assignments`` (what
+    ``Server.assign`` returned), their label masks (rows of ``masks``), their replies."""
+    _, cols = plan.tensor_keep_sets([assignments[c].keeps for c in accepted])
+    col = dict(zip(accepted, cols.get(names[0], [None] * len(accepted))))
+    return aggregate_classifier(previous, {c: updates[c] for c in accepted}, {c: masks[c] for c in accepted}, col,
+                                names)  # fmt: skip
