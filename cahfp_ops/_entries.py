@@ -31,31 +31,24 @@ def is_other(value: object) -> bool:
     )
 
 
-def split_keys(op: str, weights: object, keys: list, **keep_sets: object) -> tuple[list, list]:
-    """``keys`` split into (floating entries, other entries), in order. A rows / cols mapping
-    naming an other entry is a ValueError: only floating entries hold channels."""
+def split_keys(op: str, weights: Mapping, **keep_sets: object) -> tuple[list, list]:
+    """A state_dict's names split into (floating entries, other entries), in order. A rows /
+    cols mapping giving keep sets for an other entry is a ValueError: only floating entries
+    hold channels."""
+    keys = list(weights)
     others = [key for key in keys if is_other(weights[key])]
     if not others:
         return keys, []
-    other_set = set(others)
     for name, arg in keep_sets.items():
-        named = list(arg) if isinstance(arg, Mapping) else []
-        if isinstance(arg, (list, tuple)):
-            named = [key for key, keep in zip(keys, arg) if keep is not None]
-        bad = [key for key in named if key in other_set and _given(arg, key)]
+        bad = [key for key in others if isinstance(arg, Mapping) and arg.get(key) is not None]
         if bad:
             raise ValueError(
                 f"{op}: {name} gives keep sets for {bad[0]!r}, a {weights[bad[0]].dtype} entry; only floating "
                 "entries hold channels (integer entries such as num_batches_tracked are copied / "
                 "aggregated whole): drop it from " + name
             )
+    other_set = set(others)
     return [key for key in keys if key not in other_set], others
-
-
-def _given(arg: object, key: object) -> bool:
-    if isinstance(arg, Mapping):
-        return arg.get(key) is not None
-    return True
 
 
 def copies(weights: object, others: list, num_clients: int) -> list[dict]:
@@ -95,14 +88,6 @@ def largest_reported(
                 reported.append(value.to(device=current.device, dtype=current.dtype))
         out[key] = torch.stack([current, *reported]).amax(0) if reported else current.clone()
     return out
-
-
-def counted_clients(coef: object, K: int) -> list[bool]:
-    """Which of K clients have a positive coefficient (None: all)."""
-    if coef is None:
-        return [True] * K
-    values = coef.tolist() if isinstance(coef, Tensor) else list(coef)
-    return [float(v) > 0 for v in values]
 
 
 def merge(keys: list, *parts: Mapping) -> dict:

@@ -656,7 +656,7 @@ def _peel_others(op: str, weights: object, rows: object, cols: object) -> tuple[
     of tensors, or a mapping of floating tensors only, comes back as it is, with no others."""
     if not isinstance(weights, Mapping):
         return weights, []
-    float_keys, others = _entries.split_keys(op, weights, list(weights), rows=rows, cols=cols)
+    float_keys, others = _entries.split_keys(op, weights, rows=rows, cols=cols)
     if not others:
         return weights, []
     return {key: weights[key] for key in float_keys}, others
