@@ -338,22 +338,14 @@ def _check_constant_coef(op: str, coef: object) -> None:
         raise ValueError(f"{op}: coef requires grad, but the coefficients are constants here; pass coef.detach()")
 
 
-def _wants_grad(weights: object, clients: object = ()) -> bool:
-    """Whether a whole-model call must record a graph: grad mode on and a floating input
-    (a global tensor, a client tensor or a packed client buffer) requiring grad."""
+def _wants_grad(weights: object) -> bool:
+    """Whether a whole-model call must record a graph because of its global tensors: grad mode
+    on and one of them requiring grad. (The client tensors are asked in the pass over them the
+    call makes anyway, :func:`_client_tensors`.)"""
     if not torch.is_grad_enabled():
         return False
-
-    def values(container: object) -> list:
-        if isinstance(container, PackedModel):
-            return [container.buffer]
-        if isinstance(container, Mapping):
-            return list(container.values())
-        return list(container) if isinstance(container, (list, tuple)) else []
-
-    if any(isinstance(t, Tensor) and t.requires_grad for t in values(weights)):
-        return True
-    return any(isinstance(t, Tensor) and t.requires_grad for model in values(clients) for t in values(model))
+    values = weights.values() if isinstance(weights, Mapping) else weights if isinstance(weights, (list, tuple)) else ()
+    return any(isinstance(t, Tensor) and t.requires_grad for t in values)
 
 
 def _check_reduce(op: str, reduce: object, trim: object) -> None:
@@ -427,16 +419,17 @@ def _dtype_groups(weights: object, keys: list, op: str) -> dict[tuple, list]:
 
 def _client_tensors(
     op: str, model: object, k: int, keys: list, layout: RoundLayout, is_mapping: bool
-) -> tuple[Tensor | list[Tensor], torch.dtype | None]:
+) -> tuple[Tensor | list[Tensor], torch.dtype | None, bool]:
     """Client k's part of the op: its packed buffer when ``model`` is a :class:`PackedModel`
-    laid out as ``layout`` lays out client k, else its tensors for ``keys`` (checked); and
-    the one dtype of that data (None: its tensors mix dtypes)."""
+    laid out as ``layout`` lays out client k, else its tensors for ``keys`` (checked); the
+    one dtype of that data (None: its tensors mix dtypes); and whether grad mode is on and
+    some of it requires grad (the call then records a graph instead)."""
     if isinstance(model, PackedModel):
         problem = model.problem()
         if problem is not None:
             raise ValueError(f"{op}: clients[{k}] is a PackedModel: {problem}")
         if model.matches(layout, k, keys if is_mapping else None):
-            return model.buffer, model.buffer.dtype
+            return model.buffer, model.buffer.dtype, model.buffer.requires_grad and torch.is_grad_enabled()
     try:
         tensors = [model[key] for key in keys]
     except (KeyError, IndexError, TypeError):
@@ -447,12 +440,14 @@ def _client_tensors(
         device = layout.device
         shapes = layout.compact_shapes(k)
         # One pass over the tensors when all is well (a model has hundreds of them per
-        # client); the checks below, with their messages, only when something is not.
+        # client); the checks below, with their messages, only when something is not (or
+        # when a tensor requires grad: then asked below).
         if first in FLOAT_DTYPES and all(
             isinstance(t, Tensor) and t.dtype == first and t.device == device and t.shape == want
+            and not t.requires_grad
             for t, want in zip(tensors, shapes)
-        ):
-            return tensors, first
+        ):  # fmt: skip
+            return tensors, first, False
         for key, t, want in zip(keys, tensors, shapes):
             where = f" for {key!r}" if is_mapping else f"[{key}]"
             check_floating(op, f"clients[{k}]{where}", t)
@@ -460,7 +455,8 @@ def _client_tensors(
                 raise ValueError(f"{op}: clients[{k}]{where} is on {t.device} but weight is on {device}")
             if t.shape != want:
                 raise ValueError(f"{op}: clients[{k}]{where} has shape {tuple(t.shape)} but its keep sets give {want}")
-    return tensors, first if all(t.dtype == first for t in tensors) else None
+    grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    return tensors, first if all(t.dtype == first for t in tensors) else None, grad
 
 
 def _has(model: object, key: object) -> bool:
@@ -538,9 +534,9 @@ def reconstruct_aggregate_many(
         return _robust_many(weights, clients, rows, cols, coef, mode, reduce, trim)
     # Under torch.compile (the layout is host-side bookkeeping) and when a graph is recorded
     # (the layout ops write into buffers), the per-tensor operator: traceable, differentiable.
-    if torch.compiler.is_compiling() or _wants_grad(weights, clients):
-        _check_constant_coef(op, coef)
-        return _aggregate_many_per_tensor(weights, clients, rows, cols, coef, mode=mode)
+    # A client tensor requiring grad is found in the pass over the clients below.
+    if torch.compiler.is_compiling() or _wants_grad(weights):
+        return _aggregate_many_differentiable(weights, clients, rows, cols, coef, mode)
     keys, is_mapping = named(weights, "weights", op)
     if not isinstance(clients, (list, tuple)) or not clients:
         raise ValueError(f"{op}: clients must be a non-empty sequence of client models")
@@ -557,8 +553,10 @@ def reconstruct_aggregate_many(
         if is_mapping:
             layout.names = tuple(members)
         parts = [_client_tensors(op, model, k, members, layout, is_mapping) for k, model in enumerate(clients)]
-        per_client = [data for data, _ in parts]
-        dtypes = {dtype for _, dtype in parts}
+        if any(grad for *_, grad in parts):  # a client tensor requires grad: record a graph instead
+            return _aggregate_many_differentiable(weights, clients, rows, cols, coef, mode)
+        per_client = [data for data, _, _ in parts]
+        dtypes = {dtype for _, dtype, _ in parts}
         if len(dtypes) > 1 or None in dtypes:  # mixed uploads: one dtype per kernel call, the global's
             wd = sub[members[0]].dtype
             per_client = [c.to(wd) if isinstance(c, Tensor) else [t.to(wd) for t in c] for c in per_client]
@@ -649,6 +647,13 @@ def slice_channels_many(
     if is_mapping:
         return [{key: m[key] for key in keys} for m in models]
     return [[m[key] for key in keys] for m in models]
+
+
+def _aggregate_many_differentiable(weights, clients, rows, cols, coef, mode: str):
+    """The per-tensor operator (traceable under ``torch.compile``, differentiable), the
+    coefficients held constant."""
+    _check_constant_coef("reconstruct_aggregate_many", coef)
+    return _aggregate_many_per_tensor(weights, clients, rows, cols, coef, mode=mode)
 
 
 def _peel_others(op: str, weights: object, rows: object, cols: object) -> tuple[object, list]:

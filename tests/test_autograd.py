@@ -133,3 +133,24 @@ def test_coefficients_requiring_grad_are_refused():
     with pytest.raises(ValueError, match="coef requires grad"):
         cahfp_ops.reconstruct_aggregate_many({"w": w}, [{"w": c} for c in clients], coef=coef)
     assert not cahfp_ops.reconstruct_aggregate(w.detach(), clients, coef=coef.detach()).requires_grad
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_whole_model_gradient_to_the_clients_alone(gen, validate):
+    """Only the uploads require grad (a constant global model): the whole-model call still
+    records a graph, for named tensors and for packed buffers, with validation on or off."""
+    w = torch.randn(6, 5, generator=gen, dtype=F64)
+    rows = _keeps(gen, 6, 3)
+    packed = cahfp_ops.slice_channels_many({"w": w}, {"w": rows})
+    named = [{"w": _leaf(gen, *m["w"].shape)} for m in packed]
+    buffers = [cahfp_ops.PackedModel(_leaf(gen, m.buffer.numel()), m.layout, m.client) for m in packed]
+    g = torch.randn(6, 5, generator=gen, dtype=F64)
+    with cahfp_ops.validation(validate):
+        for clients, leaves in ((named, [c["w"] for c in named]), (buffers, [b.buffer for b in buffers])):
+            out = cahfp_ops.reconstruct_aggregate_many({"w": w}, clients, {"w": rows}, coef=[1, 2, 3])["w"]
+            assert out.requires_grad
+            grads = torch.autograd.grad(out, leaves, g)
+            single = cahfp_ops.reconstruct_aggregate(w, [c["w"] for c in clients], rows, coef=[1, 2, 3])
+            want = torch.autograd.grad(single, leaves, g)
+            for a, b in zip(grads, want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
