@@ -34,11 +34,9 @@ cahfp_ops never does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 
-import torch
 from torch import Tensor, nn
 
 try:
@@ -51,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without flwr
 
 from ..fl import ClientRecord, RoundReport, Server, build_compact
 from ..layout import PackedModel
+from ._wire import as_packed, pack, packed_parts, unpack
 
 KEEP_KEY = "cahfp-keep-sets"
 PACKED_KEY = "cahfp-packed"
@@ -125,10 +124,8 @@ class CAHFPStrategy(FedAvg):
             cfg = ConfigRecord(dict(msg.content[self.configrecord_key]))
             cfg["cahfp-ratio"] = ratios[node_id]
             if self.packed and isinstance(a.state, PackedModel):
-                arrays = ArrayRecord({PACKED_KEY: a.state.buffer, **a.state.extras})
-                cfg[NAMES_KEY] = [str(n) for n in a.state.names]
-                shapes = a.state.layout.compact_shapes(a.state.client)
-                cfg[SHAPES_KEY] = [d for shape in shapes for d in (len(shape), *shape)]
+                buffer, extras, cfg[NAMES_KEY], cfg[SHAPES_KEY] = packed_parts(a.state)
+                arrays = ArrayRecord({PACKED_KEY: buffer, **extras})
             else:
                 arrays = ArrayRecord(dict(a.state))
             content = RecordDict(
@@ -207,7 +204,7 @@ class CAHFPStrategy(FedAvg):
         a = self.server.assignments.get(node_id)
         if a is None or not isinstance(a.state, PackedModel):
             raise ValueError(f"node {node_id} sent a packed reply without a packed assignment")
-        return PackedModel(buffer, a.state.layout, a.state.client, a.state.names, extras=state)
+        return as_packed(buffer, a.state, state)
 
     def summary(self) -> None:
         s = self.server
@@ -230,16 +227,7 @@ def compact_state(content: RecordDict, arrayrecord_key: str = "arrays", configre
     if PACKED_KEY not in state:
         return state
     cfg = content[configrecord_key]
-    names, dims = list(cfg[NAMES_KEY]), list(cfg[SHAPES_KEY])
-    shapes, i = [], 0
-    while i < len(dims):
-        shapes.append(tuple(int(d) for d in dims[i + 1 : i + 1 + int(dims[i])]))
-        i += 1 + int(dims[i])
-    buffer = state.pop(PACKED_KEY)
-    sizes = [math.prod(s) for s in shapes]
-    if len(shapes) != len(names) or buffer.dim() != 1 or sum(sizes) != buffer.numel():
-        raise ValueError(f"the packed arrays do not match their {len(names)} names and shapes")
-    packed = {n: part.view(s) for n, part, s in zip(names, torch.split(buffer, sizes), shapes)}
+    packed = unpack(state.pop(PACKED_KEY), list(cfg[NAMES_KEY]), list(cfg[SHAPES_KEY]))
     return {**packed, **state}
 
 
@@ -269,10 +257,8 @@ def reply_content(
     state = model.state_dict()
     cfg = received[configrecord_key] if received is not None and configrecord_key in received else None
     if cfg is not None and NAMES_KEY in cfg:
-        names = list(cfg[NAMES_KEY])
-        buffer = torch.cat([state[n].detach().reshape(-1) for n in names])
-        packed = set(names)
-        arrays = ArrayRecord({PACKED_KEY: buffer, **{k: v for k, v in state.items() if k not in packed}})
+        buffer, rest = pack(state, list(cfg[NAMES_KEY]))
+        arrays = ArrayRecord({PACKED_KEY: buffer, **rest})
     else:
         arrays = ArrayRecord(state)
     return RecordDict({arrayrecord_key: arrays, "metrics": record})
