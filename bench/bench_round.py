@@ -1,7 +1,7 @@
 """Whole-model and whole-round speed: state_dict aggregation, slicing, streaming and a server round.
 
     python bench/bench_round.py [--models vgg16 resnet56 resnet50 vit_small] [--clients 10 100] [--stream-clients 1000]
-        [--stream-window 8] [--device cuda] [--json out.json]
+        [--stream-window 8] [--server-clients 1000] [--server-window 64] [--threads 2] [--device cuda] [--json out.json]
 
 Every figure is checked against the per-tensor path first. Prints ms (best of --repeat), the
 fraction of the measured copy bandwidth (bytes moved / copy bandwidth / time) and, side by
@@ -82,6 +82,47 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / ms / 1e6  # GB/s, read + write
 
 
+_COPY: list = []  # the copy the paired measurements time: (fn, bytes moved)
+
+
+def _copy():
+    """``dst.copy_(src)`` of :func:`copy_bandwidth`'s size, allocated once."""
+    if not _COPY:
+        n = (1 << 30 if DEV.type == "cuda" else 256 << 20) >> (6 if TINY else 0)
+        src = torch.empty(n, dtype=torch.uint8, device=DEV)
+        dst = torch.empty_like(src)
+        _COPY.append((lambda: dst.copy_(src), 2 * n))
+    return _COPY[0]
+
+
+def paired_fraction(fn, nbytes: int, repeat: int) -> tuple[float, float]:
+    """``fn`` timed right after the copy in each of ``repeat`` pairs: its best ms and the
+    median over pairs of its fraction of that pair's copy bandwidth (``nbytes`` / copy GB/s /
+    its time). The bandwidth of this machine swings 2x within a minute; a fraction taken
+    against a copy measured minutes apart moves with it, one paired with each call does not."""
+    copy, copy_bytes = _copy()
+    fn(), copy()
+    best, fractions = float("inf"), []
+    for _ in range(repeat):
+        t0 = _now()
+        copy()
+        t1 = _now()
+        fn()
+        t2 = _now()
+        best = min(best, t2 - t1)
+        fractions.append(nbytes / (copy_bytes / (t1 - t0)) / (t2 - t1))
+    return best * 1e3, statistics.median(fractions)
+
+
+def row_paired(what: str, fn, nbytes: int, repeat: int, peer: float | None = None, case: str = "") -> str:
+    """A figure whose fraction of copy is paired call by call (:func:`paired_fraction`)."""
+    ms, frac = paired_fraction(fn, nbytes, repeat)
+    vs = f"{peer / ms:6.2f}x" if peer else "      "
+    RECORDS.append({"case": case, "what": what.strip(), "ms": ms, "GBps": nbytes / ms / 1e6, "of_copy": frac,
+                    "of_copy_paired": True, "speedup": peer / ms if peer else None})  # fmt: skip
+    return f"  {what:<44} {ms:9.3f} ms  {nbytes / ms / 1e6:6.1f} GB/s  {frac:5.2f} of copy* {vs}"
+
+
 def row(what: str, ms: float, nbytes: int, bw: float, peer: float | None = None, case: str = "") -> str:
     frac = nbytes / (bw * 1e6) / ms
     vs = f"{peer / ms:6.2f}x" if peer else "      "
@@ -118,15 +159,30 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
     def agg_sd():
         return cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, coef)
 
-    print(row("aggregate state_dicts (separate tensors)", best_ms(agg_sd, repeat), agg_bytes, bw, peer_agg, case))
+    print(row_paired("aggregate state_dicts (separate tensors)", agg_sd, agg_bytes, repeat, peer_agg, case))
     with cahfp_ops.validation(False):
-        print(row("  same, validation off", best_ms(
-            lambda: cahfp_ops.reconstruct_aggregate_many(model, clients, rows, cols, coef), repeat), agg_bytes, bw,
-            peer_agg, case))  # fmt: skip
-    print(row("aggregate packed clients (one buffer each)", best_ms(
-        lambda: cahfp_ops.reconstruct_aggregate_many(model, pclients, rows, cols, coef), repeat), agg_bytes, bw,
-        peer_agg, case))  # fmt: skip
+        print(row_paired("  same, validation off", agg_sd, agg_bytes, repeat, peer_agg, case))
+    print(row_paired("aggregate packed clients (one buffer each)",
+                     lambda: cahfp_ops.reconstruct_aggregate_many(model, pclients, rows, cols, coef), agg_bytes, repeat,
+                     peer_agg, case))  # fmt: skip
+    layout0 = packed[0].layout
+    floats = [model[n] for n in model]
+    bufs = [p.buffer for p in pclients]
+    coef_t = torch.tensor(coef, dtype=torch.float64, device=DEV)
+    out = torch.empty(params, dtype=floats[0].dtype, device=DEV)
+    with cahfp_ops.validation(False):
+        print(row_paired("aggregate_packed, reused output", lambda: cahfp_ops.aggregate_packed(
+            layout0, floats, bufs, coef_t, out=out), agg_bytes, repeat, peer_agg, case))  # fmt: skip
+        # What bounds it: the same call with every client of a size pointing at one buffer
+        # (same instructions, client data in cache), and a read-only pass over the clients.
+        first: dict = {}
+        cached = [first.setdefault(b.numel(), b) for b in bufs]
+        print(row_paired("  same, clients' data in cache (bound)", lambda: cahfp_ops.aggregate_packed(
+            layout0, floats, cached, coef_t, out=out), agg_bytes, repeat, None, case))  # fmt: skip
+        print(row_paired("  touch-only pass over the clients (bound)", lambda: [b.sum() for b in bufs],
+                         4 * client_elems, repeat, None, case))  # fmt: skip
     print(row("index_add peer (per tensor)", peer_agg, agg_bytes, bw, case=case))
+    print("  (* of copy: the median over calls of each call's fraction of a copy timed just before it)")
 
     slice_bytes = 4 * 2 * client_elems
     peer_slice = best_ms(lambda: [_plain_slice(model, rows, cols, k) for k in range(K)], max(1, repeat // 2))
@@ -178,7 +234,12 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
           + ", ".join(f"{w}: {t:.1f} ms ({r:.2f}x)" for w, (t, r) in sw.items()))  # fmt: skip
 
 
-def bench_server(name: str, K: int, repeat: int) -> None:
+def bench_server(name: str, K: int, repeat: int, window: int | None = None) -> None:
+    """Whole server rounds, ``Server(model, x, criterion="l1")``: assign (keep sets, layout,
+    slicing into the reused buffers; with ``window``, the compact models handed out that many
+    clients at a time) and aggregate (the replies are the compact models, unchanged). Median
+    and spread over ``repeat`` rounds after one untimed warm-up round; plus, at K = 100, the
+    round's two kernel calls alone."""
     torch.manual_seed(K)
     net = MODELS[name]().to(DEV)
     x = example_input(name, DEV)
@@ -197,28 +258,41 @@ def bench_server(name: str, K: int, repeat: int) -> None:
         server.state = {k: v.clone() for k, v in state0.items()}
         server.round = 1
         t0 = _now()
-        assigned = server.assign(ratios)
+        assigned = server.assign(ratios, window=window)
+        if window:  # hand the models out window by window; the "clients" copy theirs
+            replies = {c: cahfp_ops.PackedModel(a.state.buffer.clone(), a.state.layout, a.state.client,
+                                                extras=dict(a.state.extras))
+                       for part in server.windows(window) for c, a in part.items()}  # fmt: skip
         t1 = _now()
-        replies = {c: a.state for c, a in assigned.items()}
+        if not window:
+            replies = {c: a.state for c, a in assigned.items()}
         server.aggregate(replies)
         t2 = _now()
-        floats = [state0[n] for n in server.layout.names]
-        t3 = _now()
-        bufs = server.layout.slice(floats)
-        t4 = _now()
-        coef = torch.full((K,), 1 / K, dtype=torch.float64, device=DEV)
-        cahfp_ops.aggregate_packed(server.layout, floats, bufs, coef)
-        t5 = _now()
+        if window is None and K <= 100:
+            floats = [state0[n] for n in server.layout.names]
+            t3 = _now()
+            bufs = server.layout.slice(floats)
+            t4 = _now()
+            coef = torch.full((K,), 1 / K, dtype=torch.float64, device=DEV)
+            cahfp_ops.aggregate_packed(server.layout, floats, bufs, coef)
+            t5 = _now()
+        else:
+            t3 = t4 = t5 = t2
+        del replies
         for key, v in zip(times, (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):
             if i:
                 times[key].append(v * 1e3)
-    b = {k: min(v) for k, v in times.items()}
-    kern = b["slice kernel"] + b["aggregate kernel"]
-    RECORDS.append({"case": f"{name} K={K}", "what": "server round", **{f"{k}_ms": v for k, v in b.items()},
-                    "round_ms": b["assign"] + b["aggregate"], "x_kernels": (b["assign"] + b["aggregate"]) / kern})
-    print(f"  server round: assign {b['assign']:.1f} ms + aggregate {b['aggregate']:.1f} ms = "
-          f"{b['assign'] + b['aggregate']:.1f} ms; its kernel calls {kern:.1f} ms "
-          f"({(b['assign'] + b['aggregate']) / kern:.2f}x)")  # fmt: skip
+    med = {k: statistics.median(v) for k, v in times.items()}
+    spread = {k: (min(v), max(v)) for k, v in times.items()}
+    how = f", windows of {window}" if window else ""
+    RECORDS.append({"case": f"{name} K={K}", "what": f"server round{how}", "rounds": repeat,
+                    **{f"{k}_ms_median": v for k, v in med.items()},
+                    **{f"{k}_ms_range": spread[k] for k in med}})  # fmt: skip
+    print(f"  server round{how} (median [min-max] of {repeat} rounds): "
+          f"assign {med['assign']:.1f} [{spread['assign'][0]:.1f}-{spread['assign'][1]:.1f}] ms, "
+          f"aggregate {med['aggregate']:.1f} [{spread['aggregate'][0]:.1f}-{spread['aggregate'][1]:.1f}] ms"
+          + (f"; its kernel calls: slice {med['slice kernel']:.1f} ms, aggregate {med['aggregate kernel']:.1f} ms"
+             if window is None and K <= 100 else ""))  # fmt: skip
 
 
 def bench_stream_many(name: str, K: int, window: int) -> None:
@@ -267,6 +341,10 @@ def main() -> None:
     ap.add_argument("--stream-window", type=int, default=8, help="clients per call in the K = 1,000 streaming run")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server-clients", nargs="*", type=int, default=[],
+                    help="server rounds alone at these K (e.g. 1000), handing models out in windows")
+    ap.add_argument("--server-window", type=int, default=64,
+                    help="clients per window in the server rounds at K > 100 (assignment memory O(window))")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = ap.parse_args()
@@ -279,7 +357,10 @@ def main() -> None:
     for name in args.models:
         for K in args.clients:
             bench_model(name, K, bw, args.repeat)
-            bench_server(name, K, args.repeat)
+            bench_server(name, K, args.repeat, None if K <= 100 else args.server_window)
+        for K in args.server_clients:
+            print(f"{name} K={K}:")
+            bench_server(name, K, args.repeat, args.server_window)
         if args.stream_clients:
             bench_stream_many(name, args.stream_clients, args.stream_window)
     if args.json:

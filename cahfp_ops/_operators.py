@@ -22,6 +22,8 @@ file); the other operators are not differentiable.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -169,6 +171,19 @@ def _(weights, meta, row_inv, col_keep, counts, starts, out) -> None:
     return None
 
 
+def layout_plan(tables: LayoutTables, device: torch.device, owner: object) -> int:
+    """The backend's plan of a layout's tables for ``aggregate_packed`` / ``fold_packed``
+    (the C++ engine's per-round rows, column runs and bitsets, made once and released when
+    ``owner`` is collected), or -1 where the backend plans nothing ahead."""
+    backend = backend_for(device)
+    make = getattr(backend, "plan_layout", None)
+    if make is None:
+        return -1
+    plan = make(tables)
+    weakref.finalize(owner, backend.release_layout_plan, plan).atexit = False
+    return plan
+
+
 @torch.library.custom_op("cahfp::aggregate_packed", mutates_args=("out", "stats"))
 def aggregate_packed_op(
     weights: list[Tensor],
@@ -183,14 +198,16 @@ def aggregate_packed_op(
     agg_mode: str,
     out: Tensor,
     stats: Tensor,
+    plan: int = -1,
 ) -> None:
-    """Aggregate into ``out`` (N results packed); ``stats`` (K, 2): non-finite flag, sum of squared deltas."""
+    """Aggregate into ``out`` (N results packed); ``stats`` (K, 2): non-finite flag, sum of squared deltas.
+    ``plan``: the backend's plan of the tables (:func:`layout_plan`), -1: none."""
     tables = LayoutTables(meta, row_inv, col_keep, counts, offsets)
-    backend_for(out.device).aggregate_packed(weights, clients, parts, tables, coef, agg_mode, out, stats)
+    backend_for(out.device).aggregate_packed(weights, clients, parts, tables, coef, agg_mode, out, stats, plan)
 
 
 @aggregate_packed_op.register_fake
-def _(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, out, stats) -> None:
+def _(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, out, stats, plan=-1) -> None:
     return None
 
 
@@ -241,18 +258,19 @@ def fold_packed_op(
     sums_out: Tensor,
     cover_out: Tensor,
     stats: Tensor,
+    plan: int = -1,
 ) -> None:
     """Fold the layout's K clients, in order, into the partial sums ``sums_in`` / ``cover_in``,
     writing ``sums_out`` / ``cover_out``; ``stats`` (K, 2) as for ``aggregate_packed``."""
     tables = LayoutTables(meta, row_inv, col_keep, counts, offsets)
     backend_for(sums_out.device).fold_packed(
-        weights, clients, parts, tables, coef, agg_mode, sums_in, cover_in, sums_out, cover_out, stats
+        weights, clients, parts, tables, coef, agg_mode, sums_in, cover_in, sums_out, cover_out, stats, plan
     )
 
 
 @fold_packed_op.register_fake
 def _(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, coef, agg_mode, sums_in, cover_in,
-      sums_out, cover_out, stats) -> None:  # fmt: skip
+      sums_out, cover_out, stats, plan=-1) -> None:  # fmt: skip
     return None
 
 

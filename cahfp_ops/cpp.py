@@ -384,9 +384,10 @@ def aggregate_packed(
     mode: str,
     out: Tensor,
     stats: Tensor,
+    plan: int = -1,
 ) -> None:
     _kernels().aggregate_packed(
-        weights, clients, parts, *tables, coef, mode, poison_(out), poison_(stats)
+        weights, clients, parts, *tables, coef, mode, poison_(out), poison_(stats), plan
     )
 
 
@@ -420,6 +421,7 @@ def fold_packed(
     sums_out: Tensor,
     cover_out: Tensor,
     stats: Tensor,
+    plan: int = -1,
 ) -> None:
     if sums_out.data_ptr() != sums_in.data_ptr():
         poison_(sums_out)
@@ -427,8 +429,19 @@ def fold_packed(
         poison_(cover_out)
     _kernels().fold_packed(
         weights, clients, parts, *tables, coef, mode, sums_in, cover_in, sums_out,
-        cover_out, poison_(stats),
+        cover_out, poison_(stats), plan,
     )  # fmt: skip
+
+
+def plan_layout(tables: LayoutTables) -> int:
+    """The engine's plan of a layout's tables (checked here), kept under the id returned
+    until :func:`release_layout_plan`: ``aggregate_packed`` / ``fold_packed`` calls given it
+    neither check nor re-plan the tables."""
+    return int(_kernels().plan_layout(*tables))
+
+
+def release_layout_plan(plan: int) -> None:
+    torch.ops._cahfp_cpp.release_layout_plan(_device_tensor(), plan)
 
 
 def finish_partials(

@@ -262,6 +262,7 @@ class RoundLayout:
         self.offsets_host = _frozen(np.ascontiguousarray(np.cumsum(sizes, axis=1) - sizes))
         self.numels = _frozen(sizes.sum(axis=1))
         self._tables: dict = {}
+        self._plans: dict[str, int] = {}  # device -> the backend's plan of the tables (cached)
         self._shapes: dict[int, list[tuple[int, ...]]] = {}
 
     # ------------------------------------------------------------------ construction
@@ -559,8 +560,19 @@ class RoundLayout:
         view.offsets_host = self.offsets_host[k : k + 1]
         view.numels = self.numels[k : k + 1]
         view._tables = self._rows_of_tables(lambda t: t[k : k + 1])
+        view._plans = {}
         view._shapes = {0: self.compact_shapes(k)}
         return view
+
+    def _plan(self, device: torch.device) -> int:
+        """The backend's plan of this layout's tables on ``device`` (made on first use, kept
+        with the layout; -1 where the backend plans nothing ahead, not cached)."""
+        hit = self._plans.get(str(device), -1)
+        if hit < 0:
+            hit = _operators.layout_plan(self._device_tables(device), device, self)
+            if hit >= 0:
+                self._plans[str(device)] = hit
+        return hit
 
     def _rows_of_tables(self, pick) -> dict:
         """The cached tables of some clients (``pick`` selects their rows; ``meta`` is shared)."""
@@ -589,6 +601,7 @@ class RoundLayout:
         view.offsets_host = _frozen(self.offsets_host[idx])
         view.numels = _frozen(self.numels[idx])
         view._tables = self._rows_of_tables(lambda t: t.index_select(0, sel.to(t.device)))
+        view._plans = {}
         view._shapes = {j: self._shapes[k] for j, k in enumerate(idx) if k in self._shapes}
         return view
 
@@ -950,7 +963,7 @@ def aggregate_packed(
     t = layout._device_tables(device)
     _operators.aggregate_packed_op(
         list(weights), flat, parts, *t,
-        normalise(coef), mode, out, stats,
+        normalise(coef), mode, out, stats, layout._plan(device),
     )  # fmt: skip
     return out, stats
 
@@ -1055,7 +1068,7 @@ def fold_packed(
     t = layout._device_tables(ref.device)
     _operators.fold_packed_op(
         list(weights), flat, parts, *t,
-        coef, mode, sums, cover, sums_out, cover_out, stats,
+        coef, mode, sums, cover, sums_out, cover_out, stats, layout._plan(ref.device),
     )  # fmt: skip
     return sums_out, cover_out, stats
 

@@ -30,7 +30,7 @@ def _suite(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Completed
 @pytest.mark.slow
 def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
     done, report, summary = _suite(tmp_path)
-    failed = {k: v.get("tail", v)[-1500:] for k, v in report["steps"].items() if not v.get("ok")}
+    failed = {k: str(v.get("tail", v))[-1500:] for k, v in report["steps"].items() if not v.get("ok")}
     assert done.returncode == 0 and not failed, failed
     assert list(report["steps"]) == ["env", "build", "cuda-tests", "bench-aggregate", "bench-slice", "bench-topk",
                                      "bench-scores", "bench-robust", "bench-model", "bench-round", "fedsim-vgg16",

@@ -102,7 +102,7 @@ class Assignment:
     """What one client gets this round."""
 
     keeps: dict[str, Tensor]  # group -> kept channels (absent: all)
-    state: dict[str, Tensor]  # compact state_dict
+    state: dict[str, Tensor] | None  # compact state_dict (None until its window is sliced: Server.windows)
     params: int  # parameters down (and expected up)
     bytes: int  # bytes down (and expected up)
     training_flops: int  # per sample, of the compact model
@@ -202,6 +202,7 @@ class Server:
         self._slots: dict[Hashable, int] = {}
         self._previous_sizes: list[float] = []
         self._workspace = Workspace()  # streaming rounds' partial sums, reused round after round
+        self._slice_buffers: dict[tuple[str, ...], Tensor] = {}  # names -> the compact models' buffer, reused
 
     # ------------------------------------------------------------------ assign / extract
     def scores(self, ids: list[Hashable]) -> dict[str, Tensor]:
@@ -211,7 +212,7 @@ class Server:
             return random_scores(self.plan, self.generator, len(ids))
         return self.criterion.scores(self.plan, self.state, ids, self.generator)
 
-    def assign(self, ratios: Mapping[Hashable, Ratio]) -> dict[Hashable, Assignment]:
+    def assign(self, ratios: Mapping[Hashable, Ratio], *, window: int | None = None) -> dict[Hashable, Assignment]:
         """Keep sets and compact state_dicts for the clients of this round.
 
         The round's :class:`~cahfp_ops.layout.RoundLayout` s are built once from the channel
@@ -220,11 +221,24 @@ class Server:
         dtype). One slicing call per group gives every client's compact model: one contiguous
         buffer per client (:class:`~cahfp_ops.layout.PackedModel`, ``Assignment.state``), or,
         with several dtype groups, a state_dict of views into one buffer per group.
+
+        The slicing buffers are reused round after round: a round's compact models are valid
+        until the next ``assign`` after the round was aggregated (copy one to keep it longer);
+        an ``assign`` while the previous round is still open slices into fresh buffers.
+
+        ``window``: hand the compact models out ``window`` clients at a time instead
+        (:meth:`windows`), so that they take O(window) memory, not O(K): the assignments are
+        made (keep sets, sizes, costs) with ``state`` None until their window is sliced. The
+        models are the same bit for bit.
         """
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"Server.assign: window must be an int >= 1 or None, got {window!r}")
         ids = list(ratios)
         ratio_list = [ratios[c] for c in ids]
         tables = assign_keep_tables(self.plan, ratio_list, self.scores(ids))
         keeps = keep_sets_of_tables(tables, ratio_list)
+        if self._open:  # the previous round's models may still be in use
+            self._slice_buffers = {}
         self.assignments = {}
         self.layout = None
         self.layouts = {}
@@ -232,51 +246,85 @@ class Server:
         self._open = True
         if not ids:
             return self.assignments
-        extras = _extras_copies({k: v for k, v in self.state.items() if not v.is_floating_point()}, len(ids))
-        per_group = []  # per dtype group: each client's PackedModel
         for names in _dtype_groups(self.state):
             sub = {n: self.state[n] for n in names}
             if tables:  # the server's own top-k tables: valid by construction, not checked again
                 with validation(False):  # (the kernels still check every table entry's bounds)
-                    layout = self.plan.layout(sub, tables)
+                    self.layouts[names] = self.plan.layout(sub, tables)
             else:
-                layout = self.plan.layout(sub, keeps)
-            self.layouts[names] = layout
-            buffers = layout.slice(list(sub.values()))
-            per_group.append([PackedModel(b, layout, j) for j, b in enumerate(buffers)])
-        if len(per_group) == 1:
+                self.layouts[names] = self.plan.layout(sub, keeps)
+        if len(self.layouts) == 1:
             self.layout = next(iter(self.layouts.values()))
-            states = [PackedModel(m.buffer, m.layout, j, extras=extras[j]) for j, m in enumerate(per_group[0])]
+        for j, (cid, keep) in enumerate(zip(ids, keeps)):
+            self._slots[cid] = j
+            params = sum(int(layout.numels[j]) for layout in self.layouts.values())
+            nbytes = sum(int(layout.numels[j]) * self.state[names[0]].element_size()
+                         for names, layout in self.layouts.items())  # fmt: skip
+            self.assignments[cid] = Assignment(keep, None, params, nbytes, self._training_flops(j), self.round)
+        if window is None:
+            self._hand_out(ids)
+        return self.assignments
+
+    def windows(self, size: int) -> Iterable[dict[Hashable, Assignment]]:
+        """This round's assignments ``size`` clients at a time, in assignment order, each
+        window's compact models sliced into one buffer reused from window to window (a
+        window's models are valid until the next window is made: send them first)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"Server.windows: size must be an int >= 1, got {size!r}")
+        ids = list(self.assignments)
+        for i in range(0, len(ids), size):
+            yield self._hand_out(ids[i : i + size])
+
+    def _hand_out(self, cids: list) -> dict[Hashable, Assignment]:
+        """Slice the compact models of ``cids`` (one call per dtype group, into the reused
+        buffers) and set their assignments' ``state``."""
+        slots = [self._slots[c] for c in cids]
+        extras = _extras_copies({k: v for k, v in self.state.items() if not v.is_floating_point()}, len(cids))
+        per_group = []  # per dtype group: each client's PackedModel
+        for names, layout in self.layouts.items():
+            sub = layout.subset(slots)
+            weights = [self.state[n] for n in names]
+            total = int(sub.numels.sum())
+            buf = self._slice_buffers.get(names)
+            if buf is None or buf.numel() < total or buf.dtype != weights[0].dtype or buf.device != weights[0].device:
+                buf = self._slice_buffers[names] = torch.empty(max(total, 1), dtype=weights[0].dtype,
+                                                               device=weights[0].device)  # fmt: skip
+            buffers = sub.slice(weights, out=buf[:total])
+            per_group.append([PackedModel(b, layout, j) for j, b in zip(slots, buffers)])
+        if len(per_group) == 1:
+            states = [PackedModel(m.buffer, m.layout, m.client, extras=extras[i]) for i, m in enumerate(per_group[0])]
         else:  # several floating dtypes: a state_dict of views, one buffer per group
             states = []
-            for j, models in enumerate(zip(*per_group)):
-                views = dict(extras[j])
+            for i, models in enumerate(zip(*per_group)):
+                views = dict(extras[i])
                 for m in models:
                     views.update(m)
                 states.append({n: views[n] for n in self.state})
-        for j, (cid, keep, st) in enumerate(zip(ids, keeps, states)):
-            buffers = [models[j].buffer for models in per_group]
-            self._slots[cid] = j
-            self.assignments[cid] = Assignment(
-                keep, st, sum(int(b.numel()) for b in buffers), sum(int(b.numel()) * b.element_size() for b in buffers),
-                self._training_flops(st, j), self.round,
-            )  # fmt: skip
-        return self.assignments
+        out = {}
+        for cid, st in zip(cids, states):
+            self.assignments[cid].state = st
+            out[cid] = self.assignments[cid]
+        return out
 
-    def _training_flops(self, compact_state: Mapping[str, Tensor], j: int) -> int:
-        """Per-sample training FLOPs of a compact model (they depend on its shapes only)."""
-        if self.layouts:
-            shapes = b"".join(layout.counts_host[j].tobytes() for layout in self.layouts.values())
-        else:
-            shapes = tuple((k, tuple(v.shape)) for k, v in compact_state.items())
+    def _training_flops(self, j: int) -> int:
+        """Per-sample training FLOPs of client slot j's compact model (they depend on its
+        shapes only: one model of those shapes is built, with empty values, per new shape)."""
+        shapes = b"".join(layout.counts_host[j].tobytes() for layout in self.layouts.values())
         if shapes not in self._flops_cache:
-            compact = build_compact(self.model, compact_state)
+            state = {n: v for n, v in self.state.items() if not v.is_floating_point()}
+            for names, layout in self.layouts.items():
+                for n, shape in zip(names, layout.compact_shapes(j)):
+                    state[n] = torch.empty(shape, dtype=self.state[n].dtype, device=self.state[n].device)
+            compact = build_compact(self.model, {n: state[n] for n in self.state})
             self._flops_cache[shapes] = count_flops(compact, self.example_input)["training_flops"]
         return self._flops_cache[shapes]
 
     def build(self, cid: Hashable) -> nn.Module:
         """The compact module for client ``cid`` (loaded with its compact state)."""
-        return build_compact(self.model, self.assignments[cid].state)
+        state = self.assignments[cid].state
+        if state is None:
+            raise ValueError(f"Server.build: client {cid!r}'s compact model is not handed out yet (Server.windows)")
+        return build_compact(self.model, state)
 
     # ------------------------------------------------------------------ aggregate
     def check_update(self, cid: Hashable, update: Mapping[str, Tensor], *, finite: bool = True) -> str | None:
@@ -290,6 +338,8 @@ class Server:
             )
         if cid not in self.assignments:
             return f"client {cid!r} was not assigned in round {self.round}"
+        if self.assignments[cid].state is None:
+            return f"client {cid!r}'s compact model was never handed out in round {self.round} (Server.windows)"
         return check_reply(cid, self.assignments[cid].state, update, finite=finite)
 
     def aggregate(

@@ -85,6 +85,7 @@ def aggregate_packed(
     mode: str,
     out: Tensor,
     stats: Tensor,
+    plan: int = -1,
 ) -> None:
     """:func:`reconstruct_aggregate` per tensor on the layout's keep sets, packed into ``out``;
     ``stats[k]`` = (non-finite flag, sum of squared deltas over client k's kept elements)."""
@@ -192,6 +193,7 @@ def fold_packed(
     sums_out: Tensor,
     cover_out: Tensor,
     stats: Tensor,
+    plan: int = -1,
 ) -> None:
     """``sums_out, cover_out = sums_in, cover_in``, then the layout's K clients folded in one
     by one in order (each as :func:`accumulate_packed` folds, with weight ``coef[k]``, none

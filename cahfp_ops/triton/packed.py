@@ -596,6 +596,7 @@ def aggregate_packed(
     mode: str,
     out: Tensor,
     stats: Tensor,
+    plan: int = -1,
 ) -> None:
     """Aggregate into ``out`` (the N results packed); ``stats`` (K, 2): non-finite flag, sum of
     squared deltas. See the module docs."""
@@ -717,6 +718,7 @@ def fold_packed(
     sums_out: Tensor,
     cover_out: Tensor,
     stats: Tensor,
+    plan: int = -1,
 ) -> None:
     """Fold the K clients into the partial sums (``*_in`` -> ``*_out``); ``stats`` (K, 2) as
     ``aggregate_packed``. See the module docs."""

@@ -74,16 +74,8 @@ bool trailing_dense(const Array& sizes, const Array& strides) {
 CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, run_items_isa, (engine::run_items<wt, ct>),
                              (const std::vector<Job<wt, ct>>& jobs,
                               const std::vector<std::pair<int32_t, int64_t>>& items, const std::vector<acc_t<wt>>& p,
-                              bool overlap, bool fold, ItemStats stats, int64_t K, int64_t i0, int64_t i1),
-                             (jobs, items, p, overlap, fold, stats, K, i0, i1))
-CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_RA_HEAD, CAHFP_RA_ARGS, accumulate_items_isa, (engine::accumulate_items<wt, ct>),
-                             (const std::vector<Job<wt, ct>>& jobs,
-                              const std::vector<std::pair<int32_t, int64_t>>& items,
-                              const std::vector<acc_t<wt>*>& sums, const std::vector<acc_t<wt>*>& cover,
-                              acc_t<wt> weight, bool overlap, bool add, double* ssq, uint8_t* bad, int64_t i0,
-                              int64_t i1),
-                             (jobs, items, sums, cover, weight, overlap, add, ssq, bad, i0, i1))
-
+                              bool overlap, ItemStats stats, int64_t K, int64_t i0, int64_t i1),
+                             (jobs, items, p, overlap, stats, K, i0, i1))
 // Work items: (job, first row) for every tile of every tensor.
 template <typename wt, typename ct>
 std::vector<std::pair<int32_t, int64_t>> work_items(const std::vector<Job<wt, ct>>& jobs) {
@@ -109,11 +101,9 @@ void size_tiles(std::vector<Job<wt, ct>>& jobs) {
 }
 
 // Runs every tile; with `stats` ((K, 2) float64: non-finite flag, squared-delta sum)
-// the reply statistics are reduced in item order. fold: the jobs' partial sums are
-// accumulated instead of an output written (stats required).
+// the reply statistics are reduced in item order.
 template <typename wt, typename ct>
-void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, bool overlap, double* stats,
-              bool fold = false) {
+void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, bool overlap, double* stats) {
   const auto items = work_items(jobs);
   const int64_t K = static_cast<int64_t>(p.size()), n_items = static_cast<int64_t>(items.size());
   std::vector<double> ssq(stats ? n_items * K : 0, 0.0);
@@ -121,7 +111,7 @@ void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, b
   ItemStats item_stats{stats ? ssq.data() : nullptr, stats ? bad.data() : nullptr};
   const auto run = run_items_isa_pick<wt, ct>();
   torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
-    run(jobs, items, p, overlap, fold, item_stats, K, i0, i1);
+    run(jobs, items, p, overlap, item_stats, K, i0, i1);
   });
   if (!stats) return;
   for (int64_t k = 0; k < K; ++k) {

@@ -1,4 +1,4 @@
-// The tile engine behind every CPU aggregation kernel (batch and streaming).
+// The tile engine behind the single-tensor and keep-set CPU aggregation kernels.
 //
 // A tensor is viewed as (R, Cin, T): output channels, input channels, and the dense
 // trailing elements (1-D tensors: (1, R, 1), one row whose columns are the channels).
@@ -48,12 +48,6 @@ struct Job {
   const int32_t* cols = nullptr;
   int64_t col_stride = 0;
   int64_t tile = 1;  // rows per work item
-  // fold_packed only: this tensor's running partial sums, read from *_in and written to
-  // *_out ((R, Cin, T) sums and (R, Cin) cover weights, accumulation dtype).
-  const acc_t<wt>* sums_in = nullptr;
-  const acc_t<wt>* cover_in = nullptr;
-  acc_t<wt>* sums_out = nullptr;
-  acc_t<wt>* cover_out = nullptr;
 };
 
 // Eight float32 lanes and four float64 lanes (GCC/Clang vector extensions: AVX when the
@@ -206,26 +200,18 @@ struct ItemStats {
 
 // Rows [r0, r1) of one job. kTaps: T when known at compile time (1 or 9), else 0.
 // Clients with pk == 0 add nothing (their statistics are still taken).
-// kFold (fold_packed): the tile's sums and cover weights start from the job's running
-// partial sums (sums_in / cover_in) and are accumulated in place in sums_out / cover_out,
-// client by client in order, the arithmetic of accumulate_rows; nothing else is written.
-template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats, bool kFold = false>
+template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats>
 void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::vector<acc_t<wt>>& p,
                     Scratch<acc_t<wt>>& scratch, double* ssq, uint8_t* bad) {
   using acc = acc_t<wt>;
-  constexpr bool kDen = kOverlap || kFold;  // per (row, column) weight sums
+  constexpr bool kDen = kOverlap;  // per (row, column) weight sums
   const int64_t T = kTaps > 0 ? kTaps : job.T;
   const int64_t Cin = job.Cin, row_elems = Cin * T, nr = r1 - r0;
   const int64_t K = static_cast<int64_t>(job.clients.size());
   auto& covered = scratch.covered;
   acc* sum_base;
   acc* den_base = nullptr;
-  if constexpr (kFold) {
-    sum_base = job.sums_out + r0 * row_elems;
-    den_base = job.cover_out + r0 * Cin;
-    if (job.sums_in != job.sums_out) std::memcpy(sum_base, job.sums_in + r0 * row_elems, sizeof(acc) * nr * row_elems);
-    if (job.cover_in != job.cover_out) std::memcpy(den_base, job.cover_in + r0 * Cin, sizeof(acc) * nr * Cin);
-  } else {
+  {
     auto& sum = scratch.sum;
     auto& den = scratch.den;
     if (static_cast<int64_t>(sum.size()) < nr * row_elems) sum.resize(nr * row_elems);
@@ -260,7 +246,7 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
       if (pf < reinterpret_cast<const char*>(crow)) pf = reinterpret_cast<const char*>(crow);
       const wt* wrow = job.W + r * row_elems;
       acc* const sp = sum_base + (r - r0) * row_elems;
-      uint8_t* const cov = kFold ? nullptr : covered.data() + (r - r0) * Cin;
+      uint8_t* const cov = covered.data() + (r - r0) * Cin;
       acc* const dn = kDen ? den_base + (r - r0) * Cin : nullptr;
       for (int64_t j = 0; j < cv.cols;) {
         const int64_t c = ck[j];
@@ -289,9 +275,8 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
       }
       // Coverage in a pass of its own: a byte store in the loop above aliases every
       // pointer there (and a run of them becomes a memset call that spills q).
-      if constexpr (!kFold)
-        if (pk != acc(0))
-          for (int64_t j = 0; j < ncols; ++j) cov[ck[j]] = 1;
+      if (pk != acc(0))
+        for (int64_t j = 0; j < ncols; ++j) cov[ck[j]] = 1;
     }
     if constexpr (kStats) {
       if constexpr (kAllFloat<acc, ct, wt>)
@@ -300,7 +285,6 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
       bad[k] = b ? 1 : 0;
     }
   }
-  if constexpr (kFold) return;
   // Write out: runs of columns nobody kept are copied bit for bit, covered runs get the
   // weight plus the sum (reconstruct) or the weighted mean (overlap).
   for (int64_t r = r0; r < r1; ++r) {
@@ -329,99 +313,35 @@ void aggregate_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::v
   }
 }
 
-template <typename wt, typename ct, bool kOverlap, bool kStats, bool kFold = false>
+template <typename wt, typename ct, bool kOverlap, bool kStats>
 void run_tile(const Job<wt, ct>& job, int64_t r0, int64_t r1, const std::vector<acc_t<wt>>& p,
               Scratch<acc_t<wt>>& scratch, double* ssq, uint8_t* bad) {
   if constexpr (std::is_same_v<wt, ct>) {  // the common case gets unrolled tap loops
-    if (job.T == 9) return aggregate_tile<wt, ct, kOverlap, 9, kStats, kFold>(job, r0, r1, p, scratch, ssq, bad);
-    if (job.T == 1) return aggregate_tile<wt, ct, kOverlap, 1, kStats, kFold>(job, r0, r1, p, scratch, ssq, bad);
+    if (job.T == 9) return aggregate_tile<wt, ct, kOverlap, 9, kStats>(job, r0, r1, p, scratch, ssq, bad);
+    if (job.T == 1) return aggregate_tile<wt, ct, kOverlap, 1, kStats>(job, r0, r1, p, scratch, ssq, bad);
   }
-  aggregate_tile<wt, ct, kOverlap, 0, kStats, kFold>(job, r0, r1, p, scratch, ssq, bad);
+  aggregate_tile<wt, ct, kOverlap, 0, kStats>(job, r0, r1, p, scratch, ssq, bad);
 }
 
 // Work items [i0, i1): (job, first row) pairs, each one tile; item it writes its
-// statistics at row `it` of `stats` (when given; fold always takes them).
+// statistics at row `it` of `stats` (when given).
 template <typename wt, typename ct>
 inline void run_items(const std::vector<Job<wt, ct>>& jobs, const std::vector<std::pair<int32_t, int64_t>>& items,
-                      const std::vector<acc_t<wt>>& p, bool overlap, bool fold, ItemStats stats, int64_t K,
-                      int64_t i0, int64_t i1) {
+                      const std::vector<acc_t<wt>>& p, bool overlap, ItemStats stats, int64_t K, int64_t i0,
+                      int64_t i1) {
   Scratch<acc_t<wt>> scratch;
   for (int64_t it = i0; it < i1; ++it) {
     const auto& job = jobs[items[it].first];
     const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
     double* q = stats.ssq ? stats.ssq + it * K : nullptr;
     uint8_t* b = stats.bad ? stats.bad + it * K : nullptr;
-    if (fold) {
-      if (overlap) run_tile<wt, ct, true, true, true>(job, r0, r1, p, scratch, q, b);
-      else run_tile<wt, ct, false, true, true>(job, r0, r1, p, scratch, q, b);
-    } else if (overlap) {
+    if (overlap) {
       if (q) run_tile<wt, ct, true, true>(job, r0, r1, p, scratch, q, b);
       else run_tile<wt, ct, true, false>(job, r0, r1, p, scratch, q, b);
     } else {
       if (q) run_tile<wt, ct, false, true>(job, r0, r1, p, scratch, q, b);
       else run_tile<wt, ct, false, false>(job, r0, r1, p, scratch, q, b);
     }
-  }
-}
-
-// One client folded into running partial sums (streaming): job.clients holds one
-// client; sums is (R, Cin, T) and cover (R, Cin) in the accumulation dtype. Rows
-// [r0, r1); each element of sums / cover is touched by one work item only. Without
-// kAdd only the statistics are taken (the checking pass before an accumulation).
-template <typename wt, typename ct, bool kOverlap, bool kAdd>
-void accumulate_rows(const Job<wt, ct>& job, acc_t<wt>* sums, acc_t<wt>* cover, acc_t<wt> weight, int64_t r0,
-                     int64_t r1, SsqAcc& q, bool& b) {
-  using acc = acc_t<wt>;
-  const int64_t T = job.T, Cin = job.Cin, row_elems = Cin * T;
-  const ClientView<ct>& cv = job.clients[0];
-  const int32_t* ck = job.cols;
-  const bool dense = cv.stride1 == T;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int32_t i = job.inv_rows[r];
-    if (i < 0) continue;
-    const ct* crow = cv.data + i * cv.stride0;
-    const wt* wrow = job.W + r * row_elems;
-    acc* sp = sums + r * row_elems;
-    acc* cov = cover + r * Cin;
-    for (int64_t j = 0; j < cv.cols;) {
-      const int64_t c = ck[j];
-      const int64_t L = dense ? run_length(ck, j, cv.cols) : 1;
-      const ct* src = crow + j * cv.stride1;
-      if constexpr (!kAdd)
-        delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + c * T, weight, L * T, q, b);
-      else if constexpr (kOverlap)
-        add_scaled<acc, ct, 0>(sp + c * T, src, weight, L * T);
-      else
-        delta_pass<acc, ct, wt, 0, true, false>(sp + c * T, src, wrow + c * T, weight, L * T, q, b);
-      if constexpr (kAdd)
-        for (int64_t l = 0; l < L; ++l) cov[c + l] += weight;
-      j += L;
-    }
-  }
-}
-
-template <typename wt, typename ct>
-inline void accumulate_items(const std::vector<Job<wt, ct>>& jobs,
-                             const std::vector<std::pair<int32_t, int64_t>>& items,
-                             const std::vector<acc_t<wt>*>& sums, const std::vector<acc_t<wt>*>& cover,
-                             acc_t<wt> weight, bool overlap, bool add, double* ssq, uint8_t* bad, int64_t i0,
-                             int64_t i1) {
-  for (int64_t it = i0; it < i1; ++it) {
-    const int32_t n = items[it].first;
-    const auto& job = jobs[n];
-    const int64_t r0 = items[it].second, r1 = std::min(job.R, r0 + job.tile);
-    SsqAcc q;
-    bool b = false;
-    if (!add) {
-      accumulate_rows<wt, ct, false, false>(job, sums[n], cover[n], weight, r0, r1, q, b);
-      if constexpr (kAllFloat<acc_t<wt>, ct, wt>)
-        if (!std::isfinite(q.total())) q = exact_stats(job, 0, r0, r1);
-    } else if (overlap) {
-      accumulate_rows<wt, ct, true, true>(job, sums[n], cover[n], weight, r0, r1, q, b);
-    } else {
-      accumulate_rows<wt, ct, false, true>(job, sums[n], cover[n], weight, r0, r1, q, b);
-    }
-    if (ssq) ssq[it] = q.total(), bad[it] = b ? 1 : 0;
   }
 }
 

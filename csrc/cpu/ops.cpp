@@ -59,7 +59,8 @@ STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
       "Tensor(a!) out) -> ()");
   m.def(
       "aggregate_packed(Tensor[] weights, Tensor[] clients, int[] parts, Tensor meta, Tensor row_inv, "
-      "Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef, str mode, Tensor(a!) out, Tensor(b!) stats) -> ()");
+      "Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef, str mode, Tensor(a!) out, Tensor(b!) stats, "
+      "int plan) -> ()");
   m.def(
       "accumulate_packed(Tensor[] weights, Tensor[] client, int[] parts, Tensor meta, Tensor row_inv, Tensor col_keep, "
       "Tensor counts, Tensor offsets, float weight, float max_ssq, str mode, Tensor(a!) sums, Tensor(b!) cover, "
@@ -67,7 +68,9 @@ STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
   m.def(
       "fold_packed(Tensor[] weights, Tensor[] clients, int[] parts, Tensor meta, Tensor row_inv, Tensor col_keep, "
       "Tensor counts, Tensor offsets, Tensor coef, str mode, Tensor sums_in, Tensor cover_in, Tensor(a!) sums_out, "
-      "Tensor(b!) cover_out, Tensor(c!) stats) -> ()");
+      "Tensor(b!) cover_out, Tensor(c!) stats, int plan) -> ()");
+  m.def("plan_layout(Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets) -> int");
+  m.def("release_layout_plan(Tensor device, int plan) -> ()");
   m.def(
       "finish_partials(Tensor[] weights, Tensor sums, Tensor cover, float weight_sum, str mode, Tensor(a!) out) "
       "-> ()");
@@ -88,6 +91,8 @@ STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
   m.impl("accumulate_packed", TORCH_BOX(&accumulate_packed_cpu));
   m.impl("fold_packed", TORCH_BOX(&fold_packed_cpu));
   m.impl("finish_partials", TORCH_BOX(&finish_partials_cpu));
+  m.impl("plan_layout", TORCH_BOX(&plan_layout_cpu));
+  m.impl("release_layout_plan", TORCH_BOX(&release_layout_plan_cpu));
 }
 
 }  // namespace cahfp

@@ -1,10 +1,15 @@
 // The per-round layout family on the CPU: slice_packed (the slicing engine of slice.h on
 // the layout's tables), aggregate_packed, fold_packed, accumulate_packed and
-// finish_partials (the aggregation engine of aggregate.h on the layout's tables).
+// finish_partials (the per-round engine of packed_engine.h on the layout's tables).
 #include "packed.h"
 
 #include "aggregate.h"
+#include "packed_engine.h"
 #include "slice.h"
+
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 
 namespace cahfp {
 
@@ -46,36 +51,6 @@ void check_buffer(const Tensor& b, ScalarType cdtype, int64_t k) {
                   k, " must be a 1-D contiguous CPU tensor of dtype ", dtype_name(cdtype));
 }
 
-template <typename wt, typename ct>
-void fill_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<Tensor>& ws, std::vector<Tensor>& clients,
-               const std::vector<int64_t>& start, const std::vector<int64_t>& parts, const LayoutTables& lt,
-               ScalarType cdtype) {
-  const int64_t N = lt.N, K = lt.K;
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t* m = lt.meta + 5 * n;
-    Job<wt, ct>& job = jobs[n];
-    const View3 v{m[0], m[1], m[2], ws[n].dim() == 1};
-    STD_TORCH_CHECK(ws[n].numel() == checked_product(m[0], m[1], m[2]), "weights[", n, "] has ", ws[n].numel(),
-                    " elements but the layout says ", m[0], " x ", m[1], " x ", m[2]);
-    job.W = cdata<wt>(ws[n]);
-    job.R = m[0];
-    job.Cin = m[1];
-    job.T = m[2];
-    job.inv_rows = lt.row_inv + m[3];
-    job.inv_stride = lt.SR;
-    job.cols = lt.col_keep + m[4];
-    job.col_stride = lt.SC;
-    job.clients.resize(K);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
-      if (parts[k] == 0)
-        job.clients[k] = packed_view<ct>(clients[start[k]], lt, m, n, k);
-      else
-        job.clients[k] = separate_view<ct>(clients[start[k] + n], cdtype, v, rc, cc, n, k);
-    }
-  }
-}
-
 std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& weights, ScalarType wdtype) {
   std::vector<Tensor> ws(weights.size());
   for (size_t n = 0; n < weights.size(); ++n) {
@@ -103,15 +78,23 @@ struct PackedCall {
   int64_t total_cover = 0;  // sum of R * Cin
 };
 
+// The tables a layout plan keeps (sizes and offsets; no index lists).
+LayoutTables plan_tables(const packed::LayoutPlan& lp) {
+  return {lp.N, lp.K, 0, 0, lp.meta.data(), nullptr, nullptr, lp.counts.data(), lp.offsets.data()};
+}
+
 // one_client: the op folds one client (accumulate_packed), its name for the message.
+// kept: the layout's plan, whose tables were checked when it was made (the call's tables are
+// then not read); null: the call's tables are checked.
 PackedCall packed_call(const std::vector<Tensor>& weights, const std::vector<Tensor>& clients,
                        const std::vector<int64_t>& parts, const Tensor& meta, const Tensor& row_inv,
                        const Tensor& col_keep, const Tensor& counts, const Tensor& offsets, const std::string& mode,
-                       const char* one_client = nullptr) {
+                       const char* one_client = nullptr, const packed::LayoutPlan* kept = nullptr) {
   const int64_t N = static_cast<int64_t>(weights.size());
   STD_TORCH_CHECK(N > 0, "weights must not be empty");
-  PackedCall pc{check_layout(N, meta, row_inv, col_keep, counts, offsets), {}, parts, mode == "overlap",
-                weights[0].scalar_type(), ScalarType::Float, ScalarType::Float, {}};
+  if (kept) STD_TORCH_CHECK(kept->N == N, "the layout plan is for ", kept->N, " tensors, not ", N);
+  PackedCall pc{kept ? plan_tables(*kept) : check_layout(N, meta, row_inv, col_keep, counts, offsets), {}, parts,
+                mode == "overlap", weights[0].scalar_type(), ScalarType::Float, ScalarType::Float, {}};
   const int64_t K = pc.lt.K;
   STD_TORCH_CHECK(K > 0, "the layout holds no clients");
   STD_TORCH_CHECK(!clients.empty(), "clients must not be empty");
@@ -147,6 +130,93 @@ void check_flat(const Tensor& t, const char* name, ScalarType dtype, int64_t num
 
 }  // namespace
 
+namespace {
+
+#define CAHFP_PK_HEAD template <typename wt, typename ct>
+#define CAHFP_PK_ARGS <wt, ct>
+CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_PK_HEAD, CAHFP_PK_ARGS, packed_items_isa, (packed::run_items<wt, ct>),
+                             (const packed::Plan<ct>& plan, const packed::Targets<wt>& tg,
+                              const std::vector<packed::Item>& items, const std::vector<acc_t<wt>>& p, bool overlap,
+                              bool fold, double* ssq, uint8_t* bad, int64_t i0, int64_t i1),
+                             (plan, tg, items, p, overlap, fold, ssq, bad, i0, i1))
+
+// Layout plans kept for the layouts that asked for one (plan_layout), by id.
+std::mutex plans_mutex;
+std::unordered_map<int64_t, std::shared_ptr<const packed::LayoutPlan>> plans;
+int64_t next_plan = 1;
+
+std::shared_ptr<const packed::LayoutPlan> find_plan(int64_t id) {
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  auto hit = plans.find(id);
+  STD_TORCH_CHECK(hit != plans.end(), "no layout plan ", id, " (released, or never made)");
+  return hit->second;
+}
+
+// The call's layout plan: the one kept under `id` (>= 0), else one built from the call's
+// tables (checked in packed_call).
+std::shared_ptr<const packed::LayoutPlan> call_plan(const PackedCall& pc,
+                                                    std::shared_ptr<const packed::LayoutPlan> kept) {
+  return kept ? kept : std::make_shared<const packed::LayoutPlan>(packed::build_plan(pc.lt));
+}
+
+// aggregate_packed / fold_packed on the per-round engine (packed_engine.h): the clients'
+// views on the layout plan, then every work item; the (K, 2) statistics are reduced in
+// item order.
+template <typename wt, typename ct>
+void run_packed(const PackedCall& pc, std::vector<Tensor>& clients, const std::vector<acc_t<wt>>& p,
+                const packed::Targets<wt>& tg, bool fold, double* stats, const packed::LayoutPlan& lp) {
+  const int64_t N = lp.N, K = lp.K;
+  const LayoutTables lt{N, K, 0, 0, lp.meta.data(), nullptr, nullptr, lp.counts.data(), lp.offsets.data()};
+  packed::Plan<ct> plan;
+  plan.lp = &lp;
+  plan.N = N, plan.K = K;
+  plan.views.resize(K * N);
+  for (int64_t n = 0; n < N; ++n)
+    STD_TORCH_CHECK(pc.ws[n].numel() == checked_product(lp.meta[5 * n], lp.meta[5 * n + 1], lp.meta[5 * n + 2]),
+                    "weights[", n, "] has ", pc.ws[n].numel(), " elements but the layout says ", lp.meta[5 * n],
+                    " x ", lp.meta[5 * n + 1], " x ", lp.meta[5 * n + 2]);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t* m = lt.meta + 5 * n;
+      const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
+      if (pc.parts[k] == 0) {
+        plan.views[k * N + n] = packed_view<ct>(clients[pc.start[k]], lt, m, n, k);
+      } else {
+        const View3 v{m[0], m[1], m[2], pc.ws[n].dim() == 1};
+        Tensor& c = clients[pc.start[k] + n];
+        ClientView<ct> cv = separate_view<ct>(c, pc.cdtype, v, rc, cc, n, k);
+        if (cv.stride1 != m[2] && cv.cols > 1) {  // the engine reads runs of columns: make them dense
+          c = torch::stable::contiguous(c);
+          cv = separate_view<ct>(c, pc.cdtype, v, rc, cc, n, k);
+        }
+        plan.views[k * N + n] = cv;
+      }
+    }
+  const std::vector<packed::Item>& items = lp.items;
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<double> ssq(n_items * K, 0.0);
+  std::vector<uint8_t> bad(n_items * K, 0);
+  const auto run = packed_items_isa_pick<wt, ct>();
+  torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
+    run(plan, tg, items, p, pc.overlap, fold, ssq.data(), bad.data(), i0, i1);
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    double q = 0.0;
+    bool b = false;
+    for (int64_t it = 0; it < n_items; ++it) {
+      q += ssq[it * K + k];
+      b |= bad[it * K + k] != 0;
+    }
+    // float32 deltas square without overflow in float64: a non-finite sum means a
+    // non-finite delta. float64 deltas were checked one by one.
+    if constexpr (std::is_same_v<acc_t<wt>, float>) b |= !std::isfinite(q);
+    stats[2 * k] = b ? 1.0 : 0.0;
+    stats[2 * k + 1] = q;
+  }
+}
+
+}  // namespace
+
 // Whole-model aggregation on the per-round layout. clients: per client k, one packed
 // buffer (parts[k] == 0: 1-D, its tensors at offsets[k]) or its N tensors (parts[k] == N).
 // Writes the N results, packed in order, into `out` (1-D, weights' dtype) and the reply
@@ -154,8 +224,11 @@ void check_flat(const Tensor& t, const char* name, ScalarType dtype, int64_t num
 // the client's kept elements), computed in the same pass.
 void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
                           Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
-                          std::string mode, Tensor out, Tensor stats) {
-  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode);
+                          std::string mode, Tensor out, Tensor stats, int64_t plan) {
+  const auto kept = plan >= 0 ? find_plan(plan) : nullptr;
+  const PackedCall pc =
+      packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode, nullptr, kept.get());
+  const auto lp = call_plan(pc, kept);
   check_coef_stats(coef, stats, pc.lt.K);
   check_flat(out, "out", pc.wdtype, pc.total);
   const int64_t N = pc.lt.N, K = pc.lt.K;
@@ -166,15 +239,14 @@ void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clien
     for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc_t<wt>>(cp[k]);
     CAHFP_DISPATCH_FLOATING(pc.cdtype, "aggregate_packed_client", [&] {
       using ct = scalar_t;
-      std::vector<Job<wt, ct>> jobs(N);
-      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.parts, pc.lt, pc.cdtype);
+      packed::Targets<wt> tg;
       int64_t offset = 0;
       for (int64_t n = 0; n < N; ++n) {
-        jobs[n].out = mdata<wt>(out) + offset;
+        tg.W.push_back(cdata<wt>(pc.ws[n]));
+        tg.out.push_back(mdata<wt>(out) + offset);
         offset += pc.ws[n].numel();
       }
-      size_tiles(jobs);
-      run_jobs<wt, ct>(jobs, p, pc.overlap, mdata<double>(stats));
+      run_packed<wt, ct>(pc, clients, p, tg, false, mdata<double>(stats), *lp);
     });
   });
 }
@@ -193,8 +265,11 @@ void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clien
 void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, std::vector<int64_t> parts,
                      Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets, Tensor coef,
                      std::string mode, Tensor sums_in, Tensor cover_in, Tensor sums_out, Tensor cover_out,
-                     Tensor stats) {
-  const PackedCall pc = packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode);
+                     Tensor stats, int64_t plan) {
+  const auto kept = plan >= 0 ? find_plan(plan) : nullptr;
+  const PackedCall pc =
+      packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode, nullptr, kept.get());
+  const auto lp = call_plan(pc, kept);
   check_coef_stats(coef, stats, pc.lt.K);
   check_flat(sums_in, "sums_in", pc.adtype, pc.total);
   check_flat(sums_out, "sums_out", pc.adtype, pc.total);
@@ -211,19 +286,18 @@ void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, s
     for (int64_t k = 0; k < K; ++k) p[k] = static_cast<acc>(cp[k]);
     CAHFP_DISPATCH_FLOATING(pc.cdtype, "fold_packed_client", [&] {
       using ct = scalar_t;
-      std::vector<Job<wt, ct>> jobs(N);
-      fill_jobs<wt, ct>(jobs, pc.ws, clients, pc.start, pc.parts, pc.lt, pc.cdtype);
+      packed::Targets<wt> tg;
       int64_t off = 0, coff = 0;
       for (int64_t n = 0; n < N; ++n) {
-        jobs[n].sums_in = cdata<acc>(sums_in) + off;
-        jobs[n].sums_out = mdata<acc>(sums_out) + off;
-        jobs[n].cover_in = cdata<acc>(cover_in) + coff;
-        jobs[n].cover_out = mdata<acc>(cover_out) + coff;
+        tg.W.push_back(cdata<wt>(pc.ws[n]));
+        tg.sums_in.push_back(cdata<acc>(sums_in) + off);
+        tg.sums_out.push_back(mdata<acc>(sums_out) + off);
+        tg.cover_in.push_back(cdata<acc>(cover_in) + coff);
+        tg.cover_out.push_back(mdata<acc>(cover_out) + coff);
         off += pc.ws[n].numel();
-        coff += jobs[n].R * jobs[n].Cin;
+        coff += pc.lt.meta[5 * n] * pc.lt.meta[5 * n + 1];
       }
-      size_tiles(jobs);
-      run_jobs<wt, ct>(jobs, p, pc.overlap, mdata<double>(stats), true);
+      run_packed<wt, ct>(pc, clients, p, tg, true, mdata<double>(stats), *lp);
     });
   });
 }
@@ -313,45 +387,56 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
                       stats.is_contiguous(),
                   "stats must be a contiguous (3,) float64 CPU tensor");
   const int64_t N = pc.lt.N;
+  const auto lp = call_plan(pc, nullptr);
   CAHFP_DISPATCH_FLOATING(pc.wdtype, "accumulate_packed", [&] {
     using wt = scalar_t;
     using acc = acc_t<wt>;
     CAHFP_DISPATCH_FLOATING(pc.cdtype, "accumulate_packed_client", [&] {
       using ct = scalar_t;
-      std::vector<Job<wt, ct>> jobs(N);
-      fill_jobs<wt, ct>(jobs, pc.ws, client, pc.start, pc.parts, pc.lt, pc.cdtype);
-      std::vector<acc*> sum_ptr(N), cover_ptr(N);
+      // fold_packed's engine on the one client, so that its statistics and sums are those of
+      // the same client folded in a window, bit for bit: first with coefficient 0 (the
+      // statistics alone), then, when accepted, with its weight.
+      packed::Targets<wt> tg;
       int64_t off = 0, coff = 0;
       for (int64_t n = 0; n < N; ++n) {
-        sum_ptr[n] = mdata<acc>(sums) + off;
-        cover_ptr[n] = mdata<acc>(cover) + coff;
+        tg.W.push_back(cdata<wt>(pc.ws[n]));
+        tg.sums_in.push_back(mdata<acc>(sums) + off);
+        tg.sums_out.push_back(mdata<acc>(sums) + off);
+        tg.cover_in.push_back(mdata<acc>(cover) + coff);
+        tg.cover_out.push_back(mdata<acc>(cover) + coff);
         off += pc.ws[n].numel();
-        coff += jobs[n].R * jobs[n].Cin;
+        coff += pc.lt.meta[5 * n] * pc.lt.meta[5 * n + 1];
       }
-      size_tiles(jobs);
-      const auto items = work_items(jobs);
-      const int64_t n_items = static_cast<int64_t>(items.size());
-      std::vector<double> ssq(n_items, 0.0);
-      std::vector<uint8_t> bad(n_items, 0);
-      const auto run = accumulate_items_isa_pick<wt, ct>();
-      const acc wk = static_cast<acc>(weight);
-      torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
-        run(jobs, items, sum_ptr, cover_ptr, wk, pc.overlap, false, ssq.data(), bad.data(), i0, i1);
-      });
-      double q = 0.0;
-      bool b = false;
-      for (int64_t it = 0; it < n_items; ++it) q += ssq[it], b |= bad[it] != 0;
-      if constexpr (std::is_same_v<acc, float>) b |= !std::isfinite(q);
-      const bool accept = !b && q <= max_ssq;
-      if (accept && weight > 0)
-        torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
-          run(jobs, items, sum_ptr, cover_ptr, wk, pc.overlap, true, nullptr, nullptr, i0, i1);
-        });
-      mdata<double>(stats)[0] = b ? 1.0 : 0.0;
-      mdata<double>(stats)[1] = q;
+      double st[2] = {0.0, 0.0};
+      run_packed<wt, ct>(pc, client, {acc(0)}, tg, true, st, *lp);
+      const bool bad = st[0] != 0.0, accept = !bad && st[1] <= max_ssq;
+      if (accept && weight > 0) {
+        double ignored[2];
+        run_packed<wt, ct>(pc, client, {static_cast<acc>(weight)}, tg, true, ignored, *lp);
+      }
+      mdata<double>(stats)[0] = bad ? 1.0 : 0.0;
+      mdata<double>(stats)[1] = st[1];
       mdata<double>(stats)[2] = accept ? 1.0 : 0.0;
     });
   });
+}
+
+// A layout's plan for aggregate_packed / fold_packed, made once from its (checked) tables
+// and kept until release_layout_plan; returns its id.
+int64_t plan_layout_cpu(Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets) {
+  STD_TORCH_CHECK(meta.dim() == 2, "layout meta must be a (N, 5) int64 tensor");
+  const LayoutTables lt = check_layout(meta.size(0), meta, row_inv, col_keep, counts, offsets);
+  auto plan = std::make_shared<const packed::LayoutPlan>(packed::build_plan(lt));
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  const int64_t id = next_plan++;
+  plans.emplace(id, std::move(plan));
+  return id;
+}
+
+// Forget a layout plan (calls still running on it keep it alive until they end).
+void release_layout_plan_cpu(Tensor /*device*/, int64_t id) {
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  plans.erase(id);
 }
 
 // Whole-model slicing on the per-round layout (tables as in layout_tables.h, `starts` in

@@ -1,0 +1,487 @@
+// The per-round engine behind aggregate_packed and fold_packed.
+//
+// The layout's tables (inverse row maps, kept-column lists) are turned, once per call and
+// in parallel over clients, into what the inner loop wants: per (client, tensor) the kept
+// rows in row order with their compact row, the kept columns as runs of consecutive
+// columns, and the kept columns as a bitset. The inner loop then does no inverse-map scan,
+// no run detection and no per-column coverage store: coverage of a row is the OR of the
+// bitsets of the clients (coefficient != 0) that keep it.
+//
+// Work items are either a tile of one wide tensor (about kWideTile accumulator elements:
+// a client's part of a tile is one contiguous stretch of its buffer, long enough for the
+// hardware prefetcher) or a group of consecutive whole small tensors (up to kGroupElems
+// elements: their parts are consecutive in a packed buffer). The next clients' parts of an
+// item are prefetched (prefetcht2) at the pace the current client's part is consumed.
+//
+// Arithmetic is that of aggregate_engine.h, element by element: clients are added in order
+// 0..K-1 as s += p_k * (c - w) (reconstruct) or s += p_k * c (overlap), then w + s or s / den.
+// Which elements a work item holds never changes a result; the reply statistics are summed
+// per (item, client) and reduced in item order, and the items depend only on the layout, so
+// every result is independent of the thread count.
+#pragma once
+
+#include "aggregate_engine.h"
+#include "common.h"
+#include "layout_tables.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace cahfp {
+namespace packed {
+
+using engine::ClientView;
+using engine::SsqAcc;
+
+// Accumulator elements per tile of a wide tensor (1 MB of float32 sums).
+constexpr int64_t kWideTile = 262144;
+// Consecutive whole tensors grouped into one item up to this many elements.
+constexpr int64_t kGroupElems = 65536;
+// Work items a call is split into at least, when the model is large enough (a constant:
+// the split, and with it the order the statistics are summed in, never depends on threads).
+constexpr int64_t kMinItems = 32;
+// Smallest tile (elements) the kMinItems split goes down to.
+constexpr int64_t kMinTile = 16384;
+// Items of at most this many elements prefetch the next client's part as they go.
+constexpr int64_t kPacedElems = 65536;
+
+struct Run {
+  int32_t c, j, L;  // full column, compact column, length
+};
+
+// Client k's part of tensor n in the plan's per-client lists.
+struct SegT {
+  int64_t rc = 0, cc = 0;  // kept rows / cols
+  int64_t row0 = 0;        // its kept rows start at rr[k][row0] / ri[k][row0]
+  int64_t nrows = 0;       // kept rows (with a compact row index >= 0)
+  int64_t run0 = 0, nruns = 0;
+  int64_t bits0 = 0;       // its column bitset starts at bits[k][bits0]
+};
+
+struct Tensor3 {
+  int64_t R, Cin, T;
+  int64_t words;  // 64-bit words of a row's column bitset
+};
+
+// A work item: rows [r0, r1) of tensor n0 (n1 == n0 + 1), or the whole tensors [n0, n1).
+struct Item {
+  int32_t n0, n1;
+  int64_t r0, r1;
+  int64_t sum_elems;  // accumulator elements
+  int64_t cov_words;  // coverage bitset words
+};
+
+// A layout's plan, built once from its checked tables (and kept for the layout's life):
+// per client its kept rows (row, compact row), runs and bitsets of every tensor, in tensor
+// order; copies of the tables the calls still need (sizes and offsets); the work items.
+// Nothing in it refers to the tables it was built from.
+struct LayoutPlan {
+  int64_t N = 0, K = 0;
+  std::vector<int64_t> meta, counts, offsets;  // (N, 5), (K, N, 2), (K, N)
+  std::vector<Tensor3> t;                      // (N)
+  std::vector<SegT> seg;                       // (K, N)
+  std::vector<std::vector<int32_t>> rr, ri;    // per client: kept rows' full / compact index
+  std::vector<std::vector<Run>> runs;          // per client
+  std::vector<std::vector<uint64_t>> bits;     // per client
+  std::vector<Item> items;
+  const SegT& at(int64_t k, int64_t n) const { return seg[k * N + n]; }
+};
+
+// Client k's lists from the layout's inverse row maps and column lists.
+inline void plan_client(LayoutPlan& plan, const LayoutTables& lt, int64_t k) {
+  const int64_t N = plan.N;
+  auto& rr = plan.rr[k];
+  auto& ri = plan.ri[k];
+  auto& runs = plan.runs[k];
+  auto& bits = plan.bits[k];
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t* m = lt.meta + 5 * n;
+    const Tensor3& t = plan.t[n];
+    SegT& s = plan.seg[k * N + n];
+    s.rc = lt.counts[2 * (k * N + n)];
+    s.cc = lt.counts[2 * (k * N + n) + 1];
+    s.row0 = static_cast<int64_t>(rr.size());
+    s.run0 = static_cast<int64_t>(runs.size());
+    s.bits0 = static_cast<int64_t>(bits.size());
+    if (s.rc > 0 && s.cc > 0) {
+      const int32_t* inv = lt.row_inv + k * lt.SR + m[3];
+      for (int64_t r = 0; r < t.R; ++r)
+        if (inv[r] >= 0) rr.push_back(static_cast<int32_t>(r)), ri.push_back(inv[r]);
+      const int32_t* ck = lt.col_keep + k * lt.SC + m[4];
+      bits.resize(bits.size() + t.words, 0);
+      uint64_t* b = bits.data() + s.bits0;
+      for (int64_t j = 0; j < s.cc;) {
+        int64_t L = 1;
+        while (j + L < s.cc && ck[j + L] == ck[j] + L) ++L;
+        runs.push_back({ck[j], static_cast<int32_t>(j), static_cast<int32_t>(L)});
+        for (int64_t l = 0; l < L; ++l) b[(ck[j] + l) >> 6] |= uint64_t(1) << ((ck[j] + l) & 63);
+        j += L;
+      }
+    }
+    s.nrows = static_cast<int64_t>(rr.size()) - s.row0;
+    s.nruns = static_cast<int64_t>(runs.size()) - s.run0;
+  }
+}
+
+// One call: the layout's plan and the clients' compact tensors ((K, N) views; a view's
+// columns are dense, stride T).
+template <typename ct>
+struct Plan {
+  const LayoutPlan* lp = nullptr;
+  int64_t N = 0, K = 0;
+  std::vector<ClientView<ct>> views;  // (K, N)
+  const std::vector<Tensor3>& t() const { return lp->t; }
+  const ClientView<ct>& view(int64_t k, int64_t n) const { return views[k * N + n]; }
+};
+
+
+inline std::vector<Item> plan_items(const std::vector<Tensor3>& t) {
+  const int64_t N = static_cast<int64_t>(t.size());
+  int64_t total = 0;
+  for (const auto& x : t) total += x.R * x.Cin * x.T;
+  const int64_t tile = std::max<int64_t>(kMinTile, std::min<int64_t>(kWideTile, total / kMinItems));
+  const int64_t group = std::min<int64_t>(kGroupElems, tile);
+  std::vector<Item> items;
+  for (int64_t n = 0; n < N;) {
+    const int64_t row_elems = t[n].Cin * t[n].T, elems = t[n].R * row_elems;
+    if (elems > group) {  // a wide tensor: tiles of rows
+      const int64_t rows = std::max<int64_t>(1, tile / std::max<int64_t>(1, row_elems));
+      for (int64_t r = 0; r < t[n].R; r += rows) {
+        const int64_t r1 = std::min(t[n].R, r + rows);
+        items.push_back({static_cast<int32_t>(n), static_cast<int32_t>(n + 1), r, r1, (r1 - r) * row_elems,
+                         (r1 - r) * t[n].words});
+      }
+      ++n;
+      continue;
+    }
+    Item it{static_cast<int32_t>(n), static_cast<int32_t>(n), 0, 0, 0, 0};
+    while (n < N && t[n].R * t[n].Cin * t[n].T <= group &&
+           (it.n1 == it.n0 || it.sum_elems + t[n].R * t[n].Cin * t[n].T <= group)) {
+      it.sum_elems += t[n].R * t[n].Cin * t[n].T;
+      it.cov_words += t[n].R * t[n].words;
+      ++n;
+      it.n1 = static_cast<int32_t>(n);
+    }
+    it.r1 = it.n1 == it.n0 + 1 ? t[it.n0].R : 0;
+    items.push_back(it);
+  }
+  return items;
+}
+
+// Rows of tensor n an item covers.
+inline void item_rows(const Item& it, int64_t n, const Tensor3& t, int64_t& r0, int64_t& r1) {
+  if (it.n1 == it.n0 + 1 && it.r1 > 0) r0 = it.r0, r1 = it.r1;
+  else r0 = 0, r1 = t.R;
+}
+
+// Where the call writes: per tensor the weights, and either the output (aggregate) or the
+// running partial sums (fold).
+template <typename wt>
+struct Targets {
+  std::vector<const wt*> W;
+  std::vector<wt*> out;
+  std::vector<const acc_t<wt>*> sums_in, cover_in;
+  std::vector<acc_t<wt>*> sums_out, cover_out;
+};
+
+// Prefetch of the next clients' parts of an item, paced by what the current client read.
+struct Pacer {
+  const char* p = nullptr;  // next line to prefetch
+  const char* end = nullptr;
+  void start(const char* b, const char* e) { p = b, end = e; }
+  void advance(int64_t bytes) {
+    const char* want = std::min(end, p + bytes);
+    for (; p < want; p += 64) __builtin_prefetch(p, 0, 1);
+  }
+};
+
+// The contiguous stretch of client k's buffer an item reads (null when its rows are not in
+// compact order, which only a hand-made layout makes).
+template <typename ct>
+inline void item_span(const Plan<ct>& plan, const Item& it, int64_t k, const char*& b, const char*& e) {
+  b = e = nullptr;
+  const LayoutPlan& lp = *plan.lp;
+  for (int64_t n = it.n0; n < it.n1; ++n) {
+    const SegT& s = lp.at(k, n);
+    if (s.nrows == 0 || s.nruns == 0) continue;
+    const ClientView<ct>& v = plan.view(k, n);
+    int64_t r0, r1;
+    item_rows(it, n, lp.t[n], r0, r1);
+    const int32_t* rr = lp.rr[k].data() + s.row0;
+    const int64_t a = std::lower_bound(rr, rr + s.nrows, static_cast<int32_t>(r0)) - rr;
+    const int64_t z = std::lower_bound(rr, rr + s.nrows, static_cast<int32_t>(r1)) - rr;
+    if (a == z) continue;
+    const int32_t* ri = lp.ri[k].data() + s.row0;
+    const char* lo = reinterpret_cast<const char*>(v.data + ri[a] * v.stride0);
+    const char* hi = reinterpret_cast<const char*>(v.data + ri[z - 1] * v.stride0 + v.cols * v.stride1);
+    if (!b || lo < b) b = lo;
+    if (!e || hi > e) e = hi;
+  }
+}
+
+// One client's pass over one item: accumulate (kAdd) and take its statistics (kStats).
+// kExact: statistics in float64 only (after the float32 count overflowed).
+template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats, bool kFold, bool kExact>
+inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, int64_t k, acc_t<wt> pk,
+                        acc_t<wt>* sum, acc_t<wt>* den, uint64_t* cov, SsqAcc& q, bool& bad, Pacer* pace) {
+  using acc = acc_t<wt>;
+  using engine::add_scaled;
+  using engine::delta_pass;
+  const bool add = !kExact && pk != acc(0);
+  const LayoutPlan& lp = *plan.lp;
+  int64_t sum_off = 0, cov_off = 0, den_off = 0;
+  for (int64_t n = it.n0; n < it.n1; ++n) {
+    const Tensor3& t = lp.t[n];
+    const int64_t T = kTaps > 0 ? kTaps : t.T, row_elems = t.Cin * T;
+    int64_t r0, r1;
+    item_rows(it, n, t, r0, r1);
+    const SegT& s = lp.at(k, n);
+    const ClientView<ct>& v = plan.view(k, n);
+    acc* const sbase = kFold ? tg.sums_out[n] + r0 * row_elems : sum + sum_off;
+    acc* const dbase = kFold ? tg.cover_out[n] + r0 * t.Cin : (kOverlap ? den + den_off : nullptr);
+    uint64_t* const cbase = kFold ? nullptr : cov + cov_off;
+    sum_off += (r1 - r0) * row_elems;
+    cov_off += (r1 - r0) * t.words;
+    den_off += (r1 - r0) * t.Cin;
+    if (s.nrows == 0 || s.nruns == 0) continue;
+    const int32_t* rr = lp.rr[k].data() + s.row0;
+    const int32_t* ri = lp.ri[k].data() + s.row0;
+    int64_t a = 0, z = s.nrows;
+    if (r0 > 0 || r1 < t.R) {
+      a = std::lower_bound(rr, rr + s.nrows, static_cast<int32_t>(r0)) - rr;
+      z = std::lower_bound(rr + a, rr + s.nrows, static_cast<int32_t>(r1)) - rr;
+    }
+    const Run* runs = lp.runs[k].data() + s.run0;
+    const int64_t nruns = s.nruns;
+    const uint64_t* colbits = lp.bits[k].data() + s.bits0;
+    const wt* W = tg.W[n];
+    const int64_t row_bytes = v.cols * v.stride1 * static_cast<int64_t>(sizeof(ct));
+    for (int64_t x = a; x < z; ++x) {
+      const int64_t r = rr[x];
+      const ct* crow = v.data + static_cast<int64_t>(ri[x]) * v.stride0;
+      const wt* wrow = W + r * row_elems;
+      acc* const sp = sbase + (r - r0) * row_elems;
+      for (int64_t u = 0; u < nruns; ++u) {
+        const int64_t c = runs[u].c, L = runs[u].L;
+        const ct* src = crow + static_cast<int64_t>(runs[u].j) * v.stride1;
+        if constexpr (kExact) {
+          delta_pass<acc, ct, wt, 0, false, true, true>(nullptr, src, wrow + c * T, acc(0), L * T, q, bad);
+        } else if (add) {
+          if constexpr (kOverlap) {
+            if (L == 1) add_scaled<acc, ct, kTaps>(sp + c * T, src, pk, T);
+            else add_scaled<acc, ct, 0>(sp + c * T, src, pk, L * T);
+            if constexpr (kStats) {
+              if (L == 1) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + c * T, pk, T, q, bad);
+              else delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + c * T, pk, L * T, q, bad);
+            }
+          } else {
+            if (L == 1) delta_pass<acc, ct, wt, kTaps, true, kStats>(sp + c * T, src, wrow + c * T, pk, T, q, bad);
+            else delta_pass<acc, ct, wt, 0, true, kStats>(sp + c * T, src, wrow + c * T, pk, L * T, q, bad);
+          }
+        } else if constexpr (kStats) {
+          if (L == 1) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + c * T, pk, T, q, bad);
+          else delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + c * T, pk, L * T, q, bad);
+        }
+      }
+      if (add) {
+        if constexpr (kFold || kOverlap) {
+          acc* const dn = dbase + (r - r0) * t.Cin;
+          for (int64_t u = 0; u < nruns; ++u)
+            for (int64_t l = 0; l < runs[u].L; ++l) dn[runs[u].c + l] += pk;
+        }
+        if constexpr (!kFold) {
+          uint64_t* const cw = cbase + (r - r0) * t.words;
+          for (int64_t w = 0; w < t.words; ++w) cw[w] |= colbits[w];
+        }
+      }
+      if (pace) pace->advance(row_bytes);
+    }
+  }
+}
+
+// o = w + s (reconstruct) or s / den (overlap) where covered, w elsewhere, for one row.
+template <typename wt, bool kOverlap>
+inline void write_row(wt* o, const wt* w, const acc_t<wt>* s, const acc_t<wt>* den, const uint64_t* cov, int64_t Cin,
+                      int64_t T) {
+  using acc = acc_t<wt>;
+  for (int64_t c = 0; c < Cin;) {
+    const bool on = (cov[c >> 6] >> (c & 63)) & 1;
+    int64_t e = c + 1;
+    while (e < Cin) {  // the end of the run of equal bits, a word at a time
+      const uint64_t word = cov[e >> 6] >> (e & 63);
+      const uint64_t diff = on ? ~word : word;
+      const int64_t left = 64 - (e & 63);
+      if (diff == 0 || (left < 64 && (diff & ((uint64_t(1) << left) - 1)) == 0)) {
+        e += left;
+        continue;
+      }
+      e += __builtin_ctzll(diff);
+      break;
+    }
+    e = std::min(e, Cin);
+    const int64_t n = (e - c) * T;
+    if (!on) {
+      std::memcpy(o + c * T, w + c * T, sizeof(wt) * n);
+    } else if constexpr (kOverlap) {
+      for (int64_t cc = c; cc < e; ++cc)
+        for (int64_t t = 0; t < T; ++t) o[cc * T + t] = static_cast<wt>(s[cc * T + t] / den[cc]);
+    } else {
+      engine::finish_sum(o + c * T, w + c * T, s + c * T, n);
+    }
+    c = e;
+  }
+}
+
+template <typename acc>
+struct Scratch {
+  std::vector<acc> sum, den;
+  std::vector<uint64_t> cov;
+};
+
+// One item: every client in order (statistics per client), then the write-out.
+template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats, bool kFold>
+void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const std::vector<acc_t<wt>>& p,
+              Scratch<acc_t<wt>>& scratch, double* ssq, uint8_t* bad) {
+  using acc = acc_t<wt>;
+  const int64_t K = plan.K;
+  acc* sum = nullptr;
+  acc* den = nullptr;
+  uint64_t* cov = nullptr;
+  if constexpr (kFold) {
+    for (int64_t n = it.n0; n < it.n1; ++n) {
+      const Tensor3& t = plan.t()[n];
+      int64_t r0, r1;
+      item_rows(it, n, t, r0, r1);
+      const int64_t re = t.Cin * t.T;
+      if (tg.sums_in[n] != tg.sums_out[n])
+        std::memcpy(tg.sums_out[n] + r0 * re, tg.sums_in[n] + r0 * re, sizeof(acc) * (r1 - r0) * re);
+      if (tg.cover_in[n] != tg.cover_out[n])
+        std::memcpy(tg.cover_out[n] + r0 * t.Cin, tg.cover_in[n] + r0 * t.Cin, sizeof(acc) * (r1 - r0) * t.Cin);
+    }
+  } else {
+    if (static_cast<int64_t>(scratch.sum.size()) < it.sum_elems) scratch.sum.resize(it.sum_elems);
+    if (static_cast<int64_t>(scratch.cov.size()) < it.cov_words) scratch.cov.resize(it.cov_words);
+    std::fill(scratch.sum.begin(), scratch.sum.begin() + it.sum_elems, acc(0));
+    std::fill(scratch.cov.begin(), scratch.cov.begin() + it.cov_words, uint64_t(0));
+    sum = scratch.sum.data();
+    cov = scratch.cov.data();
+    if constexpr (kOverlap) {  // one weight per (row, column)
+      int64_t pairs = 0;
+      for (int64_t n = it.n0; n < it.n1; ++n) {
+        int64_t r0, r1;
+        item_rows(it, n, plan.t()[n], r0, r1);
+        pairs += (r1 - r0) * plan.t()[n].Cin;
+      }
+      if (static_cast<int64_t>(scratch.den.size()) < pairs) scratch.den.resize(pairs);
+      std::fill(scratch.den.begin(), scratch.den.begin() + pairs, acc(0));
+      den = scratch.den.data();
+    }
+  }
+  Pacer pacer;
+  for (int64_t k = 0; k < K; ++k) {
+    const acc pk = p[k];
+    if (!kStats && pk == acc(0)) continue;
+    Pacer* pace = nullptr;
+    // Short parts (small items) get the next client's part prefetched; long ones are left to
+    // the hardware prefetcher (measured: the prefetch loop cost more than it saved there).
+    if (k + 1 < K && it.sum_elems <= kPacedElems) {
+      const char* b;
+      const char* e;
+      item_span(plan, it, k + 1, b, e);
+      if (b) {
+        pacer.start(b, e);
+        pace = &pacer;
+      }
+    }
+    SsqAcc q;
+    bool b = false;
+    client_item<wt, ct, kOverlap, kTaps, kStats, kFold, false>(plan, tg, it, k, pk, sum, den, cov, q, b, pace);
+    if constexpr (kStats) {
+      if constexpr (engine::kAllFloat<acc, ct, wt>)
+        if (!std::isfinite(q.total())) {
+          q = SsqAcc();
+          client_item<wt, ct, kOverlap, 0, true, kFold, true>(plan, tg, it, k, pk, sum, den, cov, q, b, nullptr);
+        }
+      ssq[k] = q.total();
+      bad[k] = b ? 1 : 0;
+    }
+  }
+  if constexpr (kFold) return;
+  int64_t sum_off = 0, cov_off = 0, den_off = 0;
+  for (int64_t n = it.n0; n < it.n1; ++n) {
+    const Tensor3& t = plan.t()[n];
+    int64_t r0, r1;
+    item_rows(it, n, t, r0, r1);
+    const int64_t re = t.Cin * t.T;
+    for (int64_t r = r0; r < r1; ++r)
+      write_row<wt, kOverlap>(tg.out[n] + r * re, tg.W[n] + r * re, sum + sum_off + (r - r0) * re,
+                              kOverlap ? den + den_off + (r - r0) * t.Cin : nullptr,
+                              cov + cov_off + (r - r0) * t.words, t.Cin, t.T);
+    sum_off += (r1 - r0) * re;
+    cov_off += (r1 - r0) * t.words;
+    den_off += (r1 - r0) * t.Cin;
+  }
+}
+
+template <typename wt, typename ct, bool kOverlap, bool kFold>
+inline void dispatch_taps(int64_t T, const Plan<ct>& plan, const Targets<wt>& tg, const Item& it,
+                          const std::vector<acc_t<wt>>& p, Scratch<acc_t<wt>>& scratch, double* q, uint8_t* b) {
+  if constexpr (std::is_same_v<wt, ct>) {  // the common case gets unrolled tap loops
+    if (T == 9) return run_item<wt, ct, kOverlap, 9, true, kFold>(plan, tg, it, p, scratch, q, b);
+    if (T == 1) return run_item<wt, ct, kOverlap, 1, true, kFold>(plan, tg, it, p, scratch, q, b);
+  }
+  run_item<wt, ct, kOverlap, 0, true, kFold>(plan, tg, it, p, scratch, q, b);
+}
+
+// Items [i0, i1); item it writes its statistics at row `it` of ssq / bad ((items, K)).
+template <typename wt, typename ct>
+void run_items(const Plan<ct>& plan, const Targets<wt>& tg, const std::vector<Item>& items,
+               const std::vector<acc_t<wt>>& p, bool overlap, bool fold, double* ssq, uint8_t* bad, int64_t i0,
+               int64_t i1) {
+  Scratch<acc_t<wt>> scratch;
+  const int64_t K = plan.K;
+  for (int64_t i = i0; i < i1; ++i) {
+    const Item& it = items[i];
+    double* q = ssq + i * K;
+    uint8_t* b = bad + i * K;
+    // One tap count for the whole item lets the common shapes unroll.
+    int64_t T = plan.t()[it.n0].T;
+    for (int64_t n = it.n0 + 1; n < it.n1; ++n)
+      if (plan.t()[n].T != T) T = 0;
+if (fold) {
+      if (overlap) dispatch_taps<wt, ct, true, true>(T, plan, tg, it, p, scratch, q, b);
+      else dispatch_taps<wt, ct, false, true>(T, plan, tg, it, p, scratch, q, b);
+    } else {
+      if (overlap) dispatch_taps<wt, ct, true, false>(T, plan, tg, it, p, scratch, q, b);
+      else dispatch_taps<wt, ct, false, false>(T, plan, tg, it, p, scratch, q, b);
+    }
+  }
+}
+
+// The plan of checked tables (check_layout): per-client lists built in parallel over clients.
+inline LayoutPlan build_plan(const LayoutTables& lt) {
+  LayoutPlan plan;
+  const int64_t N = lt.N, K = lt.K;
+  plan.N = N, plan.K = K;
+  plan.meta.assign(lt.meta, lt.meta + 5 * N);
+  plan.counts.assign(lt.counts, lt.counts + 2 * K * N);
+  plan.offsets.assign(lt.offsets, lt.offsets + K * N);
+  plan.t.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t* m = lt.meta + 5 * n;
+    plan.t[n] = {m[0], m[1], m[2], (m[1] + 63) / 64};
+  }
+  plan.seg.resize(K * N);
+  plan.rr.resize(K), plan.ri.resize(K), plan.runs.resize(K), plan.bits.resize(K);
+  torch::stable::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) plan_client(plan, lt, k);
+  });
+  plan.items = plan_items(plan.t);
+  return plan;
+}
+
+}  // namespace packed
+}  // namespace cahfp

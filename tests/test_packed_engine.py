@@ -1,0 +1,139 @@
+"""The per-round C++ engine behind aggregate_packed / fold_packed (csrc/cpu/packed_engine.h) on
+ragged layouts: tensors tiled and tensors grouped, one-element tensors, clients holding nothing
+of a tile or of a tensor, K = 1 and K = 1,000. Against the previous engine (the single-tensor
+kernel, same per-element order: bit for bit) and the reference; the layout's cached plan
+against a plan made for the call; plans that do not fit are refused."""
+
+import pytest
+import torch
+
+import cahfp_ops
+from cahfp_ops import _operators
+from cahfp_ops.layout import RoundLayout, aggregate_packed, fold_packed, packed_views
+
+pytestmark = pytest.mark.skipif(not cahfp_ops.cpp.load_cpp(), reason="the C++ kernels are not available")
+
+# (name, shape): a wide tensor tiled in several row blocks (> 16 K elements), small ones grouped,
+# one-element tensors, a 1-D bias, a linear layer (T = 1) and 3x3 and 1x1 convolutions.
+SHAPES = [
+    ("conv", (40, 24, 3, 3)),
+    ("bias", (40,)),
+    ("one", (1,)),
+    ("wide", (300, 200)),
+    ("pw", (7, 40, 1, 1)),
+    ("single", (1, 1, 3, 3)),
+    ("lin", (13, 300)),
+]
+
+
+def _keep(gen, size, frac):
+    """A random sorted keep set of about ``frac`` of ``size`` channels (possibly empty)."""
+    n = int(round(frac * size))
+    return torch.randperm(size, generator=gen)[:n].sort().values.tolist()
+
+
+def _case(K, seed, empty_every=0):
+    """Weights, rows/cols keep sets (client k keeps nothing when empty_every divides k + 1),
+    clients' packed buffers of random values, and weights."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {n: torch.randn(s, generator=gen) for n, s in SHAPES}
+    rows, cols = {n: [] for n, _ in SHAPES}, {n: [] for n, s in SHAPES if len(s) > 1}
+    for k in range(K):
+        frac = 0.0 if empty_every and (k + 1) % empty_every == 0 else float(torch.rand(1, generator=gen)) * 0.9 + 0.05
+        for n, s in SHAPES:
+            rows[n].append(_keep(gen, s[0], frac))
+            if len(s) > 1:
+                cols[n].append(_keep(gen, s[1], frac))
+    layout = RoundLayout.from_keep_sets(weights, rows, cols, num_clients=K)
+    layout.names = tuple(weights)
+    bufs = [torch.randn(int(layout.numels[k]), generator=gen) for k in range(K)]
+    coef = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    return weights, rows, cols, layout, bufs, coef
+
+
+def _per_tensor(weights, rows, cols, layout, bufs, coef, mode="reconstruct"):
+    """The previous engine: one single-tensor kernel call per tensor (same per-element order)."""
+    out = {}
+    for i, (n, w) in enumerate(weights.items()):
+        shapes = [layout.compact_shapes(k)[i] for k in range(len(bufs))]
+        offs = [int(layout.offsets_host[k, i]) for k in range(len(bufs))]
+        clients = [b[o : o + torch.Size(s).numel()].view(s) for b, o, s in zip(bufs, offs, shapes)]
+        out[n] = cahfp_ops.reconstruct_aggregate(w, clients, rows[n], cols.get(n), coef, mode=mode)
+    return out
+
+
+@pytest.mark.parametrize("K,seed,empty_every", [(1, 0, 0), (5, 1, 2), (9, 2, 3), (1000, 3, 7)])
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+def test_engine_equals_previous_engine_bit_for_bit(K, seed, empty_every, mode):
+    if K == 1000 and mode == "overlap":
+        pytest.skip("one K = 1,000 case is enough")
+    weights, rows, cols, layout, bufs, coef = _case(K, seed, empty_every)
+    out, stats = aggregate_packed(layout, list(weights.values()), bufs, coef, mode)
+    expect = _per_tensor(weights, rows, cols, layout, bufs, coef, mode)
+    got = packed_views(out, [tuple(w.shape) for w in weights.values()])
+    for (n, e), g in zip(expect.items(), got):
+        assert torch.equal(g, e), n
+    with cahfp_ops.use_backend("torch"):
+        ref_out, ref_stats = aggregate_packed(layout, list(weights.values()), bufs, coef, mode)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats[:, 0], ref_stats[:, 0])
+    torch.testing.assert_close(stats[:, 1], ref_stats[:, 1], rtol=1e-5, atol=1e-9)  # float32 lanes
+
+
+def test_cached_plan_equals_a_call_plan_and_zero_coefficient_is_absence():
+    weights, rows, cols, layout, bufs, coef = _case(12, 4, 5)
+    ws = list(weights.values())
+    total = sum(w.numel() for w in ws)
+    t = layout._device_tables(torch.device("cpu"))
+    plan = layout._plan(torch.device("cpu"))
+    assert plan >= 0 and layout._plan(torch.device("cpu")) == plan  # made once, kept
+    results = []
+    for p in (plan, -1):
+        out, stats = torch.empty(total), torch.empty(12, 2, dtype=torch.float64)
+        _operators.aggregate_packed_op(ws, bufs, [0] * 12, *t, coef / coef.sum(), "reconstruct", out, stats, p)
+        results.append((out, stats))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    # a client with coefficient 0 is the client left out, bit for bit
+    zero = coef.clone()
+    zero[3] = 0
+    out0, _ = aggregate_packed(layout, ws, bufs, zero)
+    keep = [k for k in range(12) if k != 3]
+    out1, _ = aggregate_packed(layout.subset(keep), ws, [bufs[k] for k in keep], coef[keep])
+    assert torch.equal(out0, out1)
+
+
+def test_fold_in_windows_equals_one_fold_and_the_batch_statistics():
+    weights, rows, cols, layout, bufs, coef = _case(10, 5, 4)
+    ws = list(weights.values())
+    sums = torch.zeros(sum(w.numel() for w in ws))
+    cover = torch.zeros(layout._st.partial_sizes[1])
+    s1, c1, st1 = fold_packed(layout, ws, bufs, coef, "reconstruct", sums, cover)
+    s2, c2 = sums.clone(), cover.clone()
+    stats = []
+    for idx in ([0, 1, 2], [3], [4, 5, 6, 7, 8, 9]):
+        s2, c2, st = fold_packed(layout.subset(idx), ws, [bufs[k] for k in idx], coef[idx], "reconstruct", s2, c2)
+        stats.append(st)
+    assert torch.equal(s1, s2) and torch.equal(c1, c2)
+    assert torch.equal(st1[:, 0], torch.cat(stats)[:, 0])
+    _, batch_stats = aggregate_packed(layout, ws, bufs, coef)
+    assert torch.equal(st1, batch_stats)
+
+
+def test_plans_that_do_not_fit_are_refused():
+    weights, rows, cols, layout, bufs, coef = _case(4, 6)
+    ws = list(weights.values())
+    t = layout._device_tables(torch.device("cpu"))
+    out, stats = torch.empty(sum(w.numel() for w in ws)), torch.empty(4, 2, dtype=torch.float64)
+    other = _case(3, 7)[3]
+    wrong = other._plan(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="client"):
+        _operators.aggregate_packed_op(ws, bufs, [0] * 4, *t, coef / coef.sum(), "reconstruct", out, stats, wrong)
+    with pytest.raises(RuntimeError, match="no layout plan"):
+        _operators.aggregate_packed_op(ws, bufs, [0] * 4, *t, coef / coef.sum(), "reconstruct", out, stats, 10**9)
+    short = [b[:-1] if k == 2 else b for k, b in enumerate(bufs)]  # a buffer too short for the plan
+    plan = layout._plan(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="too few"):
+        _operators.aggregate_packed_op(ws, short, [0] * 4, *t, coef / coef.sum(), "reconstruct", out, stats, plan)
+    cahfp_ops.cpp.release_layout_plan(plan)
+    with pytest.raises(RuntimeError, match="no layout plan"):
+        _operators.aggregate_packed_op(ws, bufs, [0] * 4, *t, coef / coef.sum(), "reconstruct", out, stats, plan)
