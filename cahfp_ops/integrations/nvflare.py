@@ -416,27 +416,22 @@ def make_job(
     train_script: str,
     *,
     train_args: str = "",
-    model: str = "cahfp_ops.fl.zoo.small_cnn",
-    model_args: dict | None = None,
-    input_shape: list | None = None,
-    server_args: dict | None = None,
-    ratio: float | dict = 0.5,
-    num_rounds: int = 5,
-    num_clients: int | None = None,
     min_clients: int = 1,
     files: list[str] | None = None,
     **controller,
 ):
-    """An NVFlare ``FedJob`` running CA-HFP: :class:`CAHFPController` on the server (the
-    arguments above and ``**controller`` are its own), ``train_script`` (with ``train_args``)
-    on every client through NVFlare's Client API, tensors exchanged in PyTorch format.
+    """An NVFlare ``FedJob`` running CA-HFP: a :class:`CAHFPController` on the server, built
+    from ``**controller`` (its arguments: ``model``, ``model_args``, ``input_shape``,
+    ``server_args``, ``ratio``, ``num_rounds``, ...), and ``train_script`` (with
+    ``train_args``) on every client through NVFlare's Client API, tensors exchanged in
+    PyTorch format. ``min_clients``: the job waits for that many sites.
 
     ``train_script``: as NVFlare's ``ScriptRunner`` takes it. A file name in the current
     folder makes a job that runs anywhere: the job ships the script and refers to it inside its
     ``custom`` folder; an absolute path is referred to as such (the job then needs the script
     at that path on every site). ``files``: more scripts or folders to ship with the job to the
-    server and the clients (a module the training script or the evaluator imports). ``cahfp_ops`` is an installed
-    package on every site, never copied into the job. Run it with
+    server and the clients (a module the training script or the evaluator imports). ``cahfp_ops``
+    is an installed package on every site, never copied into the job. Run it with
     ``job.simulator_run(workspace, n_clients=4)`` or write it with ``job.export_job(folder)``
     for ``nvflare simulator`` / a deployment.
     """
@@ -447,19 +442,7 @@ def make_job(
 
     job = FedJob(name=name, min_clients=min_clients)
     job.set_app_packages(["cahfp_ops"])
-    job.to_server(
-        CAHFPController(
-            model=model,
-            model_args=model_args,
-            input_shape=input_shape,
-            server_args=server_args,
-            ratio=ratio,
-            num_rounds=num_rounds,
-            num_clients=num_clients,
-            **controller,
-        ),  # fmt: skip
-        id="cahfp_controller",
-    )
+    job.to_server(CAHFPController(**controller), id="cahfp_controller")
     for path in files or []:
         job.to_server(path)
         job.to_clients(path)

@@ -100,6 +100,26 @@ void size_tiles(std::vector<Job<wt, ct>>& jobs) {
     for (auto& job : jobs) job.tile = std::max<int64_t>(1, job.tile * n_items / want);
 }
 
+// The (K, 2) statistics (non-finite flag, squared-delta sum) from per-(item, client) ones
+// ((items, K)), summed in item order.
+template <typename acc>
+void reduce_item_stats(const std::vector<double>& ssq, const std::vector<uint8_t>& bad, int64_t n_items, int64_t K,
+                       double* stats) {
+  for (int64_t k = 0; k < K; ++k) {
+    double q = 0.0;
+    bool b = false;
+    for (int64_t it = 0; it < n_items; ++it) {
+      q += ssq[it * K + k];
+      b |= bad[it * K + k] != 0;
+    }
+    // float32 deltas square without overflow in float64: a non-finite sum means a
+    // non-finite delta. float64 deltas were checked one by one.
+    if constexpr (std::is_same_v<acc, float>) b |= !std::isfinite(q);
+    stats[2 * k] = b ? 1.0 : 0.0;
+    stats[2 * k + 1] = q;
+  }
+}
+
 // Runs every tile; with `stats` ((K, 2) float64: non-finite flag, squared-delta sum)
 // the reply statistics are reduced in item order.
 template <typename wt, typename ct>
@@ -113,20 +133,7 @@ void run_jobs(std::vector<Job<wt, ct>>& jobs, const std::vector<acc_t<wt>>& p, b
   torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
     run(jobs, items, p, overlap, item_stats, K, i0, i1);
   });
-  if (!stats) return;
-  for (int64_t k = 0; k < K; ++k) {
-    double q = 0.0;
-    bool b = false;
-    for (int64_t it = 0; it < n_items; ++it) {
-      q += ssq[it * K + k];
-      b |= bad[it * K + k] != 0;
-    }
-    // float32 deltas square without overflow in float64: a non-finite sum means a
-    // non-finite delta. float64 deltas were checked one by one.
-    if constexpr (std::is_same_v<acc_t<wt>, float>) b |= !std::isfinite(q);
-    stats[2 * k] = b ? 1.0 : 0.0;
-    stats[2 * k + 1] = q;
-  }
+  if (stats) reduce_item_stats<acc_t<wt>>(ssq, bad, n_items, K, stats);
 }
 
 

@@ -200,19 +200,7 @@ void run_packed(const PackedCall& pc, std::vector<Tensor>& clients, const std::v
   torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
     run(plan, tg, items, p, pc.overlap, fold, ssq.data(), bad.data(), i0, i1);
   });
-  for (int64_t k = 0; k < K; ++k) {
-    double q = 0.0;
-    bool b = false;
-    for (int64_t it = 0; it < n_items; ++it) {
-      q += ssq[it * K + k];
-      b |= bad[it * K + k] != 0;
-    }
-    // float32 deltas square without overflow in float64: a non-finite sum means a
-    // non-finite delta. float64 deltas were checked one by one.
-    if constexpr (std::is_same_v<acc_t<wt>, float>) b |= !std::isfinite(q);
-    stats[2 * k] = b ? 1.0 : 0.0;
-    stats[2 * k + 1] = q;
-  }
+  reduce_item_stats<acc_t<wt>>(ssq, bad, n_items, K, stats);
 }
 
 }  // namespace
