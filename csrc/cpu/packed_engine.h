@@ -49,7 +49,8 @@ constexpr int64_t kMinTile = 16384;
 constexpr int64_t kPacedElems = 65536;
 
 struct Run {
-  int32_t c, j, L;  // full column, compact column, length
+  int64_t co, jo, n;  // element offsets of the run in the full and the compact row, its elements
+  int32_t c, L;       // full column, length in columns
 };
 
 // Client k's part of tensor n in the plan's per-client lists.
@@ -116,7 +117,7 @@ inline void plan_client(LayoutPlan& plan, const LayoutTables& lt, int64_t k) {
       for (int64_t j = 0; j < s.cc;) {
         int64_t L = 1;
         while (j + L < s.cc && ck[j + L] == ck[j] + L) ++L;
-        runs.push_back({ck[j], static_cast<int32_t>(j), static_cast<int32_t>(L)});
+        runs.push_back({ck[j] * t.T, j * t.T, L * t.T, ck[j], static_cast<int32_t>(L)});
         for (int64_t l = 0; l < L; ++l) b[(ck[j] + l) >> 6] |= uint64_t(1) << ((ck[j] + l) & 63);
         j += L;
       }
@@ -222,6 +223,25 @@ inline void item_span(const Plan<ct>& plan, const Item& it, int64_t k, const cha
   }
 }
 
+// One client's kept row, reconstruct mode: s += pk * (c - w) over every run, and the squared
+// deltas (kStats). The statistics live in locals for the row (registers, not memory).
+template <typename acc, typename ct, typename wt, int kTaps, bool kStats>
+inline void row_reconstruct(acc* __restrict__ sp, const ct* __restrict__ crow, const wt* __restrict__ wrow,
+                            const Run* __restrict__ runs, int64_t nruns, acc pk, SsqAcc& q, bool& bad) {
+  using engine::delta_pass;
+  SsqAcc lq = q;
+  bool lb = bad;
+  for (int64_t u = 0; u < nruns; ++u) {
+    const Run& run = runs[u];
+    if (kTaps > 0 && run.n == kTaps)
+      delta_pass<acc, ct, wt, kTaps, true, kStats>(sp + run.co, crow + run.jo, wrow + run.co, pk, kTaps, lq, lb);
+    else
+      delta_pass<acc, ct, wt, 0, true, kStats>(sp + run.co, crow + run.jo, wrow + run.co, pk, run.n, lq, lb);
+  }
+  q = lq;
+  bad = lb;
+}
+
 // One client's pass over one item: accumulate (kAdd) and take its statistics (kStats).
 // kExact: statistics in float64 only (after the float32 count overflowed).
 template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats, bool kFold, bool kExact>
@@ -264,26 +284,25 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
       const ct* crow = v.data + static_cast<int64_t>(ri[x]) * v.stride0;
       const wt* wrow = W + r * row_elems;
       acc* const sp = sbase + (r - r0) * row_elems;
-      for (int64_t u = 0; u < nruns; ++u) {
-        const int64_t c = runs[u].c, L = runs[u].L;
-        const ct* src = crow + static_cast<int64_t>(runs[u].j) * v.stride1;
-        if constexpr (kExact) {
-          delta_pass<acc, ct, wt, 0, false, true, true>(nullptr, src, wrow + c * T, acc(0), L * T, q, bad);
-        } else if (add) {
-          if constexpr (kOverlap) {
-            if (L == 1) add_scaled<acc, ct, kTaps>(sp + c * T, src, pk, T);
-            else add_scaled<acc, ct, 0>(sp + c * T, src, pk, L * T);
-            if constexpr (kStats) {
-              if (L == 1) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + c * T, pk, T, q, bad);
-              else delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + c * T, pk, L * T, q, bad);
-            }
+      if (!kOverlap && !kExact && add) {  // the hot loop, on its own
+        row_reconstruct<acc, ct, wt, kTaps, kStats>(sp, crow, wrow, runs, nruns, pk, q, bad);
+      } else {  // overlap, the statistics alone, or their exact recount
+        for (int64_t u = 0; u < nruns; ++u) {
+          const Run& run = runs[u];
+          const ct* src = crow + run.jo;
+          const bool one = kTaps > 0 && run.n == kTaps;
+          if constexpr (kExact) {
+            delta_pass<acc, ct, wt, 0, false, true, true>(nullptr, src, wrow + run.co, acc(0), run.n, q, bad);
           } else {
-            if (L == 1) delta_pass<acc, ct, wt, kTaps, true, kStats>(sp + c * T, src, wrow + c * T, pk, T, q, bad);
-            else delta_pass<acc, ct, wt, 0, true, kStats>(sp + c * T, src, wrow + c * T, pk, L * T, q, bad);
+            if (kOverlap && add) {
+              if (one) add_scaled<acc, ct, kTaps>(sp + run.co, src, pk, kTaps);
+              else add_scaled<acc, ct, 0>(sp + run.co, src, pk, run.n);
+            }
+            if constexpr (kStats) {
+              if (one) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + run.co, pk, kTaps, q, bad);
+              else delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + run.co, pk, run.n, q, bad);
+            }
           }
-        } else if constexpr (kStats) {
-          if (L == 1) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + c * T, pk, T, q, bad);
-          else delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + c * T, pk, L * T, q, bad);
         }
       }
       if (add) {
