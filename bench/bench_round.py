@@ -96,22 +96,14 @@ def _copy():
 
 
 def paired_fraction(fn, nbytes: int, repeat: int) -> tuple[float, float]:
-    """``fn`` timed right after the copy in each of ``repeat`` pairs: its best ms and the
-    median over pairs of its fraction of that pair's copy bandwidth (``nbytes`` / copy GB/s /
-    its time). The bandwidth of this machine swings 2x within a minute; a fraction taken
-    against a copy measured minutes apart moves with it, one paired with each call does not."""
+    """``fn`` timed right after the copy in each of ``repeat`` pairs: its best ms and its
+    fraction of the copy bandwidth from the median of its per-pair time ratios to the copy
+    (``nbytes`` / copy bytes / ratio). The bandwidth of this machine swings 2x within a minute;
+    a fraction taken against a copy measured minutes apart moves with it, one paired with each
+    call does not."""
     copy, copy_bytes = _copy()
-    fn(), copy()
-    best, fractions = float("inf"), []
-    for _ in range(repeat):
-        t0 = _now()
-        copy()
-        t1 = _now()
-        fn()
-        t2 = _now()
-        best = min(best, t2 - t1)
-        fractions.append(nbytes / (copy_bytes / (t1 - t0)) / (t2 - t1))
-    return best * 1e3, statistics.median(fractions)
+    best, ratio = paired_ms(fn, copy, repeat)
+    return best, nbytes / copy_bytes / ratio
 
 
 def row_paired(what: str, fn, nbytes: int, repeat: int, peer: float | None = None, case: str = "") -> str:
