@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import tempfile
+import threading
 from typing import Any
 
 import torch
@@ -50,23 +52,48 @@ def remove_strays(path: str | os.PathLike) -> list[str]:
 
 
 def save_atomic(payload: Any, path: str | os.PathLike) -> None:
-    """``torch.save(payload)`` to ``path`` atomically (the temporary file is removed on failure)."""
+    """``torch.save(payload)`` to ``path`` atomically (the temporary file is removed on failure,
+    an interrupt included: SIGINT is held back while the file is made, so there is no moment
+    when it exists and nothing would remove it)."""
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
     remove_strays(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=_SUFFIX)
+    fd, tmp = None, None
+    held = _hold_interrupts()
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=_SUFFIX)
+        held = _release(held)  # an interrupt that came meanwhile is raised here, with tmp known
         with os.fdopen(fd, "wb") as f:
+            fd = None  # the file object owns it now
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _release(held)
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         raise
+
+
+def _hold_interrupts() -> set | None:
+    """Block SIGINT on this thread (the main thread, where Python runs its handler); returns
+    the mask to restore, or None where nothing was blocked."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _release(held: set | None) -> None:
+    """Restore the mask :func:`_hold_interrupts` returned (a pending SIGINT is then handled)."""
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
