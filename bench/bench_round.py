@@ -72,27 +72,24 @@ def paired_ms(fn, ref, repeat: int) -> tuple[float, float]:
     return best * 1e3, statistics.median(ratios)
 
 
-def copy_bandwidth() -> float:
-    """GB/s (read + write) of ``dst.copy_(src)`` on the device, 256 MB (1 GB on CUDA: several
-    times the L2) between preallocated buffers."""
-    n = (1 << 30 if DEV.type == "cuda" else 256 << 20) >> (6 if TINY else 0)
-    src = torch.empty(n, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    ms = best_ms(lambda: dst.copy_(src), 5)
-    return 2 * src.numel() / ms / 1e6  # GB/s, read + write
-
-
 _COPY: list = []  # the copy the paired measurements time: (fn, bytes moved)
 
 
 def _copy():
-    """``dst.copy_(src)`` of :func:`copy_bandwidth`'s size, allocated once."""
+    """``dst.copy_(src)`` of 256 MB (1 GB on CUDA: several times the L2) between preallocated
+    buffers, allocated once; and the bytes it moves (read + write)."""
     if not _COPY:
         n = (1 << 30 if DEV.type == "cuda" else 256 << 20) >> (6 if TINY else 0)
         src = torch.empty(n, dtype=torch.uint8, device=DEV)
         dst = torch.empty_like(src)
         _COPY.append((lambda: dst.copy_(src), 2 * n))
     return _COPY[0]
+
+
+def copy_bandwidth() -> float:
+    """GB/s (read + write) of the copy of :func:`_copy` on the device, best of 5."""
+    copy, nbytes = _copy()
+    return nbytes / best_ms(copy, 5) / 1e6  # GB/s, read + write
 
 
 def paired_fraction(fn, nbytes: int, repeat: int) -> tuple[float, float]:

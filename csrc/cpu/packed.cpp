@@ -166,7 +166,7 @@ template <typename wt, typename ct>
 void run_packed(const PackedCall& pc, std::vector<Tensor>& clients, const std::vector<acc_t<wt>>& p,
                 const packed::Targets<wt>& tg, bool fold, double* stats, const packed::LayoutPlan& lp) {
   const int64_t N = lp.N, K = lp.K;
-  const LayoutTables lt{N, K, 0, 0, lp.meta.data(), nullptr, nullptr, lp.counts.data(), lp.offsets.data()};
+  const LayoutTables lt = plan_tables(lp);
   packed::Plan<ct> plan;
   plan.lp = &lp;
   plan.N = N, plan.K = K;

@@ -138,7 +138,6 @@ struct Plan {
   const ClientView<ct>& view(int64_t k, int64_t n) const { return views[k * N + n]; }
 };
 
-
 inline std::vector<Item> plan_items(const std::vector<Tensor3>& t) {
   const int64_t N = static_cast<int64_t>(t.size());
   int64_t total = 0;
@@ -224,8 +223,8 @@ inline void item_span(const Plan<ct>& plan, const Item& it, int64_t k, const cha
 }
 
 // One client's kept row, reconstruct mode: s += pk * (c - w) over every run, and the squared
-// deltas (kStats). The statistics live in locals for the row (registers, not memory).
-template <typename acc, typename ct, typename wt, int kTaps, bool kStats>
+// deltas. The statistics live in locals for the row (registers, not memory).
+template <typename acc, typename ct, typename wt, int kTaps>
 inline void row_reconstruct(acc* __restrict__ sp, const ct* __restrict__ crow, const wt* __restrict__ wrow,
                             const Run* __restrict__ runs, int64_t nruns, acc pk, SsqAcc& q, bool& bad) {
   using engine::delta_pass;
@@ -234,17 +233,17 @@ inline void row_reconstruct(acc* __restrict__ sp, const ct* __restrict__ crow, c
   for (int64_t u = 0; u < nruns; ++u) {
     const Run& run = runs[u];
     if (kTaps > 0 && run.n == kTaps)
-      delta_pass<acc, ct, wt, kTaps, true, kStats>(sp + run.co, crow + run.jo, wrow + run.co, pk, kTaps, lq, lb);
+      delta_pass<acc, ct, wt, kTaps, true, true>(sp + run.co, crow + run.jo, wrow + run.co, pk, kTaps, lq, lb);
     else
-      delta_pass<acc, ct, wt, 0, true, kStats>(sp + run.co, crow + run.jo, wrow + run.co, pk, run.n, lq, lb);
+      delta_pass<acc, ct, wt, 0, true, true>(sp + run.co, crow + run.jo, wrow + run.co, pk, run.n, lq, lb);
   }
   q = lq;
   bad = lb;
 }
 
-// One client's pass over one item: accumulate (kAdd) and take its statistics (kStats).
+// One client's pass over one item: accumulate (coefficient != 0) and take its statistics.
 // kExact: statistics in float64 only (after the float32 count overflowed).
-template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats, bool kFold, bool kExact>
+template <typename wt, typename ct, bool kOverlap, int kTaps, bool kFold, bool kExact>
 inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, int64_t k, acc_t<wt> pk,
                         acc_t<wt>* sum, acc_t<wt>* den, uint64_t* cov, SsqAcc& q, bool& bad, Pacer* pace) {
   using acc = acc_t<wt>;
@@ -285,7 +284,7 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
       const wt* wrow = W + r * row_elems;
       acc* const sp = sbase + (r - r0) * row_elems;
       if (!kOverlap && !kExact && add) {  // the hot loop, on its own
-        row_reconstruct<acc, ct, wt, kTaps, kStats>(sp, crow, wrow, runs, nruns, pk, q, bad);
+        row_reconstruct<acc, ct, wt, kTaps>(sp, crow, wrow, runs, nruns, pk, q, bad);
       } else {  // overlap, the statistics alone, or their exact recount
         for (int64_t u = 0; u < nruns; ++u) {
           const Run& run = runs[u];
@@ -298,10 +297,8 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
               if (one) add_scaled<acc, ct, kTaps>(sp + run.co, src, pk, kTaps);
               else add_scaled<acc, ct, 0>(sp + run.co, src, pk, run.n);
             }
-            if constexpr (kStats) {
-              if (one) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + run.co, pk, kTaps, q, bad);
-              else delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + run.co, pk, run.n, q, bad);
-            }
+            if (one) delta_pass<acc, ct, wt, kTaps, false, true>(nullptr, src, wrow + run.co, pk, kTaps, q, bad);
+            else delta_pass<acc, ct, wt, 0, false, true>(nullptr, src, wrow + run.co, pk, run.n, q, bad);
           }
         }
       }
@@ -361,7 +358,7 @@ struct Scratch {
 };
 
 // One item: every client in order (statistics per client), then the write-out.
-template <typename wt, typename ct, bool kOverlap, int kTaps, bool kStats, bool kFold>
+template <typename wt, typename ct, bool kOverlap, int kTaps, bool kFold>
 void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const std::vector<acc_t<wt>>& p,
               Scratch<acc_t<wt>>& scratch, double* ssq, uint8_t* bad) {
   using acc = acc_t<wt>;
@@ -401,8 +398,7 @@ void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const
   }
   Pacer pacer;
   for (int64_t k = 0; k < K; ++k) {
-    const acc pk = p[k];
-    if (!kStats && pk == acc(0)) continue;
+    const acc pk = p[k];  // 0: read for the statistics only
     Pacer* pace = nullptr;
     // Short parts (small items) get the next client's part prefetched; long ones are left to
     // the hardware prefetcher (measured: the prefetch loop cost more than it saved there).
@@ -417,16 +413,14 @@ void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const
     }
     SsqAcc q;
     bool b = false;
-    client_item<wt, ct, kOverlap, kTaps, kStats, kFold, false>(plan, tg, it, k, pk, sum, den, cov, q, b, pace);
-    if constexpr (kStats) {
-      if constexpr (engine::kAllFloat<acc, ct, wt>)
-        if (!std::isfinite(q.total())) {
-          q = SsqAcc();
-          client_item<wt, ct, kOverlap, 0, true, kFold, true>(plan, tg, it, k, pk, sum, den, cov, q, b, nullptr);
-        }
-      ssq[k] = q.total();
-      bad[k] = b ? 1 : 0;
-    }
+    client_item<wt, ct, kOverlap, kTaps, kFold, false>(plan, tg, it, k, pk, sum, den, cov, q, b, pace);
+    if constexpr (engine::kAllFloat<acc, ct, wt>)
+      if (!std::isfinite(q.total())) {
+        q = SsqAcc();
+        client_item<wt, ct, kOverlap, 0, kFold, true>(plan, tg, it, k, pk, sum, den, cov, q, b, nullptr);
+      }
+    ssq[k] = q.total();
+    bad[k] = b ? 1 : 0;
   }
   if constexpr (kFold) return;
   int64_t sum_off = 0, cov_off = 0, den_off = 0;
@@ -449,10 +443,10 @@ template <typename wt, typename ct, bool kOverlap, bool kFold>
 inline void dispatch_taps(int64_t T, const Plan<ct>& plan, const Targets<wt>& tg, const Item& it,
                           const std::vector<acc_t<wt>>& p, Scratch<acc_t<wt>>& scratch, double* q, uint8_t* b) {
   if constexpr (std::is_same_v<wt, ct>) {  // the common case gets unrolled tap loops
-    if (T == 9) return run_item<wt, ct, kOverlap, 9, true, kFold>(plan, tg, it, p, scratch, q, b);
-    if (T == 1) return run_item<wt, ct, kOverlap, 1, true, kFold>(plan, tg, it, p, scratch, q, b);
+    if (T == 9) return run_item<wt, ct, kOverlap, 9, kFold>(plan, tg, it, p, scratch, q, b);
+    if (T == 1) return run_item<wt, ct, kOverlap, 1, kFold>(plan, tg, it, p, scratch, q, b);
   }
-  run_item<wt, ct, kOverlap, 0, true, kFold>(plan, tg, it, p, scratch, q, b);
+  run_item<wt, ct, kOverlap, 0, kFold>(plan, tg, it, p, scratch, q, b);
 }
 
 // Items [i0, i1); item it writes its statistics at row `it` of ssq / bad ((items, K)).
@@ -470,7 +464,7 @@ void run_items(const Plan<ct>& plan, const Targets<wt>& tg, const std::vector<It
     int64_t T = plan.t()[it.n0].T;
     for (int64_t n = it.n0 + 1; n < it.n1; ++n)
       if (plan.t()[n].T != T) T = 0;
-if (fold) {
+    if (fold) {
       if (overlap) dispatch_taps<wt, ct, true, true>(T, plan, tg, it, p, scratch, q, b);
       else dispatch_taps<wt, ct, false, true>(T, plan, tg, it, p, scratch, q, b);
     } else {
