@@ -62,7 +62,8 @@ def save_atomic(payload: Any, path: str | os.PathLike) -> None:
     held = _hold_interrupts()
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=_SUFFIX)
-        held = _release(held)  # an interrupt that came meanwhile is raised here, with tmp known
+        _release(held)  # an interrupt that came meanwhile is raised here, with tmp known
+        held = None
         with os.fdopen(fd, "wb") as f:
             fd = None  # the file object owns it now
             torch.save(payload, f)
@@ -93,7 +94,6 @@ def _release(held: set | None) -> None:
     """Restore the mask :func:`_hold_interrupts` returned (a pending SIGINT is then handled)."""
     if held is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    return None
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
