@@ -23,6 +23,7 @@ file); the other operators are not differentiable.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -182,6 +183,18 @@ def layout_plan(tables: LayoutTables, device: torch.device, owner: object) -> in
     plan = make(tables)
     weakref.finalize(owner, backend.release_layout_plan, plan).atexit = False
     return plan
+
+
+def layout_plan_subset(plan: int, clients: Sequence[int], device: torch.device, owner: object) -> int:
+    """The plan of some clients of a layout planned under ``plan`` (:func:`layout_plan`),
+    released when ``owner`` (the clients' layout) is collected; -1 where the backend has none."""
+    backend = backend_for(device)
+    make = getattr(backend, "plan_subset", None)
+    if make is None or plan < 0:
+        return -1
+    sub = make(plan, clients)
+    weakref.finalize(owner, backend.release_layout_plan, sub).atexit = False
+    return sub
 
 
 @torch.library.custom_op("cahfp::aggregate_packed", mutates_args=("out", "stats"))

@@ -34,6 +34,7 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -438,6 +439,13 @@ def plan_layout(tables: LayoutTables) -> int:
     until :func:`release_layout_plan`: ``aggregate_packed`` / ``fold_packed`` calls given it
     neither check nor re-plan the tables."""
     return int(_kernels().plan_layout(*tables))
+
+
+def plan_subset(plan: int, clients: Sequence[int]) -> int:
+    """The plan of some clients of the plan kept under ``plan`` (client j is its client
+    ``clients[j]``), kept under the id returned: their lists copied, no table re-read."""
+    idx = torch.tensor(list(clients), dtype=torch.int64)
+    return int(torch.ops._cahfp_cpp.plan_subset(_device_tensor(), plan, idx))
 
 
 def release_layout_plan(plan: int) -> None:

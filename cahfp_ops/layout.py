@@ -561,6 +561,7 @@ class RoundLayout:
         view.numels = self.numels[k : k + 1]
         view._tables = self._rows_of_tables(lambda t: t[k : k + 1])
         view._plans = {}
+        view._parent = (self, (k,))
         view._shapes = {0: self.compact_shapes(k)}
         return view
 
@@ -569,7 +570,12 @@ class RoundLayout:
         with the layout; -1 where the backend plans nothing ahead, not cached)."""
         hit = self._plans.get(str(device), -1)
         if hit < 0:
-            hit = _operators.layout_plan(self._device_tables(device), device, self)
+            parent, idx = getattr(self, "_parent", (None, None))
+            planned = -1 if parent is None else parent._plans.get(str(device), -1)
+            if planned >= 0:  # some clients of a planned layout (a window): their part of its plan
+                hit = _operators.layout_plan_subset(planned, idx, device, self)
+            else:
+                hit = _operators.layout_plan(self._device_tables(device), device, self)
             if hit >= 0:
                 self._plans[str(device)] = hit
         return hit
@@ -602,6 +608,7 @@ class RoundLayout:
         view.numels = _frozen(self.numels[idx])
         view._tables = self._rows_of_tables(lambda t: t.index_select(0, sel.to(t.device)))
         view._plans = {}
+        view._parent = (self, tuple(int(k) for k in idx))
         view._shapes = {j: self._shapes[k] for j, k in enumerate(idx) if k in self._shapes}
         return view
 

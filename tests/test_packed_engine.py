@@ -119,6 +119,32 @@ def test_fold_in_windows_equals_one_fold_and_the_batch_statistics():
     assert torch.equal(st1, batch_stats)
 
 
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+def test_window_plans_cut_from_the_round_plan_equal_plans_of_their_own_tables(mode):
+    weights, rows, cols, layout, bufs, coef = _case(9, 8, 4)
+    ws = list(weights.values())
+    fresh = RoundLayout.from_keep_sets(weights, rows, cols, num_clients=9)  # same round, never planned
+    fresh.names = layout.names
+    assert layout._plan(torch.device("cpu")) >= 0
+    results = []
+    for lay in (layout, fresh):
+        s = torch.randn(sum(w.numel() for w in ws), generator=torch.Generator().manual_seed(1))
+        c = torch.rand(layout._st.partial_sizes[1], generator=torch.Generator().manual_seed(2))
+        stats = []
+        for idx in ([4, 0, 7], [8], [1, 2, 3, 5, 6]):  # out of order: client j of a window is any client
+            window = lay.subset(idx)
+            assert (window._parent[0]._plans != {}) == (lay is layout)
+            s, c, st = fold_packed(window, ws, [bufs[k] for k in idx], coef[idx], mode, s, c)
+            stats.append(st)
+        one = lay.client(5)  # one client, as streaming ``add`` folds it
+        out, st = aggregate_packed(one, ws, [bufs[5]], coef[5:6], mode)
+        results.append((s, c, torch.cat(stats), out, st))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="not a client"):
+        cahfp_ops.cpp.plan_subset(layout._plan(torch.device("cpu")), [0, 9])
+
+
 def test_plans_that_do_not_fit_are_refused():
     weights, rows, cols, layout, bufs, coef = _case(4, 6)
     ws = list(weights.values())

@@ -70,6 +70,7 @@ STABLE_TORCH_LIBRARY(_cahfp_cpp, m) {
       "Tensor counts, Tensor offsets, Tensor coef, str mode, Tensor sums_in, Tensor cover_in, Tensor(a!) sums_out, "
       "Tensor(b!) cover_out, Tensor(c!) stats, int plan) -> ()");
   m.def("plan_layout(Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets) -> int");
+  m.def("plan_subset(Tensor device, int plan, Tensor clients) -> int");
   m.def("release_layout_plan(Tensor device, int plan) -> ()");
   m.def(
       "finish_partials(Tensor[] weights, Tensor sums, Tensor cover, float weight_sum, str mode, Tensor(a!) out) "
@@ -92,6 +93,7 @@ STABLE_TORCH_LIBRARY_IMPL(_cahfp_cpp, CPU, m) {
   m.impl("fold_packed", TORCH_BOX(&fold_packed_cpu));
   m.impl("finish_partials", TORCH_BOX(&finish_partials_cpu));
   m.impl("plan_layout", TORCH_BOX(&plan_layout_cpu));
+  m.impl("plan_subset", TORCH_BOX(&plan_subset_cpu));
   m.impl("release_layout_plan", TORCH_BOX(&release_layout_plan_cpu));
 }
 

@@ -421,6 +421,25 @@ int64_t plan_layout_cpu(Tensor meta, Tensor row_inv, Tensor col_keep, Tensor cou
   return id;
 }
 
+// The plan of clients `clients` (1-D int64, each in [0, K)) of the plan kept under `id`,
+// kept under a new id (a window of a planned round costs a copy of its clients' lists).
+int64_t plan_subset_cpu(Tensor /*device*/, int64_t id, Tensor clients) {
+  STD_TORCH_CHECK(clients.dim() == 1 && clients.scalar_type() == ScalarType::Long && clients.is_cpu(),
+                  "clients must be a 1-D int64 CPU tensor");
+  const Tensor idx = torch::stable::contiguous(clients);
+  auto parent = find_plan(id);
+  const int64_t K = idx.numel();
+  const int64_t* k = mdata<int64_t>(idx);
+  for (int64_t j = 0; j < K; ++j)
+    STD_TORCH_CHECK(k[j] >= 0 && k[j] < parent->K, "clients[", j, "] = ", k[j], " is not a client of plan ", id,
+                    " (", parent->K, " clients)");
+  auto plan = std::make_shared<const packed::LayoutPlan>(packed::subset_plan(*parent, k, K));
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  const int64_t sub = next_plan++;
+  plans.emplace(sub, std::move(plan));
+  return sub;
+}
+
 // Forget a layout plan (calls still running on it keep it alive until they end).
 void release_layout_plan_cpu(Tensor /*device*/, int64_t id) {
   std::lock_guard<std::mutex> lock(plans_mutex);

@@ -24,6 +24,7 @@ void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, s
 // plan: a layout plan's id (plan_layout), whose tables were checked when it was made; -1:
 // the call's tables are checked and planned for this call.
 int64_t plan_layout_cpu(Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets);
+int64_t plan_subset_cpu(Tensor device, int64_t id, Tensor clients);
 void release_layout_plan_cpu(Tensor device, int64_t id);
 void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover, double weight_sum, std::string mode,
                          Tensor out);

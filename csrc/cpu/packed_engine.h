@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -48,6 +49,11 @@ constexpr int64_t kMinTile = 16384;
 // Items of at most this many elements prefetch the next client's part as they go.
 constexpr int64_t kPacedElems = 65536;
 
+// Bytes ahead of the current run of a client's stream that the hot loop prefetches, one
+// prefetch per run (measured, VGG-16 K = 100: 10 % faster on 1 and 2 threads; 1 and 4 KB no
+// better). A prefetch never faults, so one past the buffer's end is harmless.
+constexpr int64_t kStreamAhead = 2048;
+
 struct Run {
   int64_t co, jo, n;  // element offsets of the run in the full and the compact row, its elements
   int32_t c, L;       // full column, length in columns
@@ -60,6 +66,7 @@ struct SegT {
   int64_t nrows = 0;       // kept rows (with a compact row index >= 0)
   int64_t run0 = 0, nruns = 0;
   int64_t bits0 = 0;       // its column bitset starts at bits[k][bits0]
+  int64_t col0 = 0;        // its kept columns start at cols[k][col0] (rc > 0 and cc > 0 only)
 };
 
 struct Tensor3 {
@@ -87,6 +94,7 @@ struct LayoutPlan {
   std::vector<std::vector<int32_t>> rr, ri;    // per client: kept rows' full / compact index
   std::vector<std::vector<Run>> runs;          // per client
   std::vector<std::vector<uint64_t>> bits;     // per client
+  std::vector<std::vector<int32_t>> cols;      // per client: kept columns
   std::vector<Item> items;
   const SegT& at(int64_t k, int64_t n) const { return seg[k * N + n]; }
 };
@@ -98,6 +106,7 @@ inline void plan_client(LayoutPlan& plan, const LayoutTables& lt, int64_t k) {
   auto& ri = plan.ri[k];
   auto& runs = plan.runs[k];
   auto& bits = plan.bits[k];
+  auto& cols = plan.cols[k];
   for (int64_t n = 0; n < N; ++n) {
     const int64_t* m = lt.meta + 5 * n;
     const Tensor3& t = plan.t[n];
@@ -107,11 +116,13 @@ inline void plan_client(LayoutPlan& plan, const LayoutTables& lt, int64_t k) {
     s.row0 = static_cast<int64_t>(rr.size());
     s.run0 = static_cast<int64_t>(runs.size());
     s.bits0 = static_cast<int64_t>(bits.size());
+    s.col0 = static_cast<int64_t>(cols.size());
     if (s.rc > 0 && s.cc > 0) {
       const int32_t* inv = lt.row_inv + k * lt.SR + m[3];
       for (int64_t r = 0; r < t.R; ++r)
         if (inv[r] >= 0) rr.push_back(static_cast<int32_t>(r)), ri.push_back(inv[r]);
       const int32_t* ck = lt.col_keep + k * lt.SC + m[4];
+      cols.insert(cols.end(), ck, ck + s.cc);
       bits.resize(bits.size() + t.words, 0);
       uint64_t* b = bits.data() + s.bits0;
       for (int64_t j = 0; j < s.cc;) {
@@ -194,7 +205,9 @@ struct Pacer {
   void start(const char* b, const char* e) { p = b, end = e; }
   void advance(int64_t bytes) {
     const char* want = std::min(end, p + bytes);
-    for (; p < want; p += 64) __builtin_prefetch(p, 0, 1);
+    const char* q = p;  // a local: the member would be stored back after every prefetch
+    for (; q < want; q += 64) __builtin_prefetch(q, 0, 1);
+    p = q;
   }
 };
 
@@ -223,7 +236,9 @@ inline void item_span(const Plan<ct>& plan, const Item& it, int64_t k, const cha
 }
 
 // One client's kept row, reconstruct mode: s += pk * (c - w) over every run, and the squared
-// deltas. The statistics live in locals for the row (registers, not memory).
+// deltas. The statistics live in locals for the row (registers, not memory). The client's
+// stream is prefetched kStreamAhead bytes ahead, spread over the runs: the loop's work per
+// byte leaves the out-of-order window too short to keep enough of its misses in flight.
 template <typename acc, typename ct, typename wt, int kTaps>
 inline void row_reconstruct(acc* __restrict__ sp, const ct* __restrict__ crow, const wt* __restrict__ wrow,
                             const Run* __restrict__ runs, int64_t nruns, acc pk, SsqAcc& q, bool& bad) {
@@ -232,6 +247,8 @@ inline void row_reconstruct(acc* __restrict__ sp, const ct* __restrict__ crow, c
   bool lb = bad;
   for (int64_t u = 0; u < nruns; ++u) {
     const Run& run = runs[u];
+    const uintptr_t next = reinterpret_cast<uintptr_t>(crow + run.jo) + kStreamAhead;
+    __builtin_prefetch(reinterpret_cast<const void*>(next), 0, 0);
     if (kTaps > 0 && run.n == kTaps)
       delta_pass<acc, ct, wt, kTaps, true, true>(sp + run.co, crow + run.jo, wrow + run.co, pk, kTaps, lq, lb);
     else
@@ -276,6 +293,7 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
     const Run* runs = lp.runs[k].data() + s.run0;
     const int64_t nruns = s.nruns;
     const uint64_t* colbits = lp.bits[k].data() + s.bits0;
+    const int32_t* kcols = lp.cols[k].data() + s.col0;
     const wt* W = tg.W[n];
     const int64_t row_bytes = v.cols * v.stride1 * static_cast<int64_t>(sizeof(ct));
     for (int64_t x = a; x < z; ++x) {
@@ -304,9 +322,9 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
       }
       if (add) {
         if constexpr (kFold || kOverlap) {
+          // column by column: a fixed trip count (a loop per run mispredicts its length)
           acc* const dn = dbase + (r - r0) * t.Cin;
-          for (int64_t u = 0; u < nruns; ++u)
-            for (int64_t l = 0; l < runs[u].L; ++l) dn[runs[u].c + l] += pk;
+          for (int64_t j = 0; j < s.cc; ++j) dn[kcols[j]] += pk;
         }
         if constexpr (!kFold) {
           uint64_t* const cw = cbase + (r - r0) * t.words;
@@ -488,11 +506,34 @@ inline LayoutPlan build_plan(const LayoutTables& lt) {
     plan.t[n] = {m[0], m[1], m[2], (m[1] + 63) / 64};
   }
   plan.seg.resize(K * N);
-  plan.rr.resize(K), plan.ri.resize(K), plan.runs.resize(K), plan.bits.resize(K);
+  plan.rr.resize(K), plan.ri.resize(K), plan.runs.resize(K), plan.bits.resize(K), plan.cols.resize(K);
   torch::stable::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) plan_client(plan, lt, k);
   });
   plan.items = plan_items(plan.t);
+  return plan;
+}
+
+// The plan of some of a planned layout's clients (client j of the subset is client idx[j]
+// of the parent; each idx in [0, parent.K)): their lists copied, the rest shared in kind,
+// no table read again.
+inline LayoutPlan subset_plan(const LayoutPlan& parent, const int64_t* idx, int64_t K) {
+  LayoutPlan plan;
+  const int64_t N = parent.N;
+  plan.N = N, plan.K = K;
+  plan.meta = parent.meta;
+  plan.t = parent.t;
+  plan.items = parent.items;
+  plan.counts.resize(2 * K * N), plan.offsets.resize(K * N), plan.seg.resize(K * N);
+  plan.rr.resize(K), plan.ri.resize(K), plan.runs.resize(K), plan.bits.resize(K), plan.cols.resize(K);
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t k = idx[j];
+    std::copy_n(parent.counts.begin() + 2 * k * N, 2 * N, plan.counts.begin() + 2 * j * N);
+    std::copy_n(parent.offsets.begin() + k * N, N, plan.offsets.begin() + j * N);
+    std::copy_n(parent.seg.begin() + k * N, N, plan.seg.begin() + j * N);
+    plan.rr[j] = parent.rr[k], plan.ri[j] = parent.ri[k], plan.runs[j] = parent.runs[k];
+    plan.bits[j] = parent.bits[k], plan.cols[j] = parent.cols[k];
+  }
   return plan;
 }
 
