@@ -143,6 +143,8 @@ def test_window_plans_cut_from_the_round_plan_equal_plans_of_their_own_tables(mo
         assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="not a client"):
         cahfp_ops.cpp.plan_subset(layout._plan(torch.device("cpu")), [0, 9])
+    with pytest.raises(RuntimeError, match="no layout plan"):
+        cahfp_ops.cpp.plan_subset(10**9, [0])
 
 
 def test_plans_that_do_not_fit_are_refused():
