@@ -263,6 +263,7 @@ class RoundLayout:
         self.numels = _frozen(sizes.sum(axis=1))
         self._tables: dict = {}
         self._plans: dict[str, int] = {}  # device -> the backend's plan of the tables (cached)
+        self._parent: tuple[RoundLayout, tuple[int, ...]] | None = None  # a view's layout and its clients there
         self._shapes: dict[int, list[tuple[int, ...]]] = {}
 
     # ------------------------------------------------------------------ construction
@@ -579,10 +580,9 @@ class RoundLayout:
         with the layout; -1 where the backend plans nothing ahead, not cached)."""
         hit = self._plans.get(str(device), -1)
         if hit < 0:
-            parent, idx = getattr(self, "_parent", (None, None))
-            planned = -1 if parent is None else parent._plans.get(str(device), -1)
+            planned = -1 if self._parent is None else self._parent[0]._plans.get(str(device), -1)
             if planned >= 0:  # some clients of a planned layout (a window): their part of its plan
-                hit = _operators.layout_plan_subset(planned, idx, device, self)
+                hit = _operators.layout_plan_subset(planned, self._parent[1], device, self)
             else:
                 hit = _operators.layout_plan(self._device_tables(device), device, self)
             if hit >= 0:

@@ -409,16 +409,21 @@ void accumulate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clie
   });
 }
 
+// Keep a plan under a new id (until release_layout_plan); returns the id.
+int64_t keep_plan(packed::LayoutPlan&& plan) {
+  auto kept = std::make_shared<const packed::LayoutPlan>(std::move(plan));
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  const int64_t id = next_plan++;
+  plans.emplace(id, std::move(kept));
+  return id;
+}
+
 // A layout's plan for aggregate_packed / fold_packed, made once from its (checked) tables
 // and kept until release_layout_plan; returns its id.
 int64_t plan_layout_cpu(Tensor meta, Tensor row_inv, Tensor col_keep, Tensor counts, Tensor offsets) {
   STD_TORCH_CHECK(meta.dim() == 2, "layout meta must be a (N, 5) int64 tensor");
   const LayoutTables lt = check_layout(meta.size(0), meta, row_inv, col_keep, counts, offsets);
-  auto plan = std::make_shared<const packed::LayoutPlan>(packed::build_plan(lt));
-  std::lock_guard<std::mutex> lock(plans_mutex);
-  const int64_t id = next_plan++;
-  plans.emplace(id, std::move(plan));
-  return id;
+  return keep_plan(packed::build_plan(lt));
 }
 
 // The plan of clients `clients` (1-D int64, each in [0, K)) of the plan kept under `id`,
@@ -433,11 +438,7 @@ int64_t plan_subset_cpu(Tensor /*device*/, int64_t id, Tensor clients) {
   for (int64_t j = 0; j < K; ++j)
     STD_TORCH_CHECK(k[j] >= 0 && k[j] < parent->K, "clients[", j, "] = ", k[j], " is not a client of plan ", id,
                     " (", parent->K, " clients)");
-  auto plan = std::make_shared<const packed::LayoutPlan>(packed::subset_plan(*parent, k, K));
-  std::lock_guard<std::mutex> lock(plans_mutex);
-  const int64_t sub = next_plan++;
-  plans.emplace(sub, std::move(plan));
-  return sub;
+  return keep_plan(packed::subset_plan(*parent, k, K));
 }
 
 // Forget a layout plan (calls still running on it keep it alive until they end).
