@@ -266,15 +266,16 @@ def fold_packed_op(
     offsets: Tensor,
     coef: Tensor,
     agg_mode: str,
-    sums_in: Tensor,
-    cover_in: Tensor,
+    sums_in: Tensor | None,
+    cover_in: Tensor | None,
     sums_out: Tensor,
     cover_out: Tensor,
     stats: Tensor,
     plan: int = -1,
 ) -> None:
-    """Fold the layout's K clients, in order, into the partial sums ``sums_in`` / ``cover_in``,
-    writing ``sums_out`` / ``cover_out``; ``stats`` (K, 2) as for ``aggregate_packed``."""
+    """Fold the layout's K clients, in order, into the partial sums ``sums_in`` / ``cover_in``
+    (both None: zeros), writing ``sums_out`` / ``cover_out``; ``stats`` (K, 2) as for
+    ``aggregate_packed``."""
     tables = LayoutTables(meta, row_inv, col_keep, counts, offsets)
     backend_for(sums_out.device).fold_packed(
         weights, clients, parts, tables, coef, agg_mode, sums_in, cover_in, sums_out, cover_out, stats, plan

@@ -417,13 +417,15 @@ def fold_packed(
     tables: LayoutTables,
     coef: Tensor,
     mode: str,
-    sums_in: Tensor,
-    cover_in: Tensor,
+    sums_in: Tensor | None,
+    cover_in: Tensor | None,
     sums_out: Tensor,
     cover_out: Tensor,
     stats: Tensor,
     plan: int = -1,
 ) -> None:
+    if sums_in is None:  # the kernel's form of "start from zeros": both inputs empty
+        sums_in = cover_in = sums_out.new_empty(0)
     if sums_out.data_ptr() != sums_in.data_ptr():
         poison_(sums_out)
     if cover_out.data_ptr() != cover_in.data_ptr():

@@ -1048,8 +1048,8 @@ def fold_packed(
     clients: Sequence[Tensor | Sequence[Tensor]],
     coef: Tensor,
     mode: str,
-    sums: Tensor,
-    cover: Tensor,
+    sums: Tensor | None,
+    cover: Tensor | None,
     *,
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -1064,21 +1064,34 @@ def fold_packed(
     client to reject in ``stats`` folds again from them with its coefficient set to 0, which
     is its absence bit for bit. ``clients[k]``: client k's packed buffer or its N tensors.
     ``coef``: ``(K,)`` float64, finite, >= 0, as given (not normalised). ``sums`` / ``cover``:
-    as for :func:`accumulate_packed`. ``out``: the ``(sums_out, cover_out)`` buffers to write
-    (new ones unless given; ``(sums, cover)`` themselves folds in place, leaving nothing to
-    fold again from).
+    as for :func:`accumulate_packed`, or both None: the fold starts from zeros (the first
+    window of a round: no pass to zero the buffers, none to read the zeros back; the result
+    is bit for bit that of folding into zeroed buffers). ``out``: the ``(sums_out,
+    cover_out)`` buffers to write (new ones unless given; ``(sums, cover)`` themselves folds
+    in place, leaving nothing to fold again from).
     """
     op = "fold_packed"
     _check_layout(op, layout)
     ref = _check_client_args(op, layout, weights, clients)
     if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
         raise TypeError(f"{op}: out must be a (sums_out, cover_out) pair of tensors")
+    if (sums is None) != (cover is None):
+        raise TypeError(f"{op}: pass sums and cover together (both None: start from zeros)")
     if validation_enabled():
-        _check_partials(op, weights, mode, {"sums": sums, "cover": cover}, layout)
+        if sums is not None:
+            _check_partials(op, weights, mode, {"sums": sums, "cover": cover}, layout)
+        else:
+            check_mode(op, mode)
         if out is not None:
             _check_partials(op, weights, mode, {"sums_out": out[0], "cover_out": out[1]}, layout)
         _layout_checks.check_coef(op, coef, layout.num_clients, ref.device, positive_sum=False)
-    sums_out, cover_out = out if out is not None else (torch.empty_like(sums), torch.empty_like(cover))
+    if out is not None:
+        sums_out, cover_out = out
+    elif sums is not None:
+        sums_out, cover_out = torch.empty_like(sums), torch.empty_like(cover)
+    else:
+        acc = acc_dtype(weights[0].dtype)
+        sums_out, cover_out = (empty_buffer(n, acc, ref.device) for n in layout._st.partial_sizes)
     flat, parts = _flat_clients(clients, layout.num_tensors)
     stats = torch.empty((len(clients), 2), dtype=torch.float64, device=ref.device)
     t = layout._device_tables(ref.device)

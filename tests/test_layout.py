@@ -184,6 +184,12 @@ def test_fold_packed_equals_accumulate_calls_bit_for_bit(backend, gen, mode, for
             accumulate_packed(layout.client(k), weights, list(clients[k].values()), float(coef[k]), mode, one_s, one_c)
     assert torch.equal(s_out, one_s) and torch.equal(c_out, one_c)
     assert bool(torch.isfinite(s_out).all())
+    # from zeros (no input sums): what folding into zeroed buffers gives, bit for bit
+    with poison_outputs():
+        z_s, z_c, z_stats = fold_packed(layout, weights, data, coef, mode, None, None)
+    zero_s, zero_c, _ = fold_packed(layout, weights, data, coef, mode, torch.zeros_like(sums), torch.zeros_like(cover))
+    assert torch.equal(z_s, zero_s) and torch.equal(z_c, zero_c)
+    torch.testing.assert_close(z_stats, stats, rtol=0, atol=0, equal_nan=True)
     _, agg_stats = aggregate_packed(layout, weights, data, torch.full((K,), 1 / K, dtype=torch.float64), mode)
     torch.testing.assert_close(stats, agg_stats, rtol=0, atol=0, equal_nan=True)  # the NaN client's sum is NaN
     if K > 1:
@@ -223,6 +229,8 @@ def test_fold_packed_in_place_and_bad_input(backend, gen):
         with pytest.raises(ValueError, match=match):
             fold_packed(layout, weights, kw["clients"], kw["coef"], kw["mode"], kw["sums"], kw["cover"], out=out_arg)
         assert torch.equal(sums, keep[0]) and torch.equal(cover, keep[1])
+    with pytest.raises(TypeError, match="pass sums and cover together"):
+        fold_packed(layout, weights, clients, coef, "reconstruct", None, cover)
     with pytest.raises(ValueError, match="sums must be a contiguous"):
         accumulate_packed(layout.client(0), weights, clients[0], 1.0, "reconstruct", sums[:-1], cover)
     if backend == "cpp":  # the compiled kernel checks for itself when validation is off
@@ -312,6 +320,9 @@ def test_layout_ops_opcheck_and_compile(backend, gen):
     s_out, c_out = torch.empty_like(sums), torch.empty_like(cover)
     torch.library.opcheck(
         torch.ops.cahfp.fold_packed, (*args, coef, "overlap", sums, cover, s_out, c_out, stats)
+    )
+    torch.library.opcheck(  # from zeros
+        torch.ops.cahfp.fold_packed, (*args, coef, "overlap", None, None, s_out, c_out, stats)
     )
     one = layout.client(1).tables()
     st3 = torch.empty(3, dtype=torch.float64)

@@ -132,11 +132,18 @@ class AggregatePartials:
     weight_sum: float = 0.0
     count: int = 0
     flats: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # adopt's views of each buffer it was given, by (names, address, size): add_many swaps
+    # between two sets of buffers, and a model of hundreds of entries costs ~1 ms to re-view
+    _views: dict[tuple, list[Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def zeros(cls, global_state: Mapping[str, Tensor], workspace: Workspace | None = None) -> AggregatePartials:
+    def zeros(
+        cls, global_state: Mapping[str, Tensor], workspace: Workspace | None = None, *, fill: bool = True
+    ) -> AggregatePartials:
         """Empty partial sums for ``global_state`` (integer entries start at the global value);
-        with ``workspace``, in its buffers (roles ``"partial sums i"`` / ``"partial cover i"``)."""
+        with ``workspace``, in its buffers (roles ``"partial sums i"`` / ``"partial cover i"``).
+        ``fill=False``: the buffers are allocated but not zeroed (for a caller that zeroes or
+        overwrites them before anything reads them)."""
         groups: dict[tuple, list[str]] = {}
         ints = {}
         for name, w in global_state.items():
@@ -151,11 +158,13 @@ class AggregatePartials:
             cover_shapes = [(s[0],) if len(s) == 1 else s[:2] for s in shapes]
             n_s, n_c = sum(math.prod(s) for s in shapes), sum(math.prod(s) for s in cover_shapes)
             if workspace is None:
-                flat_s = empty_buffer(n_s, acc, device, prefault=True).zero_()
-                flat_c = empty_buffer(n_c, acc, device, prefault=True).zero_()
+                flat_s = empty_buffer(n_s, acc, device, prefault=True)
+                flat_c = empty_buffer(n_c, acc, device, prefault=True)
             else:
-                flat_s = workspace.get(f"partial sums {i}", n_s, acc, device).zero_()
-                flat_c = workspace.get(f"partial cover {i}", n_c, acc, device).zero_()
+                flat_s = workspace.get(f"partial sums {i}", n_s, acc, device)
+                flat_c = workspace.get(f"partial cover {i}", n_c, acc, device)
+            if fill:
+                flat_s.zero_(), flat_c.zero_()
             sums.update(zip(names, _split(flat_s, shapes)))
             cover.update(zip(names, _split(flat_c, cover_shapes)))
             flats[tuple(names)] = (flat_s, flat_c)
@@ -165,8 +174,12 @@ class AggregatePartials:
         """Make ``flat_s`` / ``flat_c`` (laid out as ``flats[names]``) the group's buffers, the
         entries of ``sums`` / ``cover`` views of them; returns the group's previous buffers."""
         old = self.flats[names]
-        self.sums.update(zip(names, _split(flat_s, [tuple(self.sums[n].shape) for n in names])))
-        self.cover.update(zip(names, _split(flat_c, [tuple(self.cover[n].shape) for n in names])))
+        for entries, flat in ((self.sums, flat_s), (self.cover, flat_c)):
+            key = (names, flat.data_ptr(), flat.numel())
+            views = self._views.get(key)
+            if views is None:  # the views hold the buffer, so its address is not reused while cached
+                views = self._views[key] = _split(flat, [tuple(entries[n].shape) for n in names])
+            entries.update(zip(names, views))
         self.flats[names] = (flat_s, flat_c)
         return old
 
@@ -274,8 +287,9 @@ class StreamingAggregator:
     ``workspace`` (a :class:`~cahfp_ops.Workspace`): both sets of partial sums live in its
     buffers, so an aggregator per round reuses last round's memory instead of mapping new
     pages (the server keeps one). One live aggregator per workspace: a new one on the same
-    workspace zeroes the buffers the previous one's partial sums are views of.
-    """
+    workspace overwrites the buffers the previous one's partial sums are views of. A new
+    aggregator's first ``add_many`` folds from zeros without zeroing or reading its buffers
+    first (:func:`~cahfp_ops.fold_packed` with no input sums)."""
 
     def __init__(
         self, global_state: Mapping[str, Tensor], mode: str = "reconstruct", *, workspace: Workspace | None = None
@@ -285,7 +299,10 @@ class StreamingAggregator:
         self.mode = mode
         self.global_state = dict(global_state)
         self._workspace = workspace
-        self._partials = AggregatePartials.zeros(self.global_state, workspace)
+        # The partial sums start unzeroed: a first add_many folds from zeros without a pass to
+        # zero them (fold_packed with no input sums); anything else zeroes them first (_zeroed).
+        self._partials = AggregatePartials.zeros(self.global_state, workspace, fill=False)
+        self._unfilled = True
         self._spare: dict[tuple, tuple[Tensor, Tensor]] = {}  # add_many's second set of partial sums
 
     @property
@@ -322,6 +339,7 @@ class StreamingAggregator:
             raise ValueError(f"StreamingAggregator.add: weight must be a finite number >= 0, got {weight!r}")
         if (layout is None) != (client is None):
             raise ValueError("StreamingAggregator.add: pass layout and client together")
+        self._zeroed()  # add folds in place
         calls, problems = self._group_calls(
             "StreamingAggregator.add", [update], [rows], [cols], layout, None if client is None else [client]
         )
@@ -440,13 +458,16 @@ class StreamingAggregator:
         ssq = [0.0] * K
         bad = [False] * K
         coef = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+        zero = self._unfilled  # the first window folds from zeros: no input sums to read
         outs = []
         for i, (names, sub, ws, data, flat_s, flat_c) in enumerate(calls):
             spare = self._spare.get(names)
             if spare is None:
                 spare = self._spare[names] = self._second_set(i, flat_s, flat_c)
+            if zero:
+                flat_s = flat_c = None
             with validation(False):  # the updates were checked above; the rest is the aggregator's own
-                s_out, c_out, st = fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c,
+                s_out, c_out, st = fold_packed(sub, ws, data, coef.to(spare[0].device), self.mode, flat_s, flat_c,
                                                out=spare)  # fmt: skip
             outs.append((s_out, c_out))
             for j, (b, q) in enumerate(st.cpu().tolist()):
@@ -461,10 +482,13 @@ class StreamingAggregator:
             for (_, sub, ws, data, flat_s, flat_c), out in zip(calls, outs):
                 data = [d if f.clip_scale is None else clipped_data(sub.client(j), ws, d, f.clip_scale)
                         for j, (d, f) in enumerate(zip(data, folds))]  # fmt: skip
+                if zero:
+                    flat_s = flat_c = None
                 with validation(False):
-                    fold_packed(sub, ws, data, coef.to(flat_s.device), self.mode, flat_s, flat_c, out=out)
+                    fold_packed(sub, ws, data, coef.to(out[0].device), self.mode, flat_s, flat_c, out=out)
         for (names, *_), (s_out, c_out) in zip(calls, outs):
             self._spare[names] = self._partials.adopt(names, s_out, c_out)
+        self._unfilled = False
         for u, wt, f in zip(updates, weights, folds):
             if f.accepted:
                 self._count_in(u, wt)
@@ -521,8 +545,16 @@ class StreamingAggregator:
         return (ws.get(f"second partial sums {i}", flat_s.numel(), flat_s.dtype, flat_s.device),
                 ws.get(f"second partial cover {i}", flat_c.numel(), flat_c.dtype, flat_c.device))  # fmt: skip
 
+    def _zeroed(self) -> None:
+        """Zero the partial sums if nothing has been folded into them yet."""
+        if self._unfilled:
+            for flat_s, flat_c in self._partials.flats.values():
+                flat_s.zero_(), flat_c.zero_()
+            self._unfilled = False
+
     def partials(self) -> AggregatePartials:
         """The partial sums so far (the live value: :meth:`AggregatePartials.merge` on it changes this aggregator)."""
+        self._zeroed()
         return self._partials
 
     def load_partials(self, partials: AggregatePartials) -> None:
@@ -530,11 +562,13 @@ class StreamingAggregator:
         if partials.sums.keys() != self._partials.sums.keys() or partials.ints.keys() != self._partials.ints.keys():
             raise ValueError("StreamingAggregator.load_partials: the partial sums hold different tensors")
         self._partials = partials
+        self._unfilled = False
 
     def merge(self, other: StreamingAggregator) -> None:
         """Add another aggregator's partial sums (same global state and mode)."""
         if other.mode != self.mode or other.global_state.keys() != self.global_state.keys():
             raise ValueError("StreamingAggregator.merge: the aggregators differ in mode or tensors")
+        self._zeroed()
         self._partials.merge(other.partials())
 
     def result(self) -> dict[str, Tensor]:
@@ -542,6 +576,7 @@ class StreamingAggregator:
         some weight covers an element, ``w`` plus the weighted mean delta (reconstruct) or the
         weighted mean (overlap), else ``w``; one pass per group of entries
         (:func:`~cahfp_ops.finish_partials`), whose entries are views of one new buffer."""
+        self._zeroed()
         p = self._partials
         out = {}
         for names, (flat_s, flat_c) in p.flats.items():

@@ -188,20 +188,21 @@ def fold_packed(
     tables: LayoutTables,
     coef: Tensor,
     mode: str,
-    sums_in: Tensor,
-    cover_in: Tensor,
+    sums_in: Tensor | None,
+    cover_in: Tensor | None,
     sums_out: Tensor,
     cover_out: Tensor,
     stats: Tensor,
     plan: int = -1,
 ) -> None:
-    """``sums_out, cover_out = sums_in, cover_in``, then the layout's K clients folded in one
-    by one in order (each as :func:`accumulate_packed` folds, with weight ``coef[k]``, none
-    rejected; coefficient 0 adds nothing); ``stats[k]`` = (non-finite flag, squared delta sum)."""
+    """``sums_out, cover_out = sums_in, cover_in`` (zeros when None), then the layout's K
+    clients folded in one by one in order (each as :func:`accumulate_packed` folds, with
+    weight ``coef[k]``, none rejected; coefficient 0 adds nothing); ``stats[k]`` =
+    (non-finite flag, squared delta sum)."""
     meta, row_inv, col_keep, counts, offsets = tables
     K = row_inv.shape[0]
-    s = sums_in.clone()
-    c = cover_in.clone()
+    s = torch.zeros_like(sums_out) if sums_in is None else sums_in.clone()
+    c = torch.zeros_like(cover_out) if cover_in is None else cover_in.clone()
     for k in range(K):
         tensors = _client_tensors(clients, parts, meta, counts, offsets, k)
         entries, bad, ssq = _client_entries(weights, tensors, meta, counts, row_inv, col_keep, k)

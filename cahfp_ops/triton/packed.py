@@ -713,15 +713,16 @@ def fold_packed(
     tables: LayoutTables,
     coef: Tensor,
     mode: str,
-    sums_in: Tensor,
-    cover_in: Tensor,
+    sums_in: Tensor | None,
+    cover_in: Tensor | None,
     sums_out: Tensor,
     cover_out: Tensor,
     stats: Tensor,
     plan: int = -1,
 ) -> None:
-    """Fold the K clients into the partial sums (``*_in`` -> ``*_out``); ``stats`` (K, 2) as
-    ``aggregate_packed``. See the module docs."""
+    """Fold the K clients into the partial sums (``*_in`` -> ``*_out``; None: from zeros, the
+    outputs zeroed and folded in place); ``stats`` (K, 2) as ``aggregate_packed``. See the
+    module docs."""
     meta, row_inv, col_keep, counts, offsets = tables
     op = "fold_packed"
     ws = [w.contiguous() for w in weights]
@@ -735,9 +736,13 @@ def fold_packed(
     SC = col_keep.shape[1]
     views = [_view3(w) for w in ws]
     base, c_meta = _clients_in_place(op, clients, list(parts), views, counts, offsets)
-    w_meta, block, work, P = _partials_grid(
-        "fold_packed", ws, views, [sums_in, sums_out], [cover_in, cover_out], device
-    )
+    if sums_in is None:  # from zeros: the outputs zeroed (once checked), then folded in place
+        w_meta, block, work, P = _partials_grid("fold_packed", ws, views, [sums_out], [cover_out], device)
+        sums_in, cover_in = sums_out.zero_(), cover_out.zero_()
+    else:
+        w_meta, block, work, P = _partials_grid(
+            "fold_packed", ws, views, [sums_in, sums_out], [cover_in, cover_out], device
+        )
     col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
     acc = sums_out.dtype
     p = coef.to(device=device, dtype=acc)

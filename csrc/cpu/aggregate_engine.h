@@ -143,6 +143,15 @@ inline void add_scaled(acc* __restrict__ s, const ct* __restrict__ src, acc pk, 
   for (; t < T; ++t) s[t] += pk * static_cast<acc>(src[t]);
 }
 
+// d[t] += m[t] for t < n.
+template <typename acc>
+inline void add_rows(acc* __restrict__ d, const acc* __restrict__ m, int64_t n) {
+  int64_t t = 0;
+  if constexpr (std::is_same_v<acc, float>)
+    for (; t + 8 <= n; t += 8) store8(d + t, load8(d + t) + load8(m + t));
+  for (; t < n; ++t) d[t] += m[t];
+}
+
 // o[t] = w[t] + s[t] for t < n.
 template <typename wt, typename acc>
 inline void finish_sum(wt* __restrict__ o, const wt* __restrict__ w, const acc* __restrict__ s, int64_t n) {

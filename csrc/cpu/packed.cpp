@@ -132,6 +132,15 @@ void check_flat(const Tensor& t, const char* name, ScalarType dtype, int64_t num
 
 namespace {
 
+#define CAHFP_FP_HEAD template <typename wt>
+#define CAHFP_FP_ARGS <wt>
+CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_FP_HEAD, CAHFP_FP_ARGS, finish_pairs_isa, (packed::finish_pairs<wt>),
+                             (const wt* W, const acc_t<wt>* S, const acc_t<wt>* C, wt* O, int64_t T, int64_t q0,
+                              int64_t q1, acc_t<wt> wsum, bool overlap),
+                             (W, S, C, O, T, q0, q1, wsum, overlap))
+#undef CAHFP_FP_HEAD
+#undef CAHFP_FP_ARGS
+
 #define CAHFP_PK_HEAD template <typename wt, typename ct>
 #define CAHFP_PK_ARGS <wt, ct>
 CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_PK_HEAD, CAHFP_PK_ARGS, packed_items_isa, (packed::run_items<wt, ct>),
@@ -241,7 +250,8 @@ void aggregate_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clien
 
 // Streaming, several clients per call: folds the K clients of the layout, in order 0..K-1,
 // into running partial sums read from sums_in / cover_in and written to sums_out / cover_out
-// (in place when they are the same tensors), with the reply statistics of every client
+// (in place when they are the same tensors; from zeros when sums_in and cover_in are both
+// empty, which neither zeroes a buffer nor reads one back), with the reply statistics of every client
 // ((K, 2) float64, as aggregate_packed) from the same pass. Every element receives its
 // clients' terms one by one in client order, the arithmetic of accumulate_packed, so the
 // result is bit for bit that of K accumulate_packed calls. Nothing is decided here: a client
@@ -259,9 +269,12 @@ void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, s
       packed_call(weights, clients, parts, meta, row_inv, col_keep, counts, offsets, mode, nullptr, kept.get());
   const auto lp = call_plan(pc, kept);
   check_coef_stats(coef, stats, pc.lt.K);
-  check_flat(sums_in, "sums_in", pc.adtype, pc.total);
+  const bool from_zero = sums_in.numel() == 0 && cover_in.numel() == 0 && pc.total + pc.total_cover > 0;
+  if (!from_zero) {
+    check_flat(sums_in, "sums_in", pc.adtype, pc.total);
+    check_flat(cover_in, "cover_in", pc.adtype, pc.total_cover);
+  }
   check_flat(sums_out, "sums_out", pc.adtype, pc.total);
-  check_flat(cover_in, "cover_in", pc.adtype, pc.total_cover);
   check_flat(cover_out, "cover_out", pc.adtype, pc.total_cover);
   const int64_t N = pc.lt.N, K = pc.lt.K;
   const double* cp = cdata<double>(coef);
@@ -278,9 +291,9 @@ void fold_packed_cpu(std::vector<Tensor> weights, std::vector<Tensor> clients, s
       int64_t off = 0, coff = 0;
       for (int64_t n = 0; n < N; ++n) {
         tg.W.push_back(cdata<wt>(pc.ws[n]));
-        tg.sums_in.push_back(cdata<acc>(sums_in) + off);
+        tg.sums_in.push_back(from_zero ? nullptr : cdata<acc>(sums_in) + off);
         tg.sums_out.push_back(mdata<acc>(sums_out) + off);
-        tg.cover_in.push_back(cdata<acc>(cover_in) + coff);
+        tg.cover_in.push_back(from_zero ? nullptr : cdata<acc>(cover_in) + coff);
         tg.cover_out.push_back(mdata<acc>(cover_out) + coff);
         off += pc.ws[n].numel();
         coff += pc.lt.meta[5 * n] * pc.lt.meta[5 * n + 1];
@@ -330,6 +343,7 @@ void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover,
     using wt = scalar_t;
     using acc = acc_t<wt>;
     const acc wsum = static_cast<acc>(weight_sum);
+    const auto finish = finish_pairs_isa_pick<wt>();
     torch::stable::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
       for (int64_t it = i0; it < i1; ++it) {
         const int64_t n = items[it].first, r0 = items[it].second;
@@ -339,17 +353,7 @@ void finish_partials_cpu(std::vector<Tensor> weights, Tensor sums, Tensor cover,
         const acc* S = cdata<acc>(sums) + off[n];
         const acc* C = cdata<acc>(cover) + coff[n];
         wt* O = mdata<wt>(out) + off[n];
-        for (int64_t q = r0 * v.Cin; q < r1 * v.Cin; ++q) {  // (row, column) pairs
-          const acc cw = C[q];
-          const int64_t e = q * v.T;
-          if (!(cw > acc(0))) {
-            std::memcpy(O + e, W + e, sizeof(wt) * v.T);
-          } else if (overlap) {
-            for (int64_t t = 0; t < v.T; ++t) O[e + t] = static_cast<wt>(S[e + t] / cw);
-          } else {
-            for (int64_t t = 0; t < v.T; ++t) O[e + t] = static_cast<wt>(S[e + t] / wsum + static_cast<acc>(W[e + t]));
-          }
-        }
+        finish(W, S, C, O, v.T, r0 * v.Cin, r1 * v.Cin, wsum, overlap);
       }
     });
   });
