@@ -337,7 +337,7 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
       }
       if (add) {
         if constexpr (kFold || kOverlap) {
-          // column by column: a fixed trip count (a loop per run mispredicts its length)
+          // a dense row, or column by column: a fixed trip count (a loop per run mispredicts its length)
           acc* const dn = dbase + (r - r0) * t.Cin;
           if (dense_cover) engine::add_rows<acc>(dn, cover_row.data(), t.Cin);
           else
