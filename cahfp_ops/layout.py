@@ -557,22 +557,39 @@ class RoundLayout:
         """The one-client layout of client k (for streaming accumulation)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.num_clients:
             raise ValueError(f"RoundLayout.client: k must be a client index in [0, {self.num_clients}), got {k!r}")
-        k = int(k)
-        st = self._st
+        return self._view([int(k)])
+
+    def _view(self, idx: list[int]) -> RoundLayout:
+        """The layout of clients ``idx`` (checked indices) sharing this one's structure: their
+        rows of the tables, views when ``idx`` is consecutive (a window), else copies."""
         view = RoundLayout.__new__(RoundLayout)
-        view._st = st
+        view._st = self._st
         view.shapes, view.names, view.device = self.shapes, self.names, self.device
-        view.num_clients = 1
-        view._row_inv = self._row_inv[k : k + 1]
-        view._col_inv = self._col_inv[k : k + 1]
-        view.counts_host = self.counts_host[k : k + 1]
-        view.sizes_host = self.sizes_host[k : k + 1]
-        view.offsets_host = self.offsets_host[k : k + 1]
-        view.numels = self.numels[k : k + 1]
-        view._tables = self._rows_of_tables(lambda t: t[k : k + 1])
+        view.num_clients = len(idx)
+        if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+            rows = slice(idx[0], idx[0] + len(idx))
+
+            def pick(t: Tensor) -> Tensor:
+                return t[rows]
+        else:
+            rows = idx
+            sel = {}
+
+            def pick(t: Tensor) -> Tensor:
+                if t.device not in sel:
+                    sel[t.device] = torch.tensor(idx, dtype=torch.int64, device=t.device)
+                return t.index_select(0, sel[t.device])
+
+        view._row_inv = pick(self._row_inv)
+        view._col_inv = pick(self._col_inv)
+        view.counts_host = _frozen(self.counts_host[rows])
+        view.sizes_host = _frozen(self.sizes_host[rows])
+        view.offsets_host = _frozen(self.offsets_host[rows])
+        view.numels = _frozen(self.numels[rows])
+        view._tables = self._rows_of_tables(pick)
         view._plans = {}
-        view._parent = (self, (k,))
-        view._shapes = {0: self.compact_shapes(k)}
+        view._parent = (self, tuple(idx))
+        view._shapes = {j: self._shapes[k] for j, k in enumerate(idx) if k in self._shapes}
         return view
 
     def _plan(self, device: torch.device) -> int:
@@ -601,25 +618,10 @@ class RoundLayout:
         idx = list(clients)
         if idx == list(range(self.num_clients)):
             return self
-        view = RoundLayout.__new__(RoundLayout)
-        view._st = self._st
-        view.shapes, view.names, view.device = self.shapes, self.names, self.device
-        view.num_clients = len(idx)
         if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.num_clients
                for k in idx):  # fmt: skip
             raise ValueError(f"RoundLayout.subset: clients must be indices in [0, {self.num_clients}), got {idx}")
-        sel = torch.tensor(idx, dtype=torch.int64, device=self._row_inv.device)
-        view._row_inv = self._row_inv.index_select(0, sel)
-        view._col_inv = self._col_inv.index_select(0, sel)
-        view.counts_host = _frozen(self.counts_host[idx])
-        view.sizes_host = _frozen(self.sizes_host[idx])
-        view.offsets_host = _frozen(self.offsets_host[idx])
-        view.numels = _frozen(self.numels[idx])
-        view._tables = self._rows_of_tables(lambda t: t.index_select(0, sel.to(t.device)))
-        view._plans = {}
-        view._parent = (self, tuple(int(k) for k in idx))
-        view._shapes = {j: self._shapes[k] for j, k in enumerate(idx) if k in self._shapes}
-        return view
+        return self._view([int(k) for k in idx])
 
     # ------------------------------------------------------------------ ops
     def slice(self, weights: Sequence[Tensor], *, out: Tensor | None = None) -> list[Tensor]:

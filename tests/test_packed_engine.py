@@ -131,9 +131,13 @@ def test_window_plans_cut_from_the_round_plan_equal_plans_of_their_own_tables(mo
         s = torch.randn(sum(w.numel() for w in ws), generator=torch.Generator().manual_seed(1))
         c = torch.rand(layout._st.partial_sizes[1], generator=torch.Generator().manual_seed(2))
         stats = []
-        for idx in ([4, 0, 7], [8], [1, 2, 3, 5, 6]):  # out of order: client j of a window is any client
+        # out of order (client j of a window is any client: copied table rows) and consecutive
+        # windows (views of the round's table rows)
+        for idx in ([4, 0, 7], [8], [1, 2, 3], [5, 6]):
             window = lay.subset(idx)
             assert (window._parent[0]._plans != {}) == (lay is layout)
+            shared = window._row_inv.untyped_storage().data_ptr() == lay._row_inv.untyped_storage().data_ptr()
+            assert shared == (idx != [4, 0, 7])
             s, c, st = fold_packed(window, ws, [bufs[k] for k in idx], coef[idx], mode, s, c)
             stats.append(st)
         one = lay.client(5)  # one client, as streaming ``add`` folds it

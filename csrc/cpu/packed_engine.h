@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -87,19 +88,25 @@ struct Item {
   int64_t cov_words;  // coverage bitset words
 };
 
+// One client's lists, every tensor's part in tensor order (SegT says where each starts).
+struct ClientLists {
+  std::vector<int32_t> rr, ri;  // kept rows' full / compact index
+  std::vector<Run> runs;
+  std::vector<uint64_t> bits;
+  std::vector<int32_t> cols;  // kept columns
+};
+
 // A layout's plan, built once from its checked tables (and kept for the layout's life):
 // per client its kept rows (row, compact row), runs and bitsets of every tensor, in tensor
 // order; copies of the tables the calls still need (sizes and offsets); the work items.
-// Nothing in it refers to the tables it was built from.
+// Nothing in it refers to the tables it was built from; a window's plan shares its clients'
+// lists with the round's.
 struct LayoutPlan {
   int64_t N = 0, K = 0;
   std::vector<int64_t> meta, counts, offsets;  // (N, 5), (K, N, 2), (K, N)
   std::vector<Tensor3> t;                      // (N)
   std::vector<SegT> seg;                       // (K, N)
-  std::vector<std::vector<int32_t>> rr, ri;    // per client: kept rows' full / compact index
-  std::vector<std::vector<Run>> runs;          // per client
-  std::vector<std::vector<uint64_t>> bits;     // per client
-  std::vector<std::vector<int32_t>> cols;      // per client: kept columns
+  std::vector<std::shared_ptr<const ClientLists>> lists;  // (K)
   std::vector<Item> items;
   const SegT& at(int64_t k, int64_t n) const { return seg[k * N + n]; }
 };
@@ -107,11 +114,12 @@ struct LayoutPlan {
 // Client k's lists from the layout's inverse row maps and column lists.
 inline void plan_client(LayoutPlan& plan, const LayoutTables& lt, int64_t k) {
   const int64_t N = plan.N;
-  auto& rr = plan.rr[k];
-  auto& ri = plan.ri[k];
-  auto& runs = plan.runs[k];
-  auto& bits = plan.bits[k];
-  auto& cols = plan.cols[k];
+  auto made = std::make_shared<ClientLists>();
+  auto& rr = made->rr;
+  auto& ri = made->ri;
+  auto& runs = made->runs;
+  auto& bits = made->bits;
+  auto& cols = made->cols;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t* m = lt.meta + 5 * n;
     const Tensor3& t = plan.t[n];
@@ -141,6 +149,7 @@ inline void plan_client(LayoutPlan& plan, const LayoutTables& lt, int64_t k) {
     s.nrows = static_cast<int64_t>(rr.size()) - s.row0;
     s.nruns = static_cast<int64_t>(runs.size()) - s.run0;
   }
+  plan.lists[k] = std::move(made);
 }
 
 // One call: the layout's plan and the clients' compact tensors ((K, N) views; a view's
@@ -228,11 +237,12 @@ inline void item_span(const Plan<ct>& plan, const Item& it, int64_t k, const cha
     const ClientView<ct>& v = plan.view(k, n);
     int64_t r0, r1;
     item_rows(it, n, lp.t[n], r0, r1);
-    const int32_t* rr = lp.rr[k].data() + s.row0;
+    const ClientLists& cl = *lp.lists[k];
+    const int32_t* rr = cl.rr.data() + s.row0;
     const int64_t a = std::lower_bound(rr, rr + s.nrows, static_cast<int32_t>(r0)) - rr;
     const int64_t z = std::lower_bound(rr, rr + s.nrows, static_cast<int32_t>(r1)) - rr;
     if (a == z) continue;
-    const int32_t* ri = lp.ri[k].data() + s.row0;
+    const int32_t* ri = cl.ri.data() + s.row0;
     const char* lo = reinterpret_cast<const char*>(v.data + ri[a] * v.stride0);
     const char* hi = reinterpret_cast<const char*>(v.data + ri[z - 1] * v.stride0 + v.cols * v.stride1);
     if (!b || lo < b) b = lo;
@@ -289,17 +299,18 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
     cov_off += (r1 - r0) * t.words;
     den_off += (r1 - r0) * t.Cin;
     if (s.nrows == 0 || s.nruns == 0) continue;
-    const int32_t* rr = lp.rr[k].data() + s.row0;
-    const int32_t* ri = lp.ri[k].data() + s.row0;
+    const ClientLists& cl = *lp.lists[k];
+    const int32_t* rr = cl.rr.data() + s.row0;
+    const int32_t* ri = cl.ri.data() + s.row0;
     int64_t a = 0, z = s.nrows;
     if (r0 > 0 || r1 < t.R) {
       a = std::lower_bound(rr, rr + s.nrows, static_cast<int32_t>(r0)) - rr;
       z = std::lower_bound(rr + a, rr + s.nrows, static_cast<int32_t>(r1)) - rr;
     }
-    const Run* runs = lp.runs[k].data() + s.run0;
+    const Run* runs = cl.runs.data() + s.run0;
     const int64_t nruns = s.nruns;
-    const uint64_t* colbits = lp.bits[k].data() + s.bits0;
-    const int32_t* kcols = lp.cols[k].data() + s.col0;
+    const uint64_t* colbits = cl.bits.data() + s.bits0;
+    const int32_t* kcols = cl.cols.data() + s.col0;
     const wt* W = tg.W[n];
     const int64_t row_bytes = v.cols * v.stride1 * static_cast<int64_t>(sizeof(ct));
     // Cover weights (folds, overlap): with many kept columns, one dense row of pk / 0 added to
@@ -559,7 +570,7 @@ inline LayoutPlan build_plan(const LayoutTables& lt) {
     plan.t[n] = {m[0], m[1], m[2], (m[1] + 63) / 64};
   }
   plan.seg.resize(K * N);
-  plan.rr.resize(K), plan.ri.resize(K), plan.runs.resize(K), plan.bits.resize(K), plan.cols.resize(K);
+  plan.lists.resize(K);
   torch::stable::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) plan_client(plan, lt, k);
   });
@@ -568,8 +579,8 @@ inline LayoutPlan build_plan(const LayoutTables& lt) {
 }
 
 // The plan of some of a planned layout's clients (client j of the subset is client idx[j]
-// of the parent; each idx in [0, parent.K)): their lists copied, the rest shared in kind,
-// no table read again.
+// of the parent; each idx in [0, parent.K)): their lists shared, their sizes and offsets
+// copied, no table read again.
 inline LayoutPlan subset_plan(const LayoutPlan& parent, const int64_t* idx, int64_t K) {
   LayoutPlan plan;
   const int64_t N = parent.N;
@@ -578,14 +589,13 @@ inline LayoutPlan subset_plan(const LayoutPlan& parent, const int64_t* idx, int6
   plan.t = parent.t;
   plan.items = parent.items;
   plan.counts.resize(2 * K * N), plan.offsets.resize(K * N), plan.seg.resize(K * N);
-  plan.rr.resize(K), plan.ri.resize(K), plan.runs.resize(K), plan.bits.resize(K), plan.cols.resize(K);
+  plan.lists.resize(K);
   for (int64_t j = 0; j < K; ++j) {
     const int64_t k = idx[j];
     std::copy_n(parent.counts.begin() + 2 * k * N, 2 * N, plan.counts.begin() + 2 * j * N);
     std::copy_n(parent.offsets.begin() + k * N, N, plan.offsets.begin() + j * N);
     std::copy_n(parent.seg.begin() + k * N, N, plan.seg.begin() + j * N);
-    plan.rr[j] = parent.rr[k], plan.ri[j] = parent.ri[k], plan.runs[j] = parent.runs[k];
-    plan.bits[j] = parent.bits[k], plan.cols[j] = parent.cols[k];
+    plan.lists[j] = parent.lists[k];
   }
   return plan;
 }
