@@ -172,6 +172,41 @@ def _(weights, meta, row_inv, col_keep, counts, starts, out) -> None:
     return None
 
 
+def call_layout_op(op: torch._library.custom_ops.CustomOpDef, *args: object) -> None:
+    """Call a layout operator (``slice_packed``, ``aggregate_packed``, ... : lists of tensors in,
+    outputs written in place) with ``args``.
+
+    In plain eager mode its body runs directly, under ``no_grad``: not compiling, no torch
+    function or dispatch mode, no profiler, no tensor subclass, CPU or CUDA data. The
+    operator's Python wrapper, alias check and redispatch cost about 0.7 us per tensor in
+    its lists (20 ms of a ResNet-56 state_dict aggregation at K = 100, whose 100 clients pass
+    27,700 tensors); the body is the operator's own, so both ways compute the same. Anything
+    else (``torch.compile``, fake tensors, a profiler, which then sees the operator) goes
+    through ``torch.ops.cahfp``.
+    """
+    tensors: list = []
+    for a in args:
+        if isinstance(a, Tensor):
+            tensors.append(a)
+        elif isinstance(a, list) and a and isinstance(a[0], Tensor):
+            tensors.extend(a)
+    body = getattr(op, "_init_fn", None)  # the decorated function (torch._library.custom_ops)
+    if (
+        body is None
+        or not tensors
+        or tensors[0].device.type not in ("cpu", "cuda")
+        or torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.autograd._profiler_enabled()
+        or torch.overrides.has_torch_function(tensors)
+    ):
+        op(*args)
+        return
+    with torch.no_grad():
+        body(*args)
+
+
 def layout_plan(tables: LayoutTables, device: torch.device, owner: object) -> int:
     """The backend's plan of a layout's tables for ``aggregate_packed`` / ``fold_packed``
     (the C++ engine's per-round rows, column runs and bitsets, made once and released when

@@ -905,8 +905,8 @@ def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor 
     t = layout._device_tables(device)
     starts = layout.offsets_host + (np.cumsum(layout.numels) - layout.numels)[:, None]
     if total:
-        _operators.slice_packed_op(
-            list(weights), *t._replace(offsets=_table(starts, device)), out
+        _operators.call_layout_op(
+            _operators.slice_packed_op, list(weights), *t._replace(offsets=_table(starts, device)), out
         )
     bounds = np.concatenate([[0], np.cumsum(layout.numels)]).tolist()
     return [out[bounds[k] : bounds[k + 1]] for k in range(layout.num_clients)]
@@ -979,8 +979,8 @@ def aggregate_packed(
         out = _hugepages.empty(total, ref.dtype, device, prefault=True)
     stats = torch.empty((len(clients), 2), dtype=torch.float64, device=device)
     t = layout._device_tables(device)
-    _operators.aggregate_packed_op(
-        list(weights), flat, parts, *t,
+    _operators.call_layout_op(
+        _operators.aggregate_packed_op, list(weights), flat, parts, *t,
         normalise(coef), mode, out, stats, layout._plan(device),
     )  # fmt: skip
     return out, stats
@@ -1037,8 +1037,8 @@ def accumulate_packed(
     stats = torch.empty(3, dtype=torch.float64, device=ref.device)
     t = layout._device_tables(ref.device)
     flat, parts = _flat_clients([client], layout.num_tensors)
-    _operators.accumulate_packed_op(
-        list(weights), flat, parts, *t,
+    _operators.call_layout_op(
+        _operators.accumulate_packed_op, list(weights), flat, parts, *t,
         float(weight), float(max_ssq), mode, sums, cover, stats,
     )  # fmt: skip
     return stats
@@ -1097,8 +1097,8 @@ def fold_packed(
     flat, parts = _flat_clients(clients, layout.num_tensors)
     stats = torch.empty((len(clients), 2), dtype=torch.float64, device=ref.device)
     t = layout._device_tables(ref.device)
-    _operators.fold_packed_op(
-        list(weights), flat, parts, *t,
+    _operators.call_layout_op(
+        _operators.fold_packed_op, list(weights), flat, parts, *t,
         coef, mode, sums, cover, sums_out, cover_out, stats, layout._plan(ref.device),
     )  # fmt: skip
     return sums_out, cover_out, stats
@@ -1137,7 +1137,9 @@ def finish_partials(
         weight_sum = _layout_checks.check_number(op, "weight_sum", weight_sum)
     if out is None:
         out = _hugepages.empty(total, weights[0].dtype, device, prefault=True)
-    _operators.finish_partials_op(list(weights), sums, cover, float(weight_sum), mode, out)
+    _operators.call_layout_op(
+        _operators.finish_partials_op, list(weights), sums, cover, float(weight_sum), mode, out
+    )
     return out
 
 

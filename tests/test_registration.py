@@ -115,3 +115,40 @@ def test_opcheck_public_many(backend, gen):
     row_counts = [int((r[n][k] >= 0).sum()) for n in range(3) for k in range(K)]
     col_counts = [int((c[n][k] >= 0).sum()) for n in range(3) for k in range(K)]
     torch.library.opcheck(torch.ops.cahfp.slice_channels_many, (w, r, c, row_counts, col_counts))
+
+
+def test_layout_ops_run_their_body_eagerly_and_the_operator_under_modes(gen):
+    """In plain eager mode a layout operator's body runs directly (no wrapper cost per tensor);
+    under a dispatch mode or a profiler the call goes through ``torch.ops.cahfp`` (which they
+    then see). Both ways give the same bits."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = {"a": torch.randn(6, 5, 3, 3, generator=gen), "b": torch.randn(6, generator=gen)}
+    rows = {"a": [torch.tensor([0, 2, 5]), torch.tensor([1, 2])], "b": [torch.tensor([0, 2, 5]), torch.tensor([1, 2])]}
+    cols = {"a": [torch.tensor([1, 3]), None]}
+    layout = cahfp_ops.RoundLayout.from_keep_sets(model, rows, cols)
+    clients = [b + torch.randn(b.shape, generator=gen) for b in layout.slice(list(model.values()))]
+    coef = torch.tensor([0.25, 0.75], dtype=torch.float64)
+
+    def run():
+        return cahfp_ops.aggregate_packed(layout, list(model.values()), clients, coef)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    eager = run()
+    with Seen() as seen:
+        moded = run()
+    assert any("cahfp.aggregate_packed" in n for n in seen.names)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiled = run()
+    assert any(e.key == "cahfp::aggregate_packed" for e in prof.key_averages())
+    for a, b in ((eager, moded), (eager, profiled)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
