@@ -53,8 +53,8 @@ def remove_strays(path: str | os.PathLike) -> list[str]:
 
 def save_atomic(payload: Any, path: str | os.PathLike) -> None:
     """``torch.save(payload)`` to ``path`` atomically (the temporary file is removed on failure,
-    an interrupt included: SIGINT is held back while the file is made, so there is no moment
-    when it exists and nothing would remove it)."""
+    an interrupt included: SIGINT's handler is deferred while the file is made, so there is no
+    moment when it exists and nothing would remove it)."""
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
     remove_strays(path)
@@ -82,18 +82,34 @@ def save_atomic(payload: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def _hold_interrupts() -> set | None:
-    """Block SIGINT on this thread (the main thread, where Python runs its handler); returns
-    the mask to restore, or None where nothing was blocked."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+def _hold_interrupts() -> tuple[Any, list] | None:
+    """Defer SIGINT's Python handler: until :func:`_release`, an interrupt is only recorded.
+    Returns ``(previous handler, recorded interrupts)``, or None off the main thread (the only
+    one that may set handlers, and where Python runs them). Deferring the handler, not the
+    signal, is what holds in a process with other threads: a blocked SIGINT is delivered to
+    one of them (a torch worker), and Python still runs its handler on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    recorded: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: recorded.append((signum, frame)))
+    return previous, recorded
 
 
-def _release(held: set | None) -> None:
-    """Restore the mask :func:`_hold_interrupts` returned (a pending SIGINT is then handled)."""
-    if held is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+def _release(held: tuple[Any, list] | None) -> None:
+    """Put back the handler :func:`_hold_interrupts` replaced, then act on an interrupt that
+    came meanwhile as that handler would have (Python's raises ``KeyboardInterrupt`` here)."""
+    if held is None:
+        return
+    previous, recorded = held
+    signal.signal(signal.SIGINT, previous)
+    if not recorded or previous == signal.SIG_IGN:
+        return
+    came = recorded[0]
+    recorded.clear()  # acted on once, also when the caller releases again on its way out
+    if callable(previous):
+        previous(*came)
+    else:  # the default action (or a handler set outside Python): the signal again, undeferred
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
