@@ -445,7 +445,7 @@ def plan_layout(tables: LayoutTables) -> int:
 
 def plan_subset(plan: int, clients: Sequence[int]) -> int:
     """The plan of some clients of the plan kept under ``plan`` (client j is its client
-    ``clients[j]``), kept under the id returned: their lists copied, no table re-read."""
+    ``clients[j]``), kept under the id returned: their lists shared, no table re-read."""
     idx = torch.tensor(list(clients), dtype=torch.int64)
     return int(torch.ops._cahfp_cpp.plan_subset(_device_tensor(), plan, idx))
 

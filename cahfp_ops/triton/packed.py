@@ -736,13 +736,12 @@ def fold_packed(
     SC = col_keep.shape[1]
     views = [_view3(w) for w in ws]
     base, c_meta = _clients_in_place(op, clients, list(parts), views, counts, offsets)
+    w_meta, block, work, P = _partials_grid(
+        "fold_packed", ws, views, [t for t in (sums_in, sums_out) if t is not None],
+        [t for t in (cover_in, cover_out) if t is not None], device,
+    )  # fmt: skip
     if sums_in is None:  # from zeros: the outputs zeroed (once checked), then folded in place
-        w_meta, block, work, P = _partials_grid("fold_packed", ws, views, [sums_out], [cover_out], device)
         sums_in, cover_in = sums_out.zero_(), cover_out.zero_()
-    else:
-        w_meta, block, work, P = _partials_grid(
-            "fold_packed", ws, views, [sums_in, sums_out], [cover_in, cover_out], device
-        )
     col_inv = _col_inverse(meta, col_keep, counts, tuple(Cin for _, Cin, _ in views))
     acc = sums_out.dtype
     p = coef.to(device=device, dtype=acc)

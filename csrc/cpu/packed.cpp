@@ -431,7 +431,7 @@ int64_t plan_layout_cpu(Tensor meta, Tensor row_inv, Tensor col_keep, Tensor cou
 }
 
 // The plan of clients `clients` (1-D int64, each in [0, K)) of the plan kept under `id`,
-// kept under a new id (a window of a planned round costs a copy of its clients' lists).
+// kept under a new id (a window of a planned round shares its clients' lists).
 int64_t plan_subset_cpu(Tensor /*device*/, int64_t id, Tensor clients) {
   STD_TORCH_CHECK(clients.dim() == 1 && clients.scalar_type() == ScalarType::Long && clients.is_cpu(),
                   "clients must be a 1-D int64 CPU tensor");

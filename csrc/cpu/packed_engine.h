@@ -62,7 +62,6 @@ constexpr int64_t kStreamAhead = 2048;
 
 struct Run {
   int64_t co, jo, n;  // element offsets of the run in the full and the compact row, its elements
-  int32_t c, L;       // full column, length in columns
 };
 
 // Client k's part of tensor n in the plan's per-client lists.
@@ -141,7 +140,7 @@ inline void plan_client(LayoutPlan& plan, const LayoutTables& lt, int64_t k) {
       for (int64_t j = 0; j < s.cc;) {
         int64_t L = 1;
         while (j + L < s.cc && ck[j + L] == ck[j] + L) ++L;
-        runs.push_back({ck[j] * t.T, j * t.T, L * t.T, ck[j], static_cast<int32_t>(L)});
+        runs.push_back({ck[j] * t.T, j * t.T, L * t.T});
         for (int64_t l = 0; l < L; ++l) b[(ck[j] + l) >> 6] |= uint64_t(1) << ((ck[j] + l) & 63);
         j += L;
       }
