@@ -169,3 +169,89 @@ def test_plans_that_do_not_fit_are_refused():
     cahfp_ops.cpp.release_layout_plan(plan)
     with pytest.raises(RuntimeError, match="no layout plan"):
         _operators.aggregate_packed_op(ws, bufs, [0] * 4, *t, coef / coef.sum(), "reconstruct", out, stats, plan)
+
+
+# Rows of 128 columns and more with T > 1 (csrc/cpu/packed_engine.h, kInterleave): random keep
+# sets (runs of about two columns) take the interleaved scratch and the walk column by column;
+# prefix keep sets (one run per row) the walk run by run; a 5x5 convolution the generic tap
+# count; a 1-D tensor T = 1.
+WIDE_SHAPES = [("wide3x3", (20, 130, 3, 3)), ("prefix3x3", (9, 140, 3, 3)), ("wide5x5", (5, 129, 5, 5)), ("bn", (20,))]
+
+
+def _wide_case(K, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    weights = {n: torch.randn(s, generator=gen, dtype=dtype) for n, s in WIDE_SHAPES}
+    rows, cols = {n: [] for n, _ in WIDE_SHAPES}, {n: [] for n, s in WIDE_SHAPES if len(s) > 1}
+    for k in range(K):
+        frac = float(torch.rand(1, generator=gen)) * 0.6 + 0.2
+        for n, s in WIDE_SHAPES:
+            rows[n].append(_keep(gen, s[0], frac))
+            if len(s) > 1:
+                cols[n].append(list(range(int(frac * s[1]))) if n.startswith("prefix") else _keep(gen, s[1], frac))
+    layout = RoundLayout.from_keep_sets(weights, rows, cols, num_clients=K)
+    layout.names = tuple(weights)
+    bufs = [torch.randn(int(layout.numels[k]), generator=gen, dtype=dtype) for k in range(K)]
+    coef = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    return weights, rows, cols, layout, bufs, coef
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+@pytest.mark.parametrize("K", [1, 6])
+def test_wide_rows_equal_the_previous_engine_bit_for_bit(K, mode, dtype):
+    weights, rows, cols, layout, bufs, coef = _wide_case(K, 10 + K, dtype)
+    ws = list(weights.values())
+    out, stats = aggregate_packed(layout, ws, bufs, coef, mode)
+    expect = _per_tensor(weights, rows, cols, layout, bufs, coef, mode)
+    for (n, e), g in zip(expect.items(), packed_views(out, [tuple(w.shape) for w in ws])):
+        assert torch.equal(g, e), n
+    with cahfp_ops.use_backend("torch"):
+        _, ref_stats = aggregate_packed(layout, ws, bufs, coef, mode)
+    assert torch.equal(stats[:, 0], ref_stats[:, 0])
+    torch.testing.assert_close(stats[:, 1], ref_stats[:, 1], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
+def test_wide_rows_fold_windows_finish_and_one_client_equal_the_batch_call(mode):
+    """The interleaved scratch is the batch call's alone: folds, their finish and one-client
+    folds give the batch call's result and every client's statistics bit for bit."""
+    K = 7
+    weights, rows, cols, layout, bufs, _ = _wide_case(K, 20)
+    ws = list(weights.values())
+    # sums to 1 exactly: aggregate_packed's normalisation changes no coefficient
+    coef = torch.tensor([1, 1, 2, 1, 1, 1, 1], dtype=torch.float64) / 8
+    out, stats = aggregate_packed(layout, ws, bufs, coef, mode)
+    s, c, st = fold_packed(layout, ws, bufs, coef, mode, None, None)
+    s2 = c2 = None
+    window_stats = []
+    for idx in ([0, 1], [2, 3, 4], [5, 6]):
+        s2, c2, w_st = fold_packed(layout.subset(idx), ws, [bufs[k] for k in idx], coef[idx], mode, s2, c2)
+        window_stats.append(w_st)
+    assert torch.equal(s, s2) and torch.equal(c, c2)
+    assert torch.equal(st, stats) and torch.equal(torch.cat(window_stats), stats)
+    if mode == "reconstruct":
+        assert torch.equal(cahfp_ops.finish_partials(ws, s, c, 1.0, mode), out)
+    for k in (0, 4):  # a client folded on its own (streaming ``add``): plan of its own tables
+        fresh = RoundLayout.from_keep_sets(weights, {n: [v[k]] for n, v in rows.items()},
+                                           {n: [v[k]] for n, v in cols.items()}, num_clients=1)  # fmt: skip
+        fresh.names = layout.names
+        _, one = aggregate_packed(fresh, ws, [bufs[k]], coef[k : k + 1], mode)
+        assert torch.equal(one[0], stats[k])
+
+
+def test_wide_rows_zero_coefficient_huge_and_nonfinite_deltas():
+    K = 5
+    weights, rows, cols, layout, bufs, coef = _wide_case(K, 30)
+    ws = list(weights.values())
+    zero = coef.clone()
+    zero[2] = 0
+    keep = [0, 1, 3, 4]
+    out0, _ = aggregate_packed(layout, ws, bufs, zero)
+    out1, _ = aggregate_packed(layout.subset(keep), ws, [bufs[k] for k in keep], coef[keep])
+    assert torch.equal(out0, out1)
+    huge = [b.clone() for b in bufs]
+    huge[1][:9] = 3e30  # wide3x3 comes first: finite, its square is not in float32
+    huge[3][-1] = float("nan")
+    _, stats = aggregate_packed(layout, ws, huge, coef)
+    assert stats[:, 0].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+    assert 9 * 9e60 * 0.99 < float(stats[1, 1]) < float("inf")
