@@ -182,7 +182,7 @@ def _wide_case(K, seed, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     weights = {n: torch.randn(s, generator=gen, dtype=dtype) for n, s in WIDE_SHAPES}
     rows, cols = {n: [] for n, _ in WIDE_SHAPES}, {n: [] for n, s in WIDE_SHAPES if len(s) > 1}
-    for k in range(K):
+    for _ in range(K):
         frac = float(torch.rand(1, generator=gen)) * 0.6 + 0.2
         for n, s in WIDE_SHAPES:
             rows[n].append(_keep(gen, s[0], frac))
