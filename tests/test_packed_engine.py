@@ -213,8 +213,8 @@ def test_wide_rows_equal_the_previous_engine_bit_for_bit(K, mode, dtype):
 
 @pytest.mark.parametrize("mode", ["reconstruct", "overlap"])
 def test_wide_rows_fold_windows_finish_and_one_client_equal_the_batch_call(mode):
-    """The interleaved scratch is the batch call's alone: folds, their finish and one-client
-    folds give the batch call's result and every client's statistics bit for bit."""
+    """Folds in windows (through the interleaved scratch too), their finish and one-client
+    calls give the batch call's result and every client's statistics bit for bit."""
     K = 7
     weights, rows, cols, layout, bufs, _ = _wide_case(K, 20)
     ws = list(weights.values())

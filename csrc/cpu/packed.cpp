@@ -141,13 +141,29 @@ CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_FP_HEAD, CAHFP_FP_ARGS, finish_pairs_isa, (pa
 #undef CAHFP_FP_HEAD
 #undef CAHFP_FP_ARGS
 
-#define CAHFP_PK_HEAD template <typename wt, typename ct>
-#define CAHFP_PK_ARGS <wt, ct>
-CAHFP_ISA_VARIANTS_UPTO_AVX2(CAHFP_PK_HEAD, CAHFP_PK_ARGS, packed_items_isa, (packed::run_items<wt, ct>),
-                             (const packed::Plan<ct>& plan, const packed::Targets<wt>& tg,
-                              const std::vector<packed::Item>& items, const std::vector<acc_t<wt>>& p, bool overlap,
-                              bool fold, double* ssq, uint8_t* bad, int64_t i0, int64_t i1),
-                             (plan, tg, items, p, overlap, fold, ssq, bad, i0, i1))
+// The engine's ISA variants by hand (the row loop inside is compiled out of line per variant:
+// packed::client_row_at takes the variant as a template argument).
+#define CAHFP_PK_PARAMS                                                                                     \
+  (const packed::Plan<ct>& plan, const packed::Targets<wt>& tg, const std::vector<packed::Item>& items, \
+   const std::vector<acc_t<wt>>& p, double* ssq, uint8_t* bad, int64_t i0, int64_t i1)
+template <typename wt, typename ct, bool kOverlap, bool kFold>
+CAHFP_ATTR_BASELINE void packed_items_baseline CAHFP_PK_PARAMS {
+  packed::run_items<wt, ct, kOverlap, kFold, 0>(plan, tg, items, p, ssq, bad, i0, i1);
+}
+#if defined(CAHFP_X86_DISPATCH)
+template <typename wt, typename ct, bool kOverlap, bool kFold>
+CAHFP_ATTR_AVX2 void packed_items_avx2 CAHFP_PK_PARAMS {
+  packed::run_items<wt, ct, kOverlap, kFold, 1>(plan, tg, items, p, ssq, bad, i0, i1);
+}
+#endif
+#undef CAHFP_PK_PARAMS
+template <typename wt, typename ct, bool kOverlap, bool kFold>
+auto packed_items_isa_pick() {
+#if defined(CAHFP_X86_DISPATCH)
+  if (active_isa() >= kAvx2) return &packed_items_avx2<wt, ct, kOverlap, kFold>;
+#endif
+  return &packed_items_baseline<wt, ct, kOverlap, kFold>;
+}
 
 // Layout plans kept for the layouts that asked for one (plan_layout), by id.
 std::mutex plans_mutex;
@@ -205,9 +221,12 @@ void run_packed(const PackedCall& pc, std::vector<Tensor>& clients, const std::v
   const int64_t n_items = static_cast<int64_t>(items.size());
   std::vector<double> ssq(n_items * K, 0.0);
   std::vector<uint8_t> bad(n_items * K, 0);
-  const auto run = packed_items_isa_pick<wt, ct>();
+  const auto run = pc.overlap ? (fold ? packed_items_isa_pick<wt, ct, true, true>()
+                                      : packed_items_isa_pick<wt, ct, true, false>())
+                              : (fold ? packed_items_isa_pick<wt, ct, false, true>()
+                                      : packed_items_isa_pick<wt, ct, false, false>());
   torch::stable::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
-    run(plan, tg, items, p, pc.overlap, fold, ssq.data(), bad.data(), i0, i1);
+    run(plan, tg, items, p, ssq.data(), bad.data(), i0, i1);
   });
   reduce_item_stats<acc_t<wt>>(ssq, bad, n_items, K, stats);
 }
