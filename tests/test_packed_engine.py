@@ -215,16 +215,17 @@ def test_wide_rows_equal_the_previous_engine_bit_for_bit(K, mode, dtype):
 def test_wide_rows_fold_windows_finish_and_one_client_equal_the_batch_call(mode):
     """Folds in windows (through the interleaved scratch too), their finish and one-client
     calls give the batch call's result and every client's statistics bit for bit."""
-    K = 7
+    K = 12
     weights, rows, cols, layout, bufs, _ = _wide_case(K, 20)
     ws = list(weights.values())
     # sums to 1 exactly: aggregate_packed's normalisation changes no coefficient
-    coef = torch.tensor([1, 1, 2, 1, 1, 1, 1], dtype=torch.float64) / 8
+    coef = torch.tensor([2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1], dtype=torch.float64) / 16
     out, stats = aggregate_packed(layout, ws, bufs, coef, mode)
     s, c, st = fold_packed(layout, ws, bufs, coef, mode, None, None)
     s2 = c2 = None
     window_stats = []
-    for idx in ([0, 1], [2, 3, 4], [5, 6]):
+    # windows of fewer than 8 clients fold in place, of 8 and more through the scratch
+    for idx in ([0, 1], list(range(2, 11)), [11]):
         s2, c2, w_st = fold_packed(layout.subset(idx), ws, [bufs[k] for k in idx], coef[idx], mode, s2, c2)
         window_stats.append(w_st)
     assert torch.equal(s, s2) and torch.equal(c, c2)

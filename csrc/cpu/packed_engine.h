@@ -85,6 +85,8 @@ constexpr int64_t kLongRun = 4;
 // ResNet-56's rows of up to 64 columns 5 % slower). Padding each half to 16 floats so that
 // a block is one AVX-512 load and store measured slower (55 vs 51 ms; in cache 50 vs 41).
 constexpr int64_t kInterleave = 128;
+// Folds of at least this many clients use the interleaved scratch (fewer add in place).
+constexpr int64_t kInterleaveFold = 8;
 
 struct Run {
   int64_t co, jo, n;  // element offsets of the run in the full and the compact row, its elements
@@ -456,18 +458,20 @@ inline void client_tensor(const Plan<ct>& plan, const Targets<wt>& tg, int64_t n
   }
 }
 
-// Whether tensor t's sums are accumulated in the interleaved scratch (weights of the
-// accumulation dtype: the scratch holds them unrounded).
+// Whether tensor t's sums are accumulated in the interleaved scratch in a call of K clients
+// (weights of the accumulation dtype: the scratch holds them unrounded; a fold of fewer than
+// kInterleaveFold clients adds in place: filling the scratch from the partial sums and
+// copying it back costs a pass over the whole tensor, which a few clients do not repay).
 template <typename wt>
-inline bool interleaved(const Tensor3& t) {
-  return std::is_same_v<wt, acc_t<wt>> && t.inter;
+inline bool interleaved(const Tensor3& t, bool fold, int64_t K) {
+  return std::is_same_v<wt, acc_t<wt>> && t.inter && (!fold || K >= kInterleaveFold);
 }
 
 // Scratch elements of `rows` rows of tensor t: interleaved weights and sums; the sums alone
 // (aggregate); none (a fold's sums are the caller's partial sums).
 template <typename wt>
-inline int64_t scratch_elems(const Tensor3& t, int64_t rows, bool fold) {
-  return interleaved<wt>(t) ? rows * t.Cin * 2 * t.T : (fold ? 0 : rows * t.Cin * t.T);
+inline int64_t scratch_elems(const Tensor3& t, int64_t rows, bool fold, int64_t K) {
+  return interleaved<wt>(t, fold, K) ? rows * t.Cin * 2 * t.T : (fold ? 0 : rows * t.Cin * t.T);
 }
 
 // One client's pass over one item, tensor by tensor (each with its own tap count).
@@ -481,11 +485,11 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
     const Tensor3& t = lp.t[n];
     int64_t r0, r1;
     item_rows(it, n, t, r0, r1);
-    const bool inter = interleaved<wt>(t);
+    const bool inter = interleaved<wt>(t, kFold, plan.K);
     const TensorOut<acc_t<wt>> to{kFold && !inter ? tg.sums_out[n] + r0 * t.Cin * t.T : sum + sum_off,
                                   kFold ? tg.cover_out[n] + r0 * t.Cin : (kOverlap ? den + den_off : nullptr),
                                   kFold ? nullptr : cov + cov_off};
-    sum_off += scratch_elems<wt>(t, r1 - r0, kFold);
+    sum_off += scratch_elems<wt>(t, r1 - r0, kFold, plan.K);
     cov_off += (r1 - r0) * t.words;
     den_off += (r1 - r0) * t.Cin;
     // the common tap counts unrolled (one dtype; the exact recount is rare)
@@ -585,7 +589,7 @@ void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const
   for (int64_t n = it.n0; n < it.n1; ++n) {
     int64_t r0, r1;
     item_rows(it, n, plan.t()[n], r0, r1);
-    need += scratch_elems<wt>(plan.t()[n], r1 - r0, kFold);
+    need += scratch_elems<wt>(plan.t()[n], r1 - r0, kFold, K);
   }
   if (static_cast<int64_t>(scratch.sum.size()) < need) scratch.sum.resize(need);
   sum = scratch.sum.data();
@@ -595,7 +599,7 @@ void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const
     int64_t r0, r1;
     item_rows(it, n, t, r0, r1);
     const int64_t re = t.Cin * t.T;
-    if (interleaved<wt>(t)) {  // per column: its T weights, then its T sums
+    if (interleaved<wt>(t, kFold, K)) {  // per column: its T weights, then its T sums
       const wt* w = tg.W[n] + r0 * re;
       const acc* from = kFold && tg.sums_in[n] ? tg.sums_in[n] + r0 * re : nullptr;
       for (int64_t c = 0; c < (r1 - r0) * t.Cin; ++c, d += 2 * t.T, w += t.T) {
@@ -666,7 +670,7 @@ void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const
     const acc* from = sum;
     for (int64_t n = it.n0; n < it.n1; ++n) {
       const Tensor3& t = plan.t()[n];
-      if (!interleaved<wt>(t)) continue;
+      if (!interleaved<wt>(t, true, K)) continue;
       int64_t r0, r1;
       item_rows(it, n, t, r0, r1);
       acc* to = tg.sums_out[n] + r0 * t.Cin * t.T;
@@ -681,7 +685,7 @@ void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const
     int64_t r0, r1;
     item_rows(it, n, t, r0, r1);
     const int64_t re = t.Cin * t.T;
-    const bool inter = interleaved<wt>(t);
+    const bool inter = interleaved<wt>(t, false, K);
     for (int64_t r = r0; r < r1; ++r) {
       if (inter)
         write_row_inter<wt, kOverlap>(tg.out[n] + r * re, sum + sum_off + (r - r0) * t.Cin * 2 * t.T,
@@ -692,7 +696,7 @@ void run_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item& it, const
                                 kOverlap ? den + den_off + (r - r0) * t.Cin : nullptr,
                                 cov + cov_off + (r - r0) * t.words, t.Cin, t.T);
     }
-    sum_off += scratch_elems<wt>(t, r1 - r0, false);
+    sum_off += scratch_elems<wt>(t, r1 - r0, false, K);
     cov_off += (r1 - r0) * t.words;
     den_off += (r1 - r0) * t.Cin;
   }
