@@ -147,15 +147,21 @@ def test_unsupported_isa_is_refused():
 def test_every_cpu_variant_gives_identical_bits(dtype):
     """The runtime-dispatched variants differ in speed only: bit-identical outputs."""
     gen = torch.Generator().manual_seed(11)
-    weights = [torch.randn(37, 19, 3, 3, generator=gen).to(dtype), torch.randn(37, generator=gen).to(dtype)]
+    # a 3x3 conv, its bias, and a wide 3x3 conv (rows of 130 columns, short runs: the packed
+    # engine's interleaved scratch and column-by-column walk)
+    weights = [torch.randn(37, 19, 3, 3, generator=gen).to(dtype), torch.randn(37, generator=gen).to(dtype),
+               torch.randn(12, 130, 3, 3, generator=gen).to(dtype)]  # fmt: skip
     rows = [torch.sort(torch.randperm(37, generator=gen)[:n]).values for n in (37, 20, 5)]
     cols = [torch.sort(torch.randperm(19, generator=gen)[:n]).values for n in (19, 11, 1)]
+    wide_rows = [torch.sort(torch.randperm(12, generator=gen)[:n]).values for n in (12, 7, 3)]
+    wide_cols = [torch.sort(torch.randperm(130, generator=gen)[:n]).values for n in (70, 60, 40)]
     clients = [  # client-major: client k's compact tensors
-        [torch.randn(len(r), len(c), 3, 3, generator=gen).to(dtype), torch.randn(len(r), generator=gen).to(dtype)]
-        for r, c in zip(rows, cols)
-    ]
-    keep_rows = [rows, rows]
-    keep_cols = [cols, None]
+        [torch.randn(len(r), len(c), 3, 3, generator=gen).to(dtype), torch.randn(len(r), generator=gen).to(dtype),
+         torch.randn(len(wr), len(wc), 3, 3, generator=gen).to(dtype)]
+        for r, c, wr, wc in zip(rows, cols, wide_rows, wide_cols)
+    ]  # fmt: skip
+    keep_rows = [rows, rows, wide_rows]
+    keep_cols = [cols, None, wide_cols]
     hess = torch.randn(3, 37, 19, 3, 3, generator=gen).to(dtype)
     grad = torch.randn(3, 37, 19, 3, 3, generator=gen).to(dtype)
     scores_w = torch.randn(3, 37, 19, 3, 3, generator=gen).to(dtype)
