@@ -32,21 +32,23 @@ def _keep(gen, size, frac):
     return torch.randperm(size, generator=gen)[:n].sort().values.tolist()
 
 
-def _case(K, seed, empty_every=0):
-    """Weights, rows/cols keep sets (client k keeps nothing when empty_every divides k + 1),
-    clients' packed buffers of random values, and weights."""
+def _case(K, seed, empty_every=0, shapes=SHAPES, dtype=torch.float32, fracs=(0.05, 0.9)):
+    """Weights, rows/cols keep sets (client k keeps nothing when empty_every divides k + 1;
+    else a fraction in [fracs[0], fracs[0] + fracs[1]); a tensor named "prefix..." keeps its
+    first columns), clients' packed buffers of random values, and weights."""
     gen = torch.Generator().manual_seed(seed)
-    weights = {n: torch.randn(s, generator=gen) for n, s in SHAPES}
-    rows, cols = {n: [] for n, _ in SHAPES}, {n: [] for n, s in SHAPES if len(s) > 1}
+    weights = {n: torch.randn(s, generator=gen, dtype=dtype) for n, s in shapes}
+    rows, cols = {n: [] for n, _ in shapes}, {n: [] for n, s in shapes if len(s) > 1}
     for k in range(K):
-        frac = 0.0 if empty_every and (k + 1) % empty_every == 0 else float(torch.rand(1, generator=gen)) * 0.9 + 0.05
-        for n, s in SHAPES:
+        empty = empty_every and (k + 1) % empty_every == 0
+        frac = 0.0 if empty else float(torch.rand(1, generator=gen)) * fracs[1] + fracs[0]
+        for n, s in shapes:
             rows[n].append(_keep(gen, s[0], frac))
             if len(s) > 1:
-                cols[n].append(_keep(gen, s[1], frac))
+                cols[n].append(list(range(int(frac * s[1]))) if n.startswith("prefix") else _keep(gen, s[1], frac))
     layout = RoundLayout.from_keep_sets(weights, rows, cols, num_clients=K)
     layout.names = tuple(weights)
-    bufs = [torch.randn(int(layout.numels[k]), generator=gen) for k in range(K)]
+    bufs = [torch.randn(int(layout.numels[k]), generator=gen, dtype=dtype) for k in range(K)]
     coef = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
     return weights, rows, cols, layout, bufs, coef
 
@@ -179,20 +181,7 @@ WIDE_SHAPES = [("wide3x3", (20, 130, 3, 3)), ("prefix3x3", (9, 140, 3, 3)), ("wi
 
 
 def _wide_case(K, seed, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    weights = {n: torch.randn(s, generator=gen, dtype=dtype) for n, s in WIDE_SHAPES}
-    rows, cols = {n: [] for n, _ in WIDE_SHAPES}, {n: [] for n, s in WIDE_SHAPES if len(s) > 1}
-    for _ in range(K):
-        frac = float(torch.rand(1, generator=gen)) * 0.6 + 0.2
-        for n, s in WIDE_SHAPES:
-            rows[n].append(_keep(gen, s[0], frac))
-            if len(s) > 1:
-                cols[n].append(list(range(int(frac * s[1]))) if n.startswith("prefix") else _keep(gen, s[1], frac))
-    layout = RoundLayout.from_keep_sets(weights, rows, cols, num_clients=K)
-    layout.names = tuple(weights)
-    bufs = [torch.randn(int(layout.numels[k]), generator=gen, dtype=dtype) for k in range(K)]
-    coef = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
-    return weights, rows, cols, layout, bufs, coef
+    return _case(K, seed, shapes=WIDE_SHAPES, dtype=dtype, fracs=(0.2, 0.6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

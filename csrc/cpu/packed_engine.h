@@ -322,7 +322,7 @@ inline void client_row(acc* __restrict__ sp, const ct* __restrict__ crow, const 
   SsqAcc lq;
   lq.v = q.v, lq.t = q.t, lq.s = q.s;
   bool lb = bad;
-  if (T == 1 || by_runs) {  // (an interleaved row is always walked by columns)
+  if (by_runs) {  // (always for T == 1; never for an interleaved row)
     for (int64_t u = 0; u < nruns; ++u) {
       const Run& run = runs[u];
       __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(crow + run.jo) + kStreamAhead), 0,
@@ -415,7 +415,7 @@ inline void client_tensor(const Plan<ct>& plan, const Targets<wt>& tg, int64_t n
   const uint64_t* colbits = cl.bits.data() + s.bits0;
   const int32_t* kcols = cl.cols.data() + s.col0;
   const int64_t row_bytes = v.cols * v.stride1 * static_cast<int64_t>(sizeof(ct));
-  const bool by_runs = !t.inter && (nruns <= kFewRuns || cc >= kLongRun * nruns);
+  const bool by_runs = T == 1 || (!t.inter && (nruns <= kFewRuns || cc >= kLongRun * nruns));
   const int64_t srow = kInter ? t.Cin * 2 * T : row_elems;  // scratch row
   // Cover weights (folds, overlap): with many kept columns, one dense row of pk / 0 added to
   // every kept row costs fewer stores than one add per kept column. Adding 0 to a weight sum
@@ -492,29 +492,27 @@ inline void client_item(const Plan<ct>& plan, const Targets<wt>& tg, const Item&
     sum_off += scratch_elems<wt>(t, r1 - r0, kFold, plan.K);
     cov_off += (r1 - r0) * t.words;
     den_off += (r1 - r0) * t.Cin;
-    // the common tap counts unrolled (one dtype; the exact recount is rare)
-    if constexpr (std::is_same_v<wt, acc_t<wt>>) {
+    // the common tap counts unrolled (one dtype; the exact recount is rare); T = 1 is never
+    // interleaved
+    const auto walk = [&](auto inter_c) {
+      constexpr bool kI = decltype(inter_c)::value;
+      if constexpr (std::is_same_v<wt, ct> && !kExact) {
+        if (t.T == 9)
+          return client_tensor<wt, ct, kOverlap, 9, kFold, kExact, kI, kIsa>(plan, tg, n, r0, r1, k, pk, to,
+                                                                              cover_row, q, bad, pace);
+        if (!kI && t.T == 1)
+          return client_tensor<wt, ct, kOverlap, 1, kFold, kExact, kI, kIsa>(plan, tg, n, r0, r1, k, pk, to,
+                                                                              cover_row, q, bad, pace);
+      }
+      client_tensor<wt, ct, kOverlap, 0, kFold, kExact, kI, kIsa>(plan, tg, n, r0, r1, k, pk, to, cover_row, q, bad,
+                                                                   pace);
+    };
+    if constexpr (std::is_same_v<wt, acc_t<wt>>)  // (the scratch holds weights of the accumulation dtype)
       if (inter) {
-        if constexpr (std::is_same_v<wt, ct> && !kExact)
-          if (t.T == 9) {
-            client_tensor<wt, ct, kOverlap, 9, kFold, kExact, true, kIsa>(plan, tg, n, r0, r1, k, pk, to, cover_row, q, bad, pace);
-            continue;
-          }
-        client_tensor<wt, ct, kOverlap, 0, kFold, kExact, true, kIsa>(plan, tg, n, r0, r1, k, pk, to, cover_row, q, bad, pace);
+        walk(std::true_type{});
         continue;
       }
-    }
-    if constexpr (std::is_same_v<wt, ct> && !kExact) {
-      if (t.T == 9) {
-        client_tensor<wt, ct, kOverlap, 9, kFold, kExact, false, kIsa>(plan, tg, n, r0, r1, k, pk, to, cover_row, q, bad, pace);
-        continue;
-      }
-      if (t.T == 1) {
-        client_tensor<wt, ct, kOverlap, 1, kFold, kExact, false, kIsa>(plan, tg, n, r0, r1, k, pk, to, cover_row, q, bad, pace);
-        continue;
-      }
-    }
-    client_tensor<wt, ct, kOverlap, 0, kFold, kExact, false, kIsa>(plan, tg, n, r0, r1, k, pk, to, cover_row, q, bad, pace);
+    walk(std::false_type{});
   }
 }
 
