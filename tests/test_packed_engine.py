@@ -245,3 +245,64 @@ def test_wide_rows_zero_coefficient_huge_and_nonfinite_deltas():
     _, stats = aggregate_packed(layout, ws, huge, coef)
     assert stats[:, 0].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
     assert 9 * 9e60 * 0.99 < float(stats[1, 1]) < float("inf")
+
+
+def _separate_case(seed=40, K=4):
+    """Tensors whose columns are dim 1 (a conv), a later dim (dims 2 and 3) and none (1-D),
+    each client's tensors in its packed buffer and as separate tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5, 3, 3), (4, 2, 7, 3), (3, 2, 2, 5), (6,)]
+    rows = [(0, 1), None, None, (0, 1)]
+    cols = [(1, 1), (2, 1, 0, 1, 2), (1, 1, 0, 1, 3), None]
+    sizes = [6, 5, 7]
+    keeps = [[torch.tensor(_keep(gen, size, 0.6), dtype=torch.int64) for _ in range(K)] for size in sizes]
+    keeps[2][-1] = torch.zeros(0, dtype=torch.int64)  # keeps nothing of a later-dim group
+    layout = RoundLayout.from_groups(shapes, rows, cols, sizes, keeps, K)
+    weights = [torch.randn(s, generator=gen) for s in shapes]
+    separate = [[torch.randn(s, generator=gen) for s in layout.compact_shapes(k)] for k in range(K)]
+    bufs = [torch.cat([t.reshape(-1) for t in sep]) for sep in separate]
+    coef = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    return layout, weights, separate, bufs, coef
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_separate_tensors_on_any_column_dim_equal_packed_buffers(validate):
+    """Separate client tensors (contiguous or not; columns on dim 1 or a later dim) give what
+    the packed buffers give, bit for bit."""
+    layout, weights, separate, bufs, coef = _separate_case()
+    strided = [[t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() > 1 else t for t in sep]
+               for sep in separate]  # fmt: skip
+    with cahfp_ops.validation(validate):
+        want = aggregate_packed(layout, weights, bufs, coef)
+        for form in (separate, strided):
+            got = aggregate_packed(layout, weights, form, coef)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda t: torch.randn(t.shape[0] + 1, *t.shape[1:]),  # more rows than kept: enough elements
+        lambda t: torch.randn(t.numel()).reshape(t.shape[0], -1),  # the right elements, flattened
+        lambda t: torch.randn(*t.shape, 1),  # the right elements, one more dim
+    ],
+)
+def test_separate_tensors_must_have_exactly_their_compact_shape(bad):
+    """The kernel takes a separate client tensor only in exactly its compact shape, checks on or
+    off; reconstruct_aggregate_many (which leaves those checks to the kernel) words the error
+    with the tensor's name."""
+    layout, weights, separate, bufs, coef = _separate_case()
+    for n in (0, 1):  # columns on dim 1, on dim 2
+        broken = [list(sep) for sep in separate]
+        broken[2][n] = bad(separate[2][n])
+        with cahfp_ops.validation(False), pytest.raises(RuntimeError, match="compact shape"):
+            aggregate_packed(layout, weights, broken, coef)
+    sd = {"conv": torch.randn(6, 5, 3, 3), "bn": torch.randn(6)}
+    keep = [torch.tensor([0, 2, 3]), torch.tensor([1])]
+    rows, cols = {"conv": keep, "bn": keep}, {"conv": [None, torch.tensor([0, 4])]}
+    clients = [dict(c) for c in cahfp_ops.slice_channels_many(sd, rows, cols)]
+    clients[1]["conv"] = bad(clients[1]["conv"])
+    before = [t.clone() for t in sd.values()]
+    with pytest.raises(ValueError, match=r"clients\[1\] for 'conv' has shape"):
+        cahfp_ops.reconstruct_aggregate_many(sd, clients, rows, cols)
+    assert all(torch.equal(a, b) for a, b in zip(before, sd.values()))

@@ -9,6 +9,8 @@
 
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <unordered_map>
 
 namespace cahfp {
@@ -43,6 +45,59 @@ ClientView<ct> packed_view(const Tensor& buffer, const LayoutTables& lt, const i
   STD_TORCH_CHECK(range_inside(off, rc * cc * T, buffer.numel()), "the buffer of client ", k, " holds ",
                   buffer.numel(), " elements, too few for tensor ", n, " at offset ", off);
   return ClientView<ct>{cdata<ct>(buffer) + off, cc * T, T, rc, cc};
+}
+
+// The dim that holds the columns when `sizes` is exactly the compact shape of a client's
+// tensor of the weight shaped `w` (layout.compact_shapes), else -1: (cc) for a 1-D weight
+// (0); (rc, cc, *w[2:]) when its columns are dim 1; (*w[:d], cc, *w[d+1:]) when they are
+// dim d != 1 (rows then all kept). The column dim is one that fits the layout's (R, Cin, T)
+// view `m`; where size-1 dims let two dims fit it, the first that matches is taken: the
+// shapes of the two differ only when they hold no element.
+template <typename Sizes>
+int64_t compact_col_dim(const Sizes& sizes, const std::vector<int64_t>& w, const int64_t* m, int64_t rc,
+                        int64_t cc) {
+  const int64_t dim = static_cast<int64_t>(w.size());
+  if (static_cast<int64_t>(sizes.size()) != dim) return -1;
+  if (dim == 1) return sizes[0] == cc ? 0 : -1;
+  int64_t lead = 1;  // product of w[:d]
+  for (int64_t d = 0; d < dim; ++d) {
+    int64_t tail = 1;
+    for (int64_t e = d + 1; e < dim; ++e) tail *= w[e];
+    if (lead == m[0] && w[d] == m[1] && tail == m[2] && (d == 1 || rc == m[0])) {
+      bool ok = sizes[d] == cc;
+      for (int64_t e = 0; e < dim && ok; ++e)
+        if (e != d) ok = sizes[e] == (e == 0 && d == 1 ? rc : w[e]);
+      if (ok) return d;
+    }
+    lead *= w[d];
+  }
+  return -1;
+}
+
+// Client k's tensor n sent on its own: checked (a CPU tensor of the clients' dtype, exactly
+// its compact shape: a caller may leave the shape checks to the kernel, as
+// reconstruct_aggregate_many does) and viewed as (rc, cc, T). It is made contiguous (into c)
+// where the engine could not read it in place: runs of columns that are not dense, or
+// columns on a dim other than 1.
+template <typename ct>
+ClientView<ct> separate_compact_view(Tensor& c, ScalarType cdtype, const std::vector<int64_t>& w, const int64_t* m,
+                                     int64_t rc, int64_t cc, int64_t n, int64_t k) {
+  STD_TORCH_CHECK(c.is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] tensor ", n,
+                  " must be a CPU tensor of dtype ", dtype_name(cdtype));
+  const int64_t d = compact_col_dim(c.sizes(), w, m, rc, cc);
+  STD_TORCH_CHECK(d >= 0, "clients[", k, "] tensor ", n, " has shape ", shape_str(c),
+                  ", not its compact shape (", rc, " rows, ", cc, " cols)");
+  if (w.size() == 1 || d == 1) {
+    const View3 v{m[0], m[1], m[2], w.size() == 1};
+    ClientView<ct> cv = separate_view<ct>(c, cdtype, v, rc, cc, n, k);
+    if (cv.stride1 != m[2] && cv.cols > 1) {  // the engine reads runs of columns: make them dense
+      c = torch::stable::contiguous(c);
+      cv = separate_view<ct>(c, cdtype, v, rc, cc, n, k);
+    }
+    return cv;
+  }
+  if (!c.is_contiguous()) c = torch::stable::contiguous(c);
+  return ClientView<ct>{cdata<ct>(c), cc * m[2], m[2], rc, cc};
 }
 
 // A packed buffer must be a 1-D contiguous CPU tensor of the clients' dtype.
@@ -200,23 +255,32 @@ void run_packed(const PackedCall& pc, std::vector<Tensor>& clients, const std::v
     STD_TORCH_CHECK(pc.ws[n].numel() == checked_product(lp.meta[5 * n], lp.meta[5 * n + 1], lp.meta[5 * n + 2]),
                     "weights[", n, "] has ", pc.ws[n].numel(), " elements but the layout says ", lp.meta[5 * n],
                     " x ", lp.meta[5 * n + 1], " x ", lp.meta[5 * n + 2]);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t* m = lt.meta + 5 * n;
-      const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
-      if (pc.parts[k] == 0) {
-        plan.views[k * N + n] = packed_view<ct>(clients[pc.start[k]], lt, m, n, k);
-      } else {
-        const View3 v{m[0], m[1], m[2], pc.ws[n].dim() == 1};
-        Tensor& c = clients[pc.start[k] + n];
-        ClientView<ct> cv = separate_view<ct>(c, pc.cdtype, v, rc, cc, n, k);
-        if (cv.stride1 != m[2] && cv.cols > 1) {  // the engine reads runs of columns: make them dense
-          c = torch::stable::contiguous(c);
-          cv = separate_view<ct>(c, pc.cdtype, v, rc, cc, n, k);
+  std::vector<std::vector<int64_t>> wshape(N);  // the weights' shapes, for the exact client shapes
+  for (int64_t n = 0; n < N; ++n) {
+    const auto s = pc.ws[n].sizes();
+    wshape[n].assign(s.begin(), s.end());
+  }
+  // The clients' views, built in parallel: each separate tensor's metadata costs a few cache
+  // misses (a ResNet-56 round sends 27,700 tensors). The first error in client order is raised.
+  std::vector<std::string> errors(K);
+  torch::stable::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) try {
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t* m = lt.meta + 5 * n;
+          const int64_t rc = lt.counts[2 * (k * N + n)], cc = lt.counts[2 * (k * N + n) + 1];
+          if (pc.parts[k] == 0) {
+            plan.views[k * N + n] = packed_view<ct>(clients[pc.start[k]], lt, m, n, k);
+            continue;
+          }
+          plan.views[k * N + n] =
+              separate_compact_view<ct>(clients[pc.start[k] + n], pc.cdtype, wshape[n], m, rc, cc, n, k);
         }
-        plan.views[k * N + n] = cv;
+      } catch (const std::exception& e) {
+        errors[k] = e.what();
       }
-    }
+  });
+  for (const std::string& e : errors)
+    if (!e.empty()) throw std::runtime_error(e);
   const std::vector<packed::Item>& items = lp.items;
   const int64_t n_items = static_cast<int64_t>(items.size());
   std::vector<double> ssq(n_items * K, 0.0);
