@@ -170,6 +170,11 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
             layout0, floats, cached, coef_t, out=out), agg_bytes, repeat, None, case))  # fmt: skip
         print(row_paired("  touch-only pass over the clients (bound)", lambda: [b.sum() for b in bufs],
                          4 * client_elems, repeat, None, case))  # fmt: skip
+        # What separate tensors cost at the operator boundary: the same call on the state_dicts'
+        # tensors (no Python checks: validation is off).
+        lists = [[c[n] for n in model] for c in clients]
+        print(row_paired("  same, separate tensors (the boundary's cost)", lambda: cahfp_ops.aggregate_packed(
+            layout0, floats, lists, coef_t, out=out), agg_bytes, repeat, None, case))  # fmt: skip
     print(row("index_add peer (per tensor)", peer_agg, agg_bytes, bw, case=case))
     print("  (* of copy: the median over calls of each call's fraction of a copy timed just before it)")
 
