@@ -124,6 +124,11 @@ class _Structure:
     device_maps: dict = field(default_factory=dict, compare=False)  # (space, device) -> _expand's tables
 
     @functools.cached_property
+    def later_dims(self) -> tuple[int, ...]:
+        """The tensors (2-D and up) whose columns are a dim other than 1."""
+        return tuple(int(n) for n in np.flatnonzero((self.col_dim != 1) & ~self.row_vector))
+
+    @functools.cached_property
     def partial_sizes(self) -> tuple[int, int]:
         """Elements of streaming partial sums over all tensors: ``(sums, cover)``."""
         return sum(R * Cin * T for R, Cin, T in self.views), sum(R * Cin for R, Cin, _ in self.views)
@@ -904,6 +909,7 @@ def slice_packed(layout: RoundLayout, weights: Sequence[Tensor], *, out: Tensor 
         _layout_checks.check_buffer(op, "out", out, total, dtype, device)
     t = layout._device_tables(device)
     starts = layout.offsets_host + (np.cumsum(layout.numels) - layout.numels)[:, None]
+    weights, _ = _as_views(layout, weights, [])
     if total:
         _operators.call_layout_op(
             _operators.slice_packed_op, list(weights), *t._replace(offsets=_table(starts, device)), out
@@ -925,6 +931,32 @@ def _flat_clients(clients: Sequence[Tensor | Sequence[Tensor]], N: int) -> tuple
             flat.extend(c)
             parts.append(N)
     return flat, parts
+
+
+def _as_views(
+    layout: RoundLayout, weights: Sequence[Tensor], clients: Sequence[Tensor | Sequence[Tensor]]
+) -> tuple[list[Tensor], list]:
+    """``weights`` and ``clients`` as every backend reads them: a tensor whose columns are a
+    later dim than 1 (a layout built with a 5-tuple column spec) as its ``(R, Cin, T)`` view,
+    and a client's separate tensor of it as ``(rows, cols, T)`` (the same elements in the same
+    order: a view, or a copy of a non-contiguous one). Other tensors, and packed buffers, as
+    they are."""
+    later = layout._st.later_dims
+    if not later:
+        return list(weights), list(clients)
+    views = layout._st.views
+    weights = list(weights)
+    for n in later:
+        weights[n] = weights[n].reshape(views[n])
+    out = []
+    for k, c in enumerate(clients):
+        if not isinstance(c, Tensor):
+            c = list(c)
+            for n in later:
+                rc, cc = (int(x) for x in layout.counts_host[k, n])
+                c[n] = c[n].reshape(rc, cc, views[n][2])
+        out.append(c)
+    return weights, out
 
 
 def _check_client_args(op: str, layout: RoundLayout, weights: object, clients: object, name: str = "clients") -> Tensor:
@@ -974,6 +1006,7 @@ def aggregate_packed(
         _layout_checks.check_coef(op, coef, layout.num_clients, device, positive_sum=True)
         if out is not None:
             _layout_checks.check_buffer(op, "out", out, total, ref.dtype, device)
+    weights, clients = _as_views(layout, weights, clients)
     flat, parts = _flat_clients(clients, layout.num_tensors)
     if out is None:
         out = _hugepages.empty(total, ref.dtype, device, prefault=True)
@@ -1036,6 +1069,7 @@ def accumulate_packed(
         max_ssq = _layout_checks.check_number(op, "max_ssq", max_ssq, finite=False)
     stats = torch.empty(3, dtype=torch.float64, device=ref.device)
     t = layout._device_tables(ref.device)
+    weights, (client,) = _as_views(layout, weights, [client])
     flat, parts = _flat_clients([client], layout.num_tensors)
     _operators.call_layout_op(
         _operators.accumulate_packed_op, list(weights), flat, parts, *t,
@@ -1094,6 +1128,7 @@ def fold_packed(
     else:
         acc = acc_dtype(weights[0].dtype)
         sums_out, cover_out = (empty_buffer(n, acc, ref.device) for n in layout._st.partial_sizes)
+    weights, clients = _as_views(layout, weights, clients)
     flat, parts = _flat_clients(clients, layout.num_tensors)
     stats = torch.empty((len(clients), 2), dtype=torch.float64, device=ref.device)
     t = layout._device_tables(ref.device)
@@ -1112,6 +1147,7 @@ def finish_partials(
     mode: str,
     *,
     out: Tensor | None = None,
+    layout: RoundLayout | None = None,
 ) -> Tensor:
     """The new global model from streaming partial sums, in one pass; returns the N results
     packed in order (1-D, the weights' dtype; :func:`packed_views` splits it).
@@ -1121,22 +1157,33 @@ def finish_partials(
     the weights' dtype; elsewhere ``w``, bit for bit. ``sums`` / ``cover``: as
     :func:`accumulate_packed` and :func:`fold_packed` keep them. ``weight_sum``: the sum of
     the folded clients' weights (finite, >= 0). ``out``: the buffer to write (new unless given).
+    ``layout``: the layout the partial sums were folded on; needed when its columns of some
+    tensor are a later dim than 1 (without it, every tensor's columns are taken as dim 1, and
+    a 1-D tensor's as its only dim).
     """
     op = "finish_partials"
     if not isinstance(weights, (list, tuple)) or not weights or not all(isinstance(w, Tensor) for w in weights):
         raise TypeError(f"{op}: weights must be a non-empty list of tensors")
+    if layout is not None:
+        _check_layout(op, layout)
+        if len(weights) != layout.num_tensors:
+            raise ValueError(f"{op}: {len(weights)} weights for a layout of {layout.num_tensors} tensors")
     device = weights[0].device
     total = sum(w.numel() for w in weights)
     if validation_enabled():
         check_floating(op, "weights[0]", weights[0])
         if any(w.dtype != weights[0].dtype or w.device != device or w.dim() < 1 for w in weights):
             raise ValueError(f"{op}: weights must share one dtype and device, each at least 1-D")
-        _check_partials(op, weights, mode, {"sums": sums, "cover": cover})
+        if layout is not None:
+            _layout_checks.check_weights(op, layout, weights)
+        _check_partials(op, weights, mode, {"sums": sums, "cover": cover}, layout)
         if out is not None:
             _layout_checks.check_buffer(op, "out", out, total, weights[0].dtype, device)
         weight_sum = _layout_checks.check_number(op, "weight_sum", weight_sum)
     if out is None:
         out = _hugepages.empty(total, weights[0].dtype, device, prefault=True)
+    if layout is not None:
+        weights, _ = _as_views(layout, weights, [])
     _operators.call_layout_op(
         _operators.finish_partials_op, list(weights), sums, cover, float(weight_sum), mode, out
     )

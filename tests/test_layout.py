@@ -285,6 +285,13 @@ def test_finish_partials_bad_input_names_the_argument(backend, gen):
         args = dict(sums=sums, cover=cover, weight_sum=1.0, mode="reconstruct", out=None) | kw
         with pytest.raises(ValueError, match=match):
             finish_partials(weights, args["sums"], args["cover"], args["weight_sum"], args["mode"], out=args["out"])
+    other = RoundLayout.from_keep_sets(model, None, None, num_clients=1)
+    with pytest.raises(TypeError, match="finish_partials: layout must be a RoundLayout"):
+        finish_partials(weights, sums, cover, 1.0, "reconstruct", layout="not a layout")
+    with pytest.raises(ValueError, match="finish_partials: 2 weights for a layout of"):
+        finish_partials(weights[:2], sums, cover, 1.0, "reconstruct", layout=other)
+    want = finish_partials(weights, sums, cover, 1.0, "reconstruct")
+    assert torch.equal(finish_partials(weights, sums, cover, 1.0, "reconstruct", layout=other), want)
 
 def test_layout_ops_opcheck_and_compile(backend, gen):
     K = 3
