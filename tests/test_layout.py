@@ -293,6 +293,7 @@ def test_finish_partials_bad_input_names_the_argument(backend, gen):
     want = finish_partials(weights, sums, cover, 1.0, "reconstruct")
     assert torch.equal(finish_partials(weights, sums, cover, 1.0, "reconstruct", layout=other), want)
 
+
 def test_layout_ops_opcheck_and_compile(backend, gen):
     K = 3
     model, rows, cols, layout = _case(gen, K)
