@@ -938,9 +938,10 @@ def _as_views(
 ) -> tuple[list[Tensor], list]:
     """``weights`` and ``clients`` as every backend reads them: a tensor whose columns are a
     later dim than 1 (a layout built with a 5-tuple column spec) as its ``(R, Cin, T)`` view,
-    and a client's separate tensor of it as ``(rows, cols, T)`` (the same elements in the same
-    order: a view, or a copy of a non-contiguous one). Other tensors, and packed buffers, as
-    they are."""
+    and a client's separate tensor of it, when it has its compact shape, as ``(rows, cols, T)``
+    (the same elements in the same order: a view, or a copy of a non-contiguous one; any
+    other shape goes as it is, for the backend to refuse). Other tensors, and packed buffers,
+    as they are."""
     later = layout._st.later_dims
     if not later:
         return list(weights), list(clients)
@@ -951,10 +952,11 @@ def _as_views(
     out = []
     for k, c in enumerate(clients):
         if not isinstance(c, Tensor):
-            c = list(c)
+            c, shapes = list(c), layout.compact_shapes(k)
             for n in later:
-                rc, cc = (int(x) for x in layout.counts_host[k, n])
-                c[n] = c[n].reshape(rc, cc, views[n][2])
+                if isinstance(c[n], Tensor) and tuple(c[n].shape) == tuple(shapes[n]):
+                    rc, cc = (int(x) for x in layout.counts_host[k, n])
+                    c[n] = c[n].reshape(rc, cc, views[n][2])
         out.append(c)
     return weights, out
 
