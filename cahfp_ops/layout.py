@@ -867,23 +867,41 @@ _LAYOUTS: OrderedDict = OrderedDict()
 _LAYOUT_CACHE_SIZE = 4
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# Keep-set tensors whose form was checked (1-D, integer, on the device), by the ids of the
+# objects in order, pinned so that an id cannot be reused while it is a key: the same objects
+# coming back (a round's slicing, then its aggregation) skip the per-tensor checks. Their
+# contents are compared on every lookup all the same.
+_CHECKED_KEEPS: OrderedDict = OrderedDict()
+
+
 def _keep_fingerprint(group_keeps: Sequence[KeepSets], K: int, device: torch.device) -> tuple[tuple, Tensor] | None:
     """(lengths, int64 contents) of keep sets given as sequences of K 1-D integer tensors on
     ``device``; None for any other form (those layouts are built, not looked up)."""
-    parts = []
+    parts: list = []
     for keep in group_keeps:
         if not isinstance(keep, (list, tuple)) or len(keep) != K:
             return None
-        for t in keep:
-            if (
-                not isinstance(t, Tensor) or t.dim() != 1 or t.device != device
-                or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-            ):  # fmt: skip
-                return None
-            parts.append(t)
+        parts.extend(keep)
     if not parts:
         return None
-    return tuple(t.numel() for t in parts), torch.cat(parts).to(torch.int64)  # cat promotes mixed int dtypes
+    ids = tuple(map(id, parts))
+    if ids in _CHECKED_KEEPS:
+        _CHECKED_KEEPS.move_to_end(ids)
+    else:
+        for t in parts:
+            if not isinstance(t, Tensor) or t.dim() != 1 or t.device != device or t.dtype not in _INDEX_DTYPES:
+                return None
+        _CHECKED_KEEPS[ids] = parts
+        if len(_CHECKED_KEEPS) > _LAYOUT_CACHE_SIZE:
+            _CHECKED_KEEPS.popitem(last=False)
+    try:
+        contents = torch.cat(parts)  # promotes mixed integer dtypes
+    except (RuntimeError, TypeError):  # a checked object changed form in place since: built, not looked up
+        return None
+    if contents.dim() != 1 or contents.dtype not in _INDEX_DTYPES or contents.device != device:
+        return None
+    return tuple(t.numel() for t in parts), contents.to(torch.int64)
 
 
 # ---------------------------------------------------------------------- kernel calls

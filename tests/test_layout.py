@@ -571,6 +571,14 @@ def test_layouts_are_reused_for_equal_keep_sets_and_rebuilt_when_they_change(gen
     bad["b.weight"][0] = torch.tensor([3, 1])  # not ascending: must raise although equal-length sets were seen
     with pytest.raises(ValueError, match="ascending"):
         RoundLayout.from_keep_sets(model, rows, bad)
+    # The same objects again (their form was checked when first seen): the same layout. One
+    # of them changed in place through numpy (no version bump): the contents decide.
+    assert RoundLayout.from_keep_sets(model, rows, cols) is first
+    keep = rows["a.weight"][2]  # 3 of the 7 rows
+    keep.numpy()[:] = [4, 5, 6] if keep.tolist() != [4, 5, 6] else [0, 1, 2]
+    moved = RoundLayout.from_keep_sets(model, rows, cols)
+    assert moved is not first
+    assert torch.equal(PackedModel(moved.slice(list(model.values()))[2], moved, 2)["a.bias"], model["a.bias"][keep])
 
 
 def test_packed_scalars_views_write_through():
