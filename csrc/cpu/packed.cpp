@@ -47,57 +47,37 @@ ClientView<ct> packed_view(const Tensor& buffer, const LayoutTables& lt, const i
   return ClientView<ct>{cdata<ct>(buffer) + off, cc * T, T, rc, cc};
 }
 
-// The dim that holds the columns when `sizes` is exactly the compact shape of a client's
-// tensor of the weight shaped `w` (layout.compact_shapes), else -1: (cc) for a 1-D weight
-// (0); (rc, cc, *w[2:]) when its columns are dim 1; (*w[:d], cc, *w[d+1:]) when they are
-// dim d != 1 (rows then all kept). The column dim is one that fits the layout's (R, Cin, T)
-// view `m`; where size-1 dims let two dims fit it, the first that matches is taken: the
-// shapes of the two differ only when they hold no element.
+// Whether `sizes` is exactly the compact shape of a client's tensor of the weight shaped `w`:
+// (cc) for a 1-D weight, else (rc, cc, *w[2:]). (The layout functions hand a tensor whose
+// columns are a later dim to the kernels as its (R, Cin, T) view, so the columns are dim 1.)
 template <typename Sizes>
-int64_t compact_col_dim(const Sizes& sizes, const std::vector<int64_t>& w, const int64_t* m, int64_t rc,
-                        int64_t cc) {
-  const int64_t dim = static_cast<int64_t>(w.size());
-  if (static_cast<int64_t>(sizes.size()) != dim) return -1;
-  if (dim == 1) return sizes[0] == cc ? 0 : -1;
-  int64_t lead = 1;  // product of w[:d]
-  for (int64_t d = 0; d < dim; ++d) {
-    int64_t tail = 1;
-    for (int64_t e = d + 1; e < dim; ++e) tail *= w[e];
-    if (lead == m[0] && w[d] == m[1] && tail == m[2] && (d == 1 || rc == m[0])) {
-      bool ok = sizes[d] == cc;
-      for (int64_t e = 0; e < dim && ok; ++e)
-        if (e != d) ok = sizes[e] == (e == 0 && d == 1 ? rc : w[e]);
-      if (ok) return d;
-    }
-    lead *= w[d];
-  }
-  return -1;
+bool compact_shape_ok(const Sizes& sizes, const std::vector<int64_t>& w, int64_t rc, int64_t cc) {
+  const size_t dim = w.size();
+  if (sizes.size() != dim) return false;
+  if (dim == 1) return sizes[0] == cc;
+  bool ok = sizes[0] == rc && sizes[1] == cc;
+  for (size_t d = 2; d < dim && ok; ++d) ok = sizes[d] == w[d];
+  return ok;
 }
 
 // Client k's tensor n sent on its own: checked (a CPU tensor of the clients' dtype, exactly
 // its compact shape: a caller may leave the shape checks to the kernel, as
-// reconstruct_aggregate_many does) and viewed as (rc, cc, T). It is made contiguous (into c)
-// where the engine could not read it in place: runs of columns that are not dense, or
-// columns on a dim other than 1.
+// reconstruct_aggregate_many does) and viewed as (rc, cc, T); made contiguous (into c) where
+// its runs of columns are not dense.
 template <typename ct>
 ClientView<ct> separate_compact_view(Tensor& c, ScalarType cdtype, const std::vector<int64_t>& w, const int64_t* m,
                                      int64_t rc, int64_t cc, int64_t n, int64_t k) {
   STD_TORCH_CHECK(c.is_cpu() && c.scalar_type() == cdtype, "clients[", k, "] tensor ", n,
                   " must be a CPU tensor of dtype ", dtype_name(cdtype));
-  const int64_t d = compact_col_dim(c.sizes(), w, m, rc, cc);
-  STD_TORCH_CHECK(d >= 0, "clients[", k, "] tensor ", n, " has shape ", shape_str(c),
-                  ", not its compact shape (", rc, " rows, ", cc, " cols)");
-  if (w.size() == 1 || d == 1) {
-    const View3 v{m[0], m[1], m[2], w.size() == 1};
-    ClientView<ct> cv = separate_view<ct>(c, cdtype, v, rc, cc, n, k);
-    if (cv.stride1 != m[2] && cv.cols > 1) {  // the engine reads runs of columns: make them dense
-      c = torch::stable::contiguous(c);
-      cv = separate_view<ct>(c, cdtype, v, rc, cc, n, k);
-    }
-    return cv;
+  STD_TORCH_CHECK(compact_shape_ok(c.sizes(), w, rc, cc), "clients[", k, "] tensor ", n, " has shape ",
+                  shape_str(c), ", not its compact shape (", rc, " rows, ", cc, " cols)");
+  const View3 v{m[0], m[1], m[2], w.size() == 1};
+  ClientView<ct> cv = separate_view<ct>(c, cdtype, v, rc, cc, n, k);
+  if (cv.stride1 != m[2] && cv.cols > 1) {  // the engine reads runs of columns: make them dense
+    c = torch::stable::contiguous(c);
+    cv = separate_view<ct>(c, cdtype, v, rc, cc, n, k);
   }
-  if (!c.is_contiguous()) c = torch::stable::contiguous(c);
-  return ClientView<ct>{cdata<ct>(c), cc * m[2], m[2], rc, cc};
+  return cv;
 }
 
 // A packed buffer must be a 1-D contiguous CPU tensor of the clients' dtype.

@@ -253,6 +253,17 @@ struct Pacer {
   }
 };
 
+// [a, z): the entries of a client's kept rows rr (ascending, nrows of a tensor of R rows)
+// that fall in rows [r0, r1) (all of them for the whole tensor: no search).
+inline void kept_rows_in(const int32_t* rr, int64_t nrows, int64_t r0, int64_t r1, int64_t R, int64_t& a,
+                         int64_t& z) {
+  a = 0, z = nrows;
+  if (r0 > 0 || r1 < R) {
+    a = std::lower_bound(rr, rr + nrows, static_cast<int32_t>(r0)) - rr;
+    z = std::lower_bound(rr + a, rr + nrows, static_cast<int32_t>(r1)) - rr;
+  }
+}
+
 // The contiguous stretch of client k's buffer an item reads (null when its rows are not in
 // compact order, which only a hand-made layout makes).
 template <typename ct>
@@ -267,11 +278,8 @@ inline void item_span(const Plan<ct>& plan, const Item& it, int64_t k, const cha
     item_rows(it, n, lp.t[n], r0, r1);
     const ClientLists& cl = *lp.lists[k];
     const int32_t* rr = cl.rr.data() + s.row0;
-    int64_t a = 0, z = s.nrows;
-    if (r0 > 0 || r1 < lp.t[n].R) {
-      a = std::lower_bound(rr, rr + s.nrows, static_cast<int32_t>(r0)) - rr;
-      z = std::lower_bound(rr + a, rr + s.nrows, static_cast<int32_t>(r1)) - rr;
-    }
+    int64_t a, z;
+    kept_rows_in(rr, s.nrows, r0, r1, lp.t[n].R, a, z);
     if (a == z) continue;
     const int32_t* ri = cl.ri.data() + s.row0;
     const char* lo = reinterpret_cast<const char*>(v.data + ri[a] * v.stride0);
@@ -405,11 +413,8 @@ inline void client_tensor(const Plan<ct>& plan, const Targets<wt>& tg, int64_t n
   const ClientLists& cl = *lp.lists[k];
   const int32_t* rr = cl.rr.data() + s.row0;
   const int32_t* ri = cl.ri.data() + s.row0;
-  int64_t a = 0, z = s.nrows;
-  if (r0 > 0 || r1 < t.R) {
-    a = std::lower_bound(rr, rr + s.nrows, static_cast<int32_t>(r0)) - rr;
-    z = std::lower_bound(rr + a, rr + s.nrows, static_cast<int32_t>(r1)) - rr;
-  }
+  int64_t a, z;
+  kept_rows_in(rr, s.nrows, r0, r1, t.R, a, z);
   const Run* runs = cl.runs.data() + s.run0;
   const int64_t nruns = s.nruns, cc = s.cc;
   const uint64_t* colbits = cl.bits.data() + s.bits0;
@@ -707,7 +712,8 @@ void run_items(const Plan<ct>& plan, const Targets<wt>& tg, const std::vector<It
                const std::vector<acc_t<wt>>& p, double* ssq, uint8_t* bad, int64_t i0, int64_t i1) {
   Scratch<acc_t<wt>> scratch;
   const int64_t K = plan.K;
-  for (int64_t i = i0; i < i1; ++i) run_item<wt, ct, kOverlap, kFold, kIsa>(plan, tg, items[i], p, scratch, ssq + i * K, bad + i * K);
+  for (int64_t i = i0; i < i1; ++i)
+    run_item<wt, ct, kOverlap, kFold, kIsa>(plan, tg, items[i], p, scratch, ssq + i * K, bad + i * K);
 }
 
 // finish_partials on the (row, column) pairs [q0, q1) of one tensor with T taps: where the
