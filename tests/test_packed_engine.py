@@ -306,3 +306,41 @@ def test_separate_tensors_must_have_exactly_their_compact_shape(bad):
     with pytest.raises(ValueError, match=r"clients\[1\] for 'conv' has shape"):
         cahfp_ops.reconstruct_aggregate_many(sd, clients, rows, cols)
     assert all(torch.equal(a, b) for a, b in zip(before, sd.values()))
+
+
+def test_streaming_aggregator_on_a_layout_with_later_column_dims():
+    """StreamingAggregator lays its partial sums out as its first layout lays out the columns
+    (a later dim: that tensor's view): one by one and in windows it gives the same partial sums
+    bit for bit, and the batch call's result within rounding; a call laying a tensor's
+    columns out otherwise afterwards (keep sets: dim 1) is refused, nothing changed."""
+    from cahfp_ops.fl import StreamingAggregator
+    from cahfp_ops.layout import PackedModel
+
+    layout, weights, _, bufs, coef = _separate_case()
+    K = layout.num_clients
+    names = [f"t{n}" for n in range(len(weights))]
+    layout.names = tuple(names)
+    model = dict(zip(names, weights))
+    ws = [float(c) for c in coef]
+    want, _ = aggregate_packed(layout, weights, bufs, coef)
+    one, many = StreamingAggregator(model), StreamingAggregator(model, workspace=cahfp_ops.Workspace())
+    assert all(one.add(PackedModel(bufs[k], layout, k), weight=ws[k], layout=layout, client=k).accepted
+               for k in range(K))  # fmt: skip
+    for idx in ([0, 1, 2], [3]):
+        many.add_many([PackedModel(bufs[k], layout, k) for k in idx], [ws[k] for k in idx], layout=layout, clients=idx)
+    a, b = one.partials(), many.partials()
+    assert a.views == b.views == {"t1": (8, 7, 3), "t2": (12, 5, 1)}
+    assert all(torch.equal(a.sums[n], b.sums[n]) and torch.equal(a.cover[n], b.cover[n]) for n in names)
+    assert tuple(a.cover["t1"].shape) == (8, 7)
+    got = one.result()
+    torch.testing.assert_close(torch.cat([got[n].reshape(-1) for n in names]), want, rtol=1e-5, atol=1e-6)
+    sums = {n: t.clone() for n, t in a.sums.items()}
+    with pytest.raises(ValueError, match="'t1' with its columns on a later dim"):
+        one.add({n: torch.randn(w.shape) for n, w in model.items()}, weight=1.0)
+    assert all(torch.equal(sums[n], one.partials().sums[n]) for n in names)
+    plain = StreamingAggregator(model)
+    assert plain.add({n: torch.randn(w.shape) for n, w in model.items()}, weight=1.0).accepted
+    with pytest.raises(ValueError, match="'t1' with its columns on dim 1"):
+        plain.add(PackedModel(bufs[0], layout, 0), weight=1.0, layout=layout, client=0)
+    with pytest.raises(ValueError, match="columns differently"):
+        plain.merge(one)

@@ -117,13 +117,18 @@ class AggregatePartials:
             entries): weighted sums of ``c_k - w`` (reconstruct) or of ``c_k`` (overlap) at
             each client's kept entries.
         cover: tensor name -> ``(R, Cin)`` (``(R,)`` for 1-D) sums of the weights of the
-            clients keeping each entry, same dtype.
+            clients keeping each entry, same dtype; for a tensor in ``views``, ``(R, Cin)`` of
+            its view.
         ints: integer entry name -> its value so far under :func:`largest_reported`.
         weight_sum: the sum of the accepted clients' weights (float).
         count: clients folded in (accepted, weight 0 included).
         flats: per group of entries with one device and dtype (a tuple of their names), the
             1-D ``(sums, cover)`` buffers the entries of ``sums`` / ``cover`` are views of
             (what the accumulate kernel writes).
+        views: tensor name -> ``(R, Cin, T)`` for the tensors whose columns are a later dim
+            than 1 (folded on a layout built with a 5-tuple column spec): the view the layout
+            gives them, and with it the shape of their cover weights. Empty: every tensor's
+            columns are dim 1.
     """
 
     sums: dict[str, Tensor]
@@ -132,18 +137,26 @@ class AggregatePartials:
     weight_sum: float = 0.0
     count: int = 0
     flats: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    views: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     # adopt's views of each buffer it was given, by (names, address, size): add_many swaps
     # between two sets of buffers, and a model of hundreds of entries costs ~1 ms to re-view
     _views: dict[tuple, list[Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def zeros(
-        cls, global_state: Mapping[str, Tensor], workspace: Workspace | None = None, *, fill: bool = True
+        cls,
+        global_state: Mapping[str, Tensor],
+        workspace: Workspace | None = None,
+        *,
+        fill: bool = True,
+        views: Mapping[str, tuple[int, int, int]] | None = None,
     ) -> AggregatePartials:
         """Empty partial sums for ``global_state`` (integer entries start at the global value);
         with ``workspace``, in its buffers (roles ``"partial sums i"`` / ``"partial cover i"``).
         ``fill=False``: the buffers are allocated but not zeroed (for a caller that zeroes or
-        overwrites them before anything reads them)."""
+        overwrites them before anything reads them). ``views``: as the attribute (tensors whose
+        columns are a later dim, by name)."""
+        views = dict(views or {})
         groups: dict[tuple, list[str]] = {}
         ints = {}
         for name, w in global_state.items():
@@ -155,7 +168,8 @@ class AggregatePartials:
         for i, ((device, dtype), names) in enumerate(groups.items()):
             acc = acc_dtype(dtype)
             shapes = [tuple(global_state[n].shape) for n in names]
-            cover_shapes = [(s[0],) if len(s) == 1 else s[:2] for s in shapes]
+            cover_shapes = [views[n][:2] if n in views else (s[0],) if len(s) == 1 else s[:2]
+                            for n, s in zip(names, shapes)]  # fmt: skip
             n_s, n_c = sum(math.prod(s) for s in shapes), sum(math.prod(s) for s in cover_shapes)
             if workspace is None:
                 flat_s = empty_buffer(n_s, acc, device, prefault=True)
@@ -168,7 +182,7 @@ class AggregatePartials:
             sums.update(zip(names, _split(flat_s, shapes)))
             cover.update(zip(names, _split(flat_c, cover_shapes)))
             flats[tuple(names)] = (flat_s, flat_c)
-        return cls(sums, cover, ints, flats=flats)
+        return cls(sums, cover, ints, flats=flats, views=views)
 
     def adopt(self, names: tuple, flat_s: Tensor, flat_c: Tensor) -> tuple[Tensor, Tensor]:
         """Make ``flat_s`` / ``flat_c`` (laid out as ``flats[names]``) the group's buffers, the
@@ -184,9 +198,11 @@ class AggregatePartials:
         return old
 
     def merge(self, other: AggregatePartials) -> None:
-        """Add ``other``'s partial sums to these, in place (same tensors)."""
+        """Add ``other``'s partial sums to these, in place (same tensors, same ``views``)."""
         if other.sums.keys() != self.sums.keys() or other.ints.keys() != self.ints.keys():
             raise ValueError("AggregatePartials.merge: the partial sums hold different tensors")
+        if other.views != self.views:
+            raise ValueError("AggregatePartials.merge: the partial sums lay out some tensor's columns differently")
         for name in self.sums:
             self.sums[name] += other.sums[name]
             self.cover[name] += other.cover[name]
@@ -233,7 +249,7 @@ class AggregatePartials:
             sums.update(zip(names, _split(new_s, [tuple(self.sums[n].shape) for n in names])))
             cover.update(zip(names, _split(new_c, [tuple(self.cover[n].shape) for n in names])))
             flats[names] = (new_s, new_c)
-        return sums, cover, {n: v.clone() for n, v in self.ints.items()}, 0.0, 0, flats
+        return sums, cover, {n: v.clone() for n, v in self.ints.items()}, 0.0, 0, flats, dict(self.views)
 
 
 @dataclass(frozen=True)
@@ -264,7 +280,9 @@ class StreamingAggregator:
     state_dict (or :class:`~cahfp_ops.layout.PackedModel`) and, per tensor name, its kept rows
     / cols (missing or None: all); with ``layout=`` and ``client=`` (a round's
     :class:`~cahfp_ops.layout.RoundLayout`) the keep sets come from the layout instead, which
-    is the fast path. One kernel call per client, all its tensors: a statistics pass, then
+    is the fast path (a layout whose columns of some tensor are a later dim than 1 sets the
+    partial sums' layout of that tensor, :attr:`AggregatePartials.views`, for the
+    aggregator's life). One kernel call per client, all its tensors: a statistics pass, then
     the accumulation, so a client holding a non-finite value (or with an update larger than
     ``max_update``) is rejected without a trace. ``result()`` returns the new global
     state_dict: in ``reconstruct`` mode ``w + sum_k p_k E_k(c_k - w)``, in ``overlap`` mode the
@@ -507,6 +525,7 @@ class StreamingAggregator:
         calls = []
         problems: list[str | None] = [ints_problem(u, self._partials.ints) for u in updates]
         layouts = {} if layout is None else {one.names: one for one in _layouts(layout)}
+        self._use_views(op, layouts)
         for names, (flat_s, flat_c) in self._partials.flats.items():
             ws = [self.global_state[n] for n in names]
             if layout is not None:
@@ -526,6 +545,32 @@ class StreamingAggregator:
             problems = [p or q for p, (_, q) in zip(problems, made)]
             calls.append((names, sub, ws, [d for d, _ in made], flat_s, flat_c))
         return calls, problems
+
+    def _use_views(self, op: str, layouts: Mapping[tuple, RoundLayout]) -> None:
+        """The partial sums laid out as ``layouts`` lay out the tensors' columns (keep sets, no
+        layouts: dim 1): while nothing is folded in, they are made anew to match; afterwards a
+        call that lays some tensor's columns out otherwise is refused."""
+        wanted = {}
+        for names, lay in layouts.items():
+            wanted.update((names[n], lay._st.views[n]) for n in lay._st.later_dims)
+        have = self._partials.views
+        if wanted == have:
+            return
+        if self._partials.count == 0:
+            self._partials = AggregatePartials.zeros(
+                self.global_state, self._workspace, fill=not self._unfilled, views=wanted
+            )
+            self._spare = {}
+            return
+        name = next(n for n in sorted(wanted.keys() | have.keys()) if wanted.get(n) != have.get(n))
+
+        def cols(views: dict) -> str:
+            return f"a later dim, viewed as {views[name]}" if name in views else "dim 1"
+
+        raise ValueError(
+            f"{op}: the partial sums hold {name!r} with its columns on {cols(have)}; this call lays them "
+            f"out on {cols(wanted)} (an aggregator keeps the column layout of its first layout)"
+        )
 
     def _count_in(self, update: Mapping[str, Tensor], weight: float) -> None:
         """An accepted client counted: its weight, and its integer entries (weight > 0)."""
@@ -581,7 +626,8 @@ class StreamingAggregator:
         out = {}
         for names, (flat_s, flat_c) in p.flats.items():
             ws = [self.global_state[n] for n in names]
-            flat = finish_partials(ws, flat_s, flat_c, max(p.weight_sum, 1e-300), self.mode)
+            viewed = [w.reshape(p.views[n]) if n in p.views else w for n, w in zip(names, ws)]
+            flat = finish_partials(viewed, flat_s, flat_c, max(p.weight_sum, 1e-300), self.mode)
             out.update(zip(names, _split(flat, [tuple(w.shape) for w in ws])))
         for name, w in self.global_state.items():
             if not w.is_floating_point():
