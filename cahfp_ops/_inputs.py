@@ -16,6 +16,7 @@ argument and, where it applies, the client index.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Union
@@ -242,8 +243,13 @@ def canonical_coef(op: str, coef: object, K: int, device: torch.device, *, norma
 
 def normalise(c: Tensor) -> Tensor:
     """``c / c.sum()`` that survives overflow and underflow of the sum: when the sum is not a
-    finite normal number, ``c`` is first divided by its largest entry (no host sync)."""
+    finite normal number, ``c`` is first divided by its largest entry (no host sync on a
+    GPU; on the CPU the common case reads the sum once and divides by it, the same bits)."""
     total = c.sum()
+    if c.device.type == "cpu":
+        t = total.item()
+        if math.isfinite(t) and t >= torch.finfo(c.dtype).tiny:
+            return c / total
     ok = torch.isfinite(total) & (total >= torch.finfo(c.dtype).tiny)
     c = c / torch.where(ok, torch.ones_like(total), c.amax())
     return c / c.sum()

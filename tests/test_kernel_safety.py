@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cahfp_ops
+from cahfp_ops._inputs import normalise
 from helpers import backends_under_test
 
 
@@ -129,6 +130,19 @@ def test_coefficients_at_the_ends_of_the_range(gen, backend, coef, mode):
     torch.testing.assert_close(out, again, rtol=1e-6, atol=1e-6)
     if mode == "overlap":
         torch.testing.assert_close(out, _exact_overlap(w, clients, rows, cols, coef), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "coef", [[3.0, 1.0, 0.5], [0.0, 2.0], [1e308, 1e308, 3e307], [1e-320, 2e-320], [1e-300, 1e-300], [7.0]]
+)
+def test_normalise_cpu_shortcut_is_the_device_formula(coef):
+    """On the CPU, normalise divides by the sum it read once when that is a finite normal
+    number; the device formula (rescale first where it is not) gives the same bits."""
+    c = torch.tensor(coef, dtype=torch.float64)
+    total = c.sum()
+    ok = torch.isfinite(total) & (total >= torch.finfo(c.dtype).tiny)
+    rescaled = c / torch.where(ok, torch.ones_like(total), c.amax())
+    assert torch.equal(normalise(c), rescaled / rescaled.sum())
 
 
 @pytest.mark.parametrize("backend", backends_under_test())

@@ -178,6 +178,46 @@ def _slice_packed_kernel(
 
 
 @triton.jit
+def _row_block(work, w_meta, meta, w_base, pid, WM: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of one row: tensor ``n``, row ``r``, the tensor's row and column
+    offsets in the layout's tables, its Cin and row length ``CT``, the block's element indices
+    ``e`` (``em``: within the row), their column ``c`` and tap ``t``, the global's values there."""
+    n, r, b, w_off, Cin, T = _work_item(work, w_meta, pid, WM)
+    roff = tl.load(meta + n * 5 + 3)
+    coff = tl.load(meta + n * 5 + 4)
+    CT = Cin * T
+    e = b * BLOCK + tl.arange(0, BLOCK)
+    em = e < CT
+    w_raw = tl.load(w_base + w_off + r * CT + e, mask=em, other=0.0)
+    return n, r, roff, coff, Cin, CT, e, em, e // T, e % T, w_raw
+
+
+@triton.jit
+def _add_clients(s, den, cov, w, w_raw, n, r, roff, cpos, c_ok, t, c_base, c_meta, row_inv, col_inv, p_ptr,
+                 ssq_part, bad_part, pid, K, SR, SC, OVERLAP: tl.constexpr, DEN: tl.constexpr):  # fmt: skip
+    """The clients' terms of one block, in order 0..K-1 (the aggregation's and the fold's
+    walk): ``s`` gains ``p_k * c`` (overlap) or ``p_k * (c - w)`` at each client's kept lanes,
+    ``den`` (DEN) its weight, ``cov`` marks them; a client with weight 0 is read for its
+    statistics and adds nothing."""
+    for k in range(K):
+        i = _compact_row(row_inv + k * SR, roff + r, SR)
+        off, s0, s1, n0, n1, lo, end = _client_entry(c_meta + (n * K + k) * 7)
+        if (i >= 0) & (i < n0):
+            pk = tl.load(p_ptr + k)
+            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, lo, end, w, w_raw,
+                                     SC, ssq_part, bad_part, pid)  # fmt: skip
+            if pk != 0:
+                if OVERLAP:
+                    s = tl.where(m, s + pk * x, s)
+                else:
+                    s = tl.where(m, s + pk * d, s)
+                if DEN:
+                    den = tl.where(m, den + pk, den)
+                cov = cov | m
+    return s, den, cov
+
+
+@triton.jit
 def _aggregate_packed_kernel(
     w_base,
     w_meta,
@@ -199,40 +239,17 @@ def _aggregate_packed_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n, r, b, w_off, Cin, T = _work_item(work, w_meta, pid, 4)
-    o_off = tl.load(w_meta + n * 4 + 3)
-    roff = tl.load(meta + n * 5 + 3)
-    coff = tl.load(meta + n * 5 + 4)
-    CT = Cin * T
-    e = b * BLOCK + tl.arange(0, BLOCK)
-    em = e < CT
-    c = e // T
-    t = e % T
-    w_raw = tl.load(w_base + w_off + r * CT + e, mask=em, other=0.0)
+    n, r, roff, coff, Cin, CT, e, em, c, t, w_raw = _row_block(work, w_meta, meta, w_base, pid, 4, BLOCK)
     w = _to_acc(w_raw, ACC64)
-    s = tl.zeros_like(w)
-    den = tl.zeros_like(w)
-    cov = e < 0
     cpos = coff + c
-    c_ok = em & _in_range(cpos, SC)
-    for k in range(K):
-        i = _compact_row(row_inv + k * SR, roff + r, SR)
-        off, s0, s1, n0, n1, lo, end = _client_entry(c_meta + (n * K + k) * 7)
-        if (i >= 0) & (i < n0):
-            pk = tl.load(p_ptr + k)
-            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, lo, end, w, w_raw,
-                                     SC, ssq_part, bad_part, pid)  # fmt: skip
-            if pk != 0:
-                if OVERLAP:
-                    s += tl.where(m, pk * x, 0.0)
-                    den += tl.where(m, pk, 0.0)
-                else:
-                    s += tl.where(m, pk * d, 0.0)
-                cov = cov | m
+    s, den, cov = _add_clients(tl.zeros_like(w), tl.zeros_like(w), e < 0, w, w_raw, n, r, roff, cpos,
+                               em & _in_range(cpos, SC), t, c_base, c_meta, row_inv, col_inv, p_ptr, ssq_part,
+                               bad_part, pid, K, SR, SC, OVERLAP, OVERLAP)  # fmt: skip
     if OVERLAP:
         res = s / tl.where(cov, den, 1.0)
     else:
         res = w + s
+    o_off = tl.load(w_meta + n * 4 + 3)
     tl.store(out + o_off + r * CT + e, tl.where(cov, res.to(w_raw.dtype), w_raw), mask=em)
 
 
@@ -329,35 +346,16 @@ def _fold_packed_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n, r, b, w_off, Cin, T = _work_item(work, w_meta, pid, 5)
+    n, r, roff, coff, Cin, CT, e, em, c, t, w_raw = _row_block(work, w_meta, meta, w_base, pid, 5, BLOCK)
+    w = _to_acc(w_raw, ACC64)
     s_off = tl.load(w_meta + n * 5 + 3)
     v_off = tl.load(w_meta + n * 5 + 4)
-    roff = tl.load(meta + n * 5 + 3)
-    coff = tl.load(meta + n * 5 + 4)
-    CT = Cin * T
-    e = b * BLOCK + tl.arange(0, BLOCK)
-    em = e < CT
-    c = e // T
-    t = e % T
-    w_raw = tl.load(w_base + w_off + r * CT + e, mask=em, other=0.0)
-    w = _to_acc(w_raw, ACC64)
     s = tl.load(sums_in + s_off + r * CT + e, mask=em, other=0.0)
     den = tl.load(cover_in + v_off + r * Cin + c, mask=em, other=0.0)
     cpos = coff + c
-    c_ok = em & _in_range(cpos, SC)
-    for k in range(K):
-        i = _compact_row(row_inv + k * SR, roff + r, SR)
-        off, s0, s1, n0, n1, lo, end = _client_entry(c_meta + (n * K + k) * 7)
-        if (i >= 0) & (i < n0):
-            pk = tl.load(p_ptr + k)
-            m, x, d = _client_deltas(col_inv, c_base, k, K, i, cpos, c_ok, t, off, s0, s1, n1, lo, end, w, w_raw,
-                                     SC, ssq_part, bad_part, pid)  # fmt: skip
-            if pk != 0:
-                if OVERLAP:
-                    s = tl.where(m, s + pk * x, s)
-                else:
-                    s = tl.where(m, s + pk * d, s)
-                den = tl.where(m, den + pk, den)
+    s, den, cov = _add_clients(s, den, e < 0, w, w_raw, n, r, roff, cpos, em & _in_range(cpos, SC), t, c_base,
+                               c_meta, row_inv, col_inv, p_ptr, ssq_part, bad_part, pid, K, SR, SC, OVERLAP,
+                               True)  # fmt: skip
     tl.store(sums_out + s_off + r * CT + e, s, mask=em)
     tl.store(cover_out + v_off + r * Cin + c, den, mask=em & (t == 0))  # one lane per (row, column)
 
