@@ -244,9 +244,10 @@ def canonical_coef(op: str, coef: object, K: int, device: torch.device, *, norma
 def normalise(c: Tensor) -> Tensor:
     """``c / c.sum()`` that survives overflow and underflow of the sum: when the sum is not a
     finite normal number, ``c`` is first divided by its largest entry (no host sync on a
-    GPU; on the CPU the common case reads the sum once and divides by it, the same bits)."""
+    GPU; on the CPU, outside a traced graph, the common case reads the sum once and divides by
+    it, the same bits)."""
     total = c.sum()
-    if c.device.type == "cpu":
+    if c.device.type == "cpu" and not torch.compiler.is_compiling():  # (a traced graph keeps the formula)
         t = total.item()
         if math.isfinite(t) and t >= torch.finfo(c.dtype).tiny:
             return c / total

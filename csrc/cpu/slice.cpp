@@ -13,6 +13,7 @@
 #include "isa.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 namespace cahfp {
@@ -39,9 +40,23 @@ inline void copy_items(const std::vector<Part>& parts, const std::vector<std::pa
         const int64_t cc = part.cc[k * part.cc_stride];
         scalar_t* dst = O + part.dst[k * part.dst_stride] + i * cc * T;
         const int32_t* ck = part.cols + k * part.col_stride;
-        for (int64_t j = 0; j < cc; ++j) {
-          const scalar_t* src = wrow + static_cast<int64_t>(ck[j]) * T;
-          for (int64_t t = 0; t < T; ++t) dst[j * T + t] = src[t];
+        // a fixed shape for the common tap counts (measured, K = 100, 2 threads, reused
+        // output: VGG-16 and ResNet-56 7-13 % faster with 3x3 blocks as 8 + 1 elements,
+        // a ViT's linear layers 30 % faster as a plain gather; a copy per run of
+        // consecutive columns was 1.8x slower there, the runs being short)
+        if (T == 9) {
+          for (int64_t j = 0; j < cc; ++j) {
+            const scalar_t* src = wrow + static_cast<int64_t>(ck[j]) * 9;
+            std::memcpy(dst + j * 9, src, 8 * sizeof(scalar_t));
+            dst[j * 9 + 8] = src[8];
+          }
+        } else if (T == 1) {
+          for (int64_t j = 0; j < cc; ++j) dst[j] = wrow[ck[j]];
+        } else {
+          for (int64_t j = 0; j < cc; ++j) {
+            const scalar_t* src = wrow + static_cast<int64_t>(ck[j]) * T;
+            for (int64_t t = 0; t < T; ++t) dst[j * T + t] = src[t];
+          }
         }
       }
     }
