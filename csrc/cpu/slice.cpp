@@ -21,8 +21,6 @@ namespace {
 
 using detail::Part;
 
-
-
 // Work items [i0, i1): chunks of rows of one weight, copied into every client keeping them.
 template <typename scalar_t>
 inline void copy_items(const std::vector<Part>& parts, const std::vector<std::pair<int32_t, int64_t>>& items,
