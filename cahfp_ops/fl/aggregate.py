@@ -283,8 +283,9 @@ class StreamingAggregator:
     is the fast path (a layout whose columns of some tensor are a later dim than 1 lays out
     the partial sums of that tensor as its view, :attr:`AggregatePartials.views`; once a
     client is folded in, every call keeps that column layout). One kernel call per client,
-    all its tensors: a statistics pass, then the accumulation, so a client holding a non-finite value (or with an update larger than
-    ``max_update``) is rejected without a trace. ``result()`` returns the new global
+    all its tensors: a statistics pass, then the accumulation, so a client holding a
+    non-finite value (or with an update larger than ``max_update``) is rejected without a
+    trace. ``result()`` returns the new global
     state_dict: in ``reconstruct`` mode ``w + sum_k p_k E_k(c_k - w)``, in ``overlap`` mode the
     weighted mean over the clients keeping each element, as the batch ops define them. Sums
     are float32 (float64 for float64 entries), deterministic for a fixed arrival order; they
