@@ -58,9 +58,10 @@ def best_ms(fn, repeat: int) -> float:
 def paired_ms(fn, ref, repeat: int) -> tuple[float, float]:
     """``fn`` timed right after ``ref`` in each of ``repeat`` rounds: its best ms and the
     median of its per-round ratios to ``ref`` (this machine's bandwidth drifts between runs,
-    so a ratio of two best-of-N taken apart moves with it)."""
+    so a ratio of two best-of-N taken apart moves with it). The median ms of ``ref`` in
+    those rounds is left in ``LAST_REF_MS``."""
     fn(), ref()
-    best, ratios = float("inf"), []
+    best, ratios, refs = float("inf"), [], []
     for _ in range(repeat):
         t0 = _now()
         ref()
@@ -69,7 +70,12 @@ def paired_ms(fn, ref, repeat: int) -> tuple[float, float]:
         t2 = _now()
         best = min(best, t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
+        refs.append(t1 - t0)
+    LAST_REF_MS[0] = statistics.median(refs) * 1e3
     return best * 1e3, statistics.median(ratios)
+
+
+LAST_REF_MS = [float("nan")]
 
 
 _COPY: list = []  # the copy the paired measurements time: (fn, bytes moved)
@@ -106,10 +112,13 @@ def paired_fraction(fn, nbytes: int, repeat: int) -> tuple[float, float]:
 def row_paired(what: str, fn, nbytes: int, repeat: int, peer: float | None = None, case: str = "") -> str:
     """A figure whose fraction of copy is paired call by call (:func:`paired_fraction`)."""
     ms, frac = paired_fraction(fn, nbytes, repeat)
+    copy_gbps = _copy()[1] / LAST_REF_MS[0] / 1e6  # the copy's speed in this row's pairs
     vs = f"{peer / ms:6.2f}x" if peer else "      "
     RECORDS.append({"case": case, "what": what.strip(), "ms": ms, "GBps": nbytes / ms / 1e6, "of_copy": frac,
-                    "of_copy_paired": True, "speedup": peer / ms if peer else None})  # fmt: skip
-    return f"  {what:<44} {ms:9.3f} ms  {nbytes / ms / 1e6:6.1f} GB/s  {frac:5.2f} of copy* {vs}"
+                    "of_copy_paired": True, "copy_GBps_paired": copy_gbps,
+                    "speedup": peer / ms if peer else None})  # fmt: skip
+    return (f"  {what:<44} {ms:9.3f} ms  {nbytes / ms / 1e6:6.1f} GB/s  {frac:5.2f} of copy* {vs}"
+            f"  (copy {copy_gbps:.0f} GB/s)")  # fmt: skip
 
 
 def row(what: str, ms: float, nbytes: int, bw: float, peer: float | None = None, case: str = "") -> str:
@@ -176,7 +185,9 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
         print(row_paired("  same, separate tensors (the boundary's cost)", lambda: cahfp_ops.aggregate_packed(
             layout0, floats, lists, coef_t, out=out), agg_bytes, repeat, None, case))  # fmt: skip
     print(row("index_add peer (per tensor)", peer_agg, agg_bytes, bw, case=case))
-    print("  (* of copy: the median over calls of each call's fraction of a copy timed just before it)")
+    print("  (* of copy: the median over calls of each call's fraction of a copy timed just before it; the copy's"
+          " median speed in those pairs in parentheses: a partly compute-bound call keeps its time while the"
+          " copy's speed swings, so its fraction rises as the machine's bandwidth falls)")  # fmt: skip
 
     slice_bytes = 4 * 2 * client_elems
     peer_slice = best_ms(lambda: [_plain_slice(model, rows, cols, k) for k in range(K)], max(1, repeat // 2))
