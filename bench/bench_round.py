@@ -185,9 +185,9 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
         print(row_paired("  same, separate tensors (the boundary's cost)", lambda: cahfp_ops.aggregate_packed(
             layout0, floats, lists, coef_t, out=out), agg_bytes, repeat, None, case))  # fmt: skip
     print(row("index_add peer (per tensor)", peer_agg, agg_bytes, bw, case=case))
-    print("  (* of copy: the median over calls of each call's fraction of a copy timed just before it; the copy's"
-          " median speed in those pairs in parentheses: a partly compute-bound call keeps its time while the"
-          " copy's speed swings, so its fraction rises as the machine's bandwidth falls)")  # fmt: skip
+    print("  (* of copy: the median over calls of each call's fraction of a copy timed just before it; in"
+          " parentheses the copy's median speed in those pairs, which the fraction of a partly compute-bound"
+          " call depends on)")  # fmt: skip
 
     slice_bytes = 4 * 2 * client_elems
     peer_slice = best_ms(lambda: [_plain_slice(model, rows, cols, k) for k in range(K)], max(1, repeat // 2))
