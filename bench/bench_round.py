@@ -55,11 +55,10 @@ def best_ms(fn, repeat: int) -> float:
     return best * 1e3
 
 
-def paired_ms(fn, ref, repeat: int) -> tuple[float, float]:
-    """``fn`` timed right after ``ref`` in each of ``repeat`` rounds: its best ms and the
-    median of its per-round ratios to ``ref`` (this machine's bandwidth drifts between runs,
-    so a ratio of two best-of-N taken apart moves with it). The median ms of ``ref`` in
-    those rounds is left in ``LAST_REF_MS``."""
+def paired_ms(fn, ref, repeat: int) -> tuple[float, float, float]:
+    """``fn`` timed right after ``ref`` in each of ``repeat`` rounds: its best ms, the median
+    of its per-round ratios to ``ref`` (this machine's bandwidth drifts between runs, so a
+    ratio of two best-of-N taken apart moves with it) and the median ms of ``ref`` itself."""
     fn(), ref()
     best, ratios, refs = float("inf"), [], []
     for _ in range(repeat):
@@ -71,11 +70,7 @@ def paired_ms(fn, ref, repeat: int) -> tuple[float, float]:
         best = min(best, t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
         refs.append(t1 - t0)
-    LAST_REF_MS[0] = statistics.median(refs) * 1e3
-    return best * 1e3, statistics.median(ratios)
-
-
-LAST_REF_MS = [float("nan")]
+    return best * 1e3, statistics.median(ratios), statistics.median(refs) * 1e3
 
 
 _COPY: list = []  # the copy the paired measurements time: (fn, bytes moved)
@@ -98,21 +93,20 @@ def copy_bandwidth() -> float:
     return nbytes / best_ms(copy, 5) / 1e6  # GB/s, read + write
 
 
-def paired_fraction(fn, nbytes: int, repeat: int) -> tuple[float, float]:
+def paired_fraction(fn, nbytes: int, repeat: int) -> tuple[float, float, float]:
     """``fn`` timed right after the copy in each of ``repeat`` pairs: its best ms and its
     fraction of the copy bandwidth from the median of its per-pair time ratios to the copy
-    (``nbytes`` / copy bytes / ratio). The bandwidth of this machine swings 2x within a minute;
-    a fraction taken against a copy measured minutes apart moves with it, one paired with each
-    call does not."""
+    (``nbytes`` / copy bytes / ratio); and the copy's GB/s in those pairs (median). The
+    bandwidth of this machine swings 2x within a minute; a fraction taken against a copy
+    measured minutes apart moves with it, one paired with each call does not."""
     copy, copy_bytes = _copy()
-    best, ratio = paired_ms(fn, copy, repeat)
-    return best, nbytes / copy_bytes / ratio
+    best, ratio, copy_ms = paired_ms(fn, copy, repeat)
+    return best, nbytes / copy_bytes / ratio, copy_bytes / copy_ms / 1e6
 
 
 def row_paired(what: str, fn, nbytes: int, repeat: int, peer: float | None = None, case: str = "") -> str:
     """A figure whose fraction of copy is paired call by call (:func:`paired_fraction`)."""
-    ms, frac = paired_fraction(fn, nbytes, repeat)
-    copy_gbps = _copy()[1] / LAST_REF_MS[0] / 1e6  # the copy's speed in this row's pairs
+    ms, frac, copy_gbps = paired_fraction(fn, nbytes, repeat)
     vs = f"{peer / ms:6.2f}x" if peer else "      "
     RECORDS.append({"case": case, "what": what.strip(), "ms": ms, "GBps": nbytes / ms / 1e6, "of_copy": frac,
                     "of_copy_paired": True, "copy_GBps_paired": copy_gbps,
@@ -227,11 +221,11 @@ def bench_model(name: str, K: int, bw: float, repeat: int) -> None:
     def batch():
         return cahfp_ops.reconstruct_aggregate_many(model, pclients, rows, cols, coef)
 
-    s1, r1 = paired_ms(stream_keep_sets, batch, max(1, repeat // 2))
-    s2, r2 = paired_ms(stream_layout, batch, max(1, repeat // 2))
+    s1, r1, _ = paired_ms(stream_keep_sets, batch, max(1, repeat // 2))
+    s2, r2, _ = paired_ms(stream_layout, batch, max(1, repeat // 2))
     print(f"  streaming (x: median ratio to the batch call, timed in pairs): keep-set dicts {s1:.1f} ms ({r1:.2f}x), "
           f"round layout, one client per call {s2:.1f} ms ({r2:.2f}x)")  # fmt: skip
-    sw = {w: paired_ms(lambda w=w: stream_windows(w), batch, repeat) for w in windows}
+    sw = {w: paired_ms(lambda w=w: stream_windows(w), batch, repeat)[:2] for w in windows}
     RECORDS.append({"case": case, "what": "streaming", "keep_set_dicts_ms": s1, "keep_set_dicts_x": r1,
                     "one_per_call_ms": s2, "one_per_call_x": r2,
                     "windows": {str(w): {"ms": t, "x_batch": r} for w, (t, r) in sw.items()}})  # fmt: skip
