@@ -1221,6 +1221,10 @@ def empty_buffer(numel: int, dtype: torch.dtype, device: torch.device | str, *, 
     return _hugepages.empty(numel, dtype, device, prefault=prefault)
 
 
+# Sets of views a Workspace keeps per role (a role viewed with a few layouts in turn).
+_WORKSPACE_VIEW_SETS = 4
+
+
 class Workspace:
     """Buffers kept across rounds, keyed by role, reused when size, dtype and device match.
 
@@ -1233,9 +1237,48 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
+        # per role, views of its buffer by the shapes they were asked for (dropped with the buffer)
+        self._views: dict[str, OrderedDict] = {}
 
     def get(self, role: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         buf = self._buffers.get(role)
         if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
             buf = self._buffers[role] = _hugepages.empty(numel, dtype, device, prefault=True)
+            self._views.pop(role, None)
         return buf[:numel]
+
+    def get_views(
+        self, role: str, shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``(flat, views)``: the role's buffer as :meth:`get` returns it for the shapes' total
+        size (1-D), and views of ``shapes`` laid end to end in it, in order. The views are
+        made once per buffer and shapes and kept with the buffer (a model of hundreds of
+        tensors costs about 1 ms to view anew each round); a new list is returned each call.
+
+        Raises:
+            TypeError / ValueError: ``role`` is not a str, or ``shapes`` is not a sequence of
+                shapes of ints >= 0 (nothing is allocated).
+        """
+        op = "Workspace.get_views"
+        if not isinstance(role, str):
+            raise TypeError(f"{op}: role must be a str, got {type(role).__name__}")
+        try:  # a key (torch.Size and tuples of ints hash alike)
+            shapes = tuple(map(tuple, shapes))
+        except TypeError:
+            raise TypeError(f"{op}: shapes must be a sequence of shapes (sequences of ints)") from None
+        cache = self._views.get(role)
+        if cache is None or shapes not in cache:  # checked once: a cached key was checked when made
+            for i, shape in enumerate(shapes):
+                if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape):
+                    raise ValueError(f"{op}: shapes[{i}] must hold ints >= 0, got {shape!r}")
+        sizes = [math.prod(s) for s in shapes]
+        flat = self.get(role, sum(sizes), dtype, device)
+        cache = self._views.setdefault(role, OrderedDict())  # (get drops it with a replaced buffer)
+        views = cache.get(shapes)
+        if views is None:
+            views = cache[shapes] = [t.view([int(d) for d in s]) for t, s in zip(flat.split(sizes), shapes)]
+            if len(cache) > _WORKSPACE_VIEW_SETS:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(shapes)
+        return flat, list(views)

@@ -614,3 +614,31 @@ def test_tables_handed_out_are_copies_and_host_tables_read_only(gen):
                 layout.client(1).counts_host, layout.subset([0, 2]).offsets_host):  # fmt: skip
         with pytest.raises(ValueError, match="read-only"):
             arr[(0,) * arr.ndim] = 1
+
+
+def test_workspace_views_are_kept_with_their_buffer_and_bad_shapes_refused():
+    """Workspace.get_views: views of the shapes laid end to end in the role's buffer, the same
+    view objects while the buffer is kept, new ones once get() replaces it; bad input refused
+    before anything is allocated."""
+    ws = cahfp_ops.Workspace()
+    cpu = torch.device("cpu")
+    shapes = [(3, 5, 3, 3), (7,), (1,), (0, 4)]
+    flat, views = ws.get_views("sums", shapes, torch.float32, cpu)
+    assert flat.shape == (3 * 5 * 9 + 7 + 1,) and [tuple(v.shape) for v in views] == shapes
+    flat.copy_(torch.randn(flat.numel()))
+    assert torch.equal(torch.cat([v.reshape(-1) for v in views]), flat)  # end to end, in order
+    again_flat, again = ws.get_views("sums", [torch.Size(s) for s in shapes], torch.float32, cpu)
+    assert again_flat.data_ptr() == flat.data_ptr() and all(a is b for a, b in zip(again, views))
+    assert again is not views  # a new list: a caller's edits to it change nothing kept
+    _, other = ws.get_views("sums", [(2, 2)], torch.float32, cpu)  # another set of views, same buffer
+    assert other[0].data_ptr() == flat.data_ptr()
+    ws.get("sums", 10_000, torch.float32, cpu)  # a larger buffer replaces the old one: views made anew
+    new_flat, new = ws.get_views("sums", shapes, torch.float32, cpu)
+    assert new_flat.data_ptr() != flat.data_ptr() and new[0].data_ptr() == new_flat.data_ptr()
+    assert ws.get_views("none", [], torch.float64, cpu)[1] == []
+    for bad, err in ((3, TypeError), ([(2, -1)], ValueError), ([(2.0, 1)], ValueError), ([(True,)], ValueError)):
+        with pytest.raises(err, match="shapes"):
+            ws.get_views("bad", bad, torch.float32, cpu)
+    with pytest.raises(TypeError, match="role"):
+        ws.get_views(1, shapes, torch.float32, cpu)
+    assert "bad" not in ws._buffers

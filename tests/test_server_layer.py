@@ -498,6 +498,7 @@ def test_streaming_workspace_reuses_its_buffers_and_changes_nothing(gen):
     ks = [_keeps_of(rows, cols, k) for k in range(len(states))]
     ws = Workspace()
     storages = []
+    views_seen: dict = {}  # name -> the distinct sums / cover views an aggregator handed out (kept alive)
     for first in ("window", "one", "window", "partials"):
         with_ws, plain = StreamingAggregator(sd, workspace=ws), StreamingAggregator(sd)
         if first == "partials":
@@ -512,4 +513,10 @@ def test_streaming_workspace_reuses_its_buffers_and_changes_nothing(gen):
         assert all(torch.equal(a[n], b[n]) for n in sd)
         flats = list(with_ws.partials().flats.values()) + list(with_ws._spare.values())
         storages.append(sorted(t.untyped_storage().data_ptr() for pair in flats for t in pair))
+        p = with_ws.partials()
+        for n in p.sums:
+            seen = views_seen.setdefault(n, [])
+            seen.extend(t for t in (p.sums[n], p.cover[n]) if not any(t is u for u in seen))
     assert all(s == storages[0] for s in storages)
+    # the views are the workspace's, kept with its buffers: two sets (sums and cover each), not one per round
+    assert all(len(seen) <= 4 for seen in views_seen.values())

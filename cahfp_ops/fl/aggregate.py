@@ -170,26 +170,36 @@ class AggregatePartials:
             shapes = [tuple(global_state[n].shape) for n in names]
             cover_shapes = [views[n][:2] if n in views else (s[0],) if len(s) == 1 else s[:2]
                             for n, s in zip(names, shapes)]  # fmt: skip
-            n_s, n_c = sum(math.prod(s) for s in shapes), sum(math.prod(s) for s in cover_shapes)
             if workspace is None:
-                flat_s = empty_buffer(n_s, acc, device, prefault=True)
-                flat_c = empty_buffer(n_c, acc, device, prefault=True)
-            else:
-                flat_s = workspace.get(f"partial sums {i}", n_s, acc, device)
-                flat_c = workspace.get(f"partial cover {i}", n_c, acc, device)
+                flat_s = empty_buffer(sum(math.prod(s) for s in shapes), acc, device, prefault=True)
+                flat_c = empty_buffer(sum(math.prod(s) for s in cover_shapes), acc, device, prefault=True)
+                views_s, views_c = _split(flat_s, shapes), _split(flat_c, cover_shapes)
+            else:  # the workspace keeps the views with its buffers: none made anew round after round
+                flat_s, views_s = workspace.get_views(f"partial sums {i}", shapes, acc, device)
+                flat_c, views_c = workspace.get_views(f"partial cover {i}", cover_shapes, acc, device)
             if fill:
                 flat_s.zero_(), flat_c.zero_()
-            sums.update(zip(names, _split(flat_s, shapes)))
-            cover.update(zip(names, _split(flat_c, cover_shapes)))
+            sums.update(zip(names, views_s))
+            cover.update(zip(names, views_c))
             flats[tuple(names)] = (flat_s, flat_c)
-        return cls(sums, cover, ints, flats=flats, views=views)
+        out = cls(sums, cover, ints, flats=flats, views=views)
+        for names, (flat_s, flat_c) in flats.items():
+            out.remember(names, flat_s, flat_c, [sums[n] for n in names], [cover[n] for n in names])
+        return out
+
+    def remember(self, names: tuple, flat_s: Tensor, flat_c: Tensor, views_s: list[Tensor],
+                 views_c: list[Tensor]) -> None:  # fmt: skip
+        """Keep ``views_s`` / ``views_c`` (the group's entries as views of ``flat_s`` /
+        ``flat_c``, laid out as ``flats[names]``) for :meth:`adopt` to hand out."""
+        for store, flat, views in (("sums", flat_s, views_s), ("cover", flat_c, views_c)):
+            self._views[(store, names, flat.data_ptr(), flat.numel())] = views
 
     def adopt(self, names: tuple, flat_s: Tensor, flat_c: Tensor) -> tuple[Tensor, Tensor]:
         """Make ``flat_s`` / ``flat_c`` (laid out as ``flats[names]``) the group's buffers, the
         entries of ``sums`` / ``cover`` views of them; returns the group's previous buffers."""
         old = self.flats[names]
-        for entries, flat in ((self.sums, flat_s), (self.cover, flat_c)):
-            key = (names, flat.data_ptr(), flat.numel())
+        for store, entries, flat in (("sums", self.sums, flat_s), ("cover", self.cover, flat_c)):
+            key = (store, names, flat.data_ptr(), flat.numel())
             views = self._views.get(key)
             if views is None:  # the views hold the buffer, so its address is not reused while cached
                 views = self._views[key] = _split(flat, [tuple(entries[n].shape) for n in names])
@@ -482,7 +492,7 @@ class StreamingAggregator:
         for i, (names, sub, ws, data, flat_s, flat_c) in enumerate(calls):
             spare = self._spare.get(names)
             if spare is None:
-                spare = self._spare[names] = self._second_set(i, flat_s, flat_c)
+                spare = self._spare[names] = self._second_set(i, names)
             if zero:
                 flat_s = flat_c = None
             with validation(False):  # the updates were checked above; the rest is the aggregator's own
@@ -582,14 +592,20 @@ class StreamingAggregator:
             for name in p.ints:
                 p.ints[name] = largest_reported(p.ints[name], update[name])
 
-    def _second_set(self, i: int, flat_s: Tensor, flat_c: Tensor) -> tuple[Tensor, Tensor]:
-        """add_many's second set of partial-sum buffers for group i, shaped as ``flat_s`` /
-        ``flat_c`` (the first set, which the workspace holds under the other roles)."""
+    def _second_set(self, i: int, names: tuple) -> tuple[Tensor, Tensor]:
+        """add_many's second set of partial-sum buffers for group i (entries ``names``), laid
+        out as the first (which the workspace holds under the other roles); with a workspace,
+        its views (kept with its buffers) are handed to the partial sums for :meth:`adopt`."""
+        p = self._partials
+        flat_s, flat_c = p.flats[names]
         if self._workspace is None:
             return tuple(empty_buffer(t.numel(), t.dtype, t.device, prefault=True) for t in (flat_s, flat_c))
         ws = self._workspace
-        return (ws.get(f"second partial sums {i}", flat_s.numel(), flat_s.dtype, flat_s.device),
-                ws.get(f"second partial cover {i}", flat_c.numel(), flat_c.dtype, flat_c.device))  # fmt: skip
+        s_shapes, c_shapes = [p.sums[n].shape for n in names], [p.cover[n].shape for n in names]
+        second_s, views_s = ws.get_views(f"second partial sums {i}", s_shapes, flat_s.dtype, flat_s.device)
+        second_c, views_c = ws.get_views(f"second partial cover {i}", c_shapes, flat_c.dtype, flat_c.device)
+        p.remember(names, second_s, second_c, views_s, views_c)
+        return second_s, second_c
 
     def _zeroed(self) -> None:
         """Zero the partial sums if nothing has been folded into them yet."""
