@@ -184,10 +184,10 @@ class AggregatePartials:
             flats[tuple(names)] = (flat_s, flat_c)
         out = cls(sums, cover, ints, flats=flats, views=views)
         for names, (flat_s, flat_c) in flats.items():
-            out.remember(names, flat_s, flat_c, [sums[n] for n in names], [cover[n] for n in names])
+            out._remember(names, flat_s, flat_c, [sums[n] for n in names], [cover[n] for n in names])
         return out
 
-    def remember(self, names: tuple, flat_s: Tensor, flat_c: Tensor, views_s: list[Tensor],
+    def _remember(self, names: tuple, flat_s: Tensor, flat_c: Tensor, views_s: list[Tensor],
                  views_c: list[Tensor]) -> None:  # fmt: skip
         """Keep ``views_s`` / ``views_c`` (the group's entries as views of ``flat_s`` /
         ``flat_c``, laid out as ``flats[names]``) for :meth:`adopt` to hand out."""
@@ -604,7 +604,7 @@ class StreamingAggregator:
         s_shapes, c_shapes = [p.sums[n].shape for n in names], [p.cover[n].shape for n in names]
         second_s, views_s = ws.get_views(f"second partial sums {i}", s_shapes, flat_s.dtype, flat_s.device)
         second_c, views_c = ws.get_views(f"second partial cover {i}", c_shapes, flat_c.dtype, flat_c.device)
-        p.remember(names, second_s, second_c, views_s, views_c)
+        p._remember(names, second_s, second_c, views_s, views_c)
         return second_s, second_c
 
     def _zeroed(self) -> None:
