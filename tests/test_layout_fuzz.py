@@ -210,3 +210,20 @@ def test_client_forms_give_the_same_bits_on_many_layouts():
             want = aggregate_packed(c["layout"], c["weights"], packed, coef)
             got = aggregate_packed(c["layout"], c["weights"], c["forms"], coef)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), seed
+
+
+def test_column_table_holds_each_clients_kept_columns_in_order():
+    """The column table (``col_keep``) the kernels read: client k's kept columns of tensor n
+    (its channels for a 1-D tensor), ascending, at ``col_keep[k, col_off[n]:]``, then -1."""
+    for seed in SEEDS + list(range(40, 60)):
+        c = random_case(seed)
+        t = c["layout"].tables()
+        meta, col_keep = t["meta"].tolist(), t["col_keep"]
+        ends = [m[4] for m in meta[1:]] + [col_keep.shape[1]]
+        for n, (_R, Cin, _T, _ro, off) in enumerate(meta):
+            for k in range(c["K"]):
+                kept = c["cols"][n][k] if len(c["layout"].shapes[n]) > 1 else c["rows"][n][k]
+                kept = torch.arange(Cin) if kept is None else kept
+                want = torch.full((ends[n] - off,), -1, dtype=torch.int32)
+                want[: kept.numel()] = kept.to(torch.int32)
+                assert torch.equal(col_keep[k, off : ends[n]], want), (seed, n, k)
