@@ -212,11 +212,16 @@ def test_client_forms_give_the_same_bits_on_many_layouts():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), seed
 
 
-def test_column_table_holds_each_clients_kept_columns_in_order():
+@pytest.mark.parametrize("step", [1, 40, cahfp_ops.layout._COL_KEEP_STEP])
+def test_column_table_holds_each_clients_kept_columns_in_order(monkeypatch, step):
     """The column table (``col_keep``) the kernels read: client k's kept columns of tensor n
-    (its channels for a 1-D tensor), ascending, at ``col_keep[k, col_off[n]:]``, then -1."""
+    (its channels for a 1-D tensor), ascending, at ``col_keep[k, col_off[n]:]``, then -1;
+    built in steps of ``step`` table entries (1: a tensor at a time; 40: several small tensors
+    at a time; the default: every table at once)."""
+    monkeypatch.setattr(cahfp_ops.layout, "_COL_KEEP_STEP", step)
     for seed in SEEDS + list(range(40, 60)):
         c = random_case(seed)
+        c["layout"]._tables.clear()  # built in this test's steps (equal keep sets give a cached layout back)
         t = c["layout"].tables()
         meta, col_keep = t["meta"].tolist(), t["col_keep"]
         ends = [m[4] for m in meta[1:]] + [col_keep.shape[1]]
