@@ -471,6 +471,13 @@ class RoundLayout:
         return len(self.shapes)
 
     @property
+    def later_column_views(self) -> dict[int, tuple[int, int, int]]:
+        """Tensor index -> its ``(R, Cin, T)`` view, for the tensors whose columns are a later
+        dim than 1 (a 5-tuple column spec): how the kernels and streaming partial sums see
+        them. Empty when every tensor's columns are dim 1. A new dict each call."""
+        return {n: self._st.views[n] for n in self._st.later_dims}
+
+    @property
     def row_inv(self) -> Tensor:
         """``(K, SR)`` int32: client k keeps row r of tensor n at compact row ``[k, row_off[n] + r]``
         (or -1); a copy."""
@@ -1296,12 +1303,11 @@ class Workspace:
             for i, shape in enumerate(shapes):
                 if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape):
                     raise ValueError(f"{op}: shapes[{i}] must hold ints >= 0, got {shape!r}")
-        sizes = [math.prod(s) for s in shapes]
-        flat = self.get(role, sum(sizes), dtype, device)
+        flat = self.get(role, sum(math.prod(s) for s in shapes), dtype, device)
         cache = self._views.setdefault(role, OrderedDict())  # (get drops it with a replaced buffer)
         views = cache.get(shapes)
         if views is None:
-            views = cache[shapes] = [t.view([int(d) for d in s]) for t, s in zip(flat.split(sizes), shapes)]
+            views = cache[shapes] = packed_views(flat, [tuple(int(d) for d in s) for s in shapes])
             if len(cache) > _WORKSPACE_VIEW_SETS:
                 cache.popitem(last=False)
         else:

@@ -330,6 +330,10 @@ def test_streaming_aggregator_on_a_layout_with_later_column_dims():
         many.add_many([PackedModel(bufs[k], layout, k) for k in idx], [ws[k] for k in idx], layout=layout, clients=idx)
     a, b = one.partials(), many.partials()
     assert a.views == b.views == {"t1": (8, 7, 3), "t2": (12, 5, 1)}
+    handed = layout.later_column_views  # what the aggregator reads from the layout: a copy
+    assert handed == {1: (8, 7, 3), 2: (12, 5, 1)}
+    handed.clear()
+    assert layout.later_column_views == {1: (8, 7, 3), 2: (12, 5, 1)}
     assert all(torch.equal(a.sums[n], b.sums[n]) and torch.equal(a.cover[n], b.cover[n]) for n in names)
     assert tuple(a.cover["t1"].shape) == (8, 7)
     got = one.result()

@@ -563,7 +563,7 @@ class StreamingAggregator:
         call that lays some tensor's columns out otherwise is refused."""
         wanted = {}
         for names, lay in layouts.items():
-            wanted.update((names[n], lay._st.views[n]) for n in lay._st.later_dims)
+            wanted.update((names[n], view) for n, view in lay.later_column_views.items())
         have = self._partials.views
         if wanted == have:
             return
